@@ -1,0 +1,51 @@
+"""nbimagine: AI image generation that feels native in Jupyter.
+
+``from nbimagine import Agent``; configs in :mod:`nbimagine.config`, the image tool in
+:mod:`nbimagine.tools`, inputs and results in :mod:`nbimagine.events`, errors in
+:mod:`nbimagine.errors`, the offline emulator in :mod:`nbimagine.emulator`.
+``%load_ext nbimagine`` adds the ``%%imagine`` magic.
+
+Everything heavy (the SDKs, Pillow, IPython) is imported on first use, not here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["Agent", "Reply", "__version__", "history", "load_ipython_extension", "panel", "studio",
+           "unload_ipython_extension"]
+
+if TYPE_CHECKING:
+    from ._agent import Agent, Reply
+
+_LAZY = {
+    "Agent": ("._agent", "Agent"),
+    "Reply": ("._agent", "Reply"),
+    "history": ("._history", "history"),
+    "panel": ("._widgets", "panel"),
+    "studio": ("._widgets", "studio"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module, __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nbimagine' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    from ._magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    from ._magics import unload_ipython_extension as unload
+
+    unload(ipython)

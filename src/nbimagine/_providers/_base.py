@@ -1,0 +1,77 @@
+"""The one interface every provider module implements.
+
+A provider turns a :class:`Turn` into a stream of events that ends with exactly one
+``ReplyEvent``. It owns everything vendor-specific: request building, SDK clients, response
+parsing, error mapping, and the opaque ``history`` that lets a reply continue its conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
+
+from ..config import ProviderConfig
+from ..errors import UnsupportedToolError
+from ..events import BinaryResult, ImageInput, StreamEvent
+
+Input = str | ImageInput
+ConfigT = TypeVar("ConfigT", bound=ProviderConfig)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One request: the new user inputs plus what came before.
+
+    ``history`` is whatever this provider stored on the previous reply (``None`` for a first turn).
+    ``stream`` is True when the caller consumes partial images and text deltas; a provider may use
+    a cheaper non-streaming request when it is False.
+    """
+
+    inputs: Sequence[Input]
+    history: Any
+    instructions: str | None
+    stream: bool
+
+
+class Provider(ABC, Generic[ConfigT]):
+    name: ClassVar[str]
+
+    def __init__(self, config: ConfigT, tools: Sequence[object]) -> None:
+        self.config = config
+        self.tools = list(tools)
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        self.check_tools()
+
+    def check_tools(self) -> None:
+        """Raise :class:`UnsupportedToolError` for a tool this provider cannot run."""
+        for tool in self.tools:
+            raise UnsupportedToolError(f"{type(self.config).__name__} cannot run {type(tool).__name__}")
+
+    @abstractmethod
+    def check_credentials(self) -> None:
+        """Raise ``ConfigError`` naming what to set when credentials are missing. No network."""
+
+    @abstractmethod
+    def new_client(self) -> Any:
+        """A fresh async SDK client for the running event loop."""
+
+    def client(self) -> Any:
+        # Async SDK clients hold connections bound to the loop that created them, so keep one per loop.
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = self.new_client()
+        return client
+
+    @abstractmethod
+    def run(self, turn: Turn) -> AsyncIterator[StreamEvent]:
+        """Make the request; yield events; end with one ``ReplyEvent`` whose reply has ``history`` set."""
+
+
+def result(data: bytes, **metadata: Any) -> BinaryResult:
+    """A BinaryResult with ``None`` metadata values dropped."""
+    return BinaryResult(data, {k: v for k, v in metadata.items() if v is not None})

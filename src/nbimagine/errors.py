@@ -1,0 +1,112 @@
+"""Typed errors. Every message says what went wrong and, where it can, how to fix it.
+
+Messages never contain secrets: provider text passes through :func:`redact` before it is stored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .events import BinaryResult
+
+__all__ = [
+    "ConfigError",
+    "ContentPolicyError",
+    "ImagineError",
+    "InputError",
+    "ProviderError",
+    "UnsupportedToolError",
+]
+
+
+class ImagineError(Exception):
+    """Base class of every error nbimagine raises on purpose."""
+
+
+class ConfigError(ImagineError, ValueError):
+    """A configuration or parameter is missing or invalid. Raised before any network call."""
+
+
+class UnsupportedToolError(ConfigError, TypeError):
+    """A tool was given to a provider that cannot run it (e.g. the image tool on Chat Completions)."""
+
+
+class InputError(ImagineError, ValueError):
+    """An input (usually an :class:`~nbimagine.events.ImageInput`) cannot be sent as it is."""
+
+
+class ProviderError(ImagineError):
+    """The provider failed, refused, or answered something that cannot be used.
+
+    ``files`` holds every image the provider did make before the failure, so none is lost.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str | None = None,
+        status: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+        files: Sequence[BinaryResult] = (),
+        body: str = "",
+    ) -> None:
+        self.message = redact(message)
+        self.provider = provider
+        self.status = status
+        self.code = code
+        self.request_id = request_id
+        self.files = list(files)
+        self.body = body
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.provider:
+            parts.append(self.provider)
+        if self.status is not None:
+            parts.append(f"HTTP {self.status}")
+        if self.code:
+            parts.append(str(self.code))
+        head = f"[{', '.join(parts)}] " if parts else ""
+        tail = f" (request id {self.request_id})" if self.request_id else ""
+        kept = f" {len(self.files)} image(s) made before the failure are in .files." if self.files else ""
+        return f"{head}{self.message}{tail}{kept}"
+
+
+class ContentPolicyError(ProviderError):
+    """The provider's safety system blocked the prompt or the image. ``reason`` says why."""
+
+    def __init__(self, message: str, *, reason: str | None = None, **kwargs: Any) -> None:
+        self.reason = reason
+        super().__init__(message, **kwargs)
+
+
+# Keys look like sk-..., sk-proj-..., AIza..., or opaque tokens after "Bearer" / "api-key:".
+# Group 1, when present, is a prefix to keep.
+_SECRET_PATTERNS = [
+    re.compile(r"()\bsk-[A-Za-z0-9_\-*]{4,}"),
+    re.compile(r"()\bAIza[0-9A-Za-z_\-]{8,}"),
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-]{8,}"),
+    re.compile(r"(?i)((?:api[-_]?key|token)[\"']?\s*[:=]\s*[\"']?)[A-Za-z0-9._\-]{8,}"),
+]
+_known_secrets: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Remember a configured secret so that it is masked wherever it might be echoed."""
+    if value and len(value) >= 4:
+        _known_secrets.add(value)
+
+
+def redact(text: str) -> str:
+    """Mask API keys and tokens in ``text``."""
+    for secret in _known_secrets:
+        text = text.replace(secret, "***")
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(lambda m: m.group(1) + "***", text)
+    return text

@@ -1,0 +1,300 @@
+"""What goes into an agent (``ImageInput``) and what comes out (``BinaryResult`` and stream events)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+from ._images import EXTENSIONS, SUPPORTED_MEDIA_TYPES, b64decode_any, image_size, sniff_media_type
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+    from ._agent import Reply
+
+__all__ = [
+    "BinaryResult",
+    "ImageEvent",
+    "ImageInput",
+    "PartialImageEvent",
+    "ReplyEvent",
+    "StreamEvent",
+    "TextDeltaEvent",
+]
+
+# The largest single image any supported provider accepts (OpenAI: 50 MB per request).
+# Providers with lower limits check again when they build the request.
+MAX_INPUT_BYTES = 50 * 1024 * 1024
+_DETAILS = ("low", "high", "auto", "original")
+_SUPPORTED = ", ".join(sorted(EXTENSIONS.values()))
+
+
+class FrozenDict(dict):
+    """A dict that refuses changes, so that a result's metadata cannot drift from its bytes."""
+
+    def _readonly(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("BinaryResult.metadata is read-only; copy it with dict(result.metadata)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _readonly  # type: ignore[assignment]
+    __ior__ = _readonly  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenDict, (dict(self),))
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted((k, repr(v)) for k, v in self.items())))
+
+
+@dataclass(frozen=True, eq=False)
+class BinaryResult:
+    """One generated image: the raw ``data`` and a read-only ``metadata`` dict.
+
+    ``metadata["media_type"]`` always describes the bytes themselves, whatever the request asked for.
+    """
+
+    data: bytes
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"BinaryResult.data must be bytes, not {type(self.data).__name__}")
+        data = bytes(self.data)
+        meta = dict(self.metadata)
+        sniffed = sniff_media_type(data)
+        if sniffed:
+            meta["media_type"] = sniffed
+            if "width" not in meta or "height" not in meta:
+                size = image_size(data, sniffed)
+                if size:
+                    meta["width"], meta["height"] = size
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "metadata", FrozenDict(meta))
+
+    @property
+    def media_type(self) -> str:
+        return self.metadata.get("media_type", "application/octet-stream")
+
+    @property
+    def width(self) -> int | None:
+        return self.metadata.get("width")
+
+    @property
+    def height(self) -> int | None:
+        return self.metadata.get("height")
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS.get(self.media_type, "bin")
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BinaryResult):
+            return NotImplemented
+        return self.data == other.data and dict(self.metadata) == dict(other.metadata)
+
+    def __hash__(self) -> int:
+        return hash(self.data)
+
+    def save(self, path: str | os.PathLike[str] = ".") -> Path:
+        """Write the image and return where it went.
+
+        ``path`` may be a directory (a file name is chosen), a name without an extension (the
+        right one is added), or a name whose extension asks for another format (the image is
+        converted, so a ``.png`` file always holds PNG bytes).
+        """
+        target = Path(path).expanduser()
+        if target.is_dir() or str(path).endswith(("/", os.sep)):
+            target.mkdir(parents=True, exist_ok=True)
+            stem = self.metadata.get("call_id") or self.sha256[:16]
+            target = target / f"{stem}.{self.extension}"
+        elif not target.suffix:
+            target = target.with_suffix(f".{self.extension}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        wanted = _media_type_for_suffix(target.suffix)
+        if wanted is None or wanted == self.media_type:
+            target.write_bytes(self.data)
+        else:
+            image = self.to_pil()
+            if wanted == "image/jpeg" and image.mode not in ("RGB", "L"):
+                image = image.convert("RGB")
+            image.save(target)
+        return target
+
+    def to_pil(self) -> PILImage:
+        """The image as a Pillow ``Image`` (fully loaded)."""
+        import io
+
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(self.data))
+        image.load()
+        return image
+
+    def __repr__(self) -> str:
+        size = f"{self.width}x{self.height}, " if self.width else ""
+        extra = ", ".join(
+            f"{k}={self.metadata[k]!r}" for k in ("provider", "model") if self.metadata.get(k)
+        )
+        return f"BinaryResult({self.media_type}, {size}{_human_bytes(len(self.data))}{', ' if extra else ''}{extra})"
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        from ._display import image_bundle
+
+        return image_bundle(self)
+
+
+def _media_type_for_suffix(suffix: str) -> str | None:
+    suffix = suffix.lower().lstrip(".")
+    if suffix == "jpeg":
+        suffix = "jpg"
+    return next((mt for mt, ext in EXTENSIONS.items() if ext == suffix), None)
+
+
+def _human_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KB"
+    return f"{n / (1024 * 1024):.2f} MB"
+
+
+@dataclass(frozen=True, init=False)
+class ImageInput:
+    """An image to send with a prompt: exactly one of ``url``, ``path``, ``data`` or ``file_id``.
+
+    Paths are read and bytes are checked at construction, so a bad input fails before any request.
+    ``media_type`` is taken from the bytes; a wrong label is corrected, not sent.
+    """
+
+    url: str | None
+    path: Path | None
+    data: bytes | None
+    media_type: str | None
+    file_id: str | None
+    detail: str | None
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        data: bytes | None = None,
+        media_type: str | None = None,
+        file_id: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        given = [name for name, value in (("url", url), ("path", path), ("data", data), ("file_id", file_id))
+                 if value is not None]
+        if len(given) != 1:
+            raise InputError(
+                "ImageInput takes exactly one of url=, path=, data= or file_id= "
+                f"(got {', '.join(given) if given else 'none'})"
+            )
+        if detail is not None and detail not in _DETAILS:
+            raise InputError(f"ImageInput detail must be one of {', '.join(_DETAILS)}, not {detail!r}")
+        resolved_path = None
+        if url is not None:
+            if not isinstance(url, str) or not url.strip():
+                raise InputError("ImageInput url must be a non-empty string")
+            if url.startswith("data:"):
+                data, media_type, url = _parse_data_url(url), None, None
+        if path is not None:
+            resolved_path = Path(path).expanduser()
+            if not resolved_path.is_file():
+                raise InputError(f"Image file not found: {resolved_path} (check the path, relative to {Path.cwd()})")
+            size = resolved_path.stat().st_size
+            if size > MAX_INPUT_BYTES:
+                raise InputError(
+                    f"Image file {resolved_path} is {_human_bytes(size)}; the limit is "
+                    f"{_human_bytes(MAX_INPUT_BYTES)}. Downscale or compress it first."
+                )
+            data = resolved_path.read_bytes()
+        if data is not None:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise InputError(f"ImageInput data must be bytes, not {type(data).__name__}")
+            data = bytes(data)
+            if len(data) > MAX_INPUT_BYTES:
+                raise InputError(
+                    f"Image data is {_human_bytes(len(data))}; the limit is {_human_bytes(MAX_INPUT_BYTES)}."
+                )
+            sniffed = sniff_media_type(data)
+            if sniffed is None:
+                where = f" in {resolved_path}" if resolved_path else ""
+                declared = f" (declared {media_type})" if media_type else ""
+                raise InputError(
+                    f"Unsupported image type{where}{declared}: the bytes are not {_SUPPORTED}. "
+                    "Convert the image to PNG or JPEG first."
+                )
+            media_type = sniffed
+        elif media_type is not None and media_type not in SUPPORTED_MEDIA_TYPES:
+            raise InputError(f"Unsupported media_type {media_type!r}; use one of {sorted(SUPPORTED_MEDIA_TYPES)}")
+        if file_id is not None and (not isinstance(file_id, str) or not file_id.strip()):
+            raise InputError("ImageInput file_id must be a non-empty string such as 'file-abc123'")
+        for name, value in (("url", url), ("path", resolved_path), ("data", data), ("media_type", media_type),
+                            ("file_id", file_id), ("detail", detail)):
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_result(cls, result: BinaryResult) -> ImageInput:
+        """Feed a generated image straight back in (e.g. for another round of editing)."""
+        return cls(data=result.data, media_type=result.media_type)
+
+    def __repr__(self) -> str:
+        if self.file_id:
+            return f"ImageInput(file_id={self.file_id!r})"
+        if self.url:
+            return f"ImageInput(url={self.url[:80]!r})"
+        source = f"path={str(self.path)!r}, " if self.path else ""
+        return f"ImageInput({source}{self.media_type}, {_human_bytes(len(self.data or b''))})"
+
+
+def _parse_data_url(url: str) -> bytes:
+    header, _, payload = url.partition(",")
+    if ";base64" not in header or not payload:
+        raise InputError("ImageInput data URLs must be base64 encoded: data:image/png;base64,...")
+    try:
+        return b64decode_any(payload)
+    except ValueError as exc:
+        raise InputError(f"ImageInput data URL is not valid base64: {exc}") from None
+
+
+# --- stream events -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartialImageEvent:
+    """An interim rendering while the image is being made (OpenAI partial images, Gemini thought images)."""
+
+    index: int
+    image: BinaryResult
+
+
+@dataclass(frozen=True)
+class TextDeltaEvent:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImageEvent:
+    """A finished image; it is also in the final reply's ``files``."""
+
+    image: BinaryResult
+
+
+@dataclass(frozen=True)
+class ReplyEvent:
+    """Always the last event of a stream."""
+
+    reply: Reply
+
+
+StreamEvent = Union[PartialImageEvent, TextDeltaEvent, ImageEvent, ReplyEvent]
+

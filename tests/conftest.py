@@ -1,0 +1,42 @@
+"""Shared fixtures. Tests never see real keys and never leave 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# httpx2 honours proxy variables; loopback must bypass them.
+for _var in ("NO_PROXY", "no_proxy"):
+    os.environ[_var] = ",".join(filter(None, [os.environ.get(_var), "127.0.0.1", "localhost"]))
+
+KEY_VARS = (
+    "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID", "OPENAI_CUSTOM_HEADERS",
+    "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_AD_TOKEN", "AZURE_OPENAI_ENDPOINT", "OPENAI_API_VERSION",
+    "AZURE_OPENAI_IMAGE_DEPLOYMENT",
+    "GOOGLE_API_KEY", "GEMINI_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_USE_ENTERPRISE",
+    "GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION", "GOOGLE_GEMINI_BASE_URL", "GOOGLE_VERTEX_BASE_URL",
+    "GOOGLE_GENAI_API_VERSION", "NBIMAGINE_EMULATOR",
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_real_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in KEY_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session")
+def emulator_server():
+    from nbimagine.emulator import Emulator
+
+    with Emulator() as server:
+        yield server
+
+
+@pytest.fixture
+def emu(emulator_server):
+    """The shared emulator, reset (no faults, no latency, empty request log) for each test."""
+    emulator_server.reset()
+    yield emulator_server
+    emulator_server.reset()
