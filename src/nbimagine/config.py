@@ -136,6 +136,7 @@ class GeminiConfig(ProviderConfig):
 
     ``image_config`` is a ``google.genai.types.ImageConfig`` or a plain dict, passed through whole.
     ``include_thoughts=True`` asks for the model's interim drafts, streamed as partial images.
+    Environment: ``GEMINI_API_KEY`` or ``GOOGLE_API_KEY``.
     """
 
     _: KW_ONLY
@@ -148,13 +149,101 @@ class GeminiConfig(ProviderConfig):
 
     _implementation: ClassVar[str] = "nbimagine._providers.google:GeminiProvider"
     provider: ClassVar[str] = "gemini"
+    _vertex: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.response_modalities is not None:
+            given = self.response_modalities
+            if isinstance(given, str) or not isinstance(given, Sequence):
+                raise ConfigError(f"response_modalities must be a list such as ['TEXT', 'IMAGE'], not {given!r}")
+            modalities = []
+            for item in self.response_modalities:
+                name = item.upper() if isinstance(item, str) else item
+                if name not in GEMINI_MODALITIES:
+                    allowed = ", ".join(map(repr, GEMINI_MODALITIES))
+                    raise ConfigError(f"response_modalities entries must be {allowed}, not {item!r}")
+                modalities.append(name)
+            object.__setattr__(self, "response_modalities", tuple(modalities))
+        if self.include_thoughts is not None and not isinstance(self.include_thoughts, bool):
+            raise ConfigError(f"include_thoughts must be True, False or None, not {self.include_thoughts!r}")
+        if self.extra_config is not None and not isinstance(self.extra_config, Mapping):
+            raise ConfigError("extra_config must be a dict of google.genai GenerateContentConfig fields")
+        fields = image_config_fields(self.image_config)
+        ratio, size = fields.get("aspect_ratio"), fields.get("image_size")
+        if ratio is not None and ratio not in GEMINI_ASPECT_RATIOS:
+            raise ConfigError(
+                f"image_config aspect_ratio must be one of {', '.join(GEMINI_ASPECT_RATIOS)}, not {ratio!r}"
+            )
+        if size is not None and size not in GEMINI_IMAGE_SIZES:
+            upper = size.upper() if isinstance(size, str) else None
+            hint = " (use an uppercase K)" if upper in GEMINI_IMAGE_SIZES else ""
+            raise ConfigError(
+                f"image_config image_size must be one of {', '.join(GEMINI_IMAGE_SIZES)}{hint}, not {size!r}"
+            )
+        if not self._vertex:
+            vertex_only = [name for name in GEMINI_VERTEX_ONLY_IMAGE_FIELDS if fields.get(name) is not None]
+            if vertex_only:
+                one = len(vertex_only) == 1
+                raise ConfigError(
+                    f"image_config {', '.join(vertex_only)} need{'s' if one else ''} Vertex AI: the Gemini "
+                    f"Developer API does not support {'it' if one else 'them'}. Use "
+                    "VertexAIConfig(project=..., location=...) (or VertexAIConfig(api_key=...) for express mode), "
+                    "or drop the field(s)."
+                )
+        quality = fields.get("output_compression_quality")
+        options = fields.get("image_output_options") or {}
+        if isinstance(options, Mapping):
+            quality = options.get("compression_quality", options.get("compressionQuality", quality))
+        if quality is not None and (
+            not isinstance(quality, int) or isinstance(quality, bool) or not 0 <= quality <= 100
+        ):
+            raise ConfigError(
+                f"image_config compression quality must be an integer from 0 to 100, not {quality!r}"
+            )
+
+
+# Documented values (Gemini image models; 1:4, 4:1, 1:8, 8:1 and 512 are Gemini 3.1 Flash Image only).
+GEMINI_MODALITIES = ("TEXT", "IMAGE", "AUDIO")
+GEMINI_ASPECT_RATIOS = (
+    "1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9", "1:4", "4:1", "1:8", "8:1",
+)
+GEMINI_IMAGE_SIZES = ("512", "1K", "2K", "4K")
+GEMINI_VERTEX_ONLY_IMAGE_FIELDS = (
+    "person_generation", "prominent_people", "output_mime_type", "output_compression_quality",
+    "image_output_options",
+)
+
+
+def image_config_fields(image_config: Any) -> dict[str, Any]:
+    """The set fields of an ``ImageConfig`` (SDK object or dict, either key casing), by snake_case name."""
+    if image_config is None:
+        return {}
+    if isinstance(image_config, Mapping):
+        raw = dict(image_config)
+    elif hasattr(image_config, "model_dump"):
+        raw = image_config.model_dump(exclude_none=True)
+    else:
+        raise ConfigError(
+            "image_config must be a google.genai.types.ImageConfig or a dict such as "
+            f"{{'aspect_ratio': '16:9', 'image_size': '2K'}}, not {type(image_config).__name__}"
+        )
+    out = {}
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"image_config keys must be strings, not {key!r}")
+        snake = "".join("_" + c.lower() if c.isupper() else c for c in key)
+        if value is not None:
+            out[snake] = value
+    return out
 
 
 @dataclass(frozen=True, repr=False)
 class VertexAIConfig(GeminiConfig):
     """Gemini on Vertex AI: ``project`` + ``location`` (+ ``credentials``), or ``api_key`` for express mode.
 
-    Environment: ``GOOGLE_CLOUD_PROJECT``, ``GOOGLE_CLOUD_LOCATION``.
+    Environment: ``GOOGLE_CLOUD_PROJECT``, ``GOOGLE_CLOUD_LOCATION`` (default ``global``); without
+    ``credentials`` the Application Default Credentials are used.
     """
 
     _: KW_ONLY
@@ -164,3 +253,16 @@ class VertexAIConfig(GeminiConfig):
 
     _implementation: ClassVar[str] = "nbimagine._providers.google:VertexAIProvider"
     provider: ClassVar[str] = "vertex"
+    _vertex: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.api_key and self.credentials is not None:
+            raise ConfigError(
+                "VertexAIConfig takes credentials= (project mode) or api_key= (express mode), not both"
+            )
+        if self.api_key and (self.project or self.location):
+            raise ConfigError(
+                "VertexAIConfig express mode (api_key=) does not take project/location; "
+                "drop api_key to use project + location with credentials"
+            )
