@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from ._images import EXTENSIONS, SUPPORTED_MEDIA_TYPES, b64decode_any, image_size, sniff_media_type
 from .errors import InputError
@@ -296,5 +296,5 @@ class ReplyEvent:
     reply: Reply
 
 
-StreamEvent = Union[PartialImageEvent, TextDeltaEvent, ImageEvent, ReplyEvent]
+StreamEvent = PartialImageEvent | TextDeltaEvent | ImageEvent | ReplyEvent
 

@@ -63,7 +63,9 @@ class ImageGenerationTool:
         if self.partial_images is not None:
             _integer("partial_images", self.partial_images, 0, 3)
         if self.background == "transparent" and self.output_format == "jpeg":
-            raise ConfigError("JPEG has no transparency: use output_format='png' or 'webp' with a transparent background")
+            raise ConfigError(
+                "JPEG has no transparency: use output_format='png' or 'webp' with a transparent background"
+            )
         if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
             raise ConfigError("ImageGenerationTool model must be a non-empty string such as 'gpt-image-1'")
         if self.input_image_mask is not None and not isinstance(self.input_image_mask, ImageInput):

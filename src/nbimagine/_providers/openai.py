@@ -1,0 +1,525 @@
+"""OpenAI Responses API (server-side image tool), Azure OpenAI / Foundry, and Chat Completions.
+
+The ``openai`` SDK is imported inside methods, on first use, so ``import nbimagine`` stays fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._agent import Reply
+from .._images import b64decode_any, data_url, sniff_media_type
+from ..config import AzureOpenAIResponsesConfig, OpenAIConfig, OpenAIResponsesConfig
+from ..errors import (
+    ConfigError,
+    ContentPolicyError,
+    InputError,
+    ProviderError,
+    UnsupportedToolError,
+    register_secret,
+)
+from ..events import (
+    BinaryResult,
+    ImageEvent,
+    ImageInput,
+    PartialImageEvent,
+    ReplyEvent,
+    StreamEvent,
+    TextDeltaEvent,
+)
+from ..tools import ImageGenerationTool
+from ._base import Input, Provider, Turn, result
+
+# Error codes OpenAI and Azure use when a safety system blocked a prompt or an image.
+_POLICY_CODES = frozenset({
+    "moderation_blocked", "content_filter", "content_policy_violation", "image_content_policy_violation",
+    "responsible_ai_policy_violation",
+})
+_IMAGE_FIELDS = ("revised_prompt", "size", "quality", "background", "output_format", "action")
+_DEPLOYMENT_HEADER = "x-ms-oai-image-generation-deployment"
+
+
+@dataclass
+class _History:
+    """What a Responses reply needs to continue its conversation.
+
+    With ``store=True`` the server keeps the conversation: only ``response_id`` is sent back.
+    With ``store=False`` nothing is kept server-side, so earlier turns travel as ``items`` and the
+    images made in the last turn go back as input images (references by item id would fail).
+    """
+
+    response_id: str | None
+    items: list[dict[str, Any]] = field(default_factory=list)
+    images: list[BinaryResult] = field(default_factory=list)
+
+
+class _OpenAIClientMixin:
+    config: Any
+    name: str
+    key_env = "OPENAI_API_KEY"
+
+    def _api_key(self) -> str | None:
+        return self.config.api_key or os.environ.get(self.key_env) or None
+
+    def check_credentials(self) -> None:
+        key = self._api_key()
+        if not key:
+            raise ConfigError(
+                f"No API key for {type(self.config).__name__}: set the {self.key_env} environment variable "
+                "(in a notebook: os.environ[...] = getpass.getpass()) or pass api_key=..."
+            )
+        register_secret(key)
+
+    def new_client(self) -> Any:
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(
+            api_key=self._api_key(),
+            base_url=self.config.base_url,
+            organization=self.config.organization,
+            project=self.config.project,
+            timeout=self.config.timeout,
+            max_retries=self.config.max_retries,
+            default_headers=dict(self.config.headers or {}),
+        )
+
+
+class OpenAIResponsesProvider(_OpenAIClientMixin, Provider[OpenAIResponsesConfig]):
+    name = "openai"
+
+    def check_tools(self) -> None:
+        for tool in self.tools:
+            if not isinstance(tool, ImageGenerationTool):
+                raise UnsupportedToolError(
+                    f"{type(self.config).__name__} supports ImageGenerationTool only, not {type(tool).__name__}"
+                )
+
+    @property
+    def _image_tool(self) -> ImageGenerationTool | None:
+        return next((t for t in self.tools if isinstance(t, ImageGenerationTool)), None)
+
+    def extra_headers(self) -> dict[str, str]:
+        return {}
+
+    # --- request ------------------------------------------------------------------------------
+
+    def build_request(self, turn: Turn) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The ``responses.create`` arguments, and the input items (kept for store=False history)."""
+        history: _History | None = turn.history
+        earlier = history.images if history and not self.config.store else []
+        message = {"role": "user", "content": _content([*map(ImageInput.from_result, earlier), *turn.inputs])}
+        items = [*(history.items if history and not self.config.store else []), message]
+        request: dict[str, Any] = {"model": self.config.model, "input": items}
+        if turn.instructions:
+            request["instructions"] = turn.instructions
+        if self.tools:
+            request["tools"] = [_tool_param(tool) for tool in self.tools]
+        if self.config.tool_choice == "image_generation":
+            request["tool_choice"] = {"type": "image_generation"}
+        elif self.config.tool_choice:
+            request["tool_choice"] = self.config.tool_choice
+        if not self.config.store:
+            request["store"] = False
+        elif history and history.response_id:
+            request["previous_response_id"] = history.response_id
+        headers = self.extra_headers()
+        if headers:
+            request["extra_headers"] = headers
+        if self.config.extra_body:
+            request["extra_body"] = dict(self.config.extra_body)
+        return request, items
+
+    # --- run ----------------------------------------------------------------------------------
+
+    async def run(self, turn: Turn) -> AsyncIterator[StreamEvent]:
+        import openai
+
+        request, items = self.build_request(turn)
+        tool = self._image_tool
+        # Partial images only exist on a stream, so a plain ask() streams too when they were requested.
+        streaming = turn.stream or bool(tool and tool.partial_images)
+        parser = _ResponseParser(self.name, self.config.model)
+        client = self.client()
+        try:
+            if streaming:
+                stream = await client.responses.create(**request, stream=True)
+                try:
+                    async for event in stream:
+                        for out in parser.feed(event):
+                            yield out
+                finally:
+                    await stream.close()
+                response = parser.final_response()
+            else:
+                response = await client.responses.create(**request)
+                parser.begin(response)
+                for out in parser.parse_output(response.output):
+                    yield out
+        except openai.APIStatusError as exc:
+            raise _status_error(exc, self.name, parser.files) from None
+        except openai.APITimeoutError:
+            raise ProviderError(
+                f"No answer within {self.config.timeout:g} s; raise timeout= in the config or try again",
+                provider=self.name, files=parser.files,
+            ) from None
+        except openai.APIConnectionError as exc:
+            raise ProviderError(
+                f"Could not reach the API ({exc.__cause__ or exc}); check base_url and the network",
+                provider=self.name, files=parser.files,
+            ) from None
+        except openai.APIError as exc:  # e.g. an error event inside a stream
+            raise _api_error(exc, self.name, parser.files) from None
+        except _transport_errors() as exc:
+            raise ProviderError(
+                f"The connection broke while the answer was arriving: {exc!r}", provider=self.name,
+                files=parser.files,
+            ) from None
+        yield ReplyEvent(parser.reply(response, items, store=self.config.store))
+
+
+class AzureOpenAIResponsesProvider(OpenAIResponsesProvider):
+    name = "azure"
+    config: AzureOpenAIResponsesConfig
+    key_env = "AZURE_OPENAI_API_KEY"
+
+    def _ad_token(self) -> str | None:
+        return self.config.azure_ad_token or os.environ.get("AZURE_OPENAI_AD_TOKEN") or None
+
+    def _endpoint(self) -> str | None:
+        return self.config.base_url or self.config.azure_endpoint or os.environ.get("AZURE_OPENAI_ENDPOINT")
+
+    def _image_deployment(self) -> str | None:
+        return self.config.image_deployment or os.environ.get("AZURE_OPENAI_IMAGE_DEPLOYMENT") or None
+
+    def check_credentials(self) -> None:
+        if not (self._api_key() or self._ad_token()):
+            raise ConfigError(
+                "No Azure OpenAI credentials: set AZURE_OPENAI_API_KEY (or AZURE_OPENAI_AD_TOKEN), "
+                "or pass api_key=... to AzureOpenAIResponsesConfig"
+            )
+        register_secret(self._api_key())
+        register_secret(self._ad_token())
+        if not self._endpoint():
+            raise ConfigError(
+                "No Azure OpenAI endpoint: set AZURE_OPENAI_ENDPOINT (https://<resource>.openai.azure.com) "
+                "or pass azure_endpoint=... (or base_url=.../openai/v1/)"
+            )
+        if self._image_tool and not self._image_deployment():
+            raise ConfigError(
+                "Azure needs the name of your gpt-image deployment for the image tool: pass "
+                "image_deployment='gpt-image-1' (or set AZURE_OPENAI_IMAGE_DEPLOYMENT)"
+            )
+
+    def extra_headers(self) -> dict[str, str]:
+        deployment = self._image_deployment()
+        return {_DEPLOYMENT_HEADER: deployment} if self._image_tool and deployment else {}
+
+    def new_client(self) -> Any:
+        from openai import AsyncAzureOpenAI
+
+        version = self.config.api_version or os.environ.get("OPENAI_API_VERSION")
+        endpoint = self._endpoint() or ""
+        common: dict[str, Any] = {
+            "api_key": self._api_key(),
+            "azure_ad_token": self._ad_token(),
+            "timeout": self.config.timeout,
+            "max_retries": self.config.max_retries,
+            "default_headers": dict(self.config.headers or {}),
+        }
+        if self.config.base_url:
+            return AsyncAzureOpenAI(base_url=self.config.base_url, api_version=version or "preview", **common)
+        if version in (None, "preview", "latest", "v1"):
+            # The v1 surface Microsoft's Responses guide uses: {endpoint}/openai/v1/responses?api-version=preview
+            return AsyncAzureOpenAI(
+                base_url=endpoint.rstrip("/") + "/openai/v1/", api_version=version or "preview", **common
+            )
+        return AsyncAzureOpenAI(azure_endpoint=endpoint, api_version=version, **common)
+
+
+class ChatCompletionsProvider(_OpenAIClientMixin, Provider[OpenAIConfig]):
+    """Text answers (image inputs allowed). The image tool needs the Responses API."""
+
+    name = "openai"
+
+    def check_tools(self) -> None:
+        for tool in self.tools:
+            hint = (
+                " ImageGenerationTool requires the Responses API: use OpenAIResponsesConfig instead of OpenAIConfig."
+                if isinstance(tool, ImageGenerationTool) else ""
+            )
+            raise UnsupportedToolError(f"OpenAIConfig (Chat Completions) cannot run {type(tool).__name__}.{hint}")
+
+    async def run(self, turn: Turn) -> AsyncIterator[StreamEvent]:
+        import openai
+
+        messages: list[dict[str, Any]] = list(turn.history or [])
+        if turn.instructions and not messages:
+            messages.append({"role": "system", "content": turn.instructions})
+        messages.append({"role": "user", "content": _chat_content(turn.inputs)})
+        client = self.client()
+        try:
+            if turn.stream:
+                parts: list[str] = []
+                finish = response_id = model = None
+                stream = await client.chat.completions.create(
+                    model=self.config.model, messages=messages, stream=True
+                )
+                async for chunk in stream:
+                    response_id, model = chunk.id, chunk.model
+                    for choice in chunk.choices:
+                        if choice.delta and choice.delta.content:
+                            parts.append(choice.delta.content)
+                            yield TextDeltaEvent(choice.delta.content)
+                        finish = choice.finish_reason or finish
+                body, usage = "".join(parts), None
+            else:
+                completion = await client.chat.completions.create(model=self.config.model, messages=messages)
+                choice = completion.choices[0]
+                body, finish = choice.message.content or "", choice.finish_reason
+                response_id, model = completion.id, completion.model
+                usage = completion.usage.model_dump() if completion.usage else None
+        except openai.APIStatusError as exc:
+            raise _status_error(exc, self.name, ()) from None
+        except openai.APIError as exc:
+            raise _api_error(exc, self.name, ()) from None
+        history = [*messages, {"role": "assistant", "content": body}]
+        yield ReplyEvent(Reply(body=body, usage=usage, finish_reason=finish, response_id=response_id,
+                               provider=self.name, model=model, history=history))
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+
+class _ResponseParser:
+    """Turns Responses output items (whole or streamed) into events, keeping every image made."""
+
+    def __init__(self, provider: str, model: str) -> None:
+        self.provider = provider
+        self.model = model
+        self.response_id: str | None = None
+        self.files: list[BinaryResult] = []
+        self.failures: list[tuple[str | None, str, str | None]] = []  # (code, message, call id)
+        self.text: list[str] = []
+        self._completed: Any = None
+        self._seen_items: set[str] = set()
+
+    def begin(self, response: Any) -> None:
+        self.response_id = response.id
+        self.model = response.model or self.model
+
+    # Non-streaming: the whole output at once.
+    def parse_output(self, output: Sequence[Any]) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        for item in output:
+            events.extend(self._item_done(item))
+        return events
+
+    def _item_done(self, item: Any) -> list[StreamEvent]:
+        # A stream announces items twice (output_item.done, then response.completed): count each once.
+        if item.id in self._seen_items:
+            return []
+        self._seen_items.add(item.id)
+        if item.type == "image_generation_call":
+            image = self._image(item)
+            return [ImageEvent(image)] if image else []
+        if item.type == "message":
+            for part in item.content or []:
+                if part.type == "output_text" and part.text:
+                    self.text.append(part.text)
+                elif part.type == "refusal" and part.refusal:
+                    self.text.append(part.refusal)
+        return []
+
+    def _image(self, item: Any) -> BinaryResult | None:
+        error = getattr(item, "error", None)
+        if item.status == "failed" or not item.result:
+            code = _get(error, "code")
+            message = _get(error, "message") or f"the image call ended with status {item.status!r} and no image"
+            self.failures.append((code, message, item.id))
+            return None
+        data = _decode_image(item.result)
+        if data is None:
+            self.failures.append(("undecodable_image", "the image data is not a PNG, JPEG, WebP or GIF image",
+                                  item.id))
+            return None
+        image = result(
+            data, provider=self.provider, model=self.model, call_id=item.id,
+            response_id=self.response_id, **{name: getattr(item, name, None) for name in _IMAGE_FIELDS},
+        )
+        self.files.append(image)
+        return image
+
+    # Streaming: one event at a time.
+    def feed(self, event: Any) -> list[StreamEvent]:
+        kind = event.type
+        if kind in ("response.created", "response.in_progress"):
+            self.begin(event.response)
+        elif kind == "response.image_generation_call.partial_image":
+            data = _decode_image(event.partial_image_b64)
+            if data is not None:
+                partial = result(data, provider=self.provider, model=self.model, call_id=event.item_id,
+                                 partial=True, partial_index=event.partial_image_index,
+                                 size=getattr(event, "size", None), output_format=getattr(event, "output_format", None))
+                return [PartialImageEvent(event.partial_image_index, partial)]
+        elif kind == "response.output_text.delta":
+            return [TextDeltaEvent(event.delta)] if event.delta else []
+        elif kind == "response.output_item.done":
+            return self._item_done(event.item)
+        elif kind in ("response.completed", "response.incomplete"):
+            self._completed = event.response
+            # Items the stream did not announce individually still count.
+            return self.parse_output(event.response.output or [])
+        elif kind == "response.failed":
+            error = event.response.error
+            self.failures.append((_get(error, "code"), _get(error, "message") or "the response failed", None))
+            self._completed = event.response
+        elif kind == "error":
+            self.failures.append((getattr(event, "code", None), getattr(event, "message", "stream error"), None))
+        return []
+
+    def final_response(self) -> Any:
+        if self._completed is None and not self.failures:
+            raise ProviderError(
+                "The stream ended before the response was complete", provider=self.provider, files=self.files
+            )
+        return self._completed
+
+    def reply(self, response: Any, items: list[dict[str, Any]], *, store: bool) -> Reply:
+        if self.failures:
+            raise self._failure_error()
+        status = getattr(response, "status", None)
+        finish = status
+        incomplete = getattr(response, "incomplete_details", None)
+        if status == "incomplete" and incomplete is not None:
+            finish = f"incomplete: {incomplete.reason}"
+            if incomplete.reason == "content_filter":
+                raise ContentPolicyError("The response was stopped by the content filter", reason="content_filter",
+                                         provider=self.provider, files=self.files)
+        body = "".join(self.text)
+        usage = response.usage.model_dump(exclude_none=True) if getattr(response, "usage", None) else None
+        history_items = [*items, {"role": "assistant", "content": body}] if body else list(items)
+        history = _History(self.response_id if store else None, [] if store else history_items, list(self.files))
+        return Reply(body=body, files=list(self.files), usage=usage, finish_reason=finish,
+                     response_id=self.response_id, provider=self.provider, model=self.model, history=history)
+
+    def _failure_error(self) -> ProviderError:
+        code, message, call_id = self.failures[0]
+        where = f" (image call {call_id})" if call_id else ""
+        if code in _POLICY_CODES:
+            return ContentPolicyError(f"The safety system blocked the image{where}: {message}", reason=code,
+                                      provider=self.provider, code=code, files=self.files)
+        return ProviderError(f"Image generation failed{where}: {message}", provider=self.provider, code=code,
+                             files=self.files)
+
+
+def _decode_image(text: str | None) -> bytes | None:
+    if not text:
+        return None
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        try:
+            data = b64decode_any(text)
+        except (binascii.Error, ValueError):
+            return None
+    return data if sniff_media_type(data) else None
+
+
+def _get(obj: Any, name: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+# --- request helpers --------------------------------------------------------------------------
+
+
+def _content(inputs: Sequence[Input]) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = []
+    for item in inputs:
+        if isinstance(item, str):
+            content.append({"type": "input_text", "text": item})
+        elif item.file_id:
+            content.append({"type": "input_image", "file_id": item.file_id, "detail": item.detail or "auto"})
+        elif item.url:
+            content.append({"type": "input_image", "image_url": item.url, "detail": item.detail or "auto"})
+        else:
+            assert item.data is not None and item.media_type is not None
+            content.append({"type": "input_image", "image_url": data_url(item.data, item.media_type),
+                            "detail": item.detail or "auto"})
+    return content
+
+
+def _chat_content(inputs: Sequence[Input]) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = []
+    for item in inputs:
+        if isinstance(item, str):
+            content.append({"type": "text", "text": item})
+        elif item.file_id:
+            raise InputError("Chat Completions cannot take ImageInput(file_id=...); use OpenAIResponsesConfig")
+        else:
+            url = item.url or data_url(item.data or b"", item.media_type or "image/png")
+            content.append({"type": "image_url", "image_url": {"url": url, "detail": item.detail or "auto"}})
+    return content
+
+
+def _tool_param(tool: ImageGenerationTool) -> dict[str, Any]:
+    param: dict[str, Any] = {"type": "image_generation", **tool.params()}
+    mask = tool.input_image_mask
+    if mask is not None:
+        if mask.file_id:
+            param["input_image_mask"] = {"file_id": mask.file_id}
+        else:
+            param["input_image_mask"] = {"image_url": mask.url or data_url(mask.data or b"", mask.media_type or "")}
+    return param
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+_HINTS = {
+    401: "check the API key",
+    403: "the key has no access to this model or resource",
+    404: "check the model (or deployment) name and the base URL",
+    429: "rate limited or out of quota, even after retries; raise max_retries or wait",
+}
+
+
+def _status_error(exc: Any, provider: str, files: Sequence[BinaryResult]) -> ProviderError:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    code = body.get("code") or getattr(exc, "code", None)
+    message = body.get("message") or (exc.body if isinstance(exc.body, str) else "") or exc.message
+    hint = _HINTS.get(exc.status_code)
+    if hint and code not in _POLICY_CODES:
+        message = f"{message} ({hint})"
+    kwargs = {"provider": provider, "status": exc.status_code, "code": code, "request_id": exc.request_id,
+              "files": files}
+    if code in _POLICY_CODES:
+        return ContentPolicyError(message, reason=code, **kwargs)
+    return ProviderError(message, **kwargs)
+
+
+def _api_error(exc: Any, provider: str, files: Sequence[BinaryResult]) -> ProviderError:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    code = body.get("code") or getattr(exc, "code", None)
+    message = body.get("message") or exc.message
+    if code in _POLICY_CODES:
+        return ContentPolicyError(message, reason=code, provider=provider, code=code, files=files)
+    return ProviderError(message, provider=provider, code=code, files=files)
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """HTTP transport exceptions the SDK may let through while a stream is being read."""
+    errors: list[type[BaseException]] = []
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(__import__(module).HTTPError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
