@@ -98,6 +98,8 @@ _explicit_notebook: str | None = None
 def set_notebook(name: str | None) -> None:
     """Name the current notebook explicitly (``None`` forgets the name and detects again).
 
+    ``name`` may also be the notebook's path; its last component without ``.ipynb`` is used.
+
     Useful where the kernel cannot tell which notebook it runs (plain scripts, some test runners).
     An explicit name wins over anything detected from the environment.
     """
@@ -120,7 +122,7 @@ def notebook_name() -> str:
     The result is not sanitized; :class:`History` makes it safe for the filesystem.
     """
     if _explicit_notebook:
-        return _explicit_notebook
+        return _stem(_explicit_notebook, any_suffix=False)
     session = os.environ.get("JPY_SESSION_NAME", "").strip()
     if session:
         stem = _stem(session)
@@ -132,10 +134,14 @@ def notebook_name() -> str:
     return FALLBACK_NOTEBOOK
 
 
-def _stem(path: str) -> str:
+def _stem(path: str, any_suffix: bool = True) -> str:
+    """The notebook name in a path: last component, without ``.ipynb`` (or, for a path that
+    Jupyter gave us, without any suffix: a Jupytext ``analysis.py`` is the notebook ``analysis``)."""
     # Jupyter may hand over a POSIX path or (on Windows) a backslash path; take the last part.
     name = re.split(r"[\\/]", path.rstrip("\\/"))[-1]
-    return name[: -len(".ipynb")] if name.lower().endswith(".ipynb") else Path(name).stem or name
+    if name.lower().endswith(".ipynb"):
+        return name[: -len(".ipynb")]
+    return (Path(name).stem or name) if any_suffix else name
 
 
 def _vscode_notebook() -> str | None:
