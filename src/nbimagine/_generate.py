@@ -1,0 +1,223 @@
+"""One generation request (or N concurrent variants), shared by ``%%imagine`` and the studio panel.
+
+A :class:`Generation` builds its agent from the session on the caller's thread (so configuration
+mistakes raise at once, before any request), then runs every variant on the ``_sync`` background
+loop with ``asyncio.gather``: N variants take about as long as one call. Each final image is
+recorded in the notebook's history (prompt, provider, model, params, parents), and its
+``BinaryResult`` in the returned ``Reply`` is swapped for one whose metadata carries
+``history_id``, so feeding it back in as an edit keeps the lineage.
+
+Threading: ``on_event(variant_index, event)`` is called **on the background loop's thread**. UI
+code must be thread-safe there (e.g. put events in a ``queue.Queue`` and drain it from the main
+thread, or use ``ipywidgets.Output.append_display_data``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._session import OPENAI_OPTIONS, ImagineSession, get_session
+from ._sync import Job
+from .errors import ConfigError, ProviderError
+from .events import BinaryResult, ImageEvent, ReplyEvent, StreamEvent
+
+if TYPE_CHECKING:
+    from ._agent import Agent, Reply
+    from ._history import History, HistoryEntry
+
+__all__ = ["MAX_VARIANTS", "EventCallback", "Generation"]
+
+EventCallback = Callable[[int, StreamEvent], None]
+MAX_VARIANTS = 8
+
+
+class Generation:
+    """Generate ``n`` variants of ``prompt`` (optionally editing ``edits``) with the session's settings.
+
+    ``overrides`` are session option names (``provider``, ``model``, ``size``, ``aspect_ratio``, ...)
+    that apply to this request only. ``parents`` are history ids the result derives from; ids found
+    in the edits' ``metadata["history_id"]`` are added automatically.
+    """
+
+    def __init__(
+        self,
+        prompt: str,
+        *,
+        edits: Sequence[BinaryResult] = (),
+        parents: Sequence[int] = (),
+        n: int = 1,
+        overrides: dict[str, Any] | None = None,
+        record: bool = True,
+        session: ImagineSession | None = None,
+        history: History | None = None,
+    ) -> None:
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_VARIANTS:
+            raise ConfigError(f"the number of variants must be an integer from 1 to {MAX_VARIANTS}, not {n!r}")
+        if not prompt or not prompt.strip():
+            raise ConfigError("the prompt is empty: write what to draw in the cell body")
+        self.prompt = prompt
+        self.edits = list(edits)
+        ids = [*parents, *(e.metadata.get("history_id") for e in self.edits)]
+        self.parents = list(dict.fromkeys(i for i in ids if isinstance(i, int)))
+        self.n = n
+        self.overrides = dict(overrides or {})
+        self.record = record
+        self.session = session or get_session()
+        self._history = history
+        self.provider = self.overrides.get("provider") or self.session.provider
+        self.model = self.session.effective_model(self.provider, self.overrides.get("model"))
+        self.replies: list[Reply | None] = [None] * n
+        self.errors: list[BaseException | None] = [None] * n
+        self.variant_entries: list[list[HistoryEntry]] = [[] for _ in range(n)]
+        self.job: Job[list[Reply | None]] | None = None
+        self._started_at: float | None = None
+        self._ended_at: float | None = None
+        self._agent: Agent | None = None
+
+    # --- public ----------------------------------------------------------------------------------
+
+    @property
+    def entries(self) -> list[HistoryEntry]:
+        """History entries made so far, in variant order."""
+        return [e for group in self.variant_entries for e in group]
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since ``start`` (frozen once the generation ends)."""
+        if self._started_at is None:
+            return 0.0
+        return (self._ended_at or time.perf_counter()) - self._started_at
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The request parameters recorded in the history (only those that apply to the provider)."""
+        options = {**self.session.options(), **self.overrides}
+        kind = self.session.kind(self.provider)
+        names = list(OPENAI_OPTIONS) if kind in ("openai", "azure") else ["aspect_ratio", "image_size"]
+        params = {k: options.get(k) for k in names if options.get(k) not in (None, 0)}
+        if self.n > 1:
+            params["n"] = self.n
+        return params
+
+    @property
+    def history(self) -> History:
+        if self._history is None:
+            from ._history import history
+
+            self._history = history()
+        return self._history
+
+    def build_agent(self) -> Agent:
+        """The agent this generation uses (built once; raises ``ConfigError`` for bad settings)."""
+        if self._agent is None:
+            self._agent = self.session.build_agent(provider=self.provider, **{
+                k: v for k, v in self.overrides.items() if k != "provider"})
+        return self._agent
+
+    def start(self, on_event: EventCallback | None = None) -> Job[list[Reply | None]]:
+        """Start all variants on the background loop and return the ``Job`` (non-blocking)."""
+        if self.job is not None:
+            raise RuntimeError("this Generation was already started; make a new one")
+        agent = self.build_agent()
+        if self.record:
+            _ = self.history  # open it here, so a bad history folder fails on the caller's thread
+        self._started_at = time.perf_counter()
+        self.job = Job(self._run_all(agent, on_event))
+        return self.job
+
+    def cancel(self) -> None:
+        """Stop every variant now (their HTTP requests are aborted)."""
+        if self.job is not None:
+            self.job.cancel()
+
+    def wait(self, on_poll: Callable[[], None] | None = None) -> list[Reply]:
+        """Block until done (``on_poll`` runs every 50 ms); return the replies.
+
+        If any variant failed, the first error is raised once all variants have ended; the
+        replies and entries of the others are still on ``replies`` / ``entries``. Ctrl-C cancels
+        and re-raises ``KeyboardInterrupt``.
+        """
+        if self.job is None:
+            self.start()
+        assert self.job is not None
+        self.job.result(on_poll=on_poll)
+        for error in self.errors:
+            if error is not None:
+                raise error
+        return [r for r in self.replies if r is not None]
+
+    def run(self, on_event: EventCallback | None = None, on_poll: Callable[[], None] | None = None) -> list[Reply]:
+        """``start`` then ``wait``."""
+        self.start(on_event)
+        return self.wait(on_poll)
+
+    # --- the coroutines --------------------------------------------------------------------------
+
+    async def _run_all(self, agent: Agent, on_event: EventCallback | None) -> list[Reply | None]:
+        try:
+            # return_exceptions: one failed variant must not orphan the others mid-request.
+            await asyncio.gather(*(self._one(agent, i, on_event) for i in range(self.n)),
+                                 return_exceptions=True)
+        finally:
+            self._ended_at = time.perf_counter()
+        return self.replies
+
+    async def _one(self, agent: Agent, index: int, on_event: EventCallback | None) -> None:
+        inputs: list[Any] = [self.prompt, *self.edits]
+        try:
+            if on_event is None:
+                reply = await agent.ask(*inputs)
+            else:
+                reply = None
+                async for event in agent.stream(*inputs):
+                    if isinstance(event, ReplyEvent):
+                        reply = event.reply
+                    elif not isinstance(event, ImageEvent):
+                        _safe_call(on_event, index, event)
+                assert reply is not None
+            await self._record(index, reply.files, reply.body, reply)
+            self.replies[index] = reply
+            if on_event is not None:
+                _safe_call(on_event, index, ReplyEvent(reply))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, ProviderError) and exc.files:
+                # Images made before a failure are kept in the history (and on exc.files).
+                await self._record(index, exc.files, None, None)
+            self.errors[index] = exc
+
+    async def _record(self, index: int, files: list[BinaryResult], text: str | None, reply: Reply | None) -> None:
+        if not self.record or not files:
+            return
+        # SQLite and file writes are blocking: keep them off the event loop.
+        entries = await asyncio.to_thread(self._record_sync, files, text)
+        self.variant_entries[index].extend(entries)
+        if reply is not None:
+            reply.files[:] = [_with_history_id(f, e.id) for f, e in zip(reply.files, entries, strict=False)]
+
+    def _record_sync(self, files: list[BinaryResult], text: str | None) -> list[HistoryEntry]:
+        params = self.params
+        return [
+            self.history.add(image, prompt=self.prompt, provider=self.provider,
+                             model=image.metadata.get("model") or self.model,
+                             params=params, parents=self.parents, text=text or None)
+            for image in files
+        ]
+
+
+def _with_history_id(image: BinaryResult, history_id: int) -> BinaryResult:
+    return BinaryResult(image.data, {**image.metadata, "history_id": history_id})
+
+
+def _safe_call(callback: EventCallback, index: int, event: StreamEvent) -> None:
+    # A broken progress display must not fail (or hang) the generation itself.
+    try:
+        callback(index, event)
+    except Exception:  # reported, never propagated into the request
+        import traceback
+
+        traceback.print_exc()
