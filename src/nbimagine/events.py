@@ -115,8 +115,8 @@ class BinaryResult:
             target.mkdir(parents=True, exist_ok=True)
             stem = self.metadata.get("call_id") or self.sha256[:16]
             target = target / f"{stem}.{self.extension}"
-        elif not target.suffix:
-            target = target.with_suffix(f".{self.extension}")
+        elif _media_type_for_suffix(target.suffix) is None:  # "logo" or "logo.v2": add the real extension
+            target = target.with_name(f"{target.name}.{self.extension}")
         target.parent.mkdir(parents=True, exist_ok=True)
         wanted = _media_type_for_suffix(target.suffix)
         if wanted is None or wanted == self.media_type:
