@@ -392,3 +392,37 @@ def test_crash_mid_write_leaves_a_consistent_history(tmp_path: Path) -> None:
     assert not list(h.path.rglob("*.tmp"))
     _check_consistent(tmp_path / "nb").close()
     h.close()
+
+
+def test_threads_share_one_history(h: History) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def work(tag: int) -> None:
+        try:
+            for i in range(25):
+                h.add(make_image(tag * 100 + i), prompt=f"t{tag}")
+                h.latest(5)
+        except BaseException as exc:  # collected and re-raised by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors
+    assert len(h) == 100 and len({e.id for e in h}) == 100
+
+
+def test_batch_is_one_transaction(h: History) -> None:
+    with h.batch():
+        for i in range(5):
+            h.add(make_image(i), prompt=f"b{i}")
+    assert len(h) == 5
+    with pytest.raises(RuntimeError), h.batch():
+        h.add(make_image(50), prompt="rolled back")
+        raise RuntimeError("boom")
+    assert len(h) == 5 and h.search("rolled back") == []
+    assert h.add(make_image(51), prompt="after").id == 6  # the rolled-back id was never visible

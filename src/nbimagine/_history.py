@@ -503,7 +503,8 @@ class History:
                 yield self._conn
             except BaseException:
                 self._batch_depth = 0
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+                    self._conn.execute("ROLLBACK")
                 raise
             self._batch_depth = 0
             self._conn.execute("COMMIT")
