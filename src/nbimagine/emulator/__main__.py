@@ -1,0 +1,47 @@
+"""``python -m nbimagine.emulator --port N [--latency S] [--close]``: serve until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._server import Emulator
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nbimagine.emulator", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8765, help="port (0 picks a free one; default 8765)")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
+    parser.add_argument("--close", action="store_true",
+                        help="answer 'Connection: close' (helps async clients used across event loops)")
+    args = parser.parse_args(argv)
+
+    def ready(emu: Emulator) -> None:
+        # Printed (and flushed) once the socket listens, so scripts can wait for the first line.
+        print(f"nbimagine emulator listening on {emu.url}")
+        print(f"  OpenAI:  {emu.openai_base_url}")
+        print(f"  Azure:   {emu.azure_endpoint}   (AzureOpenAI(base_url=... + '/openai/v1/'))")
+        print(f"  Gemini:  {emu.gemini_base_url}  (HttpOptions(base_url=..., api_version='v1beta'))")
+        print(f"  Vertex:  {emu.vertex_base_url}")
+        print("Point the SDKs at it:")
+        print(f"  export OPENAI_BASE_URL={emu.openai_base_url}")
+        print("  export OPENAI_API_KEY=emulator")
+        print(f"  export AZURE_OPENAI_ENDPOINT={emu.azure_endpoint}")
+        print("  export AZURE_OPENAI_API_KEY=emulator")
+        print(f"  export GOOGLE_GEMINI_BASE_URL={emu.gemini_base_url}")
+        print(f"  export GOOGLE_VERTEX_BASE_URL={emu.vertex_base_url}")
+        print("  export GEMINI_API_KEY=emulator")
+        print(f"  export NBIMAGINE_EMULATOR={emu.url}")
+        print("Ctrl-C to stop.", flush=True)
+
+    emu = Emulator(args.host, args.port, latency=args.latency, close_connections=args.close)
+    try:
+        emu.serve_forever(on_ready=ready)
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

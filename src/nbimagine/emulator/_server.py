@@ -1,0 +1,463 @@
+"""The loopback HTTP server behind :class:`~nbimagine.emulator.Emulator`.
+
+Stdlib only (``ThreadingHTTPServer``, HTTP/1.1, daemon threads) so that the emulator starts in a few
+milliseconds and needs nothing beyond Pillow. Vendor wire formats live in ``_openai.py`` and
+``_gemini.py``; this module owns routing, recording, latency, faults and the byte-level writing of
+JSON, raw and SSE answers (including the deliberately broken ones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import select
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+__all__ = ["Answer", "Emulator", "Fault", "RecordedRequest", "Request", "State"]
+
+# Header values that must never be kept in the request log (they are recorded as "***").
+_SECRET_HEADERS = frozenset({"authorization", "api-key", "x-goog-api-key"})
+_FAULT_TOKEN = re.compile(r"\[fault:([A-Za-z0-9_\-]+)\]")
+_ERROR_TOKEN = re.compile(r"\[error:(\d{3})\]")
+_GEMINI_PATH = re.compile(
+    r"^(?:/.*)?/(?:v1|v1beta|v1beta1|v1alpha)/(?:projects/[^/]+/locations/[^/]+/)?(?:publishers/[^/]+/)?"
+    r"models/[^/:]+:(?:generateContent|streamGenerateContent)$"
+)
+# How often a handler waiting out ``latency`` looks at its socket to notice a client that left.
+_POLL_SECONDS = 0.01
+
+
+@dataclass
+class Request:
+    """What a route handler receives."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  # lower-case names, real values (unmasked)
+    body: bytes
+    json: Any  # parsed JSON body, or None
+    request_id: str = ""  # the x-request-id this answer will carry (for error messages)
+
+
+@dataclass
+class Answer:
+    """What a route handler returns."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    json: Any = None  # JSON body (sent with Content-Length)
+    body: bytes | None = None  # raw body instead of json
+    sse: Iterable[bytes] | None = None  # SSE frames, each written and flushed as produced (chunked)
+    # Fault: after this many SSE frames (or, for json/body, after half the bytes) drop the connection.
+    break_after: int | None = None
+
+
+@dataclass
+class Fault:
+    name: str
+    status: int | None = None
+    retry_after: float | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the emulator saw it; secret header values are masked as ``"***"``."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    json: Any
+
+
+@dataclass
+class _Injected:
+    fault: Fault
+    family: str | None
+    remaining: int
+
+
+class State:
+    """Shared mutable emulator state. Every method is thread-safe."""
+
+    def __init__(self, latency: float = 0.0) -> None:
+        self.lock = threading.RLock()
+        self.store: dict[str, Any] = {}
+        self.secret: bytes = os.urandom(32)
+        self.requests: list[RecordedRequest] = []
+        self.latency = float(latency)
+        self.aborted = 0
+        self._default_latency = float(latency)
+        self._faults: list[_Injected] = []
+        self._ids = itertools.count(1)
+
+    # -- faults -------------------------------------------------------------------------------------
+    def inject(self, fault: str, *, family: str | None = None, times: int = 1, status: int | None = None,
+               retry_after: float | None = None, message: str | None = None) -> None:
+        if ":" in fault and family is None:  # "gemini:http" is shorthand for family="gemini"
+            family, fault = fault.split(":", 1)
+        if fault == "http" and status is None:
+            raise ValueError("inject('http') needs status=, e.g. status=500")
+        with self.lock:
+            self._faults.append(_Injected(Fault(fault, status, retry_after, message), family, int(times)))
+
+    def fault(self, family: str, prompt: str) -> Fault | None:
+        """Consume an injected fault for ``family``, else read ``[fault:NAME]`` / ``[error:NNN]`` tokens."""
+        with self.lock:
+            for injected in self._faults:
+                if injected.remaining > 0 and injected.family in (None, family):
+                    injected.remaining -= 1
+                    if injected.remaining <= 0:
+                        self._faults.remove(injected)
+                    return injected.fault
+        prompt = prompt or ""
+        match = _ERROR_TOKEN.search(prompt)
+        if match:
+            return Fault("http", status=int(match.group(1)))
+        match = _FAULT_TOKEN.search(prompt)
+        if match:
+            return Fault(match.group(1))
+        return None
+
+    # -- drawing ------------------------------------------------------------------------------------
+    def draw(self, prompt: str, width: int, height: int, *, fmt: str = "png", transparent: bool = False,
+             base: bytes | None = None, stage: float = 1.0, quality: int | None = None) -> bytes:
+        from . import _draw  # Pillow is imported only when an image is really drawn
+
+        return _draw.render(prompt, width, height, fmt=fmt, transparent=transparent, base=base,
+                            stage=stage, quality=quality)
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    def next_request_id(self) -> str:
+        with self.lock:
+            return f"req_emu_{next(self._ids)}"
+
+    def record(self, request: RecordedRequest) -> None:
+        with self.lock:
+            self.requests.append(request)
+
+    def count_abort(self) -> None:
+        with self.lock:
+            self.aborted += 1
+
+    def reset(self) -> None:
+        with self.lock:
+            self.requests.clear()  # in place: callers may hold a reference to the list
+            self.store.clear()
+            self._faults.clear()
+            self.latency = self._default_latency
+            self.aborted = 0
+
+
+# -- routing -----------------------------------------------------------------------------------------
+def _route(request: Request, state: State) -> Answer:
+    path = request.path.rstrip("/")
+    if path.endswith("/responses") or path == "/responses":
+        from . import _openai
+
+        return _openai.handle(request, state)
+    if _GEMINI_PATH.match(path):
+        try:
+            from ._gemini import handle
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}._gemini":
+                raise
+            return Answer(501, json={"error": {"code": 501, "message": "Gemini emulation is not available",
+                                               "status": "UNIMPLEMENTED"}})
+        return handle(request, state)
+    if request.method == "GET" and path in ("", "/health"):
+        return Answer(json={"emulator": "nbimagine", "status": "ok"})
+    return Answer(404, json={"error": {"message": f"The emulator has no route {request.method} {request.path}",
+                                       "type": "invalid_request_error", "param": None, "code": "not_found"}})
+
+
+class _ClientGone(Exception):
+    """The client closed its connection before the answer was complete."""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+    server_version = "nbimagine-emulator"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # tests and notebooks must not see a request log on stderr
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, _ClientGone):
+            self.server.state.count_abort()
+            self.close_connection = True
+        except (TimeoutError, OSError):
+            self.close_connection = True
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_GET
+
+    # -- request ------------------------------------------------------------------------------------
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("content-length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _serve(self) -> None:
+        state = self.server.state
+        parts = urlsplit(self.path)
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        body = self._read_body()
+        parsed: Any = None
+        if body:
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None
+        request = Request(self.command, parts.path, query, headers, body, parsed, state.next_request_id())
+        masked = {k: ("***" if k in _SECRET_HEADERS else v) for k, v in headers.items()}
+        state.record(RecordedRequest(self.command, parts.path, query, masked, parsed))
+
+        if state.latency > 0:
+            self._wait(state.latency)
+        try:
+            answer = _route(request, state)
+        except Exception as exc:  # an emulator bug: answer it instead of printing a traceback
+            answer = Answer(500, headers={"x-should-retry": "false"}, json={"error": {
+                "message": f"nbimagine emulator internal error: {exc!r}", "type": "server_error",
+                "param": None, "code": "emulator_bug", "traceback": traceback.format_exc()}})
+        self._write(answer, request.request_id)
+
+    def _client_gone(self) -> bool:
+        """True when the peer has closed its end (readable socket with nothing to read)."""
+        sock = self.connection
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if not readable:
+                return False
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _wait(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if self._client_gone():
+                raise _ClientGone
+            time.sleep(min(_POLL_SECONDS, left))
+
+    # -- answer -------------------------------------------------------------------------------------
+    def _start(self, answer: Answer, request_id: str, defaults: dict[str, str]) -> None:
+        self.send_response(answer.status)
+        headers = {**defaults, "x-request-id": request_id}
+        headers.update({k.lower(): v for k, v in answer.headers.items()})
+        if self.server.close_connections:
+            headers["connection"] = "close"
+            self.close_connection = True
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def _drop(self) -> None:
+        """Fault injection: end the connection abruptly, mid-answer."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _write(self, answer: Answer, request_id: str) -> None:
+        if answer.sse is not None:
+            self._start(answer, request_id, {"content-type": "text/event-stream; charset=utf-8",
+                                             "cache-control": "no-cache", "transfer-encoding": "chunked"})
+            sent = 0
+            iterator = iter(answer.sse)
+            try:
+                for frame in iterator:
+                    if answer.break_after is not None and sent >= answer.break_after:
+                        self._drop()
+                        return
+                    # A client that closed the stream may not make the write fail (kernel buffers),
+                    # so look at the socket before each frame to count the abort reliably.
+                    if self._client_gone():
+                        raise _ClientGone
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
+                    self.wfile.flush()
+                    sent += 1
+            finally:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
+            if answer.break_after is not None and sent >= answer.break_after:
+                self._drop()
+                return
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+            return
+
+        if answer.body is not None:
+            payload, ctype = answer.body, "application/octet-stream"
+        elif answer.json is not None:
+            payload, ctype = json.dumps(answer.json, separators=(",", ":")).encode(), "application/json"
+        else:
+            payload, ctype = b"", "application/json"
+        self._start(answer, request_id, {"content-type": ctype, "content-length": str(len(payload))})
+        if self.command == "HEAD":
+            return
+        if answer.break_after is not None:
+            self.wfile.write(payload[: len(payload) // 2])
+            self._drop()
+            return
+        self.wfile.write(payload)
+        self.wfile.flush()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    # Many SDK connections at once in benchmarks; the default backlog of 5 drops some.
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], state: State, close_connections: bool) -> None:
+        self.state = state
+        self.close_connections = close_connections
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # connection errors are expected (aborted clients, injected drops); never print them
+
+
+class Emulator:
+    """A local stand-in for the OpenAI (Responses, Azure) and Gemini (Developer, Vertex) image APIs.
+
+    ``with Emulator() as emu: OpenAI(base_url=emu.openai_base_url, api_key="x")`` — see the package docs.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency: float = 0.0,
+                 close_connections: bool = False) -> None:
+        self.host = host
+        self.port = port
+        self.close_connections = close_connections
+        self.state = State(latency)
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> Emulator:
+        if self._server is not None:
+            return self
+        self._server = _Server((self.host, self.port), self.state, self.close_connections)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=f"nbimagine-emulator-{self.port}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> Emulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def serve_forever(self, on_ready: Callable[[Emulator], None] | None = None) -> None:
+        """Start (if needed) and block until KeyboardInterrupt; used by ``python -m nbimagine.emulator``."""
+        self.start()
+        if on_ready is not None:
+            on_ready(self)
+        try:
+            while self._thread is not None and self._thread.is_alive():
+                self._thread.join(0.5)
+        finally:
+            self.stop()
+
+    # -- addresses ----------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return self.url + "/v1"
+
+    @property
+    def azure_endpoint(self) -> str:
+        return self.url
+
+    @property
+    def gemini_base_url(self) -> str:
+        return self.url
+
+    @property
+    def vertex_base_url(self) -> str:
+        return self.url
+
+    # -- observation and control --------------------------------------------------------------------
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        return self.state.requests
+
+    @property
+    def latency(self) -> float:
+        return self.state.latency
+
+    @latency.setter
+    def latency(self, seconds: float) -> None:
+        self.state.latency = float(seconds)
+
+    @property
+    def aborted(self) -> int:
+        return self.state.aborted
+
+    def inject(self, fault: str, *, times: int = 1, status: int | None = None,
+               retry_after: float | None = None, message: str | None = None, family: str | None = None) -> None:
+        """Make the next ``times`` matching requests fail with ``fault``.
+
+        ``family`` ("openai" / "gemini", or the prefix form ``"gemini:http"``) limits the fault to one
+        vendor; by default the next request of any vendor takes it.
+        """
+        self.state.inject(fault, family=family, times=times, status=status, retry_after=retry_after,
+                          message=message)
+
+    def reset(self) -> None:
+        self.state.reset()
+
+    def __repr__(self) -> str:
+        running = "running" if self._server is not None else "stopped"
+        return f"<Emulator {self.url} {running}>"
