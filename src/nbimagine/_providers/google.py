@@ -1,0 +1,453 @@
+"""Gemini Developer API and Vertex AI: images from the IMAGE response modality (``google-genai``).
+
+The SDK is imported inside methods only, so ``import nbimagine`` stays cheap.
+
+History is a list of ``google.genai.types.Content``: the user turns and the model's turns with
+their parts intact (inline images and ``thought_signature`` bytes included), because Gemini 3
+image models reject a follow-up whose earlier image parts lost their signatures. Thought parts
+(interim drafts) are left out of the history unless they carry a signature; the API only checks
+the signatures of the final parts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .._images import sniff_media_type
+from ..config import GeminiConfig, VertexAIConfig, image_config_fields
+from ..errors import (
+    ConfigError,
+    ContentPolicyError,
+    ImagineError,
+    InputError,
+    ProviderError,
+    UnsupportedToolError,
+    register_secret,
+)
+from ..events import BinaryResult, ImageEvent, ImageInput, PartialImageEvent, ReplyEvent, StreamEvent, TextDeltaEvent
+from ._base import Provider, Turn, result
+
+if TYPE_CHECKING:
+    from google.genai import types
+
+__all__ = ["GeminiProvider", "VertexAIProvider"]
+
+# Finish / block reasons that mean "the safety system stopped this": raised as ContentPolicyError.
+SAFETY_REASONS = frozenset({
+    "SAFETY", "IMAGE_SAFETY", "PROHIBITED_CONTENT", "IMAGE_PROHIBITED_CONTENT", "BLOCKLIST", "SPII",
+    "RECITATION", "IMAGE_RECITATION",
+})
+# Gemini's request size limit for inline data (the whole request, history included).
+MAX_INLINE_REQUEST_BYTES = 20 * 1024 * 1024
+_API_KEY_VARS = ("GOOGLE_API_KEY", "GEMINI_API_KEY")  # the SDK's own order: GOOGLE_API_KEY wins
+_FILES_API = re.compile(r"^(?:https://generativelanguage\.googleapis\.com/[^/]+/)?(files/[A-Za-z0-9_\-]+)$")
+_EXT_MEDIA = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+              ".gif": "image/gif", ".heic": "image/heic", ".heif": "image/heif"}
+
+
+def _enum(value: Any) -> str | None:
+    if value is None:
+        return None
+    return str(getattr(value, "value", value))
+
+
+class GeminiProvider(Provider[GeminiConfig]):
+    """``GeminiConfig``: the Gemini Developer API (``generativelanguage.googleapis.com``)."""
+
+    name: ClassVar[str] = "gemini"
+    vertex: ClassVar[bool] = False
+
+    def __init__(self, config: GeminiConfig, tools: Sequence[object]) -> None:
+        super().__init__(config, tools)
+        self._generate_config: Any = None
+        fields = image_config_fields(config.image_config)
+        self._aspect_ratio = fields.get("aspect_ratio")
+        self._image_size = fields.get("image_size")
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def check_tools(self) -> None:
+        for tool in self.tools:
+            raise UnsupportedToolError(
+                f"{type(self.config).__name__} cannot run {type(tool).__name__}: Gemini makes images "
+                "through the IMAGE response modality, not a tool. Drop the tool and set "
+                "response_modalities=['TEXT', 'IMAGE'] on an image model such as gemini-3.1-flash-image."
+            )
+
+    def _api_key(self) -> str | None:
+        if self.config.api_key:
+            return self.config.api_key
+        return next((os.environ[v] for v in _API_KEY_VARS if os.environ.get(v)), None)
+
+    def check_credentials(self) -> None:
+        key = self._api_key()
+        if not key:
+            raise ConfigError(
+                "Gemini needs an API key: set the GEMINI_API_KEY (or GOOGLE_API_KEY) environment variable, "
+                "or pass GeminiConfig(api_key=...). Keys: https://aistudio.google.com/apikey"
+            )
+        register_secret(key)
+
+    def _http_options(self) -> types.HttpOptions:
+        from google.genai import types
+
+        retries = self.config.max_retries
+        retry = types.HttpRetryOptions(attempts=retries + 1) if retries > 0 else None
+        return types.HttpOptions(
+            base_url=self.config.base_url,
+            api_version=self.config.api_version,
+            headers=dict(self.config.headers) if self.config.headers else None,
+            timeout=int(self.config.timeout * 1000),  # HttpOptions.timeout is in milliseconds
+            retry_options=retry,
+        )
+
+    def new_client(self) -> Any:
+        from google import genai
+
+        try:
+            return genai.Client(api_key=self._api_key(), http_options=self._http_options())
+        except ValueError as exc:
+            raise ConfigError(f"Cannot create the Gemini client: {exc}") from None
+
+    def _config(self) -> Any:
+        """The ``GenerateContentConfig`` (built once, before the first request)."""
+        if self._generate_config is None:
+            from google.genai import types
+            from pydantic import ValidationError
+
+            cfg = self.config
+            fields: dict[str, Any] = dict(cfg.extra_config or {})
+            if cfg.response_modalities is not None:
+                fields["response_modalities"] = list(cfg.response_modalities)
+            if cfg.image_config is not None:
+                image_config = cfg.image_config
+                if not isinstance(image_config, types.ImageConfig):
+                    raw = (image_config if isinstance(image_config, dict)
+                           else image_config.model_dump(exclude_none=True))
+                    try:
+                        image_config = types.ImageConfig.model_validate(raw)
+                    except ValidationError as exc:
+                        known = ", ".join(types.ImageConfig.model_fields)
+                        raise ConfigError(
+                            f"image_config is not a valid google.genai ImageConfig ({_first_error(exc)}); "
+                            f"its fields are: {known}"
+                        ) from None
+                fields["image_config"] = image_config
+            if cfg.include_thoughts is not None:
+                thinking = fields.get("thinking_config")
+                thinking = dict(thinking) if isinstance(thinking, dict) else (
+                    thinking.model_dump(exclude_none=True) if thinking is not None else {})
+                thinking["include_thoughts"] = cfg.include_thoughts
+                fields["thinking_config"] = thinking
+            try:
+                self._generate_config = types.GenerateContentConfig.model_validate(fields)
+            except ValidationError as exc:
+                raise ConfigError(f"Invalid Gemini generation config: {_first_error(exc)}") from None
+        return self._generate_config
+
+    # --- request -------------------------------------------------------------------------------
+
+    def _part_for(self, item: str | ImageInput) -> Any:
+        from google.genai import types
+
+        if isinstance(item, str):
+            return types.Part(text=item)
+        if item.data is not None:
+            return types.Part(inline_data=types.Blob(data=item.data, mime_type=item.media_type))
+        uri = item.url or item.file_id or ""
+        if item.file_id is not None:
+            match = _FILES_API.match(uri)
+            if match and not self.vertex:
+                uri = f"https://generativelanguage.googleapis.com/v1beta/{match[1]}"
+            elif not uri.startswith("gs://") and not match:
+                where = ("a gs:// URI" if self.vertex
+                         else "a Files API name such as 'files/abc123' or a gs:// URI")
+                raise InputError(
+                    f"ImageInput(file_id={uri!r}) is not a Gemini file: use {where}, or pass the image as "
+                    "ImageInput(path=...) / ImageInput(data=...)"
+                )
+        elif not (uri.startswith("gs://") or _FILES_API.match(uri)):
+            raise InputError(
+                f"Gemini cannot fetch images from arbitrary URLs ({uri[:80]!r}). Download it and pass "
+                "ImageInput(path=...) or ImageInput(data=...), or upload it with the Files API "
+                "(client.files.upload) and pass ImageInput(file_id='files/...'); "
+                "on Vertex AI a gs:// URI works too."
+            )
+        media_type = item.media_type or _EXT_MEDIA.get(os.path.splitext(uri.split("?")[0])[1].lower())
+        return types.Part(file_data=types.FileData(file_uri=uri, mime_type=media_type))
+
+    def _contents(self, turn: Turn) -> tuple[list[Any], Any]:
+        from google.genai import types
+
+        history = list(turn.history or [])
+        user = types.Content(role="user", parts=[self._part_for(item) for item in turn.inputs])
+        contents = [*history, user]
+        inline = sum(
+            len(part.inline_data.data or b"")
+            for content in contents for part in (content.parts or []) if part.inline_data is not None
+        )
+        encoded = inline * 4 // 3  # inline data travels as base64
+        if encoded > MAX_INLINE_REQUEST_BYTES:
+            raise InputError(
+                f"The images in this request come to {encoded / 2**20:.1f} MB as base64 (history included); "
+                f"Gemini accepts at most {MAX_INLINE_REQUEST_BYTES // 2**20} MB of inline data per request. "
+                "Send smaller images, start a new conversation, or upload with the Files API and pass "
+                "ImageInput(file_id='files/...')."
+            )
+        return contents, user
+
+    # --- response ------------------------------------------------------------------------------
+
+    def _image(self, part: Any, *, model: str, response_id: str | None, finish_reason: str | None,
+               index: int, thought: bool = False) -> BinaryResult | None:
+        blob = part.inline_data
+        data = blob.data if blob is not None else None
+        if not data:
+            return None
+        declared = blob.mime_type
+        if sniff_media_type(data) is None:
+            if declared and not declared.startswith("image/"):
+                return None  # audio or another non-image payload
+            raise ProviderError(
+                f"Gemini returned image data ({declared or 'no media type'}, {len(data)} bytes) "
+                "that is not a PNG, JPEG, WebP or GIF image",
+                provider=self.name, code="undecodable_image", request_id=response_id,
+            )
+        return result(
+            data,
+            provider=self.name,
+            model=model,
+            finish_reason=finish_reason,
+            response_id=response_id,
+            aspect_ratio=self._aspect_ratio,
+            image_size=self._image_size,
+            declared_media_type=declared,
+            index=index,
+            thought=True if thought else None,
+        )
+
+    def _policy_error(self, reason: str, message: str | None, files: list[BinaryResult],
+                      response_id: str | None, *, prompt: bool) -> ContentPolicyError:
+        what = "the prompt" if prompt else "the answer"
+        detail = f": {message}" if message else ""
+        return ContentPolicyError(
+            f"Gemini's safety system blocked {what} ({reason}){detail}. Rephrase the request; "
+            "nothing was returned for it.",
+            reason=reason, provider=self.name, code=reason, request_id=response_id, files=files,
+        )
+
+    async def run(self, turn: Turn) -> AsyncIterator[StreamEvent]:
+        contents, user = self._contents(turn)
+        config = self._config()
+        if turn.instructions:
+            config = config.model_copy(update={"system_instruction": turn.instructions})
+        state = _Collected(self.config.model)
+        holder = self.client()
+        try:
+            if turn.stream:
+                stream = await holder.aio.models.generate_content_stream(
+                    model=self.config.model, contents=contents, config=config
+                )
+                async for chunk in stream:
+                    for event in self._absorb(chunk, state, streaming=True):
+                        yield event
+            else:
+                response = await holder.aio.models.generate_content(
+                    model=self.config.model, contents=contents, config=config
+                )
+                for _ in self._absorb(response, state, streaming=False):
+                    pass
+        except ImagineError:
+            raise
+        except Exception as exc:  # every SDK/transport failure: typed
+            raise self._map_error(exc, state) from exc
+
+        if state.block_reason:
+            raise self._policy_error(state.block_reason, state.block_message, state.final_files(self),
+                                     state.response_id, prompt=True)
+        if state.finish_reason in SAFETY_REASONS:
+            raise self._policy_error(state.finish_reason, state.finish_message, state.final_files(self),
+                                     state.response_id, prompt=False)
+        files = state.final_files(self)
+        for image in files:
+            yield ImageEvent(image)
+        from google.genai import types
+
+        history = [*(turn.history or []), user]
+        if state.kept_parts:
+            history.append(types.Content(role="model", parts=state.kept_parts))
+        from .._agent import Reply
+
+        yield ReplyEvent(Reply(
+            body="".join(state.text),
+            files=files,
+            usage=state.usage,
+            finish_reason=state.finish_reason,
+            response_id=state.response_id,
+            provider=self.name,
+            model=state.model,
+            history=history,
+        ))
+
+    def _absorb(self, response: Any, state: _Collected, *, streaming: bool) -> list[StreamEvent]:
+        """Fold one response (or stream chunk) into ``state``; return the live events it gives."""
+        events: list[StreamEvent] = []
+        state.response_id = response.response_id or state.response_id
+        state.model = response.model_version or state.model
+        if response.usage_metadata is not None:
+            state.usage = response.usage_metadata.model_dump(mode="json", exclude_none=True)
+        feedback = response.prompt_feedback
+        if feedback is not None and feedback.block_reason is not None:
+            state.block_reason = _enum(feedback.block_reason)
+            state.block_message = feedback.block_reason_message
+        for candidate in (response.candidates or [])[:1]:
+            if candidate.finish_reason is not None:
+                state.finish_reason = _enum(candidate.finish_reason)
+                state.finish_message = candidate.finish_message
+            parts = candidate.content.parts if candidate.content is not None else None
+            for part in parts or []:
+                if part.thought:
+                    if part.thought_signature:
+                        state.kept_parts.append(part)
+                    if part.inline_data is not None and streaming:
+                        draft = self._image(part, model=state.model, response_id=state.response_id,
+                                            finish_reason=None, index=state.partials, thought=True)
+                        if draft is not None:
+                            events.append(PartialImageEvent(state.partials, draft))
+                            state.partials += 1
+                    continue
+                if part.inline_data is not None:
+                    state.kept_parts.append(part)
+                    state.images.append(part)
+                elif part.text is not None:
+                    if part.text or part.thought_signature:
+                        state.kept_parts.append(part)
+                    if part.text:
+                        state.text.append(part.text)
+                        if streaming:
+                            events.append(TextDeltaEvent(part.text))
+                else:
+                    state.kept_parts.append(part)
+        return events
+
+    def _map_error(self, exc: Exception, state: _Collected) -> ImagineError:
+        from google.genai import errors
+
+        files = state.safe_files(self)
+        if isinstance(exc, errors.APIError):
+            hint = ""
+            if exc.code in (401, 403):
+                hint = " Check the API key / credentials and that the API is enabled for the project."
+            elif exc.code == 429:
+                hint = " Rate limit or quota: wait and retry, or raise max_retries."
+            return ProviderError(
+                f"{exc.message or exc.status or 'request failed'}{hint}",
+                provider=self.name, status=exc.code, code=exc.status, files=files,
+                request_id=state.response_id,
+            )
+        name = type(exc).__name__
+        if name in ("DefaultCredentialsError", "RefreshError", "TransportError") and "google.auth" in type(
+                exc).__module__:
+            return ConfigError(
+                f"Vertex AI credentials are not usable ({exc}). Pass VertexAIConfig(credentials=...), run "
+                "'gcloud auth application-default login', or use express mode with "
+                "VertexAIConfig(api_key=...)."
+            )
+        if isinstance(exc, ValueError) and "only supported in" in str(exc):
+            return ConfigError(f"{exc} Use VertexAIConfig for this field.")
+        return ProviderError(
+            f"The Gemini request failed before a complete answer arrived ({name}: {exc})",
+            provider=self.name, code=name, files=files, request_id=state.response_id,
+        )
+
+
+class VertexAIProvider(GeminiProvider):
+    """``VertexAIConfig``: Gemini on Vertex AI (project + location + credentials, or express mode)."""
+
+    name: ClassVar[str] = "vertex"
+    vertex: ClassVar[bool] = True
+    config: VertexAIConfig
+
+    def _mode(self) -> tuple[str | None, str | None, str | None]:
+        """(api_key, project, location): express mode has only a key; project mode has no key."""
+        cfg = self.config
+        if cfg.api_key:
+            return cfg.api_key, None, None
+        project = cfg.project or os.environ.get("GOOGLE_CLOUD_PROJECT")
+        if project:
+            return None, project, cfg.location or os.environ.get("GOOGLE_CLOUD_LOCATION") or "global"
+        if cfg.credentials is None:
+            key = next((os.environ[v] for v in _API_KEY_VARS if os.environ.get(v)), None)
+            if key:
+                return key, None, None
+        return None, None, None
+
+    def check_credentials(self) -> None:
+        key, project, _ = self._mode()
+        if not key and not project:
+            raise ConfigError(
+                "Vertex AI needs a project: set GOOGLE_CLOUD_PROJECT (and GOOGLE_CLOUD_LOCATION, "
+                "default 'global') or pass VertexAIConfig(project=..., location=...) with credentials= "
+                "(or Application Default Credentials from 'gcloud auth application-default login');"
+                " for express mode pass "
+                "VertexAIConfig(api_key=...) or set GOOGLE_API_KEY."
+            )
+        register_secret(key)
+
+    def new_client(self) -> Any:
+        from google import genai
+
+        key, project, location = self._mode()
+        try:
+            if key:
+                return genai.Client(vertexai=True, api_key=key, http_options=self._http_options())
+            return genai.Client(vertexai=True, project=project, location=location,
+                                credentials=self.config.credentials, http_options=self._http_options())
+        except ValueError as exc:
+            raise ConfigError(f"Cannot create the Vertex AI client: {exc}") from None
+        except Exception as exc:  # google.auth errors while looking for credentials
+            raise self._map_error(exc, _Collected(self.config.model)) from None
+
+
+class _Collected:
+    """What a response (or all chunks of a stream) said so far."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.response_id: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.finish_reason: str | None = None
+        self.finish_message: str | None = None
+        self.block_reason: str | None = None
+        self.block_message: str | None = None
+        self.text: list[str] = []
+        self.images: list[Any] = []
+        self.kept_parts: list[Any] = []
+        self.partials = 0
+
+    def final_files(self, provider: GeminiProvider) -> list[BinaryResult]:
+        files = []
+        for part in self.images:
+            image = provider._image(part, model=self.model, response_id=self.response_id,
+                                    finish_reason=self.finish_reason, index=len(files))
+            if image is not None:
+                files.append(image)
+        return files
+
+    def safe_files(self, provider: GeminiProvider) -> list[BinaryResult]:
+        try:
+            return self.final_files(provider)
+        except ProviderError:
+            return []
+
+
+def _first_error(exc: Any) -> str:
+    try:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        return f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
+    except Exception:
+        return str(exc).splitlines()[0]

@@ -1,0 +1,503 @@
+"""Gemini Developer API and Vertex AI ``generateContent`` / ``streamGenerateContent?alt=sse``.
+
+Wire format as the real API (see ``WIRE.md`` section 3): camelCase answers, status exactly 200 on
+success, strict SSE framing (only ``data: `` lines and blank lines), errors in Google's
+``{"error": {code, message, status, details}}`` envelope. Requests are read in either key casing
+(``mimeType``/``mime_type`` ...) and either base64 alphabet.
+
+Behaviour:
+
+* ``generationConfig.responseModalities`` (default TEXT + IMAGE): IMAGE draws an image, TEXT adds text.
+* ``imageConfig.aspectRatio`` / ``imageSize``: real pixel sizes per ratio and tier (Gemini 3 tables
+  for models named ``gemini-3*``, Gemini 2.5 Flash Image otherwise). Vertex ``imageOutputOptions``
+  (mime type, compression quality) is honoured; on the Developer API it is a 400 as on the real one.
+* Default format: JPEG for ``gemini-3*`` models, PNG otherwise.
+* ``thinkingConfig.includeThoughts``: a thought text part and a thought image (a draft) come first.
+* Gemini 3 models sign the first text part and every image part (``thoughtSignature``, an HMAC of the
+  part's content); a follow-up whose model turn has an image part without its signature, or with a
+  wrong one, is rejected with 400 INVALID_ARGUMENT like the real API.
+* Edits: an inline image in the last user turn (else the latest model image in the history) is the
+  base of the drawing.
+* Faults (``emu.inject(name)`` or ``[fault:name]`` in the prompt): ``http`` (``status=``; 429 carries
+  RetryInfo), ``image_safety``, ``prompt_blocked`` (``message=`` a block reason, default
+  PROHIBITED_CONTENT; also ``prompt_blocked-SAFETY``), ``no_image``, ``text_only``,
+  ``finish-REASON`` / ``finish:REASON`` (any finish reason), ``broken_stream``, ``undecodable``,
+  ``stream_error`` (an error object mid-stream); ``[error:NNN]`` is ``http`` with that status.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from .._images import image_size, sniff_media_type
+from ._server import Answer, Fault, Request, State
+
+__all__ = ["handle"]
+
+_PATH = re.compile(
+    r"^(?P<prefix>/.*)?/(?P<version>v1|v1beta|v1beta1|v1alpha)/"
+    r"(?:projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/)?"
+    r"(?:publishers/(?P<publisher>[^/]+)/)?models/(?P<model>[^/:]+):(?P<method>generateContent|streamGenerateContent)$"
+)
+
+STATUS_NAMES = {
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED", 409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL",
+    501: "NOT_IMPLEMENTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+}
+_MESSAGES = {
+    400: "Request contains an invalid argument.",
+    401: "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other "
+         "valid authentication credential.",
+    403: "The caller does not have permission",
+    404: "models/unknown is not found for API version v1beta, or is not supported for generateContent.",
+    429: "You exceeded your current quota, please check your plan and billing details.",
+    500: "An internal error has occurred. Please retry or report in "
+         "https://developers.generativeai.google/guide/troubleshooting",
+    503: "The model is overloaded. Please try again later.",
+    504: "The request timed out. Please try again.",
+}
+
+ASPECT_RATIOS_3 = {  # Gemini 3 image models, 1K tier (2K and 4K are 2x and 4x)
+    "1:1": (1024, 1024), "2:3": (848, 1264), "3:2": (1264, 848), "3:4": (896, 1200), "4:3": (1200, 896),
+    "4:5": (928, 1152), "5:4": (1152, 928), "9:16": (768, 1376), "16:9": (1376, 768), "21:9": (1584, 672),
+    "1:4": (512, 2064), "4:1": (2064, 512), "1:8": (352, 2928), "8:1": (2928, 352),
+}
+ASPECT_RATIOS_25 = {  # Gemini 2.5 Flash Image (1K only)
+    "1:1": (1024, 1024), "2:3": (832, 1248), "3:2": (1248, 832), "3:4": (864, 1184), "4:3": (1184, 864),
+    "4:5": (896, 1152), "5:4": (1152, 896), "9:16": (768, 1344), "16:9": (1344, 768), "21:9": (1536, 672),
+}
+SIZE_TIERS = {"512": 0.5, "1K": 1, "2K": 2, "4K": 4}
+_ONLY_31 = {"1:4", "4:1", "1:8", "8:1"}
+_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
+_SAFETY_FAULTS = {
+    "image_safety": "IMAGE_SAFETY", "safety": "SAFETY", "prohibited_content": "PROHIBITED_CONTENT",
+    "image_prohibited_content": "IMAGE_PROHIBITED_CONTENT", "blocklist": "BLOCKLIST", "spii": "SPII",
+    "recitation": "RECITATION", "image_recitation": "IMAGE_RECITATION",
+}
+_FINISH_MESSAGES = {
+    "IMAGE_SAFETY": "Unable to show the generated image. The image was filtered out because it violated "
+                    "Google's Generative AI Prohibited Use policy. You will not be charged for blocked images.",
+    "NO_IMAGE": "Unable to generate an image for this request. Try rephrasing it.",
+}
+_IMAGE_TOKENS_3 = {"512": 560, "1K": 1120, "2K": 1120, "4K": 2000}
+
+
+class _Invalid(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# --- entry point --------------------------------------------------------------------------------------
+
+
+def handle(request: Request, state: State) -> Answer:
+    match = _PATH.match(request.path.rstrip("/"))
+    if match is None or request.method != "POST":
+        return error(404, f"The emulator has no Gemini route {request.method} {request.path}")
+    vertex = match["version"] == "v1beta1" or bool(match["project"] or match["publisher"])
+    streaming = match["method"] == "streamGenerateContent"
+    model = match["model"]
+
+    auth = request.headers.get("x-goog-api-key") or _bearer(request.headers.get("authorization", ""))
+    if not auth:
+        if vertex:
+            return error(401, _MESSAGES[401])
+        return error(403, "Method doesn't allow unregistered callers (callers without established identity). "
+                          "Please use API Key or other form of API consumer identity to call this API.")
+    try:
+        turn = _parse(request.json, model=model, vertex=vertex)
+    except _Invalid as exc:
+        return error(exc.status, exc.message)
+
+    fault = state.fault("gemini", turn.prompt)
+    if fault is not None and fault.name == "http":
+        return _http_fault(fault)
+    try:
+        _check_signatures(turn, state, model)
+    except _Invalid as exc:
+        return error(exc.status, exc.message)
+
+    response_id = _response_id(request, state)
+    chunks = _answer(turn, state, model=model, vertex=vertex, fault=fault, response_id=response_id)
+    broken = fault is not None and fault.name == "broken_stream"
+    if streaming:
+        if request.query.get("alt") != "sse":
+            # Without alt=sse the real API streams a JSON array; the SDK always asks for SSE.
+            return Answer(json=list(chunks))
+        frames = _sse(chunks, stream_error=fault is not None and fault.name == "stream_error")
+        return Answer(sse=frames, break_after=1 if broken else None,
+                      headers={"content-type": "text/event-stream"})
+    return Answer(json=_merge(chunks), break_after=0 if broken else None)
+
+
+def error(status: int, message: str, details: list[Any] | None = None,
+          headers: dict[str, str] | None = None) -> Answer:
+    body = {"error": {"code": status, "message": message, "status": STATUS_NAMES.get(status, "UNKNOWN")}}
+    if details:
+        body["error"]["details"] = details
+    return Answer(status, headers=headers or {}, json=body)
+
+
+def _bearer(value: str) -> str:
+    return value[7:].strip() if value.lower().startswith("bearer ") else ""
+
+
+def _http_fault(fault: Fault) -> Answer:
+    status = fault.status or 500
+    message = fault.message or _MESSAGES.get(status, f"HTTP {status} from the emulator")
+    details: list[Any] = []
+    headers: dict[str, str] = {}
+    if status == 429:
+        delay = fault.retry_after if fault.retry_after is not None else 0.0
+        details = [
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+             "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_requests",
+                             "quotaId": "GenerateRequestsPerMinutePerProjectPerModel"}]},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{delay:g}s"},
+        ]
+        headers["retry-after"] = f"{delay:g}"
+    elif fault.retry_after is not None:
+        headers["retry-after"] = f"{fault.retry_after:g}"
+    return error(status, message, details, headers)
+
+
+# --- request parsing ----------------------------------------------------------------------------------
+
+
+def _get(obj: Any, camel: str, default: Any = None) -> Any:
+    """``obj[camel]`` or ``obj[snake_case]`` (Google's JSON parser accepts both)."""
+    if not isinstance(obj, dict):
+        return default
+    if camel in obj:
+        return obj[camel]
+    snake = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel)
+    return obj.get(snake, default)
+
+
+def b64decode_any(text: Any) -> bytes:
+    """Decode base64 in either alphabet, padded or not; ``binascii.Error`` when it is not base64."""
+    if not isinstance(text, str):
+        raise binascii.Error("not a string")
+    text = text.strip().replace("+", "-").replace("/", "_")
+    if not re.fullmatch(r"[A-Za-z0-9_\-]*=*", text):
+        raise binascii.Error("invalid characters")
+    text += "=" * (-len(text) % 4)
+    return base64.urlsafe_b64decode(text)
+
+
+class _Turn:
+    """The parts of a request the emulator acts on."""
+
+    def __init__(self) -> None:
+        # Model-turn parts as (content index, part index, part, image bytes or None, signature or None).
+        self.model_parts: list[tuple[int, int, dict[str, Any], bytes | None, bytes | None]] = []
+        self.prompt = ""
+        self.modalities: list[str] = ["TEXT", "IMAGE"]
+        self.aspect_ratio: str | None = None
+        self.image_size: str = "1K"
+        self.mime_type: str | None = None
+        self.quality: int | None = None
+        self.thoughts = False
+        self.base: bytes | None = None  # image to edit
+        self.input_images = 0
+
+
+def _parse(body: Any, *, model: str, vertex: bool) -> _Turn:
+    if not isinstance(body, dict):
+        raise _Invalid(400, "Invalid JSON payload received. Expected a JSON object.")
+    turn = _Turn()
+    contents = _get(body, "contents")
+    if not isinstance(contents, list) or not contents:
+        raise _Invalid(400, "* GenerateContentRequest.contents: contents is not specified")
+    last_user_images: list[bytes] = []
+    history_image: bytes | None = None
+    for ci, content in enumerate(contents):
+        if not isinstance(content, dict):
+            raise _Invalid(400, f"Invalid value at 'contents[{ci}]': expected an object")
+        role = content.get("role", "user")
+        if role not in ("user", "model"):
+            raise _Invalid(400, f"Please use a valid role: user, model. (contents[{ci}].role = {role!r})")
+        parts = content.get("parts")
+        if not isinstance(parts, list) or not parts:
+            raise _Invalid(400, f"* GenerateContentRequest.contents[{ci}].parts: contents.parts must not be empty.")
+        texts, images = [], []
+        for pi, part in enumerate(parts):
+            data: bytes | None = None
+            sig: bytes | None = None
+            if not isinstance(part, dict):
+                raise _Invalid(400, f"Invalid value at 'contents[{ci}].parts[{pi}]': expected an object")
+            where = f"contents[{ci}].parts[{pi}]"
+            blob = _get(part, "inlineData")
+            if blob is not None:
+                mime = _get(blob, "mimeType")
+                if not mime:
+                    raise _Invalid(400, f"* GenerateContentRequest.{where}.inline_data.mime_type: "
+                                        "required field is not set")
+                try:
+                    data = b64decode_any(_get(blob, "data"))
+                except (binascii.Error, ValueError):
+                    raise _Invalid(400, f"Invalid value at '{where}.inline_data.data' (TYPE_BYTES), "
+                                        "Base64 decoding failed") from None
+                if mime.startswith("image/") and sniff_media_type(data) is None:
+                    raise _Invalid(400, "Unable to process input image. Please retry or report in "
+                                        "https://developers.generativeai.google/guide/troubleshooting")
+                if not part.get("thought"):
+                    images.append(data)
+            file_data = _get(part, "fileData")
+            if file_data is not None and not _get(file_data, "fileUri"):
+                raise _Invalid(400, f"* GenerateContentRequest.{where}.file_data.file_uri: required field is not set")
+            signature = _get(part, "thoughtSignature")
+            if signature is not None:
+                try:
+                    sig = b64decode_any(signature)
+                except (binascii.Error, ValueError):
+                    raise _Invalid(400, f"Invalid value at '{where}.thought_signature' (TYPE_BYTES), "
+                                        "Base64 decoding failed") from None
+            text = part.get("text")
+            if isinstance(text, str) and not part.get("thought"):
+                texts.append(text)
+            if role == "model":
+                turn.model_parts.append((ci, pi, part, data, sig))
+        if role == "user":
+            turn.prompt = " ".join(t for t in texts if t)
+            last_user_images = images
+            turn.input_images = len(images)
+        elif images:
+            history_image = images[-1]
+    turn.base = last_user_images[0] if last_user_images else history_image
+
+    config = _get(body, "generationConfig") or {}
+    modalities = _get(config, "responseModalities")
+    if modalities is not None:
+        if not isinstance(modalities, list) or not modalities:
+            raise _Invalid(400, "Invalid value at 'generation_config.response_modalities': expected a list")
+        for value in modalities:
+            if value not in ("TEXT", "IMAGE", "AUDIO"):
+                raise _Invalid(400, f"Invalid value at 'generation_config.response_modalities[0]' "
+                                    f"(type.googleapis.com/google.ai.generativelanguage.v1beta.GenerationConfig."
+                                    f"Modality), \"{value}\"")
+        if "AUDIO" in modalities:
+            raise _Invalid(400, "Model does not support the requested response modalities: AUDIO")
+        turn.modalities = list(modalities)
+    thinking = _get(config, "thinkingConfig") or {}
+    turn.thoughts = bool(_get(thinking, "includeThoughts"))
+
+    image_config = _get(config, "imageConfig") or {}
+    ratio = _get(image_config, "aspectRatio")
+    if ratio is not None:
+        table = ASPECT_RATIOS_3 if "gemini-3" in model else ASPECT_RATIOS_25
+        if ratio not in table or (ratio in _ONLY_31 and "3.1" not in model):
+            raise _Invalid(400, f"Unsupported aspect ratio {ratio!r} for model {model}. Supported: "
+                                f"{', '.join(r for r in table if r not in _ONLY_31 or '3.1' in model)}.")
+        turn.aspect_ratio = ratio
+    size = _get(image_config, "imageSize")
+    if size is not None:
+        if size not in SIZE_TIERS:
+            raise _Invalid(400, f"Unsupported image size {size!r}. Supported: 1K, 2K, 4K "
+                                "(and 512 on Gemini 3.1 Flash Image).")
+        turn.image_size = size
+    for vertex_only in ("personGeneration", "prominentPeople", "imageOutputOptions"):
+        if _get(image_config, vertex_only) is not None and not vertex:
+            snake = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), vertex_only)
+            raise _Invalid(400, f"Invalid JSON payload received. Unknown name \"{vertex_only}\" at "
+                                f"'generation_config.image_config': Cannot find field. ({snake} is Vertex AI only)")
+    options = _get(image_config, "imageOutputOptions") or {}
+    mime = _get(options, "mimeType")
+    if mime is not None:
+        if mime not in _FORMATS:
+            raise _Invalid(400, f"Unsupported output mime type {mime!r}. Supported: {', '.join(_FORMATS)}.")
+        turn.mime_type = mime
+    quality = _get(options, "compressionQuality")
+    if quality is not None:
+        if not isinstance(quality, int) or not 0 <= quality <= 100:
+            raise _Invalid(400, "compression_quality must be between 0 and 100.")
+        turn.quality = quality
+    return turn
+
+
+# --- thought signatures -------------------------------------------------------------------------------
+
+
+def signature(state: State, kind: str, content: bytes) -> bytes:
+    """The signature the emulator puts on a part: an HMAC of the part's content."""
+    return b"emu-sig\x00" + hmac.new(state.secret, kind.encode() + b"\x00" + content, hashlib.sha256).digest()
+
+
+def _check_signatures(turn: _Turn, state: State, model: str) -> None:
+    if "gemini-3" not in model:
+        return
+    for ci, pi, part, data, given in turn.model_parts:
+        if part.get("thought"):
+            continue
+        if data is not None:
+            if given is None:
+                raise _Invalid(400, f"Image part is missing a thought_signature in content position {ci + 1}, "
+                                    f"part position {pi + 1}. Please refer to "
+                                    "https://ai.google.dev/gemini-api/docs/thought-signatures for more details.")
+            expected = signature(state, "image", data)
+        elif isinstance(part.get("text"), str) and given is not None:
+            expected = signature(state, "text", part["text"].encode())
+        else:
+            continue
+        if not hmac.compare_digest(given, expected):
+            raise _Invalid(400, f"Corrupted thought signature in content position {ci + 1}, part position {pi + 1}.")
+
+
+# --- answer -------------------------------------------------------------------------------------------
+
+
+def _response_id(request: Request, state: State) -> str:
+    digest = hashlib.sha256(state.secret + request.request_id.encode()).digest()
+    return base64.urlsafe_b64encode(digest[:15]).decode()
+
+
+def _pixels(turn: _Turn, model: str) -> tuple[int, int]:
+    gemini3 = "gemini-3" in model
+    table = ASPECT_RATIOS_3 if gemini3 else ASPECT_RATIOS_25
+    ratio = turn.aspect_ratio
+    if ratio is None and turn.base is not None:  # edits keep the input's shape, as the real models do
+        size = image_size(turn.base)
+        if size:
+            target = size[0] / size[1]
+            ratio = min(table, key=lambda r: abs(table[r][0] / table[r][1] - target))
+    width, height = table[ratio or "1:1"]
+    scale = SIZE_TIERS[turn.image_size]
+    return int(width * scale), int(height * scale)
+
+
+def _answer(turn: _Turn, state: State, *, model: str, vertex: bool, fault: Fault | None,
+            response_id: str) -> Iterator[dict[str, Any]]:
+    """The answer as the chunks a stream would carry (a JSON answer merges them)."""
+    gemini3 = "gemini-3" in model
+    name = fault.name if fault is not None else ""
+    prompt_tokens = max(1, len(turn.prompt.split())) + 258 * turn.input_images
+    usage: dict[str, Any] = {"promptTokenCount": prompt_tokens,
+                             "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt_tokens}]}
+    common: dict[str, Any] = {"modelVersion": model, "responseId": response_id}
+    if vertex:
+        common["createTime"] = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+
+    def chunk(parts: list[dict[str, Any]] | None, finish: str | None = None, message: str | None = None,
+              candidates_tokens: int = 0, thoughts_tokens: int = 0,
+              details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        candidate: dict[str, Any] = {"content": {"parts": parts, "role": "model"} if parts else {}, "index": 0}
+        if finish:
+            candidate["finishReason"] = finish
+        if message:
+            candidate["finishMessage"] = message
+        meta = dict(usage)
+        if finish:
+            meta["candidatesTokenCount"] = candidates_tokens
+            meta["totalTokenCount"] = prompt_tokens + candidates_tokens + thoughts_tokens
+            if thoughts_tokens:
+                meta["thoughtsTokenCount"] = thoughts_tokens
+            if details:
+                meta["candidatesTokensDetails"] = details
+            if vertex:
+                meta["trafficType"] = "ON_DEMAND"
+        else:
+            meta["totalTokenCount"] = prompt_tokens
+        return {"candidates": [candidate], "usageMetadata": meta, **common}
+
+    # Prompt-level block: no candidates at all.
+    blocked = re.fullmatch(r"prompt_blocked(?:[-_:]([A-Z_]+))?", name)
+    if blocked:
+        reason = blocked[1] or (fault.message if fault and fault.message else "PROHIBITED_CONTENT")
+        yield {"promptFeedback": {"blockReason": reason}, "usageMetadata": {**usage, "totalTokenCount": prompt_tokens},
+               **common}
+        return
+
+    want_image = "IMAGE" in turn.modalities and name not in ("text_only", "no_image")
+    want_text = "TEXT" in turn.modalities or name == "text_only"
+    finish = "STOP"
+    finish_match = re.fullmatch(r"finish[-_:]([A-Z_]+)", name)
+    if finish_match:
+        finish = finish_match[1]
+    elif name in _SAFETY_FAULTS:
+        finish = _SAFETY_FAULTS[name]
+    elif name == "no_image":
+        finish = "NO_IMAGE"
+    if finish != "STOP" and finish not in ("MAX_TOKENS",):
+        want_image = False  # a blocked / failed candidate carries no final image
+        if finish in ("NO_IMAGE",) or finish in _SAFETY_FAULTS.values():
+            want_text = False
+    width, height = _pixels(turn, model)
+    fmt = _FORMATS.get(turn.mime_type or "", "jpeg" if gemini3 else "png")
+    mime = f"image/{fmt}"
+    thoughts_tokens = 0
+
+    if turn.thoughts:
+        thoughts_tokens = 180
+        yield chunk([{"text": f"**Planning the image**\n\nI will draw: {turn.prompt[:200]}", "thought": True}])
+        if "IMAGE" in turn.modalities:
+            draft = state.draw(turn.prompt, width, height, fmt=fmt, base=turn.base, stage=0.5, quality=turn.quality)
+            yield chunk([{"inlineData": {"mimeType": mime, "data": _b64(draft)}, "thought": True}])
+
+    text_tokens = 0
+    if want_text:
+        if want_image:
+            text = f"Here is the image you asked for: {turn.prompt[:200]}" if turn.base is None else \
+                f"Here is the edited image: {turn.prompt[:200]}"
+        elif name == "text_only" or "IMAGE" not in turn.modalities:
+            text = f"(text only) You asked: {turn.prompt[:200]}"
+        else:
+            text = ""
+        if text:
+            text_tokens = len(text.split())
+            part: dict[str, Any] = {"text": text}
+            if gemini3:
+                part["thoughtSignature"] = _b64(signature(state, "text", text.encode()))
+            yield chunk([part])
+    image_tokens = 0
+    if want_image:
+        if name == "undecodable":
+            data = b"this is not an image, it only claims to be one" * 4
+        else:
+            data = state.draw(turn.prompt, width, height, fmt=fmt, base=turn.base, quality=turn.quality)
+        image_tokens = _IMAGE_TOKENS_3[turn.image_size] if gemini3 else 1290
+        part = {"inlineData": {"mimeType": mime, "data": _b64(data)}}
+        if gemini3:
+            part["thoughtSignature"] = _b64(signature(state, "image", data))
+        yield chunk([part])
+    details = [{"modality": m, "tokenCount": n} for m, n in (("TEXT", text_tokens), ("IMAGE", image_tokens)) if n]
+    last_parts = [{"text": ""}] if finish == "STOP" and (want_text or want_image) else None
+    yield chunk(last_parts, finish, _FINISH_MESSAGES.get(finish), text_tokens + image_tokens, thoughts_tokens,
+                details)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _merge(chunks: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    """One JSON answer from the stream chunks: parts concatenated, the last chunk's metadata kept."""
+    merged: dict[str, Any] = {}
+    parts: list[dict[str, Any]] = []
+    for item in chunks:
+        for candidate in item.get("candidates", []):
+            parts.extend(p for p in candidate.get("content", {}).get("parts", []) if p != {"text": ""})
+        merged.update(item)
+    for candidate in merged.get("candidates", []):
+        candidate["content"] = {"parts": parts, "role": "model"} if parts else {}
+    return merged
+
+
+def _sse(chunks: Iterator[dict[str, Any]], *, stream_error: bool) -> Iterator[bytes]:
+    for i, item in enumerate(chunks):
+        if stream_error and i == 1:
+            item = {"error": {"code": 500, "message": "An internal error has occurred mid-stream.",
+                              "status": "INTERNAL"}}
+            yield b"data: " + json.dumps(item, separators=(",", ":")).encode() + b"\r\n\r\n"
+            return
+        yield b"data: " + json.dumps(item, separators=(",", ":")).encode() + b"\r\n\r\n"
