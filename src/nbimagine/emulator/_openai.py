@@ -78,7 +78,7 @@ def _http_fault(fault: Fault) -> Answer:
     message = fault.message or _ERROR_MESSAGES.get(status, "The server had an error while processing your "
                                                            "request (emulated).")
     type_ = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return _error(status, message, type_=type_, code=_ERROR_CODES.get(status))
+    return _error(status, message, type_=type_, code=_ERROR_CODES.get(status), headers=headers)
 
 
 # -- reading the request -------------------------------------------------------------------------------
