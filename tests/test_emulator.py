@@ -20,8 +20,7 @@ from openai import AsyncOpenAI, AzureOpenAI, OpenAI
 from PIL import Image
 
 from nbimagine._images import image_size, sniff_media_type
-from nbimagine.emulator import Emulator
-from nbimagine.emulator import _draw
+from nbimagine.emulator import Emulator, _draw
 
 SMALL = {"type": "image_generation", "size": "256x256"}
 STREAM_ORDER_ONE_IMAGE = [
