@@ -1,0 +1,653 @@
+"""``%%imagine`` and ``%imagine``: image generation as a notebook cell.
+
+Loading must stay cheap (``%load_ext nbimagine`` adds well under 100 ms): this module imports
+IPython pieces that are already loaded, traitlets and the plain config classes. The SDKs, Pillow,
+the history and the generation runner load on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shlex
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class, output_can_be_silenced
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, Int, List, TraitError, Unicode, dlink, observe, validate
+
+from ._session import ImagineSession, get_session
+from .errors import ConfigError, ImagineError, InputError
+
+if TYPE_CHECKING:
+    from ._generate import Generation
+    from ._history import History, HistoryEntry
+    from .events import BinaryResult
+
+__all__ = ["ImagineMagics", "interpolate", "load_ipython_extension", "unload_ipython_extension"]
+
+SUBCOMMANDS = ("use", "history", "show", "lineage", "export", "providers", "emulator", "panel", "studio")
+# argparse dest -> session option name
+_OPTION_DESTS = {
+    "provider": "provider", "model": "model", "size": "size", "quality": "quality", "background": "background",
+    "format": "output_format", "compression": "output_compression", "partial": "partial_images",
+    "moderation": "moderation", "fidelity": "input_fidelity", "aspect": "aspect_ratio", "image_size": "image_size",
+}
+_SESSION_TRAITS = ("provider", "model", "size", "quality", "background", "output_format", "output_compression",
+                   "partial_images", "moderation", "input_fidelity", "aspect_ratio", "image_size",
+                   "response_modalities", "emulator")
+_NAME_RE = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_FIX_KEYS = ("Set the key in the environment before starting Jupyter, or in a cell with "
+             "os.environ[...] = getpass.getpass() (never %env, which echoes it into the notebook); "
+             "or run %imagine emulator on to work offline.")
+_PROGRESS_EVERY = 0.25  # seconds between elapsed-time refreshes of the progress slot
+
+
+def interpolate(text: str, namespace: dict[str, Any]) -> str:
+    """Replace ``{name}`` by ``str(namespace[name])`` when ``name`` is defined; leave every other brace.
+
+    ``{{name}}`` is the escape for a literal ``{name}``. Never ``str.format``: prompts hold JSON and code.
+    """
+
+    def substitute(match: re.Match[str]) -> str:
+        escaped, name = match.group(1), match.group(2)
+        if escaped is not None:
+            return "{" + escaped + "}"
+        if name in namespace:
+            return str(namespace[name])
+        return match.group(0)
+
+    return _NAME_RE.sub(substitute, text)
+
+
+def _short_traceback(exc: BaseException) -> BaseException:
+    # IPython renders an exception through its _render_traceback_ when present: a provider failure
+    # then shows one line ("ProviderError: [openai, HTTP 429] ...") instead of 40 lines of internals.
+    # The exception type and value are unchanged, so nbmake and `except` clauses see the real error.
+    line = f"{type(exc).__name__}: {exc}"
+    exc._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
+    return exc
+
+
+@magics_class
+class ImagineMagics(Magics):
+    """The ``%imagine`` magics. Its traits mirror the shared session, so ``%config`` works:
+    ``%config ImagineMagics.provider = 'gemini'``."""
+
+    provider = Unicode("openai", help="Default provider: openai, azure, gemini, vertex or a registered name."
+                       ).tag(config=True)
+    model = Unicode(None, allow_none=True, help="Default model (None: the provider's default).").tag(config=True)
+    size = Unicode(None, allow_none=True, help="OpenAI size, e.g. 1024x1024 or auto.").tag(config=True)
+    quality = Unicode(None, allow_none=True, help="OpenAI quality: low, medium, high, auto.").tag(config=True)
+    background = Unicode(None, allow_none=True, help="OpenAI background: transparent, opaque, auto."
+                         ).tag(config=True)
+    output_format = Unicode(None, allow_none=True, help="OpenAI output format: png, jpeg, webp.").tag(config=True)
+    output_compression = Int(None, allow_none=True, help="OpenAI jpeg/webp compression 0-100.").tag(config=True)
+    partial_images = Int(0, help="OpenAI partial images to stream (0-3).").tag(config=True)
+    moderation = Unicode(None, allow_none=True, help="OpenAI moderation: auto or low.").tag(config=True)
+    input_fidelity = Unicode(None, allow_none=True, help="OpenAI input fidelity for edits: high or low."
+                             ).tag(config=True)
+    aspect_ratio = Unicode(None, allow_none=True, help="Gemini aspect ratio, e.g. 16:9.").tag(config=True)
+    image_size = Unicode(None, allow_none=True, help="Gemini image size: 512, 1K, 2K, 4K.").tag(config=True)
+    response_modalities = List(Unicode(), default_value=["TEXT", "IMAGE"], help="Gemini response modalities."
+                               ).tag(config=True)
+    emulator = Bool(False, help="Route every provider to the in-process emulator.").tag(config=True)
+
+    def __init__(self, shell: Any = None, session: ImagineSession | None = None, **kwargs: Any) -> None:
+        self.session = session or get_session()
+        self._syncing = True  # config values applied during __init__ go to the session below
+        super().__init__(shell=shell, **kwargs)
+        configured = {name: getattr(self, name) for name in _SESSION_TRAITS if self.trait_has_value(name)}
+        self._syncing = False
+        if configured:
+            try:
+                self.session.use(**configured)
+            except ConfigError as exc:
+                print(f"nbimagine: ignoring invalid ImagineMagics configuration: {exc}")
+        # Session -> magics, so %config ImagineMagics shows what %imagine use set.
+        self._links = [dlink((self.session, name), (self, name)) for name in _SESSION_TRAITS]
+
+    # --- %config forwarding ----------------------------------------------------------------------
+
+    @validate(*_SESSION_TRAITS)
+    def _check_option(self, proposal: Any) -> Any:
+        name, value = proposal["trait"].name, proposal["value"]
+        if not self._syncing and getattr(self.session, name) != value:
+            try:
+                self.session.validate(**{name: value})
+            except ConfigError as exc:
+                raise TraitError(str(exc)) from None
+        return value
+
+    @observe(*_SESSION_TRAITS)
+    def _forward_option(self, change: Any) -> None:
+        if not self._syncing and getattr(self.session, change["name"]) != change["new"]:
+            self.session.use(**{change["name"]: change["new"]})
+
+    # --- the magic -------------------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("-p", "--provider", help="openai, azure, gemini, vertex, or a registered name")
+    @argument("-m", "--model", help="model or deployment name (default: the provider's default)")
+    @argument("--size", help="OpenAI: auto, 1024x1024, 1536x1024, 1024x1536 or WxH (multiples of 16)")
+    @argument("--quality", help="OpenAI: low, medium, high, auto")
+    @argument("--background", help="OpenAI: transparent, opaque, auto")
+    @argument("--format", help="OpenAI output format: png, jpeg, webp")
+    @argument("--compression", type=int, help="OpenAI: jpeg/webp compression, 0-100")
+    @argument("--partial", type=int, metavar="N", help="OpenAI: stream N partial images (0-3)")
+    @argument("--moderation", help="OpenAI: auto or low")
+    @argument("--fidelity", help="OpenAI: input fidelity for edits, high or low")
+    @argument("--aspect", help="Gemini: aspect ratio such as 1:1, 16:9, 9:16")
+    @argument("--image-size", help="Gemini: 512, 1K, 2K or 4K")
+    @argument("-e", "--edit", action="append", default=[], metavar="REF",
+              help="image to edit (repeatable): last, -2, #17, a variable (BinaryResult, Reply, bytes, "
+                   "PIL image, path) or a file path")
+    @argument("-n", type=int, default=1, metavar="N", help="number of variants, generated concurrently")
+    @argument("-o", "--out", metavar="NAME", help="store the Reply (a list of Replies with -n) in NAME")
+    @argument("--full", action="store_true", help="embed the full-resolution image instead of a preview")
+    @argument("--no-history", action="store_true", help="do not record the images in the notebook history")
+    @argument("words", nargs="*", help="subcommand and its arguments, or a one-line prompt")
+    @output_can_be_silenced
+    @line_cell_magic
+    def imagine(self, line: str, cell: str | None = None) -> Any:
+        """Generate or edit images; the cell body is the prompt.
+
+        ``{name}`` in the body is replaced by the value of ``name`` from the notebook namespace
+        (other braces stay as they are; ``{{name}}`` gives a literal ``{name}``).
+
+        Line-magic subcommands::
+
+            %imagine use PROVIDER [options]   set session defaults (%imagine use alone shows them)
+            %imagine history [N]              gallery of the last N images with their ids
+            %imagine show ID [--full]         one image from the history (ID: last, -2, #17)
+            %imagine lineage ID               the chain of edits that led to an image
+            %imagine export DIR [N]           copy full-resolution images + history.json to DIR
+            %imagine providers                which providers are configured, which keys are set
+            %imagine emulator on|off          route every provider to the offline emulator
+            %imagine panel | studio           widget panels
+            %imagine PROMPT...                generate from a one-line prompt
+
+        Examples::
+
+            %%imagine -p gemini --aspect 16:9 -n 4
+            A watercolor fox in the snow, in the style of {style}
+        """
+        if cell is None:
+            words = _split(line)
+            if words and words[0] in SUBCOMMANDS:
+                return self._subcommand(words[0], line.strip()[len(words[0]):].strip())
+        args = self._parse(line)
+        if cell is None:
+            prompt = " ".join(args.words)
+            if not prompt.strip():
+                raise UsageError("Write a prompt: %%imagine on the first line of a cell with the prompt below, "
+                                 "or %imagine PROMPT; %imagine? lists the subcommands")
+        else:
+            if args.words:
+                raise UsageError(f"Unexpected {' '.join(args.words)!r} on the %%imagine line: the prompt goes "
+                                 "in the cell body, options start with - (see %%imagine?)")
+            prompt = cell
+        prompt = interpolate(prompt, self.shell.user_ns if self.shell else {}).strip()
+        self._generate(prompt, args)
+        return None
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def _parse(self, line: str) -> Any:
+        try:
+            return parse_argstring(self.imagine, line)
+        except UsageError as exc:
+            raise UsageError(f"{exc} (see %%imagine? for the options)") from None
+        except ValueError as exc:  # shlex: unbalanced quotes
+            raise UsageError(f"Cannot parse the %%imagine line: {exc}") from None
+
+    @staticmethod
+    def _overrides(args: Any) -> dict[str, Any]:
+        return {opt: getattr(args, dest) for dest, opt in _OPTION_DESTS.items() if getattr(args, dest) is not None}
+
+    def _generate(self, prompt: str, args: Any) -> None:
+        from ._generate import MAX_VARIANTS, Generation
+
+        if not 1 <= args.n <= MAX_VARIANTS:
+            raise UsageError(f"-n takes 1 to {MAX_VARIANTS} variants, not {args.n}")
+        overrides = self._overrides(args)
+        record = not args.no_history
+        try:
+            self.session.validate(**overrides)
+            history = self._history() if (record or args.edit) else None
+            edits, parents = [], []
+            for ref in args.edit:
+                image, parent = self._resolve_ref(ref, history)
+                edits.append(image)
+                if parent is not None:
+                    parents.append(parent)
+            gen = Generation(prompt, edits=edits, parents=parents, n=args.n, overrides=overrides,
+                             record=record, session=self.session, history=history)
+            gen.build_agent()
+        except (ConfigError, InputError) as exc:
+            raise UsageError(str(exc)) from None
+        replies = self._run_with_progress(gen, full=args.full)
+        if args.out:
+            if not args.out.isidentifier():
+                raise UsageError(f"-o needs a variable name, not {args.out!r}")
+            self.shell.user_ns[args.out] = replies[0] if args.n == 1 else replies
+
+    def _run_with_progress(self, gen: Generation, *, full: bool) -> list[Any]:
+        from IPython.display import display
+
+        from ._display import progress_bundle
+
+        events: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+        partials: list[Any] = [None] * gen.n
+        status = ["waiting"] * gen.n
+        texts = [""] * gen.n
+        label = f"Generating with {gen.provider}/{gen.model}" + (" (emulator)" if self.session.emulator else "")
+        handle = display(progress_bundle(0.0, label=label), raw=True, display_id=True)
+        last_refresh = time.perf_counter()
+
+        def on_poll() -> None:
+            nonlocal last_refresh
+            changed = False
+            # The callback runs on the loop thread; the display is only touched here, on the main thread.
+            while True:
+                try:
+                    index, event = events.get_nowait()
+                except queue.Empty:
+                    break
+                kind = type(event).__name__
+                if kind == "PartialImageEvent":
+                    partials[index] = event.image
+                    status[index] = f"partial {event.index + 1}"
+                elif kind == "TextDeltaEvent":
+                    texts[index] += event.text
+                    status[index] = "writing"
+                elif kind == "ReplyEvent":
+                    status[index] = "done"
+                changed = True
+            now = time.perf_counter()
+            if changed or now - last_refresh >= _PROGRESS_EVERY:
+                last_refresh = now
+                shown = partials if (gen.n > 1 or partials[0] is not None) else ()
+                bundle = progress_bundle(gen.elapsed, label=label, partials=shown, status=status)
+                if texts[0] and gen.n == 1:
+                    bundle["text/plain"] += "\n" + texts[0]
+                    from ._display import _text_html
+
+                    bundle["text/html"] = _text_html(texts[0]) + bundle["text/html"]
+                handle.update(bundle, raw=True)
+
+        gen.start(on_event=lambda i, e: events.put((i, e)))
+        try:
+            replies = gen.wait(on_poll=on_poll)
+        except KeyboardInterrupt:
+            # Job.result has already cancelled the requests; say so in place, then let Ctrl-C through.
+            handle.update(_note(f"Cancelled after {gen.elapsed:.1f} s (Ctrl-C); nothing was recorded "
+                                "for the unfinished images."), raw=True)
+            raise
+        except ImagineError as exc:
+            made = [r for r in gen.replies if r is not None]
+            if made or gen.entries:
+                handle.update(self._final_bundle(gen, full=full), raw=True)
+            else:
+                handle.update(_note(f"Failed after {gen.elapsed:.1f} s: {type(exc).__name__}"), raw=True)
+            if isinstance(exc, (ConfigError, InputError)):
+                hint = f" {_FIX_KEYS}" if "key" in str(exc).lower() or "credential" in str(exc).lower() else ""
+                raise UsageError(f"{exc}{hint}") from None
+            raise _short_traceback(exc) from None
+        handle.update(self._final_bundle(gen, full=full), raw=True)
+        return replies
+
+    def _final_bundle(self, gen: Generation, *, full: bool) -> dict[str, Any]:
+        from ._display import caption_for, grid_bundle, image_bundle
+
+        items = []
+        texts = []
+        for reply in gen.replies:
+            if reply is None:
+                continue
+            if reply.body:
+                texts.append(reply.body)
+            for image in reply.files:
+                items.append((image, caption_for(image, elapsed=gen.elapsed, provider=gen.provider,
+                                                 model=gen.model)))
+        text = "\n\n".join(dict.fromkeys(texts))
+        if not items:
+            return _note(text or "The model answered with no image and no text.")
+        if len(items) == 1:
+            bundle = image_bundle(items[0][0], caption=items[0][1], full=full)
+            if text:
+                from ._display import _text_html
+
+                bundle["text/html"] = _text_html(text) + bundle["text/html"]
+                bundle["text/plain"] = text + "\n" + bundle["text/plain"]
+            return bundle
+        return grid_bundle(items, text=text, full=full)
+
+    # --- references ------------------------------------------------------------------------------
+
+    def _history(self) -> History:
+        from ._history import history
+
+        return history()
+
+    def _resolve_ref(self, ref: str, history: History | None) -> tuple[BinaryResult, int | None]:
+        """An image for ``-e REF`` and its history id (for lineage) when it has one."""
+        from .events import BinaryResult
+
+        entry = self._history_ref(ref, history)
+        if entry is not None:
+            return entry.image, entry.id
+        ns = self.shell.user_ns if self.shell else {}
+        if ref.isidentifier() and ref in ns:
+            value = ns[ref]
+            image = _to_image(value, ref)
+            return image, image.metadata.get("history_id")
+        path = Path(ref).expanduser()
+        if path.is_file():
+            return _bytes_image(path.read_bytes(), str(path)), None
+        raise UsageError(f"Unknown image reference {ref!r}: use last, -2, #17 (a history id), the name of a "
+                         "variable holding an image, or an existing file path")
+
+    def _history_ref(self, ref: str, history: History | None) -> HistoryEntry | None:
+        ref = ref.strip()
+        if not re.fullmatch(r"last|-\d+|#\d+", ref):
+            return None
+        history = history or self._history()
+        try:
+            if ref == "last":
+                return history[-1]  # type: ignore[return-value]
+            if ref.startswith("-"):
+                return history[int(ref)]  # type: ignore[return-value]
+            return history.get(int(ref[1:]))
+        except IndexError:
+            raise UsageError(f"{ref}: the history of notebook {history.notebook!r} has only {len(history)} "
+                             "image(s); %imagine history lists them") from None
+        except KeyError as exc:
+            raise UsageError(f"{ref}: {exc.args[0]}; %imagine history lists the ids") from None
+
+    # --- subcommands -----------------------------------------------------------------------------
+
+    def _subcommand(self, name: str, rest: str) -> Any:
+        handler = getattr(self, f"_cmd_{name}")
+        try:
+            return handler(rest)
+        except (ConfigError, InputError) as exc:
+            raise UsageError(str(exc)) from None
+
+    def _cmd_use(self, rest: str) -> Any:
+        args = self._parse(rest)
+        if len(args.words) > 1:
+            raise UsageError(f"%imagine use takes one provider name, not {' '.join(args.words)!r}")
+        extras = [flag for flag, given in (("-e", args.edit), ("-n", args.n != 1), ("-o", args.out),
+                                            ("--full", args.full), ("--no-history", args.no_history)) if given]
+        if extras:
+            raise UsageError(f"{', '.join(extras)} apply to one generation, not to %imagine use")
+        overrides = self._overrides(args)
+        provider = args.words[0] if args.words else overrides.pop("provider", None)
+        if provider is not None or overrides:
+            self.session.use(provider, **overrides)
+        return _Settings(self.session)
+
+    def _cmd_history(self, rest: str) -> Any:
+        words = _split(rest)
+        try:
+            count = int(words[0]) if words else 12
+        except ValueError:
+            raise UsageError(f"%imagine history takes a number of images, not {words[0]!r}") from None
+        history = self._history()
+        return _Gallery(history.latest(count), total=len(history), notebook=history.notebook)
+
+    def _cmd_show(self, rest: str) -> Any:
+        words = _split(rest)
+        full = "--full" in words
+        words = [w for w in words if w != "--full"]
+        if len(words) != 1:
+            raise UsageError("%imagine show takes one image: last, -2 or #17 (add --full for full resolution)")
+        ref = words[0] if not words[0].isdigit() else f"#{words[0]}"
+        entry = self._history_ref(ref, None)
+        if entry is None:
+            raise UsageError(f"Unknown history reference {words[0]!r}: use last, -2 or #17")
+        return _Shown(entry, full=full)
+
+    def _cmd_lineage(self, rest: str) -> Any:
+        words = _split(rest)
+        ref = (words[0] if not words[0].isdigit() else f"#{words[0]}") if len(words) == 1 else ""
+        entry = self._history_ref(ref, None) if ref else None
+        if entry is None:
+            raise UsageError("%imagine lineage takes one image: last, -2 or #17")
+        chain = self._history().lineage(entry.id)
+        return _Gallery(chain, total=len(chain), notebook=None, title=f"Lineage of #{entry.id}, oldest first")
+
+    def _cmd_export(self, rest: str) -> Any:
+        words = _split(rest)
+        if not words or len(words) > 2:
+            raise UsageError("%imagine export DIR [N]: copy the history's full-resolution images to DIR")
+        history = self._history()
+        entries = None
+        if len(words) == 2:
+            if not words[1].isdigit():
+                raise UsageError(f"%imagine export DIR N: N is a number of images, not {words[1]!r}")
+            entries = list(reversed(history.latest(int(words[1]))))
+        written = history.export(words[0], entries)
+        print(f"Exported {len(written) - 1} image(s) and {written[-1].name} to {Path(words[0]).resolve()}")
+        return None
+
+    def _cmd_providers(self, rest: str) -> Any:
+        return _Providers(self.session)
+
+    def _cmd_emulator(self, rest: str) -> Any:
+        word = rest.strip().lower()
+        if word not in ("on", "off", ""):
+            raise UsageError("%imagine emulator on|off")
+        if word:
+            self.session.use(emulator=word == "on")
+        if self.session.emulator:
+            _emulator_banner()
+        else:
+            print("nbimagine emulator off: requests go to the real provider APIs.")
+        return None
+
+    def _cmd_panel(self, rest: str) -> Any:
+        from ._widgets import panel
+
+        return panel()
+
+    def _cmd_studio(self, rest: str) -> Any:
+        from ._widgets import studio
+
+        return studio()
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _split(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise UsageError(f"Cannot parse {text!r}: {exc}") from None
+
+
+def _bytes_image(data: bytes, where: str) -> BinaryResult:
+    from ._images import sniff_media_type
+    from .events import BinaryResult
+
+    if sniff_media_type(data) is None:
+        raise UsageError(f"{where} is not a PNG, JPEG, WebP or GIF image")
+    return BinaryResult(data)
+
+
+def _to_image(value: Any, name: str) -> BinaryResult:
+    from .events import BinaryResult
+
+    if isinstance(value, BinaryResult):
+        return value
+    kind = type(value).__name__
+    if kind == "HistoryEntry":
+        return value.image
+    if kind == "Reply":
+        if not value.files:
+            raise UsageError(f"{name} is a Reply without images; use one that has files")
+        return value.files[-1]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _bytes_image(bytes(value), name)
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise UsageError(f"{name} holds the path {str(path)!r}, which is not a file")
+        return _bytes_image(path.read_bytes(), str(path))
+    if type(value).__module__.startswith("PIL."):
+        import io
+
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return BinaryResult(buffer.getvalue())
+    raise UsageError(f"{name} is a {kind}; -e takes a BinaryResult, Reply, bytes, PIL image or path")
+
+
+def _note(text: str) -> dict[str, Any]:
+    import html
+
+    return {"text/plain": text, "text/html": f'<div style="font-family:monospace">{html.escape(text)}</div>'}
+
+
+def _emulator_banner() -> None:
+    from IPython.display import display
+
+    text = ("nbimagine emulator ON: every provider is answered by an offline emulator on 127.0.0.1. "
+            "Images are placeholders drawn from the prompt; no API key is used and nothing is billed.")
+    display({"text/plain": "⚠ " + text,
+             "text/html": '<div style="background:#fff3cd;color:#664d03;border:1px solid #ffda6a;'
+                          f'padding:6px 10px;border-radius:4px">⚠ <b>nbimagine emulator ON</b>: {text[24:]}</div>'},
+            raw=True)
+
+
+class _Settings:
+    """What ``%imagine use`` shows: the session defaults."""
+
+    def __init__(self, session: ImagineSession) -> None:
+        self.options = session.options()
+        self.model = session.effective_model()
+
+    def __repr__(self) -> str:
+        shown = {k: v for k, v in self.options.items() if v not in (None, 0, False) and k != "response_modalities"}
+        shown["model"] = self.model
+        return "imagine defaults: " + ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
+class _Gallery:
+    """Thumbnails with ids and prompts (``%imagine history``, ``%imagine lineage``)."""
+
+    def __init__(self, entries: list[HistoryEntry], *, total: int, notebook: str | None,
+                 title: str | None = None) -> None:
+        self.entries, self.total, self.notebook = entries, total, notebook
+        self.title = title or (f"History of {notebook!r}: {len(entries)} of {total} image(s), newest first")
+
+    def __repr__(self) -> str:
+        lines = [self.title] + [f"  #{e.id}  {e.width}x{e.height}  {_clip(e.prompt, 70)}" for e in self.entries]
+        return "\n".join(lines)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        import base64
+        import html
+
+        cells = []
+        for e in self.entries:
+            try:
+                thumb = e.thumbnail(160)
+                media = "image/png" if thumb[:4] == b"\x89PNG" else "image/jpeg"
+                img = (f'<img src="data:{media};base64,{base64.b64encode(thumb).decode()}" '
+                       'style="max-width:160px;max-height:160px;display:block"/>')
+            except (OSError, ValueError):  # a missing or unreadable file still lists the entry
+                img = '<div style="width:160px;height:40px">(file missing)</div>'
+            parents = f" ← {', '.join(f'#{p}' for p in e.parents)}" if e.parents else ""
+            cells.append(f'<figure style="margin:0;width:160px">{img}<figcaption style="font-size:0.8em">'
+                         f'<b>#{e.id}</b>{html.escape(parents)} {html.escape(_clip(e.prompt, 60))}'
+                         "</figcaption></figure>")
+        body = (f"<div><b>{html.escape(self.title)}</b></div>"
+                '<div style="display:flex;flex-wrap:wrap;gap:8px">' + "".join(cells) + "</div>")
+        return {"text/plain": repr(self), "text/html": body}
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class _Shown:
+    """One history entry, shown like a fresh result (``%imagine show``)."""
+
+    def __init__(self, entry: HistoryEntry, *, full: bool) -> None:
+        self.entry, self.full = entry, full
+
+    def __repr__(self) -> str:
+        return self.entry.caption
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        from ._display import caption_for, image_bundle
+
+        image = self.entry.image
+        caption = caption_for(image, provider=self.entry.provider, model=self.entry.model)
+        caption += f"\nprompt: {_clip(self.entry.prompt, 200)}"
+        return image_bundle(image, caption=caption, full=self.full)
+
+
+class _Providers:
+    """``%imagine providers``: configured providers and which key variables are set, never their values."""
+
+    def __init__(self, session: ImagineSession) -> None:
+        self.status = session.key_status()
+        self.sources = session.key_sources()
+        self.current = session.provider
+        self.emulator = session.emulator
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        rows = []
+        for name, ok in self.status.items():
+            state = "emulator" if self.emulator else ("ready" if ok else "no key")
+            rows.append((("* " if name == self.current else "  ") + name, state,
+                         ", ".join(self.sources.get(name, [])) or "-"))
+        return rows
+
+    def __repr__(self) -> str:
+        lines = [f"{'provider':<12} {'status':<9} keys set (names only)"]
+        lines += [f"{n:<12} {s:<9} {k}" for n, s, k in self.rows()]
+        if self.emulator:
+            lines.append("The emulator is on: every provider is answered offline.")
+        return "\n".join(lines)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        import html
+
+        body = "".join(f"<tr><td>{html.escape(n)}</td><td>{html.escape(s)}</td><td>{html.escape(k)}</td></tr>"
+                       for n, s, k in self.rows())
+        note = "<p>The emulator is on: every provider is answered offline.</p>" if self.emulator else ""
+        return {"text/plain": repr(self),
+                "text/html": "<table><tr><th>provider</th><th>status</th><th>keys set (names only)</th></tr>"
+                             f"{body}</table>{note}"}
+
+
+# --- extension entry points ------------------------------------------------------------------------
+
+
+def load_ipython_extension(ip: Any) -> None:
+    """``%load_ext nbimagine``: register ``%imagine`` / ``%%imagine``. Nothing heavy is imported."""
+    magics = ImagineMagics(ip)
+    ip.register_magics(magics)
+    if magics.session.emulator:
+        _emulator_banner()
+
+
+def unload_ipython_extension(ip: Any) -> None:
+    for kind in ("line", "cell"):
+        ip.magics_manager.magics[kind].pop("imagine", None)
+    found = ip.magics_manager.registry.pop("ImagineMagics", None)
+    if found is not None:
+        for link in getattr(found, "_links", []):
+            link.unlink()
+        if found in ip.configurables:
+            ip.configurables.remove(found)
