@@ -336,7 +336,6 @@ class ImagineMagics(Magics):
 
     def _resolve_ref(self, ref: str, history: History | None) -> tuple[BinaryResult, int | None]:
         """An image for ``-e REF`` and its history id (for lineage) when it has one."""
-        from .events import BinaryResult
 
         entry = self._history_ref(ref, history)
         if entry is not None:
