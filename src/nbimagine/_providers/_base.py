@@ -8,6 +8,7 @@ parsing, error mapping, and the opaque ``history`` that lets a reply continue it
 from __future__ import annotations
 
 import asyncio
+import inspect
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
@@ -60,16 +61,33 @@ class Provider(ABC, Generic[ConfigT]):
         """A fresh async SDK client for the running event loop."""
 
     def client(self) -> Any:
-        # Async SDK clients hold connections bound to the loop that created them, so keep one per loop.
+        # Async SDK clients hold connections bound to the loop that created them, so keep one per loop,
+        # and close it while that loop still runs: asyncio.run() finalizes async generators before it
+        # closes the loop, which is the last moment the client's connections can be shut cleanly.
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            client = self._clients[loop] = self.new_client()
-        return client
+        entry = self._clients.get(loop)
+        if entry is None:
+            client = self.new_client()
+            closer = _close_at_loop_shutdown(client)
+            started = loop.create_task(closer.__anext__())  # type: ignore[arg-type]
+            entry = self._clients[loop] = (client, closer, started)
+        return entry[0]
 
     @abstractmethod
     def run(self, turn: Turn) -> AsyncIterator[StreamEvent]:
         """Make the request; yield events; end with one ``ReplyEvent`` whose reply has ``history`` set."""
+
+
+async def _close_at_loop_shutdown(client: Any) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        target = getattr(client, "aio", client)  # google-genai keeps its async side on .aio
+        close = getattr(target, "aclose", None) or getattr(target, "close", None)
+        if close is not None:
+            outcome = close()
+            if inspect.isawaitable(outcome):
+                await outcome
 
 
 def result(data: bytes, **metadata: Any) -> BinaryResult:
