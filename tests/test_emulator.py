@@ -76,6 +76,7 @@ def test_generate_png_json(client: OpenAI, emu: Emulator) -> None:
     data = _image(ig)
     assert sniff_media_type(data) == "image/png" and image_size(data) == (1024, 1536)
     assert r.output_text and r.usage and r.usage.total_tokens > 0
+    assert r.tool_usage and r.tool_usage.image_gen.output_tokens == 1584  # medium 1056 x 1.5 (area)
     assert r.tools[0].size == "1024x1536"  # echoed with defaults filled in
     rec = emu.requests[-1]
     assert (rec.method, rec.path) == ("POST", "/v1/responses")
@@ -441,6 +442,16 @@ def test_close_connections_lets_async_clients_span_event_loops() -> None:
         raw = OpenAI(base_url=emu.openai_base_url, api_key="k").responses.with_raw_response.create(
             model="m", input="x")
         assert raw.headers["connection"] == "close"
+
+
+def test_stop_closes_pooled_connections() -> None:
+    emu = Emulator().start()
+    client = OpenAI(base_url=emu.openai_base_url, api_key="k", max_retries=0)
+    assert client.responses.create(model="m", input="before").output_text
+    emu.stop()
+    with pytest.raises(openai.APIConnectionError):
+        client.responses.create(model="m", input="after")
+    emu.stop()  # idempotent
 
 
 # -- drawings -----------------------------------------------------------------------------------------

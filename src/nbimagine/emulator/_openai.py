@@ -256,7 +256,7 @@ def _parse(req: Request, state: State) -> _Parsed:
                 raise _Reject(400, f"Invalid type for 'input[{i}]': expected an object.", param=f"input[{i}]",
                               code="invalid_type")
             kind = item.get("type", "message")
-            if kind == "message" or ("role" in item and kind == "message"):
+            if kind == "message":
                 text, image = _content_text_and_image(item.get("content"), f"input[{i}]")
                 if item.get("role", "user") == "user":
                     prompt = text
@@ -319,11 +319,31 @@ def _revised(prompt: str, edit: bool) -> str:
     return (f"Edit of the provided image: {text}" if edit else text) + ", rendered by the nbimagine emulator"
 
 
-def _usage(prompt: str, images: int, text: str) -> dict[str, Any]:
+def _usage(prompt: str, text: str) -> dict[str, Any]:
     inp = 20 + len(prompt) // 4
-    out = 10 + len(text) // 4 + 272 * images
+    out = 10 + len(text) // 4
     return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": 0},
             "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": inp + out}
+
+
+# Output image tokens of a 1024x1024 image per quality (gpt-image-1 price sheet); scaled by area.
+_IMAGE_TOKENS = {"low": 272, "medium": 1056, "high": 4160, "xhigh": 4160, "max": 4160}
+
+
+def _tool_usage(plan: _Plan, images: int) -> dict[str, Any] | None:
+    """``tool_usage.image_gen``: what cost accounting needs, deterministic for a given request."""
+    if not images:
+        return None
+    tool = plan.tool
+    per_image = round(_IMAGE_TOKENS.get(tool.quality, 1056) * tool.width * tool.height / (1024 * 1024))
+    text_tokens = 10 + len(plan.parsed.prompt) // 4
+    image_in = 194 if plan.parsed.base is not None else 0
+    out = per_image * images
+    return {"image_gen": {"input_tokens": text_tokens + image_in,
+                          "input_tokens_details": {"image_tokens": image_in, "text_tokens": text_tokens},
+                          "output_tokens": out, "output_tokens_details": {"image_tokens": out, "text_tokens": 0},
+                          "total_tokens": text_tokens + image_in + out},
+            "web_search": {"num_requests": 0}}
 
 
 @dataclass
@@ -419,7 +439,7 @@ def _response(plan: _Plan, output: list[dict[str, Any]], *, status: str,
     tools = [plan.tool.echo() if (plan.parsed.tool and i == plan.tool.index) else t
              for i, t in enumerate(body.get("tools") or [])]
     final = status in ("completed", "failed")
-    images = sum(1 for item in output if item.get("type") == "image_generation_call")
+    images = sum(1 for item in output if item.get("type") == "image_generation_call" and item.get("result"))
     return {
         "id": plan.resp_id, "object": "response", "created_at": plan.created, "status": status,
         "background": False, "completed_at": int(time.time()) if status == "completed" else None,
@@ -431,7 +451,8 @@ def _response(plan: _Plan, output: list[dict[str, Any]], *, status: str,
         "store": parsed.store, "temperature": 1.0, "text": {"format": {"type": "text"}, "verbosity": "medium"},
         "tool_choice": body.get("tool_choice", "auto"), "tools": tools, "top_logprobs": 0, "top_p": 1.0,
         "truncation": "disabled",
-        "usage": _usage(parsed.prompt, images, plan.text) if final else None,
+        "usage": _usage(parsed.prompt, plan.text) if final else None,
+        "tool_usage": _tool_usage(plan, images) if final else None,
         "user": None, "metadata": body.get("metadata") or {},
     }
 

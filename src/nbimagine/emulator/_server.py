@@ -194,6 +194,16 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "nbimagine-emulator"
     sys_version = ""
 
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.lock:
+            self.server.connections.discard(self.connection)
+        super().finish()
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # tests and notebooks must not see a request log on stderr
 
@@ -347,7 +357,16 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], state: State, close_connections: bool) -> None:
         self.state = state
         self.close_connections = close_connections
+        self.lock = threading.Lock()
+        self.connections: set[socket.socket] = set()  # open keep-alive connections, closed by stop()
         super().__init__(address, _Handler)
+
+    def close_connections_now(self) -> None:
+        with self.lock:
+            open_now = list(self.connections)
+        for sock in open_now:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # connection errors are expected (aborted clients, injected drops); never print them
@@ -385,6 +404,8 @@ class Emulator:
             return
         server.shutdown()
         server.server_close()
+        # Pooled keep-alive connections would otherwise keep being served by their threads.
+        server.close_connections_now()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
