@@ -1,0 +1,922 @@
+"""Widget panels: ``panel()`` tunes the session's provider settings, ``studio()`` generates and browses.
+
+Both wrap plain ``ipywidgets`` (imported here, and this module is only imported on first use, so
+``import nbimagine`` stays fast) and work without a browser: every control is a real widget whose
+value can be set and whose buttons can be ``click()``-ed, which is what the model tests do.
+
+Binding: the panels read and write the process-wide :class:`~nbimagine._session.ImagineSession`.
+A valid change in a panel is applied with ``session.use(...)`` at once, so it is the default of the
+next ``%%imagine``; a change made elsewhere (``%imagine use ...``, ``%config``, another panel) is
+observed and shown. A value that would be invalid is kept in its control, flagged inline with the
+reason, and not applied; the rest of the settings still are.
+
+Threading: a generation runs on the ``_sync`` background loop and reports events on that loop's
+thread. The studio never touches a widget from there: every update is handed to the thread that
+created the studio (the kernel's main thread, whose asyncio loop also dispatches widget messages)
+with ``loop.call_soon_threadsafe``. Without a running loop (plain Python, tests) updates run on the
+calling thread under a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as w
+
+from ._session import DEFAULT_MODELS, KEY_ENV, OPENAI_OPTIONS, ImagineSession, get_session
+from .config import GEMINI_ASPECT_RATIOS, GEMINI_IMAGE_SIZES
+from .errors import ConfigError, ContentPolicyError, ImagineError, InputError, ProviderError, redact
+from .tools import (
+    BACKGROUNDS,
+    INPUT_FIDELITIES,
+    MODERATIONS,
+    OUTPUT_FORMATS,
+    QUALITIES,
+    STANDARD_SIZES,
+    validate_size,
+)
+
+if TYPE_CHECKING:
+    from ._generate import Generation
+    from ._history import History, HistoryEntry
+    from .events import BinaryResult, StreamEvent
+
+__all__ = ["PROVIDER_LABELS", "ProviderPanel", "Studio", "panel", "plain_error", "studio"]
+
+PROVIDER_LABELS = {
+    "openai": "OpenAI",
+    "azure": "Azure OpenAI / Foundry",
+    "gemini": "Gemini",
+    "vertex": "Vertex AI",
+}
+DEFAULT = ""  # the "provider default" choice of a dropdown (the session's None)
+CUSTOM = "custom"  # the size dropdown's "custom WxH" choice
+COMPRESSIBLE = ("jpeg", "webp")
+MODALITIES = ("TEXT", "IMAGE")
+# Aspect ratios and the image size tier that only Gemini 3.1 Flash Image documents.
+NEWEST_ONLY_RATIOS = ("1:4", "4:1", "1:8", "8:1")
+NEWEST_ONLY_SIZES = ("512",)
+THUMB_SIDE = 192
+PREVIEW_SIDE = 768
+
+def _choices(values: Sequence[str], default_label: str = "default") -> list[tuple[str, str]]:
+    return [(default_label, DEFAULT), *((v, v) for v in values)]
+
+
+def _opt(value: str) -> str | None:
+    return value or None
+
+
+def _show(widget: w.Widget, visible: bool) -> None:
+    widget.layout.display = None if visible else "none"
+
+
+def _is_shown(widget: w.Widget) -> bool:
+    return widget.layout.display != "none"
+
+
+def _error_html(message: str) -> str:
+    if not message:
+        return ""
+    return (f'<span class="nbi-error" style="color:#b00020">⚠ {html.escape(message)}</span>')
+
+
+def _note_html(message: str) -> str:
+    if not message:
+        return ""
+    return f'<span class="nbi-note" style="color:#8a6d00">ⓘ {html.escape(message)}</span>'
+
+
+# ------------------------------------------------------------------------------------------------
+# Provider panel
+# ------------------------------------------------------------------------------------------------
+
+
+class ProviderPanel:
+    """Provider, model and image options of the session, with per-provider controls.
+
+    Attributes are the controls themselves (``provider``, ``model``, ``quality``, ``size``,
+    ``custom_size``, ``background``, ``output_format``, ``compression_on``, ``compression``,
+    ``partial_images``, ``moderation``, ``input_fidelity``, ``aspect_ratio``, ``image_size``,
+    ``modalities``), the inline messages (``errors[name]``) and ``keys`` (key status).
+    """
+
+    def __init__(self, session: ImagineSession | None = None) -> None:
+        self.session = session or get_session()
+        self._applying = False  # True while the panel itself writes the session
+        self._loading = False  # True while the panel loads the session into its controls
+        style = {"description_width": "110px"}
+        wide = w.Layout(width="360px")
+
+        self.provider = w.Dropdown(description="Provider", options=self._provider_options(), style=style,
+                                   layout=wide)
+        self.emulator = w.Checkbox(description="Offline emulator (no key needed)", indent=False)
+        self.model = w.Text(description="Model", style=style, layout=wide, continuous_update=False)
+        self.keys = w.HTML()
+        self.refresh_keys = w.Button(description="Check keys", icon="refresh", tooltip="Read the environment again",
+                                     layout=w.Layout(width="120px"))
+
+        # OpenAI / Azure image tool
+        self.quality = w.Dropdown(description="Quality", options=_choices(QUALITIES), style=style, layout=wide)
+        self.size = w.Dropdown(description="Size", style=style, layout=wide,
+                               options=[*_choices(STANDARD_SIZES), ("custom WxH", CUSTOM)])
+        self.custom_size = w.Text(description="Custom size", placeholder="e.g. 2048x1152", style=style,
+                                  layout=wide, continuous_update=False)
+        self.background = w.Dropdown(description="Background", options=_choices(BACKGROUNDS), style=style,
+                                     layout=wide)
+        self.output_format = w.Dropdown(description="Format", options=_choices(OUTPUT_FORMATS), style=style,
+                                        layout=wide)
+        self.compression_on = w.Checkbox(description="Set compression", indent=False,
+                                         layout=w.Layout(width="140px"))
+        self.compression = w.IntSlider(description="Compression", min=0, max=100, value=80, style=style,
+                                       layout=w.Layout(width="360px"), continuous_update=False)
+        self.partial_images = w.IntSlider(description="Partial images", min=0, max=3, value=0, style=style,
+                                          layout=wide, continuous_update=False)
+        self.moderation = w.Dropdown(description="Moderation", options=_choices(MODERATIONS), style=style,
+                                     layout=wide)
+        self.input_fidelity = w.Dropdown(description="Input fidelity", options=_choices(INPUT_FIDELITIES),
+                                         style=style, layout=wide)
+        # Gemini / Vertex
+        self.aspect_ratio = w.Dropdown(description="Aspect ratio", options=_choices(GEMINI_ASPECT_RATIOS),
+                                       style=style, layout=wide)
+        self.image_size = w.Dropdown(description="Image size", options=_choices(GEMINI_IMAGE_SIZES),
+                                     style=style, layout=wide)
+        self.modalities = {m: w.Checkbox(description=m, indent=False, layout=w.Layout(width="90px"))
+                           for m in MODALITIES}
+
+        names = ("model", "size", "output_format", "compression", "aspect_ratio", "modalities", "apply")
+        self.errors: dict[str, w.HTML] = {n: w.HTML() for n in names}
+        for name, box in self.errors.items():
+            box.add_class(f"nbi-error-{name}")
+
+        self.openai_box = w.VBox([
+            self.quality,
+            w.HBox([self.size, self.custom_size]), self.errors["size"],
+            self.background, self.output_format, self.errors["output_format"],
+            w.HBox([self.compression, self.compression_on]), self.errors["compression"],
+            self.partial_images, self.moderation, self.input_fidelity,
+        ])
+        self.gemini_box = w.VBox([
+            self.aspect_ratio, self.errors["aspect_ratio"], self.image_size,
+            w.HBox([w.Label("Response", layout=w.Layout(width="110px")), *self.modalities.values()]),
+            self.errors["modalities"],
+        ])
+        self.widget = w.VBox([
+            w.HTML("<b>nbimagine provider settings</b>"),
+            w.HBox([self.provider, self.emulator]),
+            self.model, self.errors["model"],
+            self.openai_box, self.gemini_box,
+            self.errors["apply"],
+            w.HBox([self.keys, self.refresh_keys]),
+        ])
+        self.widget.add_class("nbi-panel")
+        for name in ("provider", "emulator", "model", "quality", "size", "custom_size", "background",
+                     "output_format", "compression_on", "compression", "partial_images", "moderation",
+                     "input_fidelity", "aspect_ratio", "image_size"):
+            getattr(self, name).add_class(f"nbi-{name.replace('_', '-')}")
+        for name, box in self.modalities.items():
+            box.add_class(f"nbi-modality-{name.lower()}")
+
+        self._load()
+        for control in self._controls():
+            control.observe(self._on_control, names="value")
+        self.refresh_keys.on_click(lambda _: self._render_keys())
+        self.session.observe(self._on_session, names=list(self.session.trait_names()))
+
+    # --- the panel as a displayable object ---------------------------------------------------------
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def close(self) -> None:
+        """Stop following the session and close the widgets."""
+        self.session.unobserve(self._on_session, names=list(self.session.trait_names()))
+        _close_tree(self.widget)
+
+    def __repr__(self) -> str:
+        return f"<ProviderPanel provider={self.session.provider!r} model={self.session.effective_model()!r}>"
+
+    # --- reading the controls ----------------------------------------------------------------------
+
+    def _controls(self) -> list[w.ValueWidget]:
+        return [self.provider, self.emulator, self.model, self.quality, self.size, self.custom_size,
+                self.background, self.output_format, self.compression_on, self.compression,
+                self.partial_images, self.moderation, self.input_fidelity, self.aspect_ratio,
+                self.image_size, *self.modalities.values()]
+
+    def _provider_options(self) -> list[tuple[str, str]]:
+        out = []
+        for name in self.session.providers:
+            if name in PROVIDER_LABELS:
+                out.append((PROVIDER_LABELS[name], name))
+            else:
+                out.append((f"{name} ({PROVIDER_LABELS.get(self.session.kind(name), '?')})", name))
+        return out
+
+    @property
+    def kind(self) -> str:
+        """The provider family of the chosen provider ("openai", "azure", "gemini", "vertex")."""
+        return self.session.kind(self.provider.value)
+
+    def wanted(self) -> dict[str, Any]:
+        """What the controls ask for, as session options (``provider`` included), valid or not."""
+        size = self.custom_size.value.strip() if self.size.value == CUSTOM else _opt(self.size.value)
+        compressible = self.output_format.value in COMPRESSIBLE
+        return {
+            "provider": self.provider.value,
+            "emulator": self.emulator.value,
+            "model": self.model.value.strip() or None,
+            "quality": _opt(self.quality.value),
+            "size": size or None,
+            "background": _opt(self.background.value),
+            "output_format": _opt(self.output_format.value),
+            "output_compression": self.compression.value if compressible and self.compression_on.value else None,
+            "partial_images": self.partial_images.value,
+            "moderation": _opt(self.moderation.value),
+            "input_fidelity": _opt(self.input_fidelity.value),
+            "aspect_ratio": _opt(self.aspect_ratio.value),
+            "image_size": _opt(self.image_size.value),
+            "response_modalities": [m for m, box in self.modalities.items() if box.value],
+        }
+
+    def problems(self, wanted: dict[str, Any] | None = None) -> dict[str, str]:
+        """Inline errors for the wanted values: control name -> reason (empty when all is valid)."""
+        wanted = wanted or self.wanted()
+        found: dict[str, str] = {}
+        if self.size.value == CUSTOM:
+            text = self.custom_size.value.strip()
+            if not text:
+                found["size"] = "Type a custom size such as 2048x1152, or choose a standard size."
+            else:
+                try:
+                    validate_size(text)
+                except ConfigError as exc:
+                    found["size"] = str(exc)
+        if wanted["background"] == "transparent" and wanted["output_format"] == "jpeg":
+            found["output_format"] = ("JPEG has no transparency: choose png or webp, "
+                                      "or a background other than transparent.")
+        if not wanted["response_modalities"]:
+            found["modalities"] = "Choose at least one response modality (IMAGE to get images)."
+        return found
+
+    def notes(self, wanted: dict[str, Any] | None = None) -> dict[str, str]:
+        """Warnings that do not block the change (shown inline)."""
+        wanted = wanted or self.wanted()
+        found: dict[str, str] = {}
+        model = self.session.effective_model(wanted["provider"], wanted["model"])
+        newest = "3.1-flash-image" in model
+        if not newest and (wanted["aspect_ratio"] in NEWEST_ONLY_RATIOS or wanted["image_size"] in NEWEST_ONLY_SIZES):
+            found["aspect_ratio"] = (f"{wanted['aspect_ratio'] or ''} {wanted['image_size'] or ''}".strip()
+                                     + f" is documented for Gemini 3.1 Flash Image only; {model} may refuse it.")
+        modalities = wanted["response_modalities"]
+        if modalities and "IMAGE" not in modalities:
+            found["modalities"] = "Without IMAGE the model answers in text only."
+        if self.output_format.value not in COMPRESSIBLE and self.compression_on.value:
+            found["compression"] = "Compression applies to jpeg and webp only, so it is not sent."
+        return found
+
+    # --- writing the session -----------------------------------------------------------------------
+
+    def _on_control(self, change: dict[str, Any]) -> None:
+        if self._loading:
+            return
+        if change["owner"] is self.provider and change["old"] != change["new"]:
+            # A model name belongs to its provider: switching goes back to the new provider's default.
+            with self._hold():
+                self.model.value = ""
+        self._update_rules()
+        self.apply()
+
+    def apply(self) -> bool:
+        """Write every valid wanted value to the session; flag the invalid ones. True if all applied."""
+        wanted = self.wanted()
+        problems = self.problems(wanted)
+        options = dict(wanted)
+        provider = options.pop("provider")
+        # Invalid values stay in their controls but are not sent: the session keeps its own.
+        if "size" in problems:
+            options["size"] = self.session.size
+        if "output_format" in problems:
+            options["output_format"] = self.session.output_format
+            options["background"] = self.session.background
+            if options["output_compression"] is not None and options["output_format"] not in COMPRESSIBLE:
+                options["output_compression"] = None
+        if "modalities" in problems:
+            options["response_modalities"] = list(self.session.response_modalities)
+        self._applying = True
+        try:
+            self.session.use(provider, **options)
+            problems.pop("apply", None)
+        except ConfigError as exc:
+            problems["apply"] = str(exc)
+        finally:
+            self._applying = False
+        self._show_messages(problems, self.notes(wanted))
+        self._render_keys()
+        return not problems
+
+    def _show_messages(self, problems: dict[str, str], notes: dict[str, str]) -> None:
+        for name, box in self.errors.items():
+            if name in problems:
+                box.value = _error_html(problems[name])
+            else:
+                box.value = _note_html(notes.get(name, ""))
+
+    # --- reading the session -----------------------------------------------------------------------
+
+    def _hold(self) -> _Flag:
+        return _Flag(self, "_loading")
+
+    def _on_session(self, change: dict[str, Any]) -> None:
+        if self._applying:
+            return
+        self._load()
+
+    def _load(self) -> None:
+        """Show the session's values in the controls (and clear the inline errors: they are valid)."""
+        s = self.session
+        with self._hold():
+            options = self._provider_options()
+            if options != list(self.provider.options):
+                self.provider.options = options
+            self.provider.value = s.provider
+            self.emulator.value = bool(s.emulator)
+            self.model.value = s.model or ""
+            self.quality.value = s.quality or DEFAULT
+            if s.size is None or s.size in STANDARD_SIZES:
+                self.size.value = s.size or DEFAULT
+                self.custom_size.value = ""
+            else:
+                self.size.value = CUSTOM
+                self.custom_size.value = s.size
+            self.background.value = s.background or DEFAULT
+            self.output_format.value = s.output_format or DEFAULT
+            self.compression_on.value = s.output_compression is not None
+            if s.output_compression is not None:
+                self.compression.value = s.output_compression
+            self.partial_images.value = s.partial_images or 0
+            self.moderation.value = s.moderation or DEFAULT
+            self.input_fidelity.value = s.input_fidelity or DEFAULT
+            self.aspect_ratio.value = s.aspect_ratio if s.aspect_ratio in GEMINI_ASPECT_RATIOS else DEFAULT
+            self.image_size.value = s.image_size if s.image_size in GEMINI_IMAGE_SIZES else DEFAULT
+            modalities = [m.upper() for m in (s.response_modalities or [])]
+            for name, box in self.modalities.items():
+                box.value = name in modalities
+        self._update_rules()
+        self._show_messages({}, self.notes())
+        self._render_keys()
+
+    def _update_rules(self) -> None:
+        """Show only the chosen provider's controls; enable only what applies."""
+        kind = self.kind
+        _show(self.openai_box, kind in ("openai", "azure"))
+        _show(self.gemini_box, kind in ("gemini", "vertex"))
+        self.model.placeholder = self.session.effective_model(self.provider.value, None) \
+            if self.provider.value != self.session.provider else DEFAULT_MODELS.get(kind, "")
+        if self.provider.value in self.session._registered:
+            self.model.placeholder = self.session._registered[self.provider.value].config.model
+        custom = self.size.value == CUSTOM
+        _show(self.custom_size, custom)
+        self.custom_size.disabled = not custom
+        compressible = self.output_format.value in COMPRESSIBLE
+        self.compression_on.disabled = not compressible
+        self.compression.disabled = not (compressible and self.compression_on.value)
+        self.compression.description_tooltip = None if compressible else "jpeg and webp only"
+
+    def _render_keys(self) -> None:
+        status = self.session.key_status()
+        rows = []
+        for name in self.session.providers:
+            label = PROVIDER_LABELS.get(name, name)
+            ok = status.get(name, False)
+            mark = "set" if ok else "not set"
+            colour = "#1b7f3b" if ok else "#8a8a8a"
+            chosen = name == self.provider.value
+            weight = "bold" if chosen else "normal"
+            rows.append(f'<span class="nbi-key nbi-key-{html.escape(name)}" data-set="{str(ok).lower()}" '
+                        f'style="margin-right:12px;font-weight:{weight};color:{colour}">'
+                        f'{html.escape(label)}: {"●" if ok else "○"} {mark}</span>')
+        chosen = self.provider.value
+        hint = ""
+        if self.emulator.value:
+            hint = "The offline emulator answers every request: no key is needed."
+        elif not status.get(chosen, False):
+            names = " and ".join(" or ".join(group) for group in KEY_ENV.get(self.session.kind(chosen), ()))
+            hint = (f"{PROVIDER_LABELS.get(chosen, chosen)} has no key: set {names} (with getpass or a .env "
+                    "file, not %env) or tick the offline emulator.")
+        self.keys.value = ("<div>" + "".join(rows) + "</div>"
+                           + (f'<div class="nbi-key-hint" style="color:#555">{html.escape(hint)}</div>' if hint
+                              else ""))
+
+
+class _Flag:
+    """``with _Flag(obj, "attr"):`` sets a boolean attribute for the block (re-entrant)."""
+
+    def __init__(self, owner: object, attr: str) -> None:
+        self.owner, self.attr = owner, attr
+
+    def __enter__(self) -> None:
+        self.old = getattr(self.owner, self.attr)
+        setattr(self.owner, self.attr, True)
+
+    def __exit__(self, *exc: object) -> None:
+        setattr(self.owner, self.attr, self.old)
+
+
+def _close_tree(widget: w.Widget) -> None:
+    for child in getattr(widget, "children", ()):
+        _close_tree(child)
+    widget.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Studio
+# ------------------------------------------------------------------------------------------------
+
+
+def plain_error(exc: BaseException) -> str:
+    """An error as one or two sentences for the panel (no traceback; secrets masked)."""
+    if isinstance(exc, ContentPolicyError):
+        reason = f" ({exc.reason})" if exc.reason else ""
+        text = f"The provider's safety system refused this request{reason}. Rephrase the prompt and try again."
+    elif isinstance(exc, ProviderError):
+        text = f"The provider could not make the image: {exc}"
+    elif isinstance(exc, ConfigError):
+        text = f"Settings problem: {exc}"
+    elif isinstance(exc, InputError):
+        text = f"Input problem: {exc}"
+    elif isinstance(exc, KeyError):
+        text = str(exc.args[0]) if exc.args else "Not found."
+    elif isinstance(exc, OSError):
+        text = f"File problem: {exc}"
+    elif isinstance(exc, ImagineError):
+        text = str(exc)
+    else:
+        text = f"Something went wrong ({type(exc).__name__}): {exc}"
+    return redact(text)
+
+
+class _Tile:
+    """One gallery cell: thumbnail, a select toggle labelled with the id, and the prompt."""
+
+    def __init__(self, on_toggle: Callable[[_Tile, bool], None]) -> None:
+        self.entry_id: int | None = None
+        self.image = w.Image(format="jpeg", layout=w.Layout(width="128px", height="128px",
+                                                              object_fit="contain"))
+        self.select = w.ToggleButton(description="", layout=w.Layout(width="128px"), tooltip="Select")
+        self.label = w.HTML(layout=w.Layout(width="128px", height="36px", overflow="hidden"))
+        self.box = w.VBox([self.image, self.select, self.label],
+                          layout=w.Layout(width="136px", margin="2px", padding="2px", border="1px solid #ddd"))
+        self.box.add_class("nbi-tile")
+        self.select.add_class("nbi-tile-select")
+        self._on_toggle = on_toggle
+        self._loading = False
+        self.select.observe(self._changed, names="value")
+
+    def show(self, entry: HistoryEntry | None, selected: bool) -> None:
+        self._loading = True
+        try:
+            if entry is None:
+                self.entry_id = None
+                _show(self.box, False)
+                self.select.value = False
+                return
+            self.entry_id = entry.id
+            thumb = entry.thumbnail(THUMB_SIDE)
+            self.image.format = "png" if thumb[:4] == b"\x89PNG" else "jpeg"
+            self.image.value = thumb
+            self.select.description = entry.ref
+            self.select.tooltip = f"Select {entry.ref}: {entry.prompt[:200]}"
+            self.select.value = selected
+            self.select.button_style = "info" if selected else ""
+            prompt = " ".join(entry.prompt.split())
+            short = prompt if len(prompt) <= 60 else prompt[:59] + "…"
+            self.label.value = (f'<span title="{html.escape(prompt)}" style="font-size:11px;line-height:1.2">'
+                                f"{html.escape(short)}</span>")
+            _show(self.box, True)
+        finally:
+            self._loading = False
+
+    def _changed(self, change: dict[str, Any]) -> None:
+        self.select.button_style = "info" if change["new"] else ""
+        if not self._loading and self.entry_id is not None:
+            self._on_toggle(self, bool(change["new"]))
+
+
+class Studio:
+    """Prompt, Generate / Edit selected / Cancel, progress, the result, and the history gallery.
+
+    ``session`` defaults to the shared session and ``history`` to the notebook's history.
+    """
+
+    def __init__(self, session: ImagineSession | None = None, history: History | None = None, *,
+                 per_page: int = 24, settings: bool = True) -> None:
+        self.session = session or get_session()
+        if history is None:
+            from ._history import history as current_history
+
+            history = current_history()
+        self.history = history
+        self.per_page = per_page
+        self.page = 0
+        self.selected: list[int] = []  # history ids, in the order they were selected
+        self.generation: Generation | None = None
+        self.last_entries: list[HistoryEntry] = []
+        self.last_error: str | None = None
+        self._lock = threading.RLock()
+        self._running = False
+        self._idle = threading.Event()  # set when no generation runs and its results are shown
+        self._idle.set()
+        self._started_at = 0.0
+        self._ticker: threading.Thread | None = None
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self._loop_thread = threading.get_ident()
+
+        self.summary = w.HTML()
+        self.prompt = w.Textarea(placeholder="Describe the image to make, or the edit to apply to the selected ones",
+                                 layout=w.Layout(width="100%", height="70px"))
+        self.generate = w.Button(description="Generate", button_style="primary", icon="magic")
+        self.edit = w.Button(description="Edit selected", icon="pencil", disabled=True,
+                             tooltip="Send the selected image(s) as edit inputs with the prompt")
+        self.cancel = w.Button(description="Cancel", icon="stop", button_style="warning", disabled=True)
+        self.status = w.HTML()
+        self.error = w.HTML()
+        self.partial = w.Image(format="png", layout=w.Layout(max_width="384px", display="none"))
+        self.result = w.Image(format="png", layout=w.Layout(max_width="512px", display="none"))
+        self.caption = w.HTML()
+        self.gallery_title = w.HTML()
+        self.refresh = w.Button(description="", icon="refresh", tooltip="Reload the history",
+                                layout=w.Layout(width="40px"))
+        self.prev_page = w.Button(description="", icon="chevron-left", tooltip="Newer", layout=w.Layout(width="40px"))
+        self.next_page = w.Button(description="", icon="chevron-right", tooltip="Older",
+                                  layout=w.Layout(width="40px"))
+        self.page_label = w.Label()
+        self.clear_selection = w.Button(description="Clear selection", layout=w.Layout(width="130px"))
+        self.selection_label = w.Label()
+        self.tiles = [_Tile(self._on_tile) for _ in range(per_page)]
+        self.grid = w.GridBox([t.box for t in self.tiles],
+                              layout=w.Layout(grid_template_columns="repeat(auto-fill, 144px)", width="100%"))
+        self.save_path = w.Text(placeholder="path/to/file.png or a folder/", description="Save to",
+                                layout=w.Layout(width="420px"))
+        self.save = w.Button(description="Save", icon="save",
+                             tooltip="Write the full image (the selected ones, else the last result)")
+
+        for name in ("prompt", "generate", "edit", "cancel", "status", "error", "partial", "result", "caption",
+                     "gallery_title", "refresh", "prev_page", "next_page", "page_label", "clear_selection",
+                     "selection_label", "grid", "save_path", "save", "summary"):
+            getattr(self, name).add_class(f"nbi-{name.replace('_', '-')}")
+
+        self.settings: ProviderPanel | None = ProviderPanel(self.session) if settings else None
+        parts: list[w.Widget] = [w.HTML("<b>nbimagine studio</b>"), self.summary]
+        if self.settings is not None:
+            accordion = w.Accordion(children=[self.settings.widget], selected_index=None)
+            accordion.set_title(0, "Provider settings")
+            accordion.add_class("nbi-settings")
+            parts.append(accordion)
+        parts += [
+            self.prompt,
+            w.HBox([self.generate, self.edit, self.cancel, self.status]),
+            self.error,
+            w.HBox([self.partial, self.result]),
+            self.caption,
+            w.HBox([self.gallery_title, self.refresh, self.prev_page, self.page_label, self.next_page,
+                    self.clear_selection, self.selection_label]),
+            self.grid,
+            w.HBox([self.save_path, self.save]),
+        ]
+        self.widget = w.VBox(parts)
+        self.widget.add_class("nbi-studio")
+
+        self.generate.on_click(lambda _: self.start())
+        self.edit.on_click(lambda _: self.start(edit=True))
+        self.cancel.on_click(lambda _: self.stop())
+        self.refresh.on_click(lambda _: self.show_page(self.page))
+        self.prev_page.on_click(lambda _: self.show_page(self.page - 1))
+        self.next_page.on_click(lambda _: self.show_page(self.page + 1))
+        self.clear_selection.on_click(lambda _: self.set_selection([]))
+        self.save.on_click(lambda _: self.save_selected())
+        self.session.observe(self._on_session, names=list(self.session.trait_names()))
+        self._render_summary()
+        self.show_page(0)
+
+    # --- display -----------------------------------------------------------------------------------
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Studio history={self.history!r} running={self.running}>"
+
+    def close(self) -> None:
+        """Cancel a running generation, stop following the session, close the widgets."""
+        self.stop()
+        self.session.unobserve(self._on_session, names=list(self.session.trait_names()))
+        if self.settings is not None:
+            self.settings.close()
+        _close_tree(self.widget)
+
+    @property
+    def running(self) -> bool:
+        """True from Generate until the result (or error) is shown."""
+        return self._running
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no generation runs (True) or ``timeout`` passes (False).
+
+        For scripts and tests: in a kernel, updates are delivered on the main thread, so do not
+        call this from a cell while the studio is running.
+        """
+        return self._idle.wait(timeout)
+
+    # --- thread hand-off ---------------------------------------------------------------------------
+
+    def _dispatch(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on the studio's own thread (the kernel's main loop) when called elsewhere."""
+        loop = self._loop
+        if (loop is not None and threading.get_ident() != self._loop_thread and loop.is_running()
+                and not loop.is_closed()):
+            try:
+                loop.call_soon_threadsafe(self._locked, fn, *args)
+                return
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+        self._locked(fn, *args)
+
+    def _locked(self, fn: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            try:
+                fn(*args)
+            except Exception as exc:  # a display problem must never leave the studio stuck
+                self._set_error(plain_error(exc))
+
+    # --- generation --------------------------------------------------------------------------------
+
+    def start(self, edit: bool = False) -> Generation | None:
+        """What Generate (``edit=False``) and Edit selected (``edit=True``) do. None if refused."""
+        from ._generate import Generation
+
+        with self._lock:
+            if self.running:
+                return None
+            prompt = self.prompt.value.strip()
+            if not prompt:
+                self._set_error("Write a prompt first: describe the image"
+                                + (" edit." if edit else "."))
+                return None
+            edits: list[BinaryResult] = []
+            try:
+                if edit:
+                    if not self.selected:
+                        self._set_error("Select one or more images in the gallery first, then Edit selected.")
+                        return None
+                    edits = [self.history.get(i).image for i in self.selected]
+                generation = Generation(prompt, edits=edits, session=self.session, history=self.history)
+                generation.start(on_event=self._on_event)
+            except Exception as exc:
+                self._set_error(plain_error(exc))
+                return None
+            self.generation = generation
+            self._running = True
+            self._idle.clear()
+            self._started_at = time.perf_counter()
+            self._set_error("")
+            self.last_error = None
+            self.partial.value = b""
+            _show(self.partial, False)
+            self._update_buttons()
+            what = f"Editing {', '.join(f'#{i}' for i in self.selected)}" if edit else "Generating"
+            self._what = what
+            self._tick()
+            self._ticker = threading.Thread(target=self._tick_loop, args=(generation,), daemon=True,
+                                            name="nbimagine-studio-ticker")
+            self._ticker.start()
+            assert generation.job is not None
+            generation.job.future.add_done_callback(lambda _f: self._dispatch(self._finish, generation))
+            return generation
+
+    def stop(self) -> None:
+        """What Cancel does: abort the running requests."""
+        generation = self.generation
+        if generation is not None and self.running:
+            generation.cancel()
+
+    def _tick_loop(self, generation: Generation) -> None:
+        while self.generation is generation and self.running:
+            time.sleep(0.2)
+            if self.generation is generation and self.running:
+                self._dispatch(self._tick)
+
+    def _tick(self) -> None:
+        if self.running:
+            elapsed = time.perf_counter() - self._started_at
+            self.status.value = f'<span class="nbi-running">{self._what}… {elapsed:.1f} s</span>'
+
+    def _on_event(self, index: int, event: StreamEvent) -> None:
+        # Called on the background loop's thread: hand over, never touch widgets here.
+        from .events import PartialImageEvent
+
+        if isinstance(event, PartialImageEvent):
+            self._dispatch(self._show_partial, event.index, event.image)
+
+    def _show_partial(self, index: int, image: BinaryResult) -> None:
+        if not self.running:
+            return
+        data, media_type = _preview(image, PREVIEW_SIDE // 2)
+        self.partial.format = media_type.split("/")[-1]
+        self.partial.value = data
+        _show(self.partial, True)
+        self._partials = index + 1
+        self.caption.value = f'<span class="nbi-partial-note">partial image {index + 1}</span>'
+
+    def _finish(self, generation: Generation) -> None:
+        if generation is not self.generation:
+            return
+        elapsed = generation.elapsed or (time.perf_counter() - self._started_at)
+        job = generation.job
+        cancelled = job is not None and job.future.cancelled()
+        errors = [e for e in generation.errors if e is not None]
+        entries = generation.entries
+        _show(self.partial, False)
+        self.partial.value = b""
+        if cancelled:
+            self.status.value = f'<span class="nbi-cancelled">Cancelled after {elapsed:.1f} s.</span>'
+            self.caption.value = ""
+        elif errors:
+            self.status.value = f'<span class="nbi-failed">Failed after {elapsed:.1f} s.</span>'
+            self._set_error(plain_error(errors[0]))
+        else:
+            self.status.value = f'<span class="nbi-done">Done in {elapsed:.1f} s.</span>'
+        if entries:
+            self.last_entries = entries
+            self._show_result(entries[0], elapsed, len(entries))
+        elif not cancelled and not errors:
+            texts = [r.body for r in generation.replies if r is not None and r.body]
+            message = "The model answered without an image"
+            self._set_error(message + (f": {texts[0][:300]}" if texts else "."))
+        self._running = False
+        try:
+            self._update_buttons()
+            self.show_page(0)
+        finally:
+            self._idle.set()
+
+    def _show_result(self, entry: HistoryEntry, elapsed: float, count: int) -> None:
+        from ._display import caption_for
+
+        image = entry.image
+        data, media_type = _preview(image, PREVIEW_SIDE)
+        self.result.format = media_type.split("/")[-1]
+        self.result.value = data
+        _show(self.result, True)
+        caption = caption_for(image, history_id=entry.id, elapsed=elapsed, provider=entry.provider,
+                              model=entry.model)
+        lines = caption.split("\n")
+        extra = []
+        if entry.parents:
+            extra.append("edited from " + ", ".join(f"#{p}" for p in entry.parents))
+        if count > 1:
+            extra.append(f"+{count - 1} more in the gallery")
+        head = " · ".join([lines[0], *extra])
+        prompt = " ".join(entry.prompt.split())
+        self.caption.value = (
+            f'<div class="nbi-result-caption"><div>{html.escape(head)}</div>'
+            f'<div style="color:#555">{html.escape(prompt[:300])}</div>'
+            + "".join(f'<div style="color:#555">{html.escape(line)}</div>' for line in lines[1:])
+            + "</div>"
+        )
+
+    def _set_error(self, message: str) -> None:
+        self.last_error = message or None
+        self.error.value = _error_html(message)
+
+    def _update_buttons(self) -> None:
+        running = self.running
+        self.generate.disabled = running
+        self.cancel.disabled = not running
+        self.edit.disabled = running or not self.selected
+        self.edit.description = f"Edit selected ({len(self.selected)})" if self.selected else "Edit selected"
+
+    # --- gallery -------------------------------------------------------------------------------------
+
+    def show_page(self, page: int) -> None:
+        """Show gallery page ``page`` (0 = newest), clamped to the pages there are."""
+        total = len(self.history)
+        pages = max(1, -(-total // self.per_page))
+        page = min(max(page, 0), pages - 1)
+        entries = self.history.page(page, self.per_page)
+        self.page = page
+        chosen = set(self.selected)
+        for i, tile in enumerate(self.tiles):
+            tile.show(entries[i] if i < len(entries) else None, entries[i].id in chosen if i < len(entries)
+                      else False)
+        self.gallery_title.value = f"<b>History</b> ({total:,} image{'s' if total != 1 else ''})"
+        self.page_label.value = f"page {page + 1} of {pages}"
+        self.prev_page.disabled = page == 0
+        self.next_page.disabled = page >= pages - 1
+        self._render_selection()
+
+    def set_selection(self, ids: Sequence[int]) -> None:
+        """Select these history ids (replacing the selection)."""
+        self.selected = list(dict.fromkeys(int(i) for i in ids))
+        chosen = set(self.selected)
+        for tile in self.tiles:
+            if tile.entry_id is not None:
+                tile._loading = True
+                try:
+                    tile.select.value = tile.entry_id in chosen
+                    tile.select.button_style = "info" if tile.entry_id in chosen else ""
+                finally:
+                    tile._loading = False
+        self._render_selection()
+
+    def _on_tile(self, tile: _Tile, selected: bool) -> None:
+        assert tile.entry_id is not None
+        if selected and tile.entry_id not in self.selected:
+            self.selected.append(tile.entry_id)
+        elif not selected and tile.entry_id in self.selected:
+            self.selected.remove(tile.entry_id)
+        self._render_selection()
+
+    def _render_selection(self) -> None:
+        ids = ", ".join(f"#{i}" for i in self.selected)
+        self.selection_label.value = f"selected: {ids}" if ids else "nothing selected"
+        self.clear_selection.disabled = not self.selected
+        self._update_buttons()
+
+    # --- saving ------------------------------------------------------------------------------------
+
+    def save_selected(self, path: str | None = None) -> list[Path]:
+        """What Save does: write the full selected image(s), else the last result, to ``path``."""
+        target = (path if path is not None else self.save_path.value).strip()
+        ids = list(self.selected) or [e.id for e in self.last_entries[:1]]
+        if not ids:
+            self._set_error("Nothing to save: select an image in the gallery (or generate one) first.")
+            return []
+        if not target:
+            self._set_error("Type where to save: a file such as out/cat.png, or a folder ending in /.")
+            return []
+        if len(ids) > 1 and not (target.endswith(("/", "\\")) or Path(target).expanduser().is_dir()):
+            self._set_error(f"{len(ids)} images are selected: give a folder (ending in /) to save them all, "
+                            "or select one image.")
+            return []
+        written: list[Path] = []
+        try:
+            for entry_id in ids:
+                written.append(self.history.get(entry_id).image.save(target).resolve())
+        except Exception as exc:
+            self._set_error(plain_error(exc))
+            return written
+        self._set_error("")
+        self.status.value = ('<span class="nbi-saved">Saved '
+                             + html.escape(", ".join(f"#{i} to {p}" for i, p in zip(ids, written, strict=True)))
+                             + "</span>")
+        return written
+
+    # --- session -----------------------------------------------------------------------------------
+
+    def _on_session(self, change: dict[str, Any]) -> None:
+        self._dispatch(self._render_summary)
+
+    def _render_summary(self) -> None:
+        s = self.session
+        name = PROVIDER_LABELS.get(s.provider, s.provider)
+        options = {k: getattr(s, k) for k in (OPENAI_OPTIONS if s.kind() in ("openai", "azure")
+                                               else ("aspect_ratio", "image_size"))}
+        shown = ", ".join(f"{k}={v}" for k, v in options.items() if v not in (None, 0))
+        route = " · <b>offline emulator</b>" if s.emulator else ""
+        self.summary.value = (f'<span class="nbi-summary-text">{html.escape(name)} · '
+                              f"{html.escape(s.effective_model())}{route}"
+                              f"{' · ' + html.escape(shown) if shown else ''}</span>")
+
+
+def _preview(image: BinaryResult, max_side: int) -> tuple[bytes, str]:
+    """Bytes small enough to send to the browser, and their media type."""
+    from ._display import preview
+
+    return preview(image, max_side=max_side)
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points
+# ------------------------------------------------------------------------------------------------
+
+
+def panel(session: ImagineSession | None = None) -> ProviderPanel:
+    """The provider settings panel (``%imagine panel``), bound to the shared session."""
+    return ProviderPanel(session)
+
+
+def studio(session: ImagineSession | None = None, history: History | None = None, *,
+           per_page: int = 24, settings: bool = True) -> Studio:
+    """The studio (``%imagine studio``): prompt, generate, partial images, result and history gallery."""
+    return Studio(session, history, per_page=per_page, settings=settings)
+
