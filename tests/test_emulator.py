@@ -433,6 +433,19 @@ def test_latency_and_client_disconnect_counts_abort(client: OpenAI, emu: Emulato
     assert emu.latency == 0 and emu.aborted == 0 and emu.requests == []
 
 
+def test_stream_delay_paces_frames_and_mid_stream_close_counts_abort(client: OpenAI, emu: Emulator) -> None:
+    emu.stream_delay = 0.05
+    stream = client.responses.create(model="m", input="slow stream", tools=[{**SMALL, "partial_images": 3}],
+                                      stream=True)
+    start = time.monotonic()
+    for event in stream:
+        if event.type == "response.image_generation_call.partial_image":
+            break
+    assert time.monotonic() - start >= 0.2  # five frames, four pauses
+    stream.close()
+    assert _wait_for(lambda: emu.aborted == 1)
+
+
 def test_close_connections_lets_async_clients_span_event_loops() -> None:
     with Emulator(close_connections=True) as emu:
         aclient = AsyncOpenAI(base_url=emu.openai_base_url, api_key="k", max_retries=0)

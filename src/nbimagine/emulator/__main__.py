@@ -13,6 +13,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8765, help="port (0 picks a free one; default 8765)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
+    parser.add_argument("--stream-delay", type=float, default=0.0,
+                        help="seconds between streamed events (makes partial images visible one by one)")
     parser.add_argument("--close", action="store_true",
                         help="answer 'Connection: close' (helps async clients used across event loops)")
     args = parser.parse_args(argv)
@@ -35,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  export NBIMAGINE_EMULATOR={emu.url}")
         print("Ctrl-C to stop.", flush=True)
 
-    emu = Emulator(args.host, args.port, latency=args.latency, close_connections=args.close)
+    emu = Emulator(args.host, args.port, latency=args.latency, close_connections=args.close,
+                   stream_delay=args.stream_delay)
     try:
         emu.serve_forever(on_ready=ready)
     except KeyboardInterrupt:

@@ -93,14 +93,16 @@ class _Injected:
 class State:
     """Shared mutable emulator state. Every method is thread-safe."""
 
-    def __init__(self, latency: float = 0.0) -> None:
+    def __init__(self, latency: float = 0.0, stream_delay: float = 0.0) -> None:
         self.lock = threading.RLock()
         self.store: dict[str, Any] = {}
         self.secret: bytes = os.urandom(32)
         self.requests: list[RecordedRequest] = []
         self.latency = float(latency)
         self.aborted = 0
+        self.stream_delay = float(stream_delay)
         self._default_latency = float(latency)
+        self._default_stream_delay = float(stream_delay)
         self._faults: list[_Injected] = []
         self._ids = itertools.count(1)
 
@@ -159,6 +161,7 @@ class State:
             self.store.clear()
             self._faults.clear()
             self.latency = self._default_latency
+            self.stream_delay = self._default_stream_delay
             self.aborted = 0
 
 
@@ -313,6 +316,8 @@ class _Handler(BaseHTTPRequestHandler):
                     if answer.break_after is not None and sent >= answer.break_after:
                         self._drop()
                         return
+                    if sent and self.server.state.stream_delay > 0:
+                        self._wait(self.server.state.stream_delay)  # paced frames: visible progress
                     # A client that closed the stream may not make the write fail (kernel buffers),
                     # so look at the socket before each frame to count the abort reliably.
                     if self._client_gone():
@@ -379,11 +384,11 @@ class Emulator:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency: float = 0.0,
-                 close_connections: bool = False) -> None:
+                 close_connections: bool = False, stream_delay: float = 0.0) -> None:
         self.host = host
         self.port = port
         self.close_connections = close_connections
-        self.state = State(latency)
+        self.state = State(latency, stream_delay)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -461,6 +466,15 @@ class Emulator:
     @latency.setter
     def latency(self, seconds: float) -> None:
         self.state.latency = float(seconds)
+
+    @property
+    def stream_delay(self) -> float:
+        """Seconds between SSE frames (0 by default), so partial images arrive visibly one by one."""
+        return self.state.stream_delay
+
+    @stream_delay.setter
+    def stream_delay(self, seconds: float) -> None:
+        self.state.stream_delay = float(seconds)
 
     @property
     def aborted(self) -> int:
