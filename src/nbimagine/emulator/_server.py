@@ -199,6 +199,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # Headers and body leave in separate writes; with Nagle's algorithm on, the body would wait for
+        # the client's delayed ACK (~40 ms on Linux) and that stall would dominate every emulated call.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.server.lock:
             self.server.connections.add(self.connection)
 
