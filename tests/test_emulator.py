@@ -274,6 +274,17 @@ def test_input_images_data_url_and_file_id(client: OpenAI) -> None:
             {"type": "input_image", "image_url": "data:image/png;base64,bm90IGFuIGltYWdl", "detail": "auto"}]}])
 
 
+def test_chat_completions_text(client: OpenAI) -> None:
+    c = client.chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": "hi there"}])
+    assert "hi there" in c.choices[0].message.content and c.usage.total_tokens > 0
+    chunks = list(client.chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": "hi"}],
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert "hi" in text and chunks[-1].usage is not None
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "[error:429]"}])
+
+
 # -- Azure ------------------------------------------------------------------------------------------
 def test_azure_url_shapes_and_deployment_header(emu: Emulator) -> None:
     header = {"x-ms-oai-image-generation-deployment": "gpt-image-1"}
@@ -350,6 +361,9 @@ def test_failed_image_call(client: OpenAI, emu: Emulator, fault: str, code: str,
     ig = r.output[0]
     assert r.status == "completed" and ig.status == "failed" and ig.result is None
     assert ig.error.code == code
+    emu.inject(fault)  # with several calls only the last one fails: the earlier images survive
+    r = client.responses.create(model="m", input="two [images:2]", tools=[SMALL])
+    assert [o.status for o in r.output[:2]] == ["completed", "failed"]
 
 
 def test_broken_stream_and_truncated_json(client: OpenAI, emu: Emulator) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from .._images import b64decode_any
 from ._server import Answer, Fault, Request, State
 
-__all__ = ["handle"]
+__all__ = ["handle", "handle_chat"]
 
 STANDARD_SIZES = ("1024x1024", "1024x1536", "1536x1024")
 QUALITIES = ("low", "medium", "high", "xhigh", "max", "auto")
@@ -402,10 +402,19 @@ def _image_for(plan: _Plan, k: int, *, stage: float = 1.0) -> bytes:
                         base=base, stage=stage, quality=quality)
 
 
+def _call_fault(plan: _Plan, k: int) -> str | None:
+    """The fault that applies to call ``k``: per-image failures hit only the last call, so that the
+    images made before it survive (as when one of several calls fails on the real API)."""
+    name = plan.fault.name if plan.fault else None
+    if name in ("image_moderation", "image_failed", "undecodable") and k != len(plan.calls) - 1:
+        return None
+    return name
+
+
 def _finish_call(plan: _Plan, k: int) -> tuple[dict[str, Any], bytes | None]:
     """Fill in call ``k`` (result, or failure per the fault); returns the item and the image bytes."""
     item = dict(plan.calls[k])
-    name = plan.fault.name if plan.fault else None
+    name = _call_fault(plan, k)
     if name == "image_moderation":
         item.update(status="failed", result=None, error={
             "code": "moderation_blocked", "type": "image_generation_user_error", "param": None,
@@ -523,7 +532,7 @@ def _events(plan: _Plan, state: State) -> Iterator[bytes]:
                 plan, output, status="failed", error={"code": "server_error", "message": message}))
             return
         tool = plan.tool
-        failing = name in ("image_moderation", "image_failed")
+        failing = _call_fault(plan, k) in ("image_moderation", "image_failed")
         for p in range(0 if failing else tool.partial_images):
             stage = (p + 1) / (tool.partial_images + 1)
             partial = base64.b64encode(_image_for(plan, k, stage=stage)).decode("ascii")
@@ -621,3 +630,52 @@ def _peek_prompt(raw_input: Any) -> str:
             elif isinstance(content, list):
                 text = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return text
+
+
+# -- Chat Completions (text only) ------------------------------------------------------------------------
+def handle_chat(req: Request, state: State) -> Answer:
+    """``POST …/chat/completions``: a deterministic text answer (the image tool does not exist there)."""
+    if req.method != "POST":
+        return _error(405, f"Method {req.method} is not supported by the emulator on {req.path}.")
+    if not _authorised(req):
+        return _error(401, "You didn't provide an API key.", code="invalid_api_key")
+    body = req.json if isinstance(req.json, dict) else None
+    messages = body.get("messages") if body else None
+    if not body or not isinstance(messages, list) or not messages:
+        return _error(400, "Missing required parameter: 'messages'.", param="messages",
+                      code="missing_required_parameter")
+    prompt = ""
+    for message in messages:
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            prompt = content if isinstance(content, str) else " ".join(
+                str(p.get("text", "")) for p in content or [] if isinstance(p, dict))
+    fault = state.fault("openai", prompt)
+    if fault and fault.name == "http":
+        return _http_fault(fault)
+    text = f"This is the nbimagine emulator answering: {_clean(prompt) or '(empty prompt)'}"
+    chat_id, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), str(body.get("model", ""))
+    usage = {"prompt_tokens": 10 + len(prompt) // 4, "completion_tokens": 5 + len(text) // 4}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    head = {"id": chat_id, "created": created, "model": model, "system_fingerprint": "fp_emulator"}
+    if not body.get("stream"):
+        return Answer(json={**head, "object": "chat.completion", "usage": usage, "choices": [{
+            "index": 0, "finish_reason": "stop", "logprobs": None,
+            "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []}}]})
+
+    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+        payload = {**head, "object": "chat.completion.chunk",
+                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+    def frames() -> Iterator[bytes]:
+        yield chunk({"role": "assistant", "content": "", "refusal": None}, None)
+        for delta in re.findall(r"\S+\s*", text):
+            yield chunk({"content": delta}, None)
+        yield chunk({}, "stop")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            payload = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+            yield b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    return Answer(sse=frames(), break_after=3 if fault and fault.name == "broken_stream" else None)

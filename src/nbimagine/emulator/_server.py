@@ -172,6 +172,10 @@ def _route(request: Request, state: State) -> Answer:
         from . import _openai
 
         return _openai.handle(request, state)
+    if path.endswith("/chat/completions"):
+        from . import _openai
+
+        return _openai.handle_chat(request, state)
     if _GEMINI_PATH.match(path):
         try:
             from ._gemini import handle
