@@ -101,7 +101,9 @@ class ImagineMagics(Magics):
         self.session = session or get_session()
         self._syncing = True  # config values applied during __init__ go to the session below
         super().__init__(shell=shell, **kwargs)
-        configured = {name: getattr(self, name) for name in _SESSION_TRAITS if self.trait_has_value(name)}
+        # Only what the user configured (ipython_config.py, %config before loading) overrides the session.
+        section = self.config.get(type(self).__name__, {})
+        configured = {name: getattr(self, name) for name in _SESSION_TRAITS if name in section}
         self._syncing = False
         if configured:
             try:
@@ -250,7 +252,6 @@ class ImagineMagics(Magics):
         last_refresh = time.perf_counter()
 
         def on_poll() -> None:
-            nonlocal last_refresh
             changed = False
             # The callback runs on the loop thread; the display is only touched here, on the main thread.
             while True:
@@ -262,23 +263,29 @@ class ImagineMagics(Magics):
                 if kind == "PartialImageEvent":
                     partials[index] = event.image
                     status[index] = f"partial {event.index + 1}"
-                elif kind == "TextDeltaEvent":
+                    refresh()  # every partial image is shown, even when several arrive between polls
+                    changed = False
+                    continue
+                if kind == "TextDeltaEvent":
                     texts[index] += event.text
                     status[index] = "writing"
                 elif kind == "ReplyEvent":
                     status[index] = "done"
                 changed = True
-            now = time.perf_counter()
-            if changed or now - last_refresh >= _PROGRESS_EVERY:
-                last_refresh = now
-                shown = partials if (gen.n > 1 or partials[0] is not None) else ()
-                bundle = progress_bundle(gen.elapsed, label=label, partials=shown, status=status)
-                if texts[0] and gen.n == 1:
-                    bundle["text/plain"] += "\n" + texts[0]
-                    from ._display import _text_html
+            if changed or time.perf_counter() - last_refresh >= _PROGRESS_EVERY:
+                refresh()
 
-                    bundle["text/html"] = _text_html(texts[0]) + bundle["text/html"]
-                handle.update(bundle, raw=True)
+        def refresh() -> None:
+            nonlocal last_refresh
+            last_refresh = time.perf_counter()
+            shown = partials if (gen.n > 1 or partials[0] is not None) else ()
+            bundle = progress_bundle(gen.elapsed, label=label, partials=shown, status=status)
+            if texts[0] and gen.n == 1:
+                from ._display import _text_html
+
+                bundle["text/plain"] += "\n" + texts[0]
+                bundle["text/html"] = _text_html(texts[0]) + bundle["text/html"]
+            handle.update(bundle, raw=True)
 
         gen.start(on_event=lambda i, e: events.put((i, e)))
         try:

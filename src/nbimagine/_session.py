@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ._agent import Agent
     from .emulator import Emulator
 
-__all__ = ["DEFAULT_MODELS", "OPTIONS", "PROVIDERS", "ImagineSession", "emulator", "get_session"]
+__all__ = ["DEFAULT_MODELS", "OPTIONS", "PROVIDERS", "ImagineSession", "emulator", "get_session", "set_emulator"]
 
 PROVIDERS = ("openai", "azure", "gemini", "vertex")
 DEFAULT_MODELS = {
@@ -348,3 +348,11 @@ def emulator() -> Emulator:
             atexit.register(emu.stop)
             _emulator = emu
         return _emulator
+
+
+def set_emulator(emu: Emulator | None) -> None:
+    """Route ``emulator`` mode to an emulator you started (e.g. on a fixed port, or a test's); ``None``
+    goes back to the in-process one started on demand. Does not turn emulator mode on by itself."""
+    global _emulator
+    with _lock:
+        _emulator = emu
