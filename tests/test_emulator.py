@@ -519,6 +519,9 @@ def test_standalone_module(tmp_path: Any) -> None:
         r = OpenAI(base_url=url + "/v1", api_key="k", max_retries=0).responses.create(
             model="m", input="standalone", tools=[SMALL])
         assert r.output[0].status == "completed"
+        proc.terminate()  # SIGTERM stops it cleanly, like Ctrl-C
+        assert proc.wait(timeout=10) == 0
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ._server import Emulator
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  export NBIMAGINE_EMULATOR={emu.url}")
         print("Ctrl-C to stop.", flush=True)
 
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM (e.g. from a CI runner) stops as cleanly as Ctrl-C
+
+    signal.signal(signal.SIGTERM, terminate)
     emu = Emulator(args.host, args.port, latency=args.latency, close_connections=args.close,
                    stream_delay=args.stream_delay)
     try:
