@@ -248,6 +248,10 @@ def test_item_references(client: OpenAI) -> None:
     full = unstored.output[0].model_dump(exclude_none=True)
     r = client.responses.create(model="m", tools=[SMALL], input=[full, {"role": "user", "content": "autumn"}])
     assert r.output[0].action == "edit"
+    with pytest.raises(openai.BadRequestError) as info:  # a result that is not an image
+        client.responses.create(model="m", tools=[SMALL],
+                                input=[{**full, "result": "bm9wZQ=="}, {"role": "user", "content": "x"}])
+    assert info.value.param == "input[0].result"
 
     stored = client.responses.create(model="m", input="a tree", tools=[SMALL])
     r = client.responses.create(model="m", tools=[SMALL], input=[

@@ -264,11 +264,7 @@ def _parse(req: Request, state: State) -> _Parsed:
                         base = image
             elif kind == "image_generation_call":
                 if item.get("result"):
-                    try:
-                        base = b64decode_any(item["result"])
-                    except (binascii.Error, ValueError) as exc:
-                        raise _Reject(400, "Invalid base64 in 'result'.", param=f"input[{i}].result",
-                                      code="invalid_value") from exc
+                    base = _decode_data_url("data:;base64," + str(item["result"]), f"input[{i}].result")
                 else:
                     base = _referenced_image(state, item.get("id"))
             elif kind == "item_reference":
