@@ -414,6 +414,13 @@ def test_error_in_the_middle_of_a_stream(emu: Any) -> None:
     assert info.value.status == 500
 
 
+def test_image_data_in_the_url_safe_alphabet(emu: Any) -> None:
+    emu.inject("urlsafe_base64")
+    reply = Agent("a", config=gemini(emu, model="gemini-2.5-flash-image")).ask_sync("x")
+    [image] = reply.files
+    assert image.media_type == "image/png" and Image.open(io.BytesIO(image.data)).size == (1024, 1024)
+
+
 def test_undecodable_image_is_a_provider_error(emu: Any) -> None:
     emu.inject("undecodable")
     with pytest.raises(ProviderError) as info:
@@ -438,6 +445,26 @@ def test_vertex_with_credentials_project_and_location(emu: Any) -> None:
     assert request.json["generationConfig"]["imageConfig"] == {
         "aspectRatio": "4:3", "imageOutputOptions": {"mimeType": "image/jpeg", "compressionQuality": 70}}
     assert "fake-token" not in repr(config)
+
+
+def test_vertex_image_output_options_object(emu: Any) -> None:
+    # The SDK sends this nested object with snake_case keys; the emulator (like Google) reads both.
+    options = types.ImageConfigImageOutputOptions(mime_type="image/webp", compression_quality=50)
+    reply = Agent("v", config=vertex(emu, image_config=types.ImageConfig(image_output_options=options))).ask_sync("x")
+    assert reply.files[0].media_type == "image/webp"
+
+
+def test_vertex_without_any_credentials_is_a_config_error(emu: Any, monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Any) -> None:
+    monkeypatch.setenv("NO_GCE_CHECK", "true")  # no metadata-server probe
+    monkeypatch.setenv("HOME", str(tmp_path))  # no gcloud application-default credentials
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    config = VertexAIConfig(model="gemini-2.5-flash-image", project="p", location="us-central1",
+                            base_url=emu.vertex_base_url, max_retries=0)
+    with pytest.raises(ConfigError, match="gcloud auth application-default login"):
+        Agent("v", config=config).ask_sync("x")
+    assert emu.requests == []
 
 
 def test_vertex_streaming_and_png_default(emu: Any) -> None:
@@ -497,7 +524,7 @@ def test_vertex_config_conflicts() -> None:
     {"image_output_options": {"mime_type": "image/jpeg"}},
 ])
 def test_vertex_only_fields_on_the_developer_api(emu: Any, image_config: Any) -> None:
-    with pytest.raises(ConfigError, match="need.* Vertex AI") as info:
+    with pytest.raises(ConfigError, match=r"need.* Vertex AI") as info:
         gemini(emu, image_config=image_config)
     assert "VertexAIConfig" in str(info.value)
     vertex(emu, image_config=image_config)  # fine there
@@ -521,7 +548,7 @@ def test_invalid_parameters_fail_before_any_request(emu: Any, kwargs: dict[str, 
 
 def test_unknown_image_config_key_fails_before_the_request(emu: Any) -> None:
     agent = Agent("a", config=gemini(emu, image_config={"aspect_ratio": "1:1", "colour": "blue"}))
-    with pytest.raises(ConfigError, match="not a valid google.genai ImageConfig"):
+    with pytest.raises(ConfigError, match=r"not a valid google\.genai ImageConfig"):
         agent.ask_sync("x")
     assert emu.requests == []
 

@@ -22,7 +22,8 @@ Behaviour:
   RetryInfo), ``image_safety``, ``prompt_blocked`` (``message=`` a block reason, default
   PROHIBITED_CONTENT; also ``prompt_blocked-SAFETY``), ``no_image``, ``text_only``,
   ``finish-REASON`` / ``finish:REASON`` (any finish reason), ``broken_stream``, ``undecodable``,
-  ``stream_error`` (an error object mid-stream); ``[error:NNN]`` is ``http`` with that status.
+  ``stream_error`` (an error object mid-stream), ``urlsafe_base64`` (image data in the URL-safe
+  alphabet, as pydantic writes it); ``[error:NNN]`` is ``http`` with that status.
 """
 
 from __future__ import annotations
@@ -466,7 +467,8 @@ def _answer(turn: _Turn, state: State, *, model: str, vertex: bool, fault: Fault
         else:
             data = state.draw(turn.prompt, width, height, fmt=fmt, base=turn.base, quality=turn.quality)
         image_tokens = _IMAGE_TOKENS_3[turn.image_size] if gemini3 else 1290
-        part = {"inlineData": {"mimeType": mime, "data": _b64(data)}}
+        encoded = base64.urlsafe_b64encode(data).decode() if name == "urlsafe_base64" else _b64(data)
+        part = {"inlineData": {"mimeType": mime, "data": encoded}}
         if gemini3:
             part["thoughtSignature"] = _b64(signature(state, "image", data))
         yield chunk([part])
