@@ -381,6 +381,7 @@ def test_broken_stream_and_truncated_json(client: OpenAI, emu: Emulator) -> None
     emu.inject("broken_stream")
     with pytest.raises(openai.APIConnectionError):
         client.responses.create(model="m", input="x", tools=[SMALL])
+    assert emu.aborted == 0  # the server dropped these; no client went away
 
 
 def test_stream_error_event_then_failed(client: OpenAI, emu: Emulator) -> None:

@@ -371,6 +371,8 @@ class _Server(ThreadingHTTPServer):
         self.close_connections = close_connections
         self.lock = threading.Lock()
         self.connections: set[socket.socket] = set()  # open keep-alive connections, closed by stop()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
     def close_connections_now(self) -> None:
