@@ -84,13 +84,13 @@ def _is_shown(widget: w.Widget) -> bool:
 def _error_html(message: str) -> str:
     if not message:
         return ""
-    return (f'<span class="nbi-error" style="color:#b00020">⚠ {html.escape(message)}</span>')
+    return (f'<span class="nbi-error-text" style="color:#b00020">⚠ {html.escape(message)}</span>')
 
 
 def _note_html(message: str) -> str:
     if not message:
         return ""
-    return f'<span class="nbi-note" style="color:#8a6d00">ⓘ {html.escape(message)}</span>'
+    return f'<span class="nbi-note-text" style="color:#8a6d00">ⓘ {html.escape(message)}</span>'
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,41 +112,43 @@ class ProviderPanel:
         self._applying = False  # True while the panel itself writes the session
         self._loading = False  # True while the panel loads the session into its controls
         style = {"description_width": "110px"}
-        wide = w.Layout(width="360px")
+
+        def wide() -> w.Layout:  # one Layout per control: hiding one must not hide the others
+            return w.Layout(width="360px")
 
         self.provider = w.Dropdown(description="Provider", options=self._provider_options(), style=style,
-                                   layout=wide)
+                                   layout=wide())
         self.emulator = w.Checkbox(description="Offline emulator (no key needed)", indent=False)
-        self.model = w.Text(description="Model", style=style, layout=wide, continuous_update=False)
+        self.model = w.Text(description="Model", style=style, layout=wide(), continuous_update=False)
         self.keys = w.HTML()
         self.refresh_keys = w.Button(description="Check keys", icon="refresh", tooltip="Read the environment again",
                                      layout=w.Layout(width="120px"))
 
         # OpenAI / Azure image tool
-        self.quality = w.Dropdown(description="Quality", options=_choices(QUALITIES), style=style, layout=wide)
-        self.size = w.Dropdown(description="Size", style=style, layout=wide,
+        self.quality = w.Dropdown(description="Quality", options=_choices(QUALITIES), style=style, layout=wide())
+        self.size = w.Dropdown(description="Size", style=style, layout=wide(),
                                options=[*_choices(STANDARD_SIZES), ("custom WxH", CUSTOM)])
         self.custom_size = w.Text(description="Custom size", placeholder="e.g. 2048x1152", style=style,
-                                  layout=wide, continuous_update=False)
+                                  layout=wide(), continuous_update=False)
         self.background = w.Dropdown(description="Background", options=_choices(BACKGROUNDS), style=style,
-                                     layout=wide)
+                                     layout=wide())
         self.output_format = w.Dropdown(description="Format", options=_choices(OUTPUT_FORMATS), style=style,
-                                        layout=wide)
+                                        layout=wide())
         self.compression_on = w.Checkbox(description="Set compression", indent=False,
                                          layout=w.Layout(width="140px"))
         self.compression = w.IntSlider(description="Compression", min=0, max=100, value=80, style=style,
                                        layout=w.Layout(width="360px"), continuous_update=False)
         self.partial_images = w.IntSlider(description="Partial images", min=0, max=3, value=0, style=style,
-                                          layout=wide, continuous_update=False)
+                                          layout=wide(), continuous_update=False)
         self.moderation = w.Dropdown(description="Moderation", options=_choices(MODERATIONS), style=style,
-                                     layout=wide)
+                                     layout=wide())
         self.input_fidelity = w.Dropdown(description="Input fidelity", options=_choices(INPUT_FIDELITIES),
-                                         style=style, layout=wide)
+                                         style=style, layout=wide())
         # Gemini / Vertex
         self.aspect_ratio = w.Dropdown(description="Aspect ratio", options=_choices(GEMINI_ASPECT_RATIOS),
-                                       style=style, layout=wide)
+                                       style=style, layout=wide())
         self.image_size = w.Dropdown(description="Image size", options=_choices(GEMINI_IMAGE_SIZES),
-                                     style=style, layout=wide)
+                                     style=style, layout=wide())
         self.modalities = {m: w.Checkbox(description=m, indent=False, layout=w.Layout(width="90px"))
                            for m in MODALITIES}
 
