@@ -234,8 +234,8 @@ class GeminiProvider(Provider[GeminiConfig]):
         what = "the prompt" if prompt else "the answer"
         detail = f": {message}" if message else ""
         return ContentPolicyError(
-            f"Gemini's safety system blocked {what} ({reason}){detail}. Rephrase the request; "
-            "nothing was returned for it.",
+            f"Gemini's safety system blocked {what} ({reason}){detail}. Rephrase the request"
+            f"{'' if prompt else ' or relax safety_settings in extra_config'}.",
             reason=reason, provider=self.name, code=reason, request_id=response_id, files=files,
         )
 
