@@ -109,8 +109,9 @@ class State:
     # -- faults -------------------------------------------------------------------------------------
     def inject(self, fault: str, *, family: str | None = None, times: int = 1, status: int | None = None,
                retry_after: float | None = None, message: str | None = None) -> None:
-        if ":" in fault and family is None:  # "gemini:http" is shorthand for family="gemini"
-            family, fault = fault.split(":", 1)
+        prefix, _, rest = fault.partition(":")
+        if family is None and prefix in ("openai", "gemini"):  # "gemini:http" is shorthand for family="gemini"
+            family, fault = prefix, rest
         if fault == "http" and status is None:
             raise ValueError("inject('http') needs status=, e.g. status=500")
         with self.lock:
