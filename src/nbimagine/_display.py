@@ -208,15 +208,18 @@ def grid_bundle(items: Sequence[tuple[BinaryResult, str]], *, text: str = "", fu
     cols = columns or min(len(items), 2 if len(items) == 4 else 3) or 1
     # Previews in a grid are shown smaller, so they are made smaller too.
     side = MAX_SIDE if cols == 1 else max(256, MAX_SIDE * 2 // (cols + 1))
-    cells = []
     plain = [text] if text else []
-    for result, caption in items:
-        if full:
-            data, media_type = result.data, result.media_type
-        else:
-            data, media_type = preview(result, max_side=side)
-        cells.append(_figure(data, media_type, caption))
-        plain.append(caption)
+    if full:
+        encoded = [(result.data, result.media_type) for result, _ in items]
+    else:
+        # Pillow releases the GIL while decoding, resizing and encoding: variants are previewed in parallel.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(len(items), 4) or 1) as pool:
+            encoded = list(pool.map(lambda item: preview(item[0], max_side=side), items))
+    cells = [_figure(data, media_type, caption) for (data, media_type), (_, caption) in zip(encoded, items,
+                                                                                                strict=True)]
+    plain.extend(caption for _, caption in items)
     body = _text_html(text)
     grid = (f'<div style="display:grid;grid-template-columns:repeat({cols}, minmax(0, {side}px));gap:8px">'
             + "".join(cells) + "</div>")
