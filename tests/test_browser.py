@@ -148,8 +148,9 @@ def test_panel_studio_generate_edit_lineage_in_jupyterlab(tmp_path: Path) -> Non
     from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "failure.png").unlink(missing_ok=True)
     started = time.monotonic()
-    with _jupyterlab(tmp_path) as (base, token, root), sync_playwright() as p:
+    with _jupyterlab(tmp_path) as (base, token, _root), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1600})
         try:

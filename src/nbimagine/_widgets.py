@@ -218,13 +218,25 @@ class ProviderPanel:
             if name in PROVIDER_LABELS:
                 out.append((PROVIDER_LABELS[name], name))
             else:
-                out.append((f"{name} ({PROVIDER_LABELS.get(self.session.kind(name), '?')})", name))
+                out.append((f"{name} ({PROVIDER_LABELS.get(self._kind(name), '?')})", name))
         return out
 
     @property
     def kind(self) -> str:
         """The provider family of the chosen provider ("openai", "azure", "gemini", "vertex")."""
-        return self.session.kind(self.provider.value)
+        return self._kind(self.provider.value)
+
+    def _kind(self, name: str) -> str:
+        try:
+            return self.session.kind(name)
+        except ConfigError:  # a name the session no longer knows: its error is shown by apply()
+            return "openai"
+
+    def _model_for(self, name: str, model: str | None) -> str:
+        try:
+            return self.session.effective_model(name, model)
+        except ConfigError:
+            return model or ""
 
     def wanted(self) -> dict[str, Any]:
         """What the controls ask for, as session options (``provider`` included), valid or not."""
@@ -271,7 +283,7 @@ class ProviderPanel:
         """Warnings that do not block the change (shown inline)."""
         wanted = wanted or self.wanted()
         found: dict[str, str] = {}
-        model = self.session.effective_model(wanted["provider"], wanted["model"])
+        model = self._model_for(wanted["provider"], wanted["model"])
         newest = "3.1-flash-image" in model
         if not newest and (wanted["aspect_ratio"] in NEWEST_ONLY_RATIOS or wanted["image_size"] in NEWEST_ONLY_SIZES):
             found["aspect_ratio"] = (f"{wanted['aspect_ratio'] or ''} {wanted['image_size'] or ''}".strip()
@@ -379,17 +391,16 @@ class ProviderPanel:
         kind = self.kind
         _show(self.openai_box, kind in ("openai", "azure"))
         _show(self.gemini_box, kind in ("gemini", "vertex"))
-        self.model.placeholder = self.session.effective_model(self.provider.value, None) \
-            if self.provider.value != self.session.provider else DEFAULT_MODELS.get(kind, "")
-        if self.provider.value in self.session._registered:
-            self.model.placeholder = self.session._registered[self.provider.value].config.model
+        name = self.provider.value
+        registered = self.session._registered.get(name)
+        self.model.placeholder = registered.config.model if registered else DEFAULT_MODELS.get(kind, "")
         custom = self.size.value == CUSTOM
         _show(self.custom_size, custom)
         self.custom_size.disabled = not custom
         compressible = self.output_format.value in COMPRESSIBLE
         self.compression_on.disabled = not compressible
         self.compression.disabled = not (compressible and self.compression_on.value)
-        self.compression.description_tooltip = None if compressible else "jpeg and webp only"
+        self.compression.tooltip = None if compressible else "jpeg and webp only"
 
     def _render_keys(self) -> None:
         status = self.session.key_status()
@@ -409,7 +420,7 @@ class ProviderPanel:
         if self.emulator.value:
             hint = "The offline emulator answers every request: no key is needed."
         elif not status.get(chosen, False):
-            names = " and ".join(" or ".join(group) for group in KEY_ENV.get(self.session.kind(chosen), ()))
+            names = " and ".join(" or ".join(group) for group in KEY_ENV.get(self._kind(chosen), ()))
             hint = (f"{PROVIDER_LABELS.get(chosen, chosen)} has no key: set {names} (with getpass or a .env "
                     "file, not %env) or tick the offline emulator.")
         self.keys.value = ("<div>" + "".join(rows) + "</div>"
@@ -820,7 +831,7 @@ class Studio:
         for i, tile in enumerate(self.tiles):
             tile.show(entries[i] if i < len(entries) else None, entries[i].id in chosen if i < len(entries)
                       else False)
-        self.gallery_title.value = f"<b>History</b> ({total:,} image{'s' if total != 1 else ''})"
+        self.gallery_title.value = f"<b>History</b>&nbsp;({total:,} image{'s' if total != 1 else ''})"
         self.page_label.value = f"page {page + 1} of {pages}"
         self.prev_page.disabled = page == 0
         self.next_page.disabled = page >= pages - 1
@@ -891,12 +902,17 @@ class Studio:
     def _render_summary(self) -> None:
         s = self.session
         name = PROVIDER_LABELS.get(s.provider, s.provider)
-        options = {k: getattr(s, k) for k in (OPENAI_OPTIONS if s.kind() in ("openai", "azure")
+        try:
+            kind, model = s.kind(), s.effective_model()
+        except ConfigError as exc:  # set behind the session's back; Generate will say so too
+            self.summary.value = _error_html(str(exc))
+            return
+        options = {k: getattr(s, k) for k in (OPENAI_OPTIONS if kind in ("openai", "azure")
                                                else ("aspect_ratio", "image_size"))}
         shown = ", ".join(f"{k}={v}" for k, v in options.items() if v not in (None, 0))
         route = " · <b>offline emulator</b>" if s.emulator else ""
         self.summary.value = (f'<span class="nbi-summary-text">{html.escape(name)} · '
-                              f"{html.escape(s.effective_model())}{route}"
+                              f"{html.escape(model)}{route}"
                               f"{' · ' + html.escape(shown) if shown else ''}</span>")
 
 
