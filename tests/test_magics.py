@@ -447,3 +447,100 @@ def test_registered_provider_name(ip, emu):
     assert request.json["model"] == "east-gpt"
     assert request.headers.get("x-ms-oai-image-generation-deployment") == "img-east"
     assert "/openai/" in request.path
+
+
+# --- the session and the generation runner (shared with the widget panels) ------------------------
+
+
+def test_session_use_is_validated_and_atomic(ip):
+    session = get_session()
+    seen = []
+
+    def watch(change):
+        seen.append(change["name"])
+
+    session.observe(watch, names=["provider", "model", "aspect_ratio"])
+    try:
+        with pytest.raises(Exception, match="aspect ratio must be one of"):
+            session.use("gemini", aspect_ratio="7:3")
+        assert session.provider == "openai" and seen == []  # nothing half-applied
+        session.use("openai", model="gpt-custom")
+        session.use("gemini", aspect_ratio="16:9")
+        assert (session.provider, session.model, session.aspect_ratio) == ("gemini", None, "16:9")
+        assert session.effective_model() == "gemini-3.1-flash-image"
+        with pytest.raises(Exception, match="Unknown option"):
+            session.use(colour="red")
+    finally:
+        session.unobserve(watch, names=["provider", "model", "aspect_ratio"])
+
+
+def test_build_agent_routes_every_provider_to_the_emulator(ip, emu):
+    from nbimagine.config import AzureOpenAIResponsesConfig, GeminiConfig, OpenAIResponsesConfig, VertexAIConfig
+    from nbimagine.tools import ImageGenerationTool
+
+    session = get_session()
+    kinds = {"openai": OpenAIResponsesConfig, "azure": AzureOpenAIResponsesConfig, "gemini": GeminiConfig,
+             "vertex": VertexAIConfig}
+    for name, cls in kinds.items():
+        agent = session.build_agent(provider=name, size="1024x1536", aspect_ratio="3:4")
+        assert type(agent.config) is cls
+        assert agent.config.base_url.startswith(emu.url)
+        if name in ("openai", "azure"):
+            assert agent.config.tool_choice == "image_generation"
+            assert agent.tools == [ImageGenerationTool(size="1024x1536")]
+        else:
+            assert agent.tools == [] and dict(agent.config.image_config) == {"aspect_ratio": "3:4"}
+
+
+def test_generation_runs_variants_records_and_reports_events_off_the_main_thread(ip, emu):
+    from nbimagine._generate import Generation
+    from nbimagine._history import history
+
+    threads = set()
+    events = []
+
+    def on_event(index, event):
+        threads.add(threading.current_thread().name)
+        events.append((index, type(event).__name__))
+
+    gen = Generation("two kites", n=2, overrides={"partial_images": 1}, parents=())
+    replies = gen.run(on_event=on_event)
+    assert len(replies) == 2 and len(gen.entries) == 2 and len(history()) == 2
+    assert threads == {"nbimagine-loop"}
+    for index in (0, 1):
+        kinds = [k for i, k in events if i == index]
+        assert kinds[0] == "PartialImageEvent" and kinds[-1] == "ReplyEvent"
+    assert gen.entries[0].params == {"partial_images": 1, "n": 2}
+    assert gen.elapsed > 0
+
+
+def test_images_made_before_a_failure_are_recorded(ip, emu):
+    from nbimagine._generate import Generation
+    from nbimagine._history import history
+
+    emu.inject("image_failed", times=1)
+    gen = Generation("[images:2] a cat and a dog")
+    with pytest.raises(ProviderError) as info:
+        gen.run()
+    assert len(info.value.files) == 1
+    assert len(gen.entries) == 1 and len(history()) == 1
+    assert history()[-1].sha256 == info.value.files[0].sha256
+
+
+def test_generation_cancel(ip, emu):
+    from nbimagine._generate import Generation
+
+    emu.latency = 30.0
+    gen = Generation("slow", record=False)
+    job = gen.start()
+    time.sleep(0.3)
+    start = time.perf_counter()
+    gen.cancel()
+    assert job.done() and time.perf_counter() - start < 3.0
+
+
+def test_help_lists_options_and_subcommands(ip, capsys):
+    ip.run_cell("%%imagine?")
+    shown = capsys.readouterr().out
+    for piece in ("--aspect", "--partial N", "-e REF", "--no-history", "%imagine history [N]", "{name}"):
+        assert piece in shown, piece
