@@ -544,3 +544,12 @@ def test_help_lists_options_and_subcommands(ip, capsys):
     shown = capsys.readouterr().out
     for piece in ("--aspect", "--partial N", "-e REF", "--no-history", "%imagine history [N]", "{name}"):
         assert piece in shown, piece
+
+
+def test_panel_and_studio_subcommands_return_widgets_bound_to_the_session(ip):
+    import ipywidgets
+
+    panel = ip.run_line_magic("imagine", "panel")
+    studio = ip.run_line_magic("imagine", "studio")
+    assert isinstance(panel, ipywidgets.Widget) and isinstance(studio, ipywidgets.Widget)
+    assert panel.session is get_session() and studio.session is get_session()
