@@ -2,7 +2,7 @@
 
 A notebook loads the extension, opens ``%imagine panel`` and picks settings with the mouse, runs a
 ``%%imagine`` cell with them, opens ``%imagine studio``, generates, selects the new image in the
-gallery and edits it, then checks the lineage in the kernel's history and that ``%imagine use``
+gallery, edits it and saves it, then checks the lineage in the kernel's history and that ``%imagine use``
 updates the open panel. Screenshots go to ``build/test-artifacts/``.
 
 Skipped (with the reason) when ``/usr/bin/chromium``, jupyterlab or playwright is missing; ``.ci/run``
@@ -150,7 +150,7 @@ def test_panel_studio_generate_edit_lineage_in_jupyterlab(tmp_path: Path) -> Non
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "failure.png").unlink(missing_ok=True)
     started = time.monotonic()
-    with _jupyterlab(tmp_path) as (base, token, _root), sync_playwright() as p:
+    with _jupyterlab(tmp_path) as (base, token, root), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1600})
         try:
@@ -235,6 +235,12 @@ def test_panel_studio_generate_edit_lineage_in_jupyterlab(tmp_path: Path) -> Non
             expect(studio.locator(".nbi-result-caption")).to_contain_text("#3")
             expect(studio.locator(".nbi-gallery-title")).to_contain_text("(3 images)")
             expect(studio.locator(".nbi-error-text")).to_have_count(0)
+            # Save writes the selected image at full size, relative to the notebook's folder.
+            studio.locator(".nbi-save-path input").fill("exports/fox.png")
+            studio.locator(".nbi-save").click()
+            expect(studio.locator(".nbi-status")).to_contain_text("Saved #2 to")
+            saved = root / "exports" / "fox.png"
+            assert saved.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             studio.scroll_into_view_if_needed()
             studio.screenshot(path=str(ARTIFACTS / "studio.png"))
 
