@@ -282,6 +282,26 @@ def test_two_panels_follow_each_other(session):
     assert a.provider.value == "vertex" and a.gemini_box.layout.display != "none"
 
 
+def test_session_changes_from_another_thread_reach_the_panel_on_its_thread(session):
+    main = threading.get_ident()
+    seen: list[int] = []
+
+    async def scenario() -> ProviderPanel:
+        p = ProviderPanel(session)
+        p.quality.observe(lambda ch: seen.append(threading.get_ident()), names="value")
+        worker = threading.Thread(target=session.use, kwargs={"quality": "high"})
+        worker.start()
+        worker.join()
+        for _ in range(200):
+            if p.quality.value == "high":
+                break
+            await asyncio.sleep(0.01)
+        return p
+
+    p = asyncio.run(scenario())
+    assert p.quality.value == "high" and seen == [main]
+
+
 def test_closed_panel_stops_following(session):
     p = ProviderPanel(session)
     p.close()

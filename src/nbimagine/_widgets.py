@@ -93,6 +93,43 @@ def _note_html(message: str) -> str:
     return f'<span class="nbi-note-text" style="color:#8a6d00">ⓘ {html.escape(message)}</span>'
 
 
+class _UIThread:
+    """Runs widget updates on the thread that made the panel.
+
+    In a kernel that is the main thread, whose asyncio loop also dispatches widget messages: a call
+    from any other thread (the generation loop, a ticker) is queued there with
+    ``call_soon_threadsafe``. Without a running loop (plain Python, tests) it runs on the calling
+    thread. Either way it runs under ``lock``, and an exception goes to ``on_error`` instead of
+    killing the caller's thread.
+    """
+
+    def __init__(self, on_error: Callable[[BaseException], None]) -> None:
+        self.lock = threading.RLock()
+        self.on_error = on_error
+        try:
+            self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self.loop = None
+        self.thread = threading.get_ident()
+
+    def call(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self.loop
+        if loop is not None and threading.get_ident() != self.thread and loop.is_running() and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._run, fn, *args)
+                return
+            except RuntimeError:  # the loop closed meanwhile: run here
+                pass
+        self._run(fn, *args)
+
+    def _run(self, fn: Callable[..., None], *args: Any) -> None:
+        with self.lock:
+            try:
+                fn(*args)
+            except Exception as exc:  # a display problem must never leave a panel stuck
+                self.on_error(exc)
+
+
 # ------------------------------------------------------------------------------------------------
 # Provider panel
 # ------------------------------------------------------------------------------------------------
@@ -109,6 +146,7 @@ class ProviderPanel:
 
     def __init__(self, session: ImagineSession | None = None) -> None:
         self.session = session or get_session()
+        self._ui = _UIThread(lambda exc: setattr(self.errors["apply"], "value", _error_html(str(exc))))
         self._applying = False  # True while the panel itself writes the session
         self._loading = False  # True while the panel loads the session into its controls
         style = {"description_width": "110px"}
@@ -350,7 +388,7 @@ class ProviderPanel:
     def _on_session(self, change: dict[str, Any]) -> None:
         if self._applying:
             return
-        self._load()
+        self._ui.call(self._load)
 
     def _load(self) -> None:
         """Show the session's values in the controls (and clear the inline errors: they are valid)."""
@@ -542,23 +580,21 @@ class Studio:
         self.generation: Generation | None = None
         self.last_entries: list[HistoryEntry] = []
         self.last_error: str | None = None
-        self._lock = threading.RLock()
+        self._ui = _UIThread(lambda exc: self._set_error(plain_error(exc)))
+        self._lock = self._ui.lock
+        self._what = "Generating"
         self._running = False
         self._idle = threading.Event()  # set when no generation runs and its results are shown
         self._idle.set()
         self._started_at = 0.0
         self._ticker: threading.Thread | None = None
-        try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None
-        self._loop_thread = threading.get_ident()
 
         self.summary = w.HTML()
         self.prompt = w.Textarea(placeholder="Describe the image to make, or the edit to apply to the selected ones",
                                  layout=w.Layout(width="100%", height="70px"))
         self.generate = w.Button(description="Generate", button_style="primary", icon="magic")
         self.edit = w.Button(description="Edit selected", icon="pencil", disabled=True,
+                             layout=w.Layout(width="170px"),
                              tooltip="Send the selected image(s) as edit inputs with the prompt")
         self.cancel = w.Button(description="Cancel", icon="stop", button_style="warning", disabled=True)
         self.status = w.HTML()
@@ -653,23 +689,8 @@ class Studio:
     # --- thread hand-off ---------------------------------------------------------------------------
 
     def _dispatch(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` on the studio's own thread (the kernel's main loop) when called elsewhere."""
-        loop = self._loop
-        if (loop is not None and threading.get_ident() != self._loop_thread and loop.is_running()
-                and not loop.is_closed()):
-            try:
-                loop.call_soon_threadsafe(self._locked, fn, *args)
-                return
-            except RuntimeError:  # the loop closed meanwhile
-                pass
-        self._locked(fn, *args)
-
-    def _locked(self, fn: Callable[..., None], *args: Any) -> None:
-        with self._lock:
-            try:
-                fn(*args)
-            except Exception as exc:  # a display problem must never leave the studio stuck
-                self._set_error(plain_error(exc))
+        """Run ``fn(*args)`` on the studio's own thread (see :class:`_UIThread`)."""
+        self._ui.call(fn, *args)
 
     # --- generation --------------------------------------------------------------------------------
 
@@ -706,8 +727,7 @@ class Studio:
             self.partial.value = b""
             _show(self.partial, False)
             self._update_buttons()
-            what = f"Editing {', '.join(f'#{i}' for i in self.selected)}" if edit else "Generating"
-            self._what = what
+            self._what = f"Editing {', '.join(f'#{i}' for i in self.selected)}" if edit else "Generating"
             self._tick()
             self._ticker = threading.Thread(target=self._tick_loop, args=(generation,), daemon=True,
                                             name="nbimagine-studio-ticker")
@@ -747,7 +767,6 @@ class Studio:
         self.partial.format = media_type.split("/")[-1]
         self.partial.value = data
         _show(self.partial, True)
-        self._partials = index + 1
         self.caption.value = f'<span class="nbi-partial-note">partial image {index + 1}</span>'
 
     def _finish(self, generation: Generation) -> None:
