@@ -515,8 +515,10 @@ def test_missing_key_is_explained_without_a_request(hist, emu):
 
 
 def test_invalid_settings_are_refused_before_starting(hist, routed):
-    st = Studio(routed, hist, settings=False)
+    st = Studio(routed, hist)
     routed.provider = "nonexistent"  # set directly, bypassing use(): the studio must still cope
+    assert st.settings is not None and st.settings.provider.value == "nonexistent"
+    assert "Unknown provider" in text(st.summary)
     st.prompt.value = "a cat"
     st.generate.click()
     assert "Settings problem" in text(st.error) and "Unknown provider" in text(st.error)

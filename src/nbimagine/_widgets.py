@@ -252,7 +252,10 @@ class ProviderPanel:
 
     def _provider_options(self) -> list[tuple[str, str]]:
         out = []
-        for name in self.session.providers:
+        names = list(self.session.providers)
+        if self.session.provider not in names:  # set behind use()'s back; shown so that it can be changed
+            names.append(self.session.provider)
+        for name in names:
             if name in PROVIDER_LABELS:
                 out.append((PROVIDER_LABELS[name], name))
             else:
