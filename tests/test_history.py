@@ -426,3 +426,18 @@ def test_batch_is_one_transaction(h: History) -> None:
         raise RuntimeError("boom")
     assert len(h) == 5 and h.search("rolled back") == []
     assert h.add(make_image(51), prompt="after").id == 6  # the rolled-back id was never visible
+
+
+def test_many_kernels_opening_a_new_history_at_once(tmp_path: Path) -> None:
+    # SQLite answers the switch to WAL with "database is locked" without waiting when another
+    # connection is creating the same file; before the retry this failed about 1 open in 12.
+    code = ("import sys, time; from nbimagine._history import History; "
+            "time.sleep(max(0, float(sys.argv[2]) - time.time())); print(len(History(sys.argv[1], 'shared')))")
+    for round_ in range(4):
+        root = tmp_path / f"round{round_}"
+        start = time.time() + 0.5
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(root), str(start)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0 and out.strip() == "0", err

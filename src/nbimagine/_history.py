@@ -32,6 +32,7 @@ import shutil
 import sqlite3
 import sys
 import threading
+import time
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -432,10 +433,7 @@ class History:
         )
         try:
             conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-            # WAL lets readers and one writer work at once; NORMAL is still crash-safe in WAL mode
-            # (a power cut may lose the last commits, never corrupt the database).
-            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -787,3 +785,21 @@ def history(notebook: str | None = None, root: str | os.PathLike[str] | None = N
         if found is None:
             found = _cache[key] = History(base, name)
         return found
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL: readers and one writer work at once, and NORMAL sync stays crash-safe.
+
+    When two kernels open a brand-new history at the same moment, SQLite answers the mode switch
+    with "database is locked" at once, without calling the busy handler, so wait and retry here.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
