@@ -433,7 +433,7 @@ def test_many_kernels_opening_a_new_history_at_once(tmp_path: Path) -> None:
     # connection is creating the same file; before the retry this failed about 1 open in 12.
     code = ("import sys, time; from nbimagine._history import History; "
             "time.sleep(max(0, float(sys.argv[2]) - time.time())); print(len(History(sys.argv[1], 'shared')))")
-    for round_ in range(4):
+    for round_ in range(8):
         root = tmp_path / f"round{round_}"
         start = time.time() + 0.5
         procs = [subprocess.Popen([sys.executable, "-c", code, str(root), str(start)], stdout=subprocess.PIPE,
