@@ -152,7 +152,7 @@ def test_image_input_corrects_a_wrong_media_type_from_the_bytes() -> None:
 
 def test_image_input_rejects_oversized_data() -> None:
     huge = b"\x89PNG\r\n\x1a\n" + bytes(50 * 1024 * 1024)
-    with pytest.raises(InputError, match=r"the limit is 50\.00 MB"):
+    with pytest.raises(InputError, match=r"the limit is 50\.0 MB"):
         ImageInput(data=huge)
 
 

@@ -19,7 +19,7 @@ import io
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._images import sniff_media_type
+from ._images import human_bytes, sniff_media_type
 
 if TYPE_CHECKING:
     from ._agent import Reply
@@ -30,7 +30,6 @@ __all__ = [
     "PREVIEW_BUDGET",
     "caption_for",
     "grid_bundle",
-    "human_bytes",
     "image_bundle",
     "preview",
     "progress_bundle",
@@ -124,14 +123,6 @@ def _encode_png(image: Any) -> tuple[bytes, str]:
 
 
 # --- captions ------------------------------------------------------------------------------------
-
-
-def human_bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    if n < 1024 * 1024:
-        return f"{n / 1024:.0f} KB"
-    return f"{n / (1024 * 1024):.1f} MB"
 
 
 def caption_for(result: BinaryResult, *, history_id: int | None = None, elapsed: float | None = None,

@@ -95,3 +95,11 @@ def b64decode_any(text: str | bytes) -> bytes:
 def data_url(data: bytes, media_type: str) -> str:
     return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
 
+
+def human_bytes(n: int) -> str:
+    """``812 B``, ``48 KB``, ``1.4 MB``: sizes as captions, reprs and error messages show them."""
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.0f} KB"
+    return f"{n / (1024 * 1024):.1f} MB"

@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._images import EXTENSIONS, SUPPORTED_MEDIA_TYPES, b64decode_any, image_size, sniff_media_type
+from ._images import (
+    EXTENSIONS,
+    SUPPORTED_MEDIA_TYPES,
+    b64decode_any,
+    human_bytes,
+    image_size,
+    sniff_media_type,
+)
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -143,7 +150,7 @@ class BinaryResult:
         extra = ", ".join(
             f"{k}={self.metadata[k]!r}" for k in ("provider", "model") if self.metadata.get(k)
         )
-        return f"BinaryResult({self.media_type}, {size}{_human_bytes(len(self.data))}{', ' if extra else ''}{extra})"
+        return f"BinaryResult({self.media_type}, {size}{human_bytes(len(self.data))}{', ' if extra else ''}{extra})"
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         from ._display import image_bundle
@@ -156,14 +163,6 @@ def _media_type_for_suffix(suffix: str) -> str | None:
     if suffix == "jpeg":
         suffix = "jpg"
     return next((mt for mt, ext in EXTENSIONS.items() if ext == suffix), None)
-
-
-def _human_bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    if n < 1024 * 1024:
-        return f"{n / 1024:.1f} KB"
-    return f"{n / (1024 * 1024):.2f} MB"
 
 
 @dataclass(frozen=True, init=False)
@@ -213,8 +212,8 @@ class ImageInput:
             size = resolved_path.stat().st_size
             if size > MAX_INPUT_BYTES:
                 raise InputError(
-                    f"Image file {resolved_path} is {_human_bytes(size)}; the limit is "
-                    f"{_human_bytes(MAX_INPUT_BYTES)}. Downscale or compress it first."
+                    f"Image file {resolved_path} is {human_bytes(size)}; the limit is "
+                    f"{human_bytes(MAX_INPUT_BYTES)}. Downscale or compress it first."
                 )
             data = resolved_path.read_bytes()
         if data is not None:
@@ -223,7 +222,7 @@ class ImageInput:
             data = bytes(data)
             if len(data) > MAX_INPUT_BYTES:
                 raise InputError(
-                    f"Image data is {_human_bytes(len(data))}; the limit is {_human_bytes(MAX_INPUT_BYTES)}."
+                    f"Image data is {human_bytes(len(data))}; the limit is {human_bytes(MAX_INPUT_BYTES)}."
                 )
             sniffed = sniff_media_type(data)
             if sniffed is None:
@@ -253,7 +252,7 @@ class ImageInput:
         if self.url:
             return f"ImageInput(url={self.url[:80]!r})"
         source = f"path={str(self.path)!r}, " if self.path else ""
-        return f"ImageInput({source}{self.media_type}, {_human_bytes(len(self.data or b''))})"
+        return f"ImageInput({source}{self.media_type}, {human_bytes(len(self.data or b''))})"
 
 
 def _parse_data_url(url: str) -> bytes:
