@@ -552,3 +552,38 @@ def test_panel_and_studio_subcommands_return_widgets_bound_to_the_session(ip):
     for shown in (panel, studio):
         assert hasattr(shown, "_repr_mimebundle_") or hasattr(shown, "_ipython_display_")
     assert panel.session is get_session() and studio.session is get_session()
+
+
+def _break_image_folder(hist) -> None:
+    # The history's image folder replaced by a file: every write fails (even as root).
+    images = hist.path / "images"
+    if images.exists():
+        import shutil
+
+        shutil.rmtree(images)
+    images.write_bytes(b"not a folder")
+
+
+def test_history_failure_after_a_provider_error_does_not_turn_into_an_empty_success(ip, emu):
+    from nbimagine._generate import Generation
+    from nbimagine._history import history
+
+    _break_image_folder(history())
+    emu.inject("image_failed", times=1)
+    gen = Generation("[images:2] a cat and a dog")
+    with pytest.raises(ProviderError) as info, pytest.warns(RuntimeWarning, match="history"):
+        gen.run()
+    assert len(info.value.files) == 1  # the image made before the failure is still handed back
+
+
+def test_history_failure_after_success_keeps_the_images(ip, emu):
+    from nbimagine._generate import Generation
+    from nbimagine._history import history
+
+    _break_image_folder(history())
+    gen = Generation("a kite")
+    with pytest.raises(OSError):
+        gen.run()
+    [reply] = gen.replies
+    assert reply is not None and len(reply.files) == 1 and gen.entries == []
+

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -178,17 +179,22 @@ class Generation:
                     elif not isinstance(event, ImageEvent):
                         _safe_call(on_event, index, event)
                 assert reply is not None
+            self.replies[index] = reply  # before recording: a history failure must not lose the images
             await self._record(index, reply.files, reply.body, reply)
-            self.replies[index] = reply
             if on_event is not None:
                 _safe_call(on_event, index, ReplyEvent(reply))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if isinstance(exc, ProviderError) and exc.files:
-                # Images made before a failure are kept in the history (and on exc.files).
-                await self._record(index, exc.files, None, None)
             self.errors[index] = exc
+            if isinstance(exc, ProviderError) and exc.files:
+                # Images made before a failure are kept in the history (and on exc.files). A history
+                # failure here must not replace the provider's error: gather() would swallow it.
+                try:
+                    await self._record(index, exc.files, None, None)
+                except Exception as record_exc:
+                    warnings.warn(f"nbimagine could not record {len(exc.files)} image(s) in the history: "
+                                  f"{record_exc!r}", RuntimeWarning, stacklevel=1)
 
     async def _record(self, index: int, files: list[BinaryResult], text: str | None, reply: Reply | None) -> None:
         if not self.record or not files:
