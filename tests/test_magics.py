@@ -587,3 +587,18 @@ def test_history_failure_after_success_keeps_the_images(ip, emu):
     [reply] = gen.replies
     assert reply is not None and len(reply.files) == 1 and gen.entries == []
 
+
+def test_generation_records_the_params_it_started_with(ip, emu):
+    from nbimagine._generate import Generation
+
+    session = get_session()
+    session.use("gemini", aspect_ratio="16:9")
+
+    def on_event(index, event):  # mid-request, on the loop thread: like a panel edit from the UI thread
+        session.aspect_ratio = "1:1"
+
+    gen = Generation("a kite")
+    gen.run(on_event=on_event)
+    assert session.aspect_ratio == "1:1"
+    assert gen.entries[0].params == {"aspect_ratio": "16:9"}
+

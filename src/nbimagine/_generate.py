@@ -77,6 +77,7 @@ class Generation:
         self._started_at: float | None = None
         self._ended_at: float | None = None
         self._agent: Agent | None = None
+        self._params: dict[str, Any] | None = None
 
     # --- public ----------------------------------------------------------------------------------
 
@@ -94,7 +95,16 @@ class Generation:
 
     @property
     def params(self) -> dict[str, Any]:
-        """The request parameters recorded in the history (only those that apply to the provider)."""
+        """The request parameters recorded in the history (only those that apply to the provider).
+
+        Taken when the agent is built: the session may change (a panel, another thread) while the
+        request runs, and the history must say what was sent.
+        """
+        if self._params is None:
+            self._params = self._session_params()
+        return dict(self._params)
+
+    def _session_params(self) -> dict[str, Any]:
         options = {**self.session.options(), **self.overrides}
         kind = self.session.kind(self.provider)
         names = list(OPENAI_OPTIONS) if kind in ("openai", "azure") else ["aspect_ratio", "image_size"]
@@ -114,6 +124,7 @@ class Generation:
     def build_agent(self) -> Agent:
         """The agent this generation uses (built once; raises ``ConfigError`` for bad settings)."""
         if self._agent is None:
+            self._params = self._session_params()
             self._agent = self.session.build_agent(provider=self.provider, **{
                 k: v for k, v in self.overrides.items() if k != "provider"})
         return self._agent
