@@ -602,3 +602,17 @@ def test_generation_records_the_params_it_started_with(ip, emu):
     assert session.aspect_ratio == "1:1"
     assert gen.entries[0].params == {"aspect_ratio": "16:9"}
 
+
+def test_parents_missing_from_the_history(ip, emu):
+    from nbimagine._generate import Generation
+    from nbimagine._history import history
+    from nbimagine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="#999"):
+        Generation("x", parents=[999]).start()
+    assert emu.requests == []
+    # An image carrying another notebook's history id is still editable; only the foreign link is dropped.
+    [made] = Generation("base", record=False).run()
+    foreign = BinaryResult(made.files[0].data, {**made.files[0].metadata, "history_id": 999})
+    [reply] = Generation("edit it", edits=[foreign]).run()
+    assert len(reply.files) == 1 and list(history()[-1].parents) == []

@@ -135,10 +135,21 @@ class Generation:
             raise RuntimeError("this Generation was already started; make a new one")
         agent = self.build_agent()
         if self.record:
-            _ = self.history  # open it here, so a bad history folder fails on the caller's thread
+            self._check_parents(self.history)  # opened here: a bad history folder fails on the caller's thread
         self._started_at = time.perf_counter()
         self.job = Job(self._run_all(agent, on_event))
         return self.job
+
+    def _check_parents(self, history: History) -> None:
+        # Checked before any request: an unknown parent would fail the history write after the images
+        # were paid for. An edit may carry another notebook's history id; that link is dropped.
+        missing = [p for p in self.parents if p not in history]
+        from_edits = {e.metadata.get("history_id") for e in self.edits}
+        unknown = [p for p in missing if p not in from_edits]
+        if unknown:
+            raise ConfigError(f"parent image {', '.join(f'#{p}' for p in unknown)} is not in the history of "
+                              f"notebook {history.notebook!r}; %imagine history lists the ids")
+        self.parents = [p for p in self.parents if p not in missing]
 
     def cancel(self) -> None:
         """Stop every variant now (their HTTP requests are aborted)."""
