@@ -138,6 +138,11 @@ def test_one_line_prompt_form(ip, emu):
     assert "a tiny red house" in prompt_text(last_body(emu))
 
 
+def test_one_line_prompt_with_an_apostrophe(ip, emu):
+    ip.run_line_magic("imagine", "a cat's hat -o r --no-history")
+    assert "a cat's hat" in prompt_text(last_body(emu))
+
+
 # --- options ---------------------------------------------------------------------------------------
 
 

@@ -179,9 +179,10 @@ class ImagineMagics(Magics):
             A watercolor fox in the snow, in the style of {style}
         """
         if cell is None:
-            words = _split(line)
-            if words and words[0] in SUBCOMMANDS:
-                return self._subcommand(words[0], line.strip()[len(words[0]):].strip())
+            # A plain split: a one-line prompt may hold an apostrophe ("a cat's hat"), which shlex rejects.
+            first, _, rest = line.strip().partition(" ")
+            if first in SUBCOMMANDS:
+                return self._subcommand(first, rest.strip())
         args = self._parse(line)
         if cell is None:
             prompt = " ".join(args.words)
