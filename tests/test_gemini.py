@@ -669,3 +669,13 @@ def test_emulator_auth_and_bad_requests(emu: Any) -> None:
     status, raw = _post(url, {"contents": [{"parts": [{"text": "x"}]}]})
     details = json.loads(raw)["error"]["details"]
     assert status == 429 and details[-1] == {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.5s"}
+
+
+def test_vertex_refuses_files_api_names(emu: Any) -> None:
+    # Vertex AI has no Files API: a 'files/...' name would reach it as a file_uri it cannot resolve.
+    agent = Agent("v", config=vertex(emu))
+    for item in (ImageInput(file_id="files/abc123"),
+                 ImageInput("https://generativelanguage.googleapis.com/v1beta/files/def456")):
+        with pytest.raises(InputError, match="gs://"):
+            agent.ask_sync("x", item)
+    assert emu.requests == []

@@ -158,18 +158,23 @@ class GeminiProvider(Provider[GeminiConfig]):
         if item.data is not None:
             return types.Part(inline_data=types.Blob(data=item.data, mime_type=item.media_type))
         uri = item.url or item.file_id or ""
+        files_api = _FILES_API.match(uri)
+        if files_api and self.vertex:
+            raise InputError(
+                f"{item!r} names a Gemini Developer API file; Vertex AI has no Files API. Use a gs:// URI, "
+                "or pass the image as ImageInput(path=...) / ImageInput(data=...)"
+            )
         if item.file_id is not None:
-            match = _FILES_API.match(uri)
-            if match and not self.vertex:
-                uri = f"https://generativelanguage.googleapis.com/v1beta/{match[1]}"
-            elif not uri.startswith("gs://") and not match:
+            if files_api:
+                uri = f"https://generativelanguage.googleapis.com/v1beta/{files_api[1]}"
+            elif not uri.startswith("gs://"):
                 where = ("a gs:// URI" if self.vertex
                          else "a Files API name such as 'files/abc123' or a gs:// URI")
                 raise InputError(
                     f"ImageInput(file_id={uri!r}) is not a Gemini file: use {where}, or pass the image as "
                     "ImageInput(path=...) / ImageInput(data=...)"
                 )
-        elif not (uri.startswith("gs://") or _FILES_API.match(uri)):
+        elif not (uri.startswith("gs://") or files_api):
             raise InputError(
                 f"Gemini cannot fetch images from arbitrary URLs ({uri[:80]!r}). Download it and pass "
                 "ImageInput(path=...) or ImageInput(data=...), or upload it with the Files API "
