@@ -143,6 +143,16 @@ def test_one_line_prompt_with_an_apostrophe(ip, emu):
     assert "a cat's hat" in prompt_text(last_body(emu))
 
 
+def test_bad_out_name_is_refused_before_any_request(ip, emu):
+    from nbimagine._history import history
+
+    for name in ("1bad", "class"):
+        with pytest.raises(UsageError, match="-o needs a variable name"):
+            imagine(ip, f"-o {name}", "a cat")
+    assert not [r for r in emu.requests if r.method == "POST"]
+    assert len(history()) == 0
+
+
 # --- options ---------------------------------------------------------------------------------------
 
 

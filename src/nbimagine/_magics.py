@@ -7,6 +7,7 @@ the history and the generation runner load on first use.
 
 from __future__ import annotations
 
+import keyword
 import os
 import queue
 import re
@@ -217,6 +218,8 @@ class ImagineMagics(Magics):
 
         if not 1 <= args.n <= MAX_VARIANTS:
             raise UsageError(f"-n takes 1 to {MAX_VARIANTS} variants, not {args.n}")
+        if args.out and not (args.out.isidentifier() and not keyword.iskeyword(args.out)):
+            raise UsageError(f"-o needs a variable name, not {args.out!r}")
         overrides = self._overrides(args)
         record = not args.no_history
         try:
@@ -235,8 +238,6 @@ class ImagineMagics(Magics):
             raise UsageError(str(exc)) from None
         replies = self._run_with_progress(gen, full=args.full)
         if args.out:
-            if not args.out.isidentifier():
-                raise UsageError(f"-o needs a variable name, not {args.out!r}")
             self.shell.user_ns[args.out] = replies[0] if args.n == 1 else replies
 
     def _run_with_progress(self, gen: Generation, *, full: bool) -> list[Any]:
