@@ -153,6 +153,12 @@ def test_bad_out_name_is_refused_before_any_request(ip, emu):
     assert len(history()) == 0
 
 
+def test_use_with_a_provider_word_and_p_flag_is_a_usage_error(ip):
+    with pytest.raises(UsageError, match="one provider"):
+        ip.run_line_magic("imagine", "use gemini -p openai")
+    assert get_session().provider == "openai"
+
+
 # --- options ---------------------------------------------------------------------------------------
 
 

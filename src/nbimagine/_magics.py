@@ -388,8 +388,9 @@ class ImagineMagics(Magics):
 
     def _cmd_use(self, rest: str) -> Any:
         args = self._parse(rest)
-        if len(args.words) > 1:
-            raise UsageError(f"%imagine use takes one provider name, not {' '.join(args.words)!r}")
+        if len(args.words) > 1 or (args.words and args.provider):
+            given = [*args.words, *([args.provider] if args.provider else [])]
+            raise UsageError(f"%imagine use takes one provider name, not {' '.join(given)!r}")
         extras = [flag for flag, given in (("-e", args.edit), ("-n", args.n != 1), ("-o", args.out),
                                             ("--full", args.full), ("--no-history", args.no_history)) if given]
         if extras:
