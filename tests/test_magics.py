@@ -159,6 +159,14 @@ def test_use_with_a_provider_word_and_p_flag_is_a_usage_error(ip):
     assert get_session().provider == "openai"
 
 
+def test_one_line_prompt_is_expanded_once_by_ipython(ip, emu):
+    # IPython expands {name} on the magic line already; a second pass would turn its escape {{x}}
+    # into x's value and expand braces inside the values.
+    ip.user_ns.update(x="VALUE", t="has {x} inside")
+    ip.run_line_magic("imagine", "literal {{x}} and {t} --no-history")
+    assert "literal {x} and has {x} inside" in prompt_text(last_body(emu))
+
+
 # --- options ---------------------------------------------------------------------------------------
 
 

@@ -160,7 +160,8 @@ class ImagineMagics(Magics):
         """Generate or edit images; the cell body is the prompt.
 
         ``{name}`` in the body is replaced by the value of ``name`` from the notebook namespace
-        (other braces stay as they are; ``{{name}}`` gives a literal ``{name}``).
+        (other braces stay as they are; ``{{name}}`` gives a literal ``{name}``). On the magic line
+        IPython's own expansion applies, as for every magic.
 
         Line-magic subcommands::
 
@@ -194,9 +195,10 @@ class ImagineMagics(Magics):
             if args.words:
                 raise UsageError(f"Unexpected {' '.join(args.words)!r} on the %%imagine line: the prompt goes "
                                  "in the cell body, options start with - (see %%imagine?)")
-            prompt = cell
-        prompt = interpolate(prompt, self.shell.user_ns if self.shell else {}).strip()
-        self._generate(prompt, args)
+            # IPython has already expanded {name} on the magic line, never in the body: only the body
+            # is interpolated here (a second pass over the line would undo IPython's {{ escape).
+            prompt = interpolate(cell, self.shell.user_ns if self.shell else {})
+        self._generate(prompt.strip(), args)
         return None
 
     # --- generation ------------------------------------------------------------------------------
