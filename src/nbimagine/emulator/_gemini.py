@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .._images import image_size, sniff_media_type
+from .._images import b64decode_any, image_size, sniff_media_type
 from ._server import Answer, Fault, Request, State
 
 __all__ = ["handle"]
@@ -186,15 +186,11 @@ def _get(obj: Any, camel: str, default: Any = None) -> Any:
     return obj.get(snake, default)
 
 
-def b64decode_any(text: Any) -> bytes:
-    """Decode base64 in either alphabet, padded or not; ``binascii.Error`` when it is not base64."""
-    if not isinstance(text, str):
-        raise binascii.Error("not a string")
-    text = text.strip().replace("+", "-").replace("/", "_")
-    if not re.fullmatch(r"[A-Za-z0-9_\-]*=*", text):
-        raise binascii.Error("invalid characters")
-    text += "=" * (-len(text) % 4)
-    return base64.urlsafe_b64decode(text)
+def _b64decode_strict(text: Any) -> bytes:
+    """``b64decode_any``, but failing like Google's parser on what is not base64 (it would skip the junk)."""
+    if not isinstance(text, str) or not re.fullmatch(r"\s*[A-Za-z0-9+/_\-]*=*\s*", text):
+        raise binascii.Error("not base64")
+    return b64decode_any(text)
 
 
 class _Turn:
@@ -246,7 +242,7 @@ def _parse(body: Any, *, model: str, vertex: bool) -> _Turn:
                     raise _Invalid(400, f"* GenerateContentRequest.{where}.inline_data.mime_type: "
                                         "required field is not set")
                 try:
-                    data = b64decode_any(_get(blob, "data"))
+                    data = _b64decode_strict(_get(blob, "data"))
                 except (binascii.Error, ValueError):
                     raise _Invalid(400, f"Invalid value at '{where}.inline_data.data' (TYPE_BYTES), "
                                         "Base64 decoding failed") from None
@@ -261,7 +257,7 @@ def _parse(body: Any, *, model: str, vertex: bool) -> _Turn:
             signature = _get(part, "thoughtSignature")
             if signature is not None:
                 try:
-                    sig = b64decode_any(signature)
+                    sig = _b64decode_strict(signature)
                 except (binascii.Error, ValueError):
                     raise _Invalid(400, f"Invalid value at '{where}.thought_signature' (TYPE_BYTES), "
                                         "Base64 decoding failed") from None
