@@ -416,6 +416,27 @@ def test_threads_share_one_history(h: History) -> None:
     assert len(h) == 100 and len({e.id for e in h}) == 100
 
 
+def test_cleanup_never_removes_the_file_of_an_add_in_progress(tmp_path: Path) -> None:
+    import threading
+
+    a, b = History(tmp_path, "shared"), History(tmp_path, "shared")  # two kernels
+    image = make_image(7)
+    sha = hashlib.sha256(image.data).hexdigest()
+    added: list[HistoryEntry] = []
+    with b.batch():  # kernel B holds the write lock...
+        writer = threading.Thread(target=lambda: added.append(a.add(image, prompt="racing")))
+        writer.start()  # ...while kernel A adds an image...
+        deadline = time.time() + 2
+        while not list(a.path.rglob(f"{sha}.*")) and time.time() < deadline:
+            time.sleep(0.01)
+        b.cleanup()  # ...and B cleans up
+    writer.join(30)
+    [entry] = added
+    assert entry.path.exists() and a.get(entry.id).image.data == image.data
+    a.close()
+    b.close()
+
+
 def test_batch_is_one_transaction(h: History) -> None:
     with h.batch():
         for i in range(5):

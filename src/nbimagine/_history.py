@@ -6,9 +6,9 @@ Layout (``<root>/.nbimagine/<notebook>/``)::
     images/<sha[:2]>/<sha256>.<ext>    content-addressed originals; identical bytes share one file
     thumbs/<sha256>_<side>.<jpg|png>   thumbnails, made on first use (PNG when the image has alpha)
 
-Durability rules, in the order ``add`` follows them: the image goes to a temp file in its final
-directory, is fsync'd and renamed into place with ``os.replace`` (atomic), and only then is the row
-inserted. A crash at any point therefore leaves either no row, or a row whose file is complete;
+Durability rules, in the order ``add`` follows them, all under the write lock: the image goes to
+a temp file in its final directory, is fsync'd and renamed into place with ``os.replace`` (atomic),
+and only then is the row inserted. A crash at any point therefore leaves either no row, or a row whose file is complete;
 at worst an orphan temp file or an image without a row, which :meth:`History.cleanup` removes.
 
 The notebook name comes from :func:`notebook_name`: an explicit :func:`set_notebook` name, else
@@ -548,7 +548,6 @@ class History:
         height = height if isinstance(height, int) else None
         created = datetime.now(timezone.utc)
 
-        path = self._write_image(sha, ext, data)
         params_json = _dumps(params)
         search = "\x1f".join(s.casefold() for s in (prompt, revised or ""))
         with self._transaction() as conn:
@@ -560,6 +559,9 @@ class History:
                     refs = ", ".join(f"#{m}" for m in missing)
                     raise KeyError(f"parent image {refs} is not in the history of notebook "
                                    f"{self.notebook!r} ({self.path})")
+            # Written under the write lock: another kernel's cleanup() would otherwise take the file of
+            # this not-yet-inserted row for an orphan (or delete the stored copy it is about to reuse).
+            path = self._write_image(sha, ext, data)
             cur = conn.execute(
                 "INSERT INTO entries (created_at, prompt, revised_prompt, provider, model, params, parents, "
                 "sha256, media_type, ext, width, height, size_bytes, metadata, text, search) "
