@@ -261,6 +261,13 @@ def test_history_cache_and_notebook_name(tmp_path: Path, monkeypatch: pytest.Mon
     assert nbimagine.history is history
 
 
+def test_history_after_the_shared_one_was_closed(tmp_path: Path) -> None:
+    # `with history() as h:` closes the instance the magics and the studio share.
+    with history("nb", root=tmp_path) as h:
+        h.add(make_image(1), prompt="x")
+    assert len(history("nb", root=tmp_path)) == 1
+
+
 def test_vscode_notebook_name(tmp_path: Path) -> None:
     # A real IPython shell in a subprocess, so that this test process keeps no IPython state.
     code = textwrap.dedent(f"""

@@ -419,6 +419,7 @@ class History:
         self._lock = threading.RLock()  # one connection, shared by the kernel's threads
         self._batch_depth = 0
         self._conn = self._connect()
+        self.closed = False
 
     # -- connection and schema -----------------------------------------------------------------
 
@@ -468,6 +469,7 @@ class History:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            self.closed = True
 
     def __enter__(self) -> History:
         return self
@@ -784,7 +786,7 @@ def history(notebook: str | None = None, root: str | os.PathLike[str] | None = N
     key = (base, _safe_dirname(name))
     with _cache_lock:
         found = _cache.get(key)
-        if found is None:
+        if found is None or found.closed:  # closed by a `with history() as h:` block
             found = _cache[key] = History(base, name)
         return found
 
