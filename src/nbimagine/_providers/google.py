@@ -48,6 +48,10 @@ _EXT_MEDIA = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", 
               ".gif": "image/gif", ".heic": "image/heic", ".heif": "image/heif"}
 
 
+def _env_api_key() -> str | None:
+    return next((os.environ[v] for v in _API_KEY_VARS if os.environ.get(v)), None)
+
+
 def _enum(value: Any) -> str | None:
     if value is None:
         return None
@@ -78,9 +82,7 @@ class GeminiProvider(Provider[GeminiConfig]):
             )
 
     def _api_key(self) -> str | None:
-        if self.config.api_key:
-            return self.config.api_key
-        return next((os.environ[v] for v in _API_KEY_VARS if os.environ.get(v)), None)
+        return self.config.api_key or _env_api_key()
 
     def check_credentials(self) -> None:
         key = self._api_key()
@@ -387,11 +389,8 @@ class VertexAIProvider(GeminiProvider):
         project = cfg.project or os.environ.get("GOOGLE_CLOUD_PROJECT")
         if project:
             return None, project, cfg.location or os.environ.get("GOOGLE_CLOUD_LOCATION") or "global"
-        if cfg.credentials is None:
-            key = next((os.environ[v] for v in _API_KEY_VARS if os.environ.get(v)), None)
-            if key:
-                return key, None, None
-        return None, None, None
+        key = _env_api_key() if cfg.credentials is None else None
+        return key, None, None
 
     def check_credentials(self) -> None:
         key, project, _ = self._mode()
