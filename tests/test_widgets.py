@@ -613,6 +613,16 @@ def test_gallery_pages_and_clamps(routed, hist):
     st.close()
 
 
+def test_a_missing_image_file_does_not_break_the_gallery(routed, hist):
+    ids = seed(hist, 2)
+    hist.get(ids[0]).path.unlink()  # deleted by hand, or by another tool
+    s = studio(routed, hist)
+    tiles = {t.entry_id: t for t in s.tiles if t.entry_id is not None}
+    assert set(tiles) == set(ids)
+    assert tiles[ids[1]].image.value and not tiles[ids[0]].image.value
+    assert "missing" in tiles[ids[0]].label.value
+
+
 def test_transparent_images_get_png_thumbnails(routed, hist):
     hist.add(BinaryResult(png(1, mode="RGBA")), prompt="glass")
     st = Studio(routed, hist, settings=False)

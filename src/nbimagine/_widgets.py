@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as w
 
+from ._images import sniff_media_type
 from ._session import DEFAULT_MODELS, KEY_ENV, OPENAI_OPTIONS, ImagineSession, get_session
 from .config import GEMINI_ASPECT_RATIOS, GEMINI_IMAGE_SIZES
 from .errors import ConfigError, ContentPolicyError, ImagineError, InputError, ProviderError, redact
@@ -542,8 +543,13 @@ class _Tile:
                 self.select.value = False
                 return
             self.entry_id = entry.id
-            thumb = entry.thumbnail(THUMB_SIDE)
-            self.image.format = "png" if thumb[:4] == b"\x89PNG" else "jpeg"
+            try:
+                thumb = entry.thumbnail(THUMB_SIDE)
+            except (OSError, ValueError):  # file deleted or unreadable: the entry is still listed
+                thumb, missing = b"", "(file missing) "
+            else:
+                self.image.format = "png" if sniff_media_type(thumb) == "image/png" else "jpeg"
+                missing = ""
             self.image.value = thumb
             self.select.description = entry.ref
             self.select.tooltip = f"Select {entry.ref}: {entry.prompt[:200]}"
@@ -552,7 +558,7 @@ class _Tile:
             prompt = " ".join(entry.prompt.split())
             short = prompt if len(prompt) <= 60 else prompt[:59] + "…"
             self.label.value = (f'<span title="{html.escape(prompt)}" style="font-size:11px;line-height:1.2">'
-                                f"{html.escape(short)}</span>")
+                                f"{missing}{html.escape(short)}</span>")
             _show(self.box, True)
         finally:
             self._loading = False
