@@ -141,6 +141,16 @@ def test_progress_bundle_shows_elapsed_and_partials():
     assert with_partial["text/html"].count("<img") == 1 and "waiting" in with_partial["text/html"]
 
 
+def test_a_partial_reduced_once_redraws_the_same_slot_without_pillow():
+    from nbimagine._display import progress_preview
+    from nbimagine._images import image_size
+
+    partial = BinaryResult(photo_like(1024))
+    reduced = progress_preview(partial)  # done once per partial; the slot is redrawn 4 times a second
+    assert max(image_size(reduced)) <= 384
+    assert progress_bundle(1.0, partials=[reduced]) == progress_bundle(1.0, partials=[partial])
+
+
 @pytest.mark.parametrize("alpha", [False, True])
 def test_saved_notebook_grows_at_most_150_kb_per_1024_image(tmp_path, alpha):
     import nbformat

@@ -33,6 +33,7 @@ __all__ = [
     "image_bundle",
     "preview",
     "progress_bundle",
+    "progress_preview",
     "reply_bundle",
 ]
 
@@ -241,11 +242,18 @@ def reply_bundle(reply: Reply, *, captions: Sequence[str] | None = None, full: b
     return grid_bundle(list(zip(files, caps, strict=True)), text=reply.body, full=full)
 
 
+def progress_preview(partial: BinaryResult) -> bytes:
+    """``partial`` reduced for the progress slot. The slot is redrawn several times a second with every
+    variant's latest partial: reduce each once on arrival, and every redraw only reads a header."""
+    return preview(partial, max_side=_PROGRESS_SIDE, budget=None)[0]
+
+
 def progress_bundle(elapsed: float, *, label: str = "Generating", partials: Sequence[Any] = (),
                     status: Sequence[str] = ()) -> dict[str, Any]:
     """The live progress slot: elapsed time, and the latest partial image of each variant when any.
 
-    ``partials`` holds one ``BinaryResult`` or ``None`` per variant; ``status`` one short word per variant.
+    ``partials`` holds one image (``BinaryResult``, or bytes from :func:`progress_preview`) or ``None`` per
+    variant; ``status`` one short word per variant.
     """
     line = f"{label}… {elapsed:.1f} s"
     cells = []

@@ -245,7 +245,7 @@ class ImagineMagics(Magics):
     def _run_with_progress(self, gen: Generation, *, full: bool) -> list[Any]:
         from IPython.display import display
 
-        from ._display import progress_bundle
+        from ._display import progress_bundle, progress_preview
 
         events: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
         partials: list[Any] = [None] * gen.n
@@ -265,7 +265,7 @@ class ImagineMagics(Magics):
                     break
                 kind = type(event).__name__
                 if kind == "PartialImageEvent":
-                    partials[index] = event.image
+                    partials[index] = progress_preview(event.image)
                     status[index] = f"partial {event.index + 1}"
                     refresh()  # every partial image is shown, even when several arrive between polls
                     changed = False
