@@ -19,7 +19,7 @@ import io
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._images import human_bytes, sniff_media_type
+from ._images import human_bytes, image_size, sniff_media_type
 
 if TYPE_CHECKING:
     from ._agent import Reply
@@ -58,8 +58,6 @@ def preview(result: BinaryResult | bytes, max_side: int = MAX_SIDE, budget: int 
     """
     data = result if isinstance(result, bytes) else result.data
     media_type = sniff_media_type(data) or "application/octet-stream"
-    from ._images import image_size
-
     size = image_size(data, media_type)
     if (size and max(size) <= max_side and media_type in ("image/jpeg", "image/png", "image/webp", "image/gif")
             and (budget is None or len(data) <= budget)):
@@ -182,8 +180,6 @@ def image_bundle(result: BinaryResult, *, caption: str | None = None, full: bool
         data, media_type = result.data, result.media_type
     else:
         data, media_type = preview(result)
-    from ._images import image_size
-
     size = image_size(data, media_type)
     bundle: dict[str, Any] = {
         "text/plain": caption,

@@ -366,7 +366,8 @@ class ImagineMagics(Magics):
         ref = ref.strip()
         if not re.fullmatch(r"last|-\d+|#\d+", ref):
             return None
-        history = history or self._history()
+        if history is None:  # not `history or ...`: that runs a query to ask whether it is empty
+            history = self._history()
         try:
             if ref == "last":
                 return history[-1]  # type: ignore[return-value]
@@ -566,11 +567,13 @@ class _Gallery:
         import base64
         import html
 
+        from ._images import sniff_media_type
+
         cells = []
         for e in self.entries:
             try:
                 thumb = e.thumbnail(160)
-                media = "image/png" if thumb[:4] == b"\x89PNG" else "image/jpeg"
+                media = sniff_media_type(thumb)
                 img = (f'<img src="data:{media};base64,{base64.b64encode(thumb).decode()}" '
                        'style="max-width:160px;max-height:160px;display:block"/>')
             except (OSError, ValueError):  # a missing or unreadable file still lists the entry
