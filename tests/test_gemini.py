@@ -679,3 +679,30 @@ def test_vertex_refuses_files_api_names(emu: Any) -> None:
         with pytest.raises(InputError, match="gs://"):
             agent.ask_sync("x", item)
     assert emu.requests == []
+
+
+def test_a_stream_closed_early_stops_the_http_request(emu: Any) -> None:
+    # The SDK's nested stream generators hold a reference cycle: closing ours must still end the request
+    # at once, not when the garbage collector happens to run.
+    import gc
+    import time
+
+    emu.stream_delay = 1.5  # between frames: the draft comes after one delay, the rest after more
+    agent = Agent("a", config=gemini(emu, include_thoughts=True))
+
+    async def run() -> int:
+        stream = agent.stream("a castle at dusk")
+        async for event in stream:
+            assert isinstance(event, PartialImageEvent)
+            break
+        await stream.aclose()
+        deadline = time.monotonic() + 1.2
+        while emu.aborted == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return emu.aborted
+
+    gc.disable()
+    try:
+        assert asyncio.run(run()) == 1
+    finally:
+        gc.enable()

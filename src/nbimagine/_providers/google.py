@@ -11,6 +11,7 @@ the signatures of the final parts.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -261,7 +262,7 @@ class GeminiProvider(Provider[GeminiConfig]):
                 stream = await holder.aio.models.generate_content_stream(
                     model=self.config.model, contents=contents, config=config
                 )
-                async for chunk in stream:
+                async for chunk in _read_in_task(stream):
                     for event in self._absorb(chunk, state, streaming=True):
                         yield event
             else:
@@ -449,6 +450,41 @@ class _Collected:
             return self.final_files(provider)
         except ProviderError:
             return []
+
+
+async def _read_in_task(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """``stream``'s chunks, read by a task of its own that is cancelled when this generator closes.
+
+    Closing the SDK's stream does not end the HTTP request: its nested generators form a reference
+    cycle, so the response stays open until the garbage collector runs. Cancelling a task that is
+    waiting on the network unwinds those generators, and their ``finally`` closes the response.
+    """
+    queue: asyncio.Queue[tuple[Any, Exception | None]] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for chunk in stream:
+                queue.put_nowait((chunk, None))
+        except Exception as exc:
+            queue.put_nowait((None, exc))
+        else:
+            queue.put_nowait((_END, None))
+
+    task = asyncio.ensure_future(pump())
+    try:
+        while True:
+            chunk, error = await queue.get()
+            if error is not None:
+                raise error
+            if chunk is _END:
+                return
+            yield chunk
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+
+
+_END = object()
 
 
 def _first_error(exc: Any) -> str:
