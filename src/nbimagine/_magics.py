@@ -167,6 +167,7 @@ class ImagineMagics(Magics):
 
             %imagine use PROVIDER [options]   set session defaults (%imagine use alone shows them)
             %imagine history [N]              gallery of the last N images with their ids
+            %imagine history --notebook NAME  name this notebook's history (when it cannot be detected)
             %imagine show ID [--full]         one image from the history (ID: last, -2, #17)
             %imagine lineage ID               the chain of edits that led to an image
             %imagine export DIR [N]           copy full-resolution images + history.json to DIR
@@ -406,6 +407,15 @@ class ImagineMagics(Magics):
 
     def _cmd_history(self, rest: str) -> Any:
         words = _split(rest)
+        if "--notebook" in words:
+            # Name the notebook where the kernel cannot tell (nbmake, plain kernels, some IDEs).
+            at = words.index("--notebook")
+            if at + 1 >= len(words):
+                raise UsageError("%imagine history --notebook NAME: give the notebook's name, e.g. 02_editing")
+            from ._history import set_notebook
+
+            set_notebook(words[at + 1])
+            del words[at : at + 2]
         try:
             count = int(words[0]) if words else 12
         except ValueError:
@@ -530,11 +540,12 @@ def _note(text: str) -> dict[str, Any]:
 def _emulator_banner() -> None:
     from IPython.display import display
 
-    text = ("nbimagine emulator ON: every provider is answered by an offline emulator on 127.0.0.1. "
-            "Images are placeholders drawn from the prompt; no API key is used and nothing is billed.")
+    detail = ("every provider is answered by an offline emulator on 127.0.0.1. "
+              "Images are placeholders drawn from the prompt; no API key is used and nothing is billed.")
+    text = f"nbimagine emulator ON: {detail}"
     display({"text/plain": "⚠ " + text,
              "text/html": '<div style="background:#fff3cd;color:#664d03;border:1px solid #ffda6a;'
-                          f'padding:6px 10px;border-radius:4px">⚠ <b>nbimagine emulator ON</b>: {text[24:]}</div>'},
+                          f'padding:6px 10px;border-radius:4px">⚠ <b>nbimagine emulator ON</b>: {detail}</div>'},
             raw=True)
 
 
