@@ -358,12 +358,18 @@ def _check_consistent(root: Path) -> History:
 def test_two_concurrent_writers(tmp_path: Path) -> None:
     go = tmp_path / "go"
     procs = [_writer(tmp_path, tag, 200, str(go)) for tag in (1, 2)]
-    for p in procs:  # both have opened the history before either starts writing
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.stderr.read()  # type: ignore[union-attr]
-    go.touch()
-    for p in procs:
-        _, err = p.communicate(timeout=60)
-        assert p.returncode == 0, err
+    try:
+        for p in procs:  # both have opened the history before either starts writing
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.stderr.read()  # type: ignore[union-attr]
+        go.touch()
+        for p in procs:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+    finally:  # a failed assertion must not leave a writer waiting for "go" forever
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     h = _check_consistent(tmp_path / "nb")
     entries = list(h)
     assert len(h) == 400 == len({e.id for e in entries})
