@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from nbimagine import Agent
-from nbimagine.config import AzureOpenAIResponsesConfig, OpenAIConfig, OpenAIResponsesConfig
+from nbimagine.config import AzureOpenAIResponsesConfig, GeminiConfig, OpenAIConfig, OpenAIResponsesConfig
 from nbimagine.errors import ConfigError, InputError, ProviderError, UnsupportedToolError
 from nbimagine.events import BinaryResult, ImageInput
 from nbimagine.tools import ImageGenerationTool
@@ -77,6 +77,14 @@ def test_config_reprs_never_show_secrets() -> None:
     assert "supersecret" not in repr(agent)
 
 
+def test_secret_headers_are_masked_in_reprs() -> None:
+    config = GeminiConfig("gemini-3.1-flash-image", headers={"Authorization": "Bearer tok-0123456789",
+                                                            "x-goog-api-key": "AIzaSecret123", "X-Trace": "t1"})
+    text = repr(config)
+    assert "tok-0123456789" not in text and "AIzaSecret123" not in text
+    assert "'X-Trace': 't1'" in text and "'Authorization': '***'" in text
+
+
 def test_bad_config_values_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="needs a model name"):
         OpenAIResponsesConfig(model="")
@@ -88,6 +96,8 @@ def test_bad_config_values_are_config_errors() -> None:
         OpenAIResponsesConfig("gpt-4.1", tool_choice="always")
     with pytest.raises(ConfigError, match="not both"):
         AzureOpenAIResponsesConfig("gpt-4.1", base_url="http://x/openai/v1/", azure_endpoint="http://x")
+    with pytest.raises(ConfigError, match="cannot be empty"):
+        GeminiConfig("gemini-3.1-flash-image", response_modalities=[])
     with pytest.raises(ConfigError, match="provider config"):
         Agent("a", config="gpt-4.1")  # type: ignore[arg-type]
 

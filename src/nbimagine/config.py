@@ -7,6 +7,7 @@ Every config takes ``model``, ``api_key=None`` (then the SDK's usual environment
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar
@@ -23,6 +24,8 @@ __all__ = [
 ]
 
 _SECRET_FIELDS = frozenset({"api_key", "azure_ad_token", "credentials"})
+# Header names whose values are credentials (Authorization, api-key, x-goog-api-key, X-Auth-Token...).
+_SECRET_HEADER = re.compile(r"auth|key|token|secret|cookie", re.IGNORECASE)
 _TOOL_CHOICES = ("auto", "none", "required", "image_generation")
 
 
@@ -61,6 +64,9 @@ class ProviderConfig:
             if f.name in _SECRET_FIELDS:
                 if value is not None:
                     shown.append(f"{f.name}=<set>")
+            elif f.name == "headers" and value:
+                masked = {k: "***" if _SECRET_HEADER.search(k) else v for k, v in value.items()}
+                shown.append(f"headers={masked!r}")
             elif value != f.default:
                 shown.append(f"{f.name}={value!r}")
         return f"{type(self).__name__}({', '.join(shown)})"
@@ -157,6 +163,8 @@ class GeminiConfig(ProviderConfig):
             given = self.response_modalities
             if isinstance(given, str) or not isinstance(given, Sequence):
                 raise ConfigError(f"response_modalities must be a list such as ['TEXT', 'IMAGE'], not {given!r}")
+            if not given:
+                raise ConfigError("response_modalities cannot be empty: use ['TEXT', 'IMAGE'], or ['IMAGE'] alone")
             modalities = []
             for item in self.response_modalities:
                 name = item.upper() if isinstance(item, str) else item
