@@ -645,3 +645,23 @@ def test_parents_missing_from_the_history(ip, emu):
     foreign = BinaryResult(made.files[0].data, {**made.files[0].metadata, "history_id": 999})
     [reply] = Generation("edit it", edits=[foreign]).run()
     assert len(reply.files) == 1 and list(history()[-1].parents) == []
+
+
+def test_history_notebook_option_names_the_history(ip, tmp_path):
+    from nbimagine._history import notebook_name, set_notebook
+
+    try:
+        ip.run_line_magic("imagine", "history --notebook 02_editing")
+        assert notebook_name() == "02_editing"
+        imagine(ip, "", "a heron")
+        assert (tmp_path / ".nbimagine" / "02_editing").is_dir()
+        with pytest.raises(UsageError, match="give the notebook's name"):
+            ip.run_line_magic("imagine", "history --notebook")
+    finally:
+        set_notebook(None)
+
+
+def test_emulator_banner_reads_whole_words(ip):
+    ip.run_line_magic("imagine", "emulator on")
+    html = [o["data"]["text/html"] for o in outputs(ip) if "emulator ON" in o["data"].get("text/html", "")][-1]
+    assert "</b>: every provider is answered" in html
