@@ -19,7 +19,7 @@ import io
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._images import human_bytes, image_size, sniff_media_type
+from ._images import has_alpha, human_bytes, image_size, sniff_media_type
 
 if TYPE_CHECKING:
     from ._agent import Reply
@@ -67,7 +67,7 @@ def preview(result: BinaryResult | bytes, max_side: int = MAX_SIDE, budget: int 
 
     image = Image.open(io.BytesIO(data))
     image.load()
-    alpha = _has_alpha(image)
+    alpha = has_alpha(image)
     side = max_side
     while True:
         scaled = _scaled(image, side)
@@ -75,12 +75,6 @@ def preview(result: BinaryResult | bytes, max_side: int = MAX_SIDE, budget: int 
         if budget is None or len(encoded) <= budget or side <= 128:
             return encoded, encoded_type
         side = int(side * 0.8)
-
-
-def _has_alpha(image: Any) -> bool:
-    if image.mode in ("RGBA", "LA", "PA"):
-        return image.getchannel("A").getextrema()[0] < 255
-    return image.mode == "P" and "transparency" in image.info
 
 
 def _scaled(image: Any, side: int) -> Any:

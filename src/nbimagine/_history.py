@@ -40,7 +40,7 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, Union
 
-from ._images import EXTENSIONS, sniff_media_type
+from ._images import EXTENSIONS, has_alpha, sniff_media_type
 from .events import BinaryResult, FrozenDict
 
 __all__ = ["History", "HistoryEntry", "history", "notebook_name", "set_notebook"]
@@ -288,7 +288,7 @@ def _render_thumbnail(source: Path, thumbs: Path, sha: str, side: int) -> Path:
     with Image.open(source) as im:
         im.seek(0)  # first frame of an animation
         im = ImageOps.exif_transpose(im)
-        alpha = _has_alpha(im)
+        alpha = has_alpha(im)  # an all-opaque RGBA image still gets a JPEG
         im = im.convert("RGBA" if alpha else "RGB")
         im.thumbnail((side, side), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
@@ -300,15 +300,6 @@ def _render_thumbnail(source: Path, thumbs: Path, sha: str, side: int) -> Path:
     # A cache file, so no fsync; the rename still keeps readers from seeing a half-written file.
     _atomic_write(target, buf.getvalue(), durable=False)
     return target
-
-
-def _has_alpha(im: Any) -> bool:
-    """True when some pixel is not fully opaque (an all-opaque RGBA image still gets a JPEG)."""
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        return im.getchannel("A").getextrema()[0] < 255
-    return "transparency" in im.info
 
 
 # --------------------------------------------------------------------------------------------

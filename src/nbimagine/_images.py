@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import struct
+from typing import Any
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 SUPPORTED_MEDIA_TYPES = frozenset(EXTENSIONS)
@@ -103,3 +104,12 @@ def human_bytes(n: int) -> str:
     if n < 1024 * 1024:
         return f"{n / 1024:.0f} KB"
     return f"{n / (1024 * 1024):.1f} MB"
+
+
+def has_alpha(image: Any) -> bool:
+    """True when some pixel of a Pillow image is not fully opaque (an all-opaque RGBA image is not)."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        return image.getchannel("A").getextrema()[0] < 255
+    return "transparency" in image.info
