@@ -324,6 +324,14 @@ async def test_cancelling_ask_aborts_the_http_request(emu) -> None:
     await _wait_for(lambda: emu.aborted == 1)
 
 
+async def test_leaving_a_stream_early_closes_the_http_stream(emu) -> None:
+    emu.stream_delay = 0.3  # frames arrive slowly: the stream would run for seconds if left open
+    async for event in agent(emu, partial_images=3).stream("A lighthouse"):
+        if isinstance(event, PartialImageEvent):
+            break
+    await _wait_for(lambda: emu.aborted == 1, timeout=1.0)
+
+
 def test_ctrl_c_in_ask_sync_cancels_the_request(emu) -> None:
     emu.latency = 10
     timer = threading.Timer(0.3, _thread.interrupt_main)  # what the kernel's SIGINT handler does
