@@ -315,7 +315,7 @@ def test_connection_refused_is_a_provider_error() -> None:
 async def test_cancelling_ask_aborts_the_http_request(emu) -> None:
     emu.latency = 10
     task = asyncio.create_task(agent(emu).ask("A slow cat"))
-    await asyncio.sleep(0.3)
+    await _wait_for(lambda: len(emu.requests) == 1)  # the request is in flight (the first call imports the SDK)
     started = time.perf_counter()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -334,12 +334,19 @@ async def test_leaving_a_stream_early_closes_the_http_stream(emu) -> None:
 
 def test_ctrl_c_in_ask_sync_cancels_the_request(emu) -> None:
     emu.latency = 10
-    timer = threading.Timer(0.3, _thread.interrupt_main)  # what the kernel's SIGINT handler does
-    timer.start()
-    started = time.perf_counter()
+    pressed: list[float] = []
+
+    def press_ctrl_c_once_the_request_is_in_flight() -> None:
+        deadline = time.time() + 5
+        while not emu.requests and time.time() < deadline:
+            time.sleep(0.01)
+        pressed.append(time.perf_counter())
+        _thread.interrupt_main()  # what the kernel's SIGINT handler does
+
+    threading.Thread(target=press_ctrl_c_once_the_request_is_in_flight, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         agent(emu).ask_sync("A slow cat")
-    assert time.perf_counter() - started < 2
+    assert time.perf_counter() - pressed[0] < 1  # at once, not after the 10 s answer
     deadline = time.time() + 3
     while emu.aborted != 1 and time.time() < deadline:
         time.sleep(0.02)
