@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -530,3 +531,21 @@ def test_standalone_module(tmp_path: Any) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_emulator_traffic_bypasses_an_http_proxy() -> None:
+    # Behind a corporate proxy httpx2 would send 127.0.0.1 traffic to the proxy; here it refuses.
+    code = """
+import os
+from nbimagine import Agent
+from nbimagine.config import OpenAIResponsesConfig
+from nbimagine.emulator import Emulator
+from nbimagine.tools import ImageGenerationTool
+with Emulator() as emu:
+    config = OpenAIResponsesConfig("gpt-4.1", api_key="k", base_url=emu.openai_base_url, max_retries=0)
+    print(len(Agent("a", config=config, tools=[ImageGenerationTool()]).ask_sync("x").files))
+"""
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    env.update(HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr[-2000:]

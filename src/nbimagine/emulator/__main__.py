@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  Gemini:  {emu.gemini_base_url}  (HttpOptions(base_url=..., api_version='v1beta'))")
         print(f"  Vertex:  {emu.vertex_base_url}")
         print("Point the SDKs at it:")
+        print("  export NO_PROXY=127.0.0.1,localhost   # only needed behind an HTTP proxy")
         print(f"  export OPENAI_BASE_URL={emu.openai_base_url}")
         print("  export OPENAI_API_KEY=emulator")
         print(f"  export AZURE_OPENAI_ENDPOINT={emu.azure_endpoint}")

@@ -408,6 +408,7 @@ class Emulator:
             return self
         self._server = _Server((self.host, self.port), self.state, self.close_connections)
         self.port = self._server.server_address[1]
+        _bypass_proxies_for(self.host)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name=f"nbimagine-emulator-{self.port}", daemon=True)
         self._thread.start()
@@ -506,3 +507,17 @@ class Emulator:
     def __repr__(self) -> str:
         running = "running" if self._server is not None else "stopped"
         return f"<Emulator {self.url} {running}>"
+
+
+def _bypass_proxies_for(host: str) -> None:
+    """Keep this process's SDK traffic to the emulator off any HTTP proxy.
+
+    httpx2 honours HTTP(S)_PROXY, and behind a corporate proxy a request to 127.0.0.1 would be sent
+    to the proxy and fail, so loopback joins NO_PROXY / no_proxy (nobody wants loopback proxied).
+    """
+    wanted = ["127.0.0.1", "localhost", host.strip("[]")]
+    for var in ("NO_PROXY", "no_proxy"):
+        present = [item.strip() for item in os.environ.get(var, "").split(",") if item.strip()]
+        missing = [item for item in dict.fromkeys(wanted) if item not in present]
+        if missing:
+            os.environ[var] = ",".join(present + missing)
