@@ -674,3 +674,13 @@ def test_emulator_banner_reads_whole_words(ip):
     ip.run_line_magic("imagine", "emulator on")
     html = [o["data"]["text/html"] for o in outputs(ip) if "emulator ON" in o["data"].get("text/html", "")][-1]
     assert "</b>: every provider is answered" in html
+
+
+def test_ipython_own_names_are_not_prompt_variables(ip, emu, monkeypatch):
+    monkeypatch.setitem(ip.user_ns, "exit_sign", "EXIT")
+    imagine(ip, "", "a box labelled {In} and {exit} under an {exit_sign} sign")
+    sent = prompt_text(last_body(emu))
+    assert "a box labelled {In} and {exit} under an EXIT sign" in sent
+    monkeypatch.setitem(ip.user_ns, "In", "inside")  # a user's own variable with that name does count
+    imagine(ip, "", "{In} the box")
+    assert "inside the box" in prompt_text(last_body(emu))

@@ -48,6 +48,14 @@ _FIX_KEYS = ("Set the key in the environment before starting Jupyter, or in a ce
 _PROGRESS_EVERY = 0.25  # seconds between elapsed-time refreshes of the progress slot
 
 
+def _user_variables(shell: Any) -> dict[str, Any]:
+    """The user's own names: IPython's (``In``, ``Out``, ``_``, ``exit``...) are not prompt variables."""
+    if shell is None:
+        return {}
+    hidden = shell.user_ns_hidden
+    return {k: v for k, v in shell.user_ns.items() if k not in hidden or hidden[k] is not v}
+
+
 def interpolate(text: str, namespace: dict[str, Any]) -> str:
     """Replace ``{name}`` by ``str(namespace[name])`` when ``name`` is defined; leave every other brace.
 
@@ -198,7 +206,7 @@ class ImagineMagics(Magics):
                                  "in the cell body, options start with - (see %%imagine?)")
             # IPython has already expanded {name} on the magic line, never in the body: only the body
             # is interpolated here (a second pass over the line would undo IPython's {{ escape).
-            prompt = interpolate(cell, self.shell.user_ns if self.shell else {})
+            prompt = interpolate(cell, _user_variables(self.shell))
         self._generate(prompt.strip(), args)
         return None
 
