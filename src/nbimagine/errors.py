@@ -53,7 +53,6 @@ class ProviderError(ImagineError):
         code: str | None = None,
         request_id: str | None = None,
         files: Sequence[BinaryResult] = (),
-        body: str = "",
     ) -> None:
         self.message = redact(message)
         self.provider = provider
@@ -61,7 +60,6 @@ class ProviderError(ImagineError):
         self.code = code
         self.request_id = request_id
         self.files = list(files)
-        self.body = body
         super().__init__(self.message)
 
     def __str__(self) -> str:

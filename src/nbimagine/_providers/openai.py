@@ -161,7 +161,7 @@ class OpenAIResponsesProvider(_OpenAIClientMixin, Provider[OpenAIResponsesConfig
                 for out in parser.parse_output(response.output):
                     yield out
         except openai.APIStatusError as exc:
-            raise _status_error(exc, self.name, parser.files) from None
+            raise _api_error(exc, self.name, parser.files) from None
         except openai.APITimeoutError:
             raise ProviderError(
                 f"No answer within {self.config.timeout:g} s; raise timeout= in the config or try again",
@@ -283,8 +283,6 @@ class ChatCompletionsProvider(_OpenAIClientMixin, Provider[OpenAIConfig]):
                 body, finish = choice.message.content or "", choice.finish_reason
                 response_id, model = completion.id, completion.model
                 usage = completion.usage.model_dump() if completion.usage else None
-        except openai.APIStatusError as exc:
-            raise _status_error(exc, self.name, ()) from None
         except openai.APIError as exc:
             raise _api_error(exc, self.name, ()) from None
         history = [*messages, {"role": "assistant", "content": body}]
@@ -491,27 +489,20 @@ _HINTS = {
 }
 
 
-def _status_error(exc: Any, provider: str, files: Sequence[BinaryResult]) -> ProviderError:
+def _api_error(exc: Any, provider: str, files: Sequence[BinaryResult]) -> ProviderError:
+    """An SDK error (HTTP status or in-stream error event) as ours, policy blocks as ContentPolicyError."""
     body = exc.body if isinstance(exc.body, dict) else {}
     code = body.get("code") or getattr(exc, "code", None)
     message = body.get("message") or (exc.body if isinstance(exc.body, str) else "") or exc.message
-    hint = _HINTS.get(exc.status_code)
+    status = getattr(exc, "status_code", None)
+    hint = _HINTS.get(status)
     if hint and code not in _POLICY_CODES:
         message = f"{message} ({hint})"
-    kwargs = {"provider": provider, "status": exc.status_code, "code": code, "request_id": exc.request_id,
+    kwargs = {"provider": provider, "status": status, "code": code, "request_id": getattr(exc, "request_id", None),
               "files": files}
     if code in _POLICY_CODES:
         return ContentPolicyError(message, reason=code, **kwargs)
     return ProviderError(message, **kwargs)
-
-
-def _api_error(exc: Any, provider: str, files: Sequence[BinaryResult]) -> ProviderError:
-    body = exc.body if isinstance(exc.body, dict) else {}
-    code = body.get("code") or getattr(exc, "code", None)
-    message = body.get("message") or exc.message
-    if code in _POLICY_CODES:
-        return ContentPolicyError(message, reason=code, provider=provider, code=code, files=files)
-    return ProviderError(message, provider=provider, code=code, files=files)
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
