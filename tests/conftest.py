@@ -40,3 +40,30 @@ def emu(emulator_server):
     emulator_server.reset()
     yield emulator_server
     emulator_server.reset()
+
+
+@pytest.fixture
+def ctrl_c_when_in_flight(emu):
+    """Start a thread that presses Ctrl-C as soon as a request reaches the emulator.
+
+    Returns a list that receives the moment it pressed. Waiting for the request (not a fixed delay)
+    matters: run alone, the first call spends ~0.5 s importing the SDK before anything is sent.
+    """
+    import _thread
+    import threading
+    import time
+
+    pressed: list[float] = []
+
+    def press() -> None:
+        deadline = time.time() + 10
+        while not emu.requests and time.time() < deadline:
+            time.sleep(0.01)
+        pressed.append(time.perf_counter())
+        _thread.interrupt_main()  # what the kernel's SIGINT handler does
+
+    def start() -> list[float]:
+        threading.Thread(target=press, daemon=True).start()
+        return pressed
+
+    return start

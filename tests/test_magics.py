@@ -7,7 +7,6 @@ history is a real one in a temporary folder. Display output is captured with IPy
 
 from __future__ import annotations
 
-import _thread
 import io
 import json
 import os
@@ -403,20 +402,11 @@ def test_variants_run_concurrently_and_show_as_a_grid(ip, emu):
     assert "display:grid" in html and html.count("<img") == 4
 
 
-def test_ctrl_c_stops_the_call_and_the_kernel_stays_usable(ip, emu):
+def test_ctrl_c_stops_the_call_and_the_kernel_stays_usable(ip, emu, ctrl_c_when_in_flight):
     from nbimagine._history import history
 
     emu.latency = 30.0
-    pressed: list[float] = []
-
-    def press_ctrl_c_once_the_request_is_in_flight() -> None:
-        deadline = time.time() + 10
-        while not emu.requests and time.time() < deadline:
-            time.sleep(0.01)
-        pressed.append(time.perf_counter())
-        _thread.interrupt_main()
-
-    threading.Thread(target=press_ctrl_c_once_the_request_is_in_flight, daemon=True).start()
+    pressed = ctrl_c_when_in_flight()
     with pytest.raises(KeyboardInterrupt):
         imagine(ip, "", "a very slow painting")
     assert time.perf_counter() - pressed[0] < 2.0

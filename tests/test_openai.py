@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import _thread
 import asyncio
 import io
-import threading
 import time
 from pathlib import Path
 
@@ -332,18 +330,9 @@ async def test_leaving_a_stream_early_closes_the_http_stream(emu) -> None:
     await _wait_for(lambda: emu.aborted == 1, timeout=1.0)
 
 
-def test_ctrl_c_in_ask_sync_cancels_the_request(emu) -> None:
+def test_ctrl_c_in_ask_sync_cancels_the_request(emu, ctrl_c_when_in_flight) -> None:
     emu.latency = 10
-    pressed: list[float] = []
-
-    def press_ctrl_c_once_the_request_is_in_flight() -> None:
-        deadline = time.time() + 5
-        while not emu.requests and time.time() < deadline:
-            time.sleep(0.01)
-        pressed.append(time.perf_counter())
-        _thread.interrupt_main()  # what the kernel's SIGINT handler does
-
-    threading.Thread(target=press_ctrl_c_once_the_request_is_in_flight, daemon=True).start()
+    pressed = ctrl_c_when_in_flight()
     with pytest.raises(KeyboardInterrupt):
         agent(emu).ask_sync("A slow cat")
     assert time.perf_counter() - pressed[0] < 1  # at once, not after the 10 s answer
