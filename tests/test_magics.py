@@ -23,7 +23,7 @@ from IPython.core.interactiveshell import InteractiveShell
 
 from nbimagine._magics import interpolate
 from nbimagine._session import ImagineSession, get_session, set_emulator
-from nbimagine.errors import ContentPolicyError, ProviderError
+from nbimagine.errors import ContentPolicyError, ImagineWarning, ProviderError
 from nbimagine.events import BinaryResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +57,17 @@ def ip(emu, tmp_path, monkeypatch):
 
 def outputs(shell) -> list[dict]:
     return shell.display_pub.outputs
+
+
+def final_outputs(shell) -> list[dict]:
+    """The new outputs of the last cell after its progress slot (what frontends without updates see)."""
+    published = outputs(shell)
+    slots = [i for i, o in enumerate(published) if (o.get("transient") or {}).get("display_id") and not o["update"]]
+    return [o for o in published[slots[-1] + 1:] if not o["update"]]
+
+
+def image_outputs(shell) -> list[dict]:
+    return [o for o in final_outputs(shell) if any(k.startswith("image/") for k in o["data"])]
 
 
 def imagine(shell, line: str, cell: str):
@@ -344,7 +355,7 @@ def test_out_full_and_no_history(ip, emu):
     reply = ip.user_ns["r"]
     assert len(history()) == 0
     assert "history_id" not in reply.files[0].metadata
-    final = outputs(ip)[-1]["data"]
+    [final] = [o["data"] for o in image_outputs(ip)]
     assert final["image/png"]  # full resolution, original format
     import base64
 
@@ -357,31 +368,37 @@ def test_out_full_and_no_history(ip, emu):
 def test_progress_slot_is_updated_in_place_with_partials_then_final(ip, emu):
     imagine(ip, "--partial 2 -o r", "a sailing ship")
     published = outputs(ip)
-    first, updates = published[0], published[1:]
+    first, updates = published[0], [o for o in published[1:] if o["update"]]
     display_id = first["transient"]["display_id"]
-    assert "Generating" in first["data"]["text/plain"]
-    assert updates and all(u["update"] and u["transient"]["display_id"] == display_id for u in updates)
+    assert first["data"]["text/plain"] == "Generating with openai/gpt-4.1 (emulator)…"  # no time: it may stay
+    assert updates and all(u["transient"]["display_id"] == display_id for u in updates)
     partial_updates = [u for u in updates if "partial" in u["data"]["text/html"]]
     assert [u["data"]["text/html"].count("<img") for u in partial_updates[:2]] == [1, 1]
     assert "partial 1" in partial_updates[0]["data"]["text/html"]
     assert "partial 2" in partial_updates[-1]["data"]["text/html"]
-    final = updates[-1]["data"]
-    assert final["image/jpeg"]
+    # The slot ends as a short pointer; the image itself is a new output that every frontend renders.
+    assert "1 image below" in updates[-1]["data"]["text/plain"] and "<img" not in updates[-1]["data"]["text/html"]
+    [image] = image_outputs(ip)
+    final = image["data"]
+    assert final["image/jpeg"] and set(final) == {"image/jpeg", "text/plain"}
     caption = final["text/plain"]
     entry_id = ip.user_ns["r"].files[0].metadata["history_id"]
-    reply_text = ip.user_ns["r"].body
-    assert caption.startswith(f"{reply_text}\n#{entry_id} · openai/")
+    assert image["metadata"]["nbimagine"] == {"history_id": entry_id, "sha256": ip.user_ns["r"].files[0].sha256}
+    assert caption.startswith(f"#{entry_id} · openai/")
     for piece in ("1024x1024", "PNG", "KB", " s"):
         assert piece in caption
     assert "revised prompt:" in caption
+    reply_text = ip.user_ns["r"].body
+    assert final_outputs(ip)[0]["data"]["text/plain"] == reply_text  # the reply's text comes first, once
 
 
 def test_reply_text_shows_above_the_image(ip):
     imagine(ip, "-o r", "a lantern")
     reply = ip.user_ns["r"]
     assert reply.body
-    html = outputs(ip)[-1]["data"]["text/html"]
-    assert html.index(reply.body.split()[0]) < html.index("<img")
+    kinds = ["image" if any(k.startswith("image/") for k in o["data"]) else o["data"].get("text/plain", "caption")
+             for o in final_outputs(ip)]
+    assert kinds[:2] == [reply.body, "image"]
 
 
 def test_variants_run_concurrently_and_show_as_a_grid(ip, emu):
@@ -390,16 +407,18 @@ def test_variants_run_concurrently_and_show_as_a_grid(ip, emu):
     imagine(ip, "--no-history", "warm-up")  # SDK imports and connections: not what this measures
     emu.reset()
     emu.latency = 1.0
-    start = time.perf_counter()
     imagine(ip, "-n 4 -o rs", "four moons")
-    wall = time.perf_counter() - start
-    assert wall < 2.0, f"-n 4 took {wall:.2f} s at 1 s latency: not concurrent"
+    import re
+
+    slot = [o for o in outputs(ip) if o["update"]][-1]["data"]["text/plain"]
+    requests = float(re.search(r"after ([\d.]+) s", slot).group(1))  # the requests, not the previews
+    assert requests < 2.0, f"-n 4 took {requests:.2f} s at 1 s latency: not concurrent"
     assert len([r for r in emu.requests if r.method == "POST"]) == 4
     assert len(ip.user_ns["rs"]) == 4
     assert len(history()) == 4
     assert all(e.params.get("n") == 4 for e in history())
-    html = outputs(ip)[-1]["data"]["text/html"]
-    assert "display:grid" in html and html.count("<img") == 4
+    images = image_outputs(ip)
+    assert len(images) == 4 and all(o["metadata"]["image/jpeg"]["width"] == 384 for o in images)
 
 
 def test_ctrl_c_stops_the_call_and_the_kernel_stays_usable(ip, emu, ctrl_c_when_in_flight):
@@ -407,10 +426,13 @@ def test_ctrl_c_stops_the_call_and_the_kernel_stays_usable(ip, emu, ctrl_c_when_
 
     emu.latency = 30.0
     pressed = ctrl_c_when_in_flight()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as info:
         imagine(ip, "", "a very slow painting")
     assert time.perf_counter() - pressed[0] < 2.0
-    assert "Cancelled after" in outputs(ip)[-1]["data"]["text/plain"]
+    # One line, no traceback: IPython renders an exception through _render_traceback_.
+    [line] = info.value._render_traceback_()
+    assert line.startswith("KeyboardInterrupt: Cancelled after") and "nothing was recorded" in line
+    assert outputs(ip)[-1]["data"]["text/plain"].startswith("Stopped after")
     deadline = time.time() + 5
     while emu.aborted < 1 and time.time() < deadline:
         time.sleep(0.05)
@@ -599,7 +621,7 @@ def test_history_failure_after_a_provider_error_does_not_turn_into_an_empty_succ
     _break_image_folder(history())
     emu.inject("image_failed", times=1)
     gen = Generation("[images:2] a cat and a dog")
-    with pytest.raises(ProviderError) as info, pytest.warns(RuntimeWarning, match="history"):
+    with pytest.raises(ProviderError) as info, pytest.warns(ImagineWarning, match="history"):
         gen.run()
     assert len(info.value.files) == 1  # the image made before the failure is still handed back
 
@@ -610,10 +632,9 @@ def test_history_failure_after_success_keeps_the_images(ip, emu):
 
     _break_image_folder(history())
     gen = Generation("a kite")
-    with pytest.raises(OSError):
-        gen.run()
-    [reply] = gen.replies
-    assert reply is not None and len(reply.files) == 1 and gen.entries == []
+    with pytest.warns(ImagineWarning, match="could not be recorded in the history"):
+        [reply] = gen.run()
+    assert len(reply.files) == 1 and gen.entries == [] and "history_id" not in reply.files[0].metadata
 
 
 def test_generation_records_the_params_it_started_with(ip, emu):
@@ -674,3 +695,53 @@ def test_ipython_own_names_are_not_prompt_variables(ip, emu, monkeypatch):
     monkeypatch.setitem(ip.user_ns, "In", "inside")  # a user's own variable with that name does count
     imagine(ip, "", "{In} the box")
     assert "inside the box" in prompt_text(last_body(emu))
+
+
+# --- what a saved notebook holds -------------------------------------------------------------------
+
+
+def _saved_cell_outputs(shell) -> list[dict]:
+    """The outputs a frontend saves for the last cell: each display id at its last state, in order."""
+    import nbformat
+
+    slot_state: dict[str, dict] = {}
+    saved: list[tuple[str | None, dict]] = []
+    for o in outputs(shell):
+        display_id = (o.get("transient") or {}).get("display_id")
+        if o["update"]:
+            slot_state[display_id] = o
+            continue
+        saved.append((display_id, o))
+    return [nbformat.v4.new_output("display_data", data=(slot_state.get(d) or o)["data"],
+                                   metadata=(slot_state.get(d) or o)["metadata"]) for d, o in saved]
+
+
+def test_a_saved_notebook_holds_each_image_once_and_clips_long_texts(ip, emu, tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_code_cell("%%imagine\na fox"))
+    empty = tmp_path / "empty.ipynb"
+    nbformat.write(nb, empty)
+    imagine(ip, "--partial 2 -o r", "a fox in the snow")
+    nb.cells[0].outputs = _saved_cell_outputs(ip)
+    full = tmp_path / "full.ipynb"
+    nbformat.write(nb, full)
+    growth = full.stat().st_size - empty.stat().st_size
+    assert growth <= 60 * 1024, f"{growth / 1024:.0f} KB for one 1024x1024 image"
+    [image] = image_outputs(ip)
+    assert full.read_text().count(image["data"]["image/jpeg"][:200]) == 1  # stored once
+    assert "partial" not in full.read_text()  # the progress slot's partial images are not kept
+
+
+def test_a_megabyte_of_revised_prompt_stays_out_of_the_notebook(ip, emu):
+    from nbimagine._display import caption_for, caption_output, image_output, text_output
+
+    huge = "a very long revised prompt " * 40_000
+    from nbimagine.emulator._draw import render
+
+    image = BinaryResult(render("x", 1024, 1024), {"revised_prompt": huge, "history_id": 3})
+    data, _, _ = image_output(image, caption_for(image))
+    total = len(json.dumps([data, caption_output(data["text/plain"]), text_output(huge)]))
+    assert total <= 150 * 1024
+    assert "more characters in the history" in data["text/plain"]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import ProviderConfig
 from .errors import ConfigError, InputError
-from .events import BinaryResult, ImageInput, ReplyEvent, StreamEvent
+from .events import BinaryResult, ImageInput, ReplyEvent, StreamEvent, check_text
 
 if TYPE_CHECKING:
     from ._providers._base import Input, Provider
@@ -139,7 +139,9 @@ def normalize_inputs(inputs: Sequence[Any]) -> list[Input]:
         raise InputError("ask() needs at least one input: a prompt string and/or images")
     normalized: list[Input] = []
     for item in inputs:
-        if isinstance(item, (str, ImageInput)):
+        if isinstance(item, str):
+            normalized.append(check_text(item))
+        elif isinstance(item, ImageInput):
             normalized.append(item)
         elif isinstance(item, BinaryResult):
             normalized.append(ImageInput.from_result(item))

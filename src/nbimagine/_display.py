@@ -5,10 +5,12 @@ Embedded base64 images are what makes notebooks huge, so what goes into an outpu
 has transparency), re-encoded with falling quality until it fits a byte budget. The
 full-resolution file lives in the notebook's history; ``full=True`` embeds it instead.
 
-A bundle carries the preview once as ``image/*`` (for nbconvert, GitHub and other plain renderers)
-and once inside a ``text/html`` figure with its caption (what JupyterLab and VS Code show), so the
-budget is set for both copies together: a 1024x1024 image adds well under 150 KB to a saved
-notebook. Pillow is imported only when an image really has to be re-encoded.
+Each image is stored once in a saved notebook: an image output (``image/*`` with the caption as
+``text/plain``, which every frontend renders, from JupyterLab to qtconsole and nbconvert) followed by
+its caption as ``text/html`` alone (no second copy of the image inside the HTML). Captions and reply
+texts are clipped (the full text stays in the history and on the result). A 1024x1024 image adds
+about 45 KB (drawing) to 70 KB (photo) to a saved notebook. Pillow is imported only when an image
+really has to be re-encoded, and decodes under the memory budget of :func:`_images.open_reduced`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import io
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._images import has_alpha, human_bytes, image_size, sniff_media_type
+from ._images import check_decodable, has_alpha, human_bytes, image_size, sniff_media_type
+from .errors import ImageDecodeError
 
 if TYPE_CHECKING:
     from ._agent import Reply
@@ -29,18 +32,25 @@ __all__ = [
     "MAX_SIDE",
     "PREVIEW_BUDGET",
     "caption_for",
+    "caption_output",
+    "clip",
     "grid_bundle",
     "image_bundle",
+    "image_output",
     "preview",
     "progress_bundle",
     "progress_preview",
     "reply_bundle",
+    "text_output",
+    "warning_output",
 ]
 
 MAX_SIDE = 768
-# Raw preview bytes. A bundle holds the preview twice (image/* and the HTML figure), base64-encoded
-# (x4/3), so 52 KB of preview costs about 140 KB of notebook.
+# Raw preview bytes; base64 in the notebook (x4/3): 52 KB of preview costs at most 70 KB of notebook.
 PREVIEW_BUDGET = 52_000
+# Displayed text is clipped (characters): a 1 MB revised prompt must not become 1 MB of notebook.
+CAPTION_TEXT_LIMIT = 300
+BODY_TEXT_LIMIT = 2000
 _JPEG_QUALITIES = (85, 78, 70, 62, 54)
 _PROGRESS_SIDE = 384
 
@@ -63,10 +73,9 @@ def preview(result: BinaryResult | bytes, max_side: int = MAX_SIDE, budget: int 
             and (budget is None or len(data) <= budget)):
         return data, media_type
 
-    from PIL import Image
+    from ._images import open_reduced
 
-    image = Image.open(io.BytesIO(data))
-    image.load()
+    image = open_reduced(data, max_side)  # ImageDecodeError for truncated data, bombs, too many pixels
     alpha = has_alpha(image)
     side = max_side
     while True:
@@ -118,9 +127,18 @@ def _encode_png(image: Any) -> tuple[bytes, str]:
 # --- captions ------------------------------------------------------------------------------------
 
 
+def clip(text: str, limit: int, *, where: str = "") -> str:
+    """``text`` cut to ``limit`` characters with a note saying how much was left out and where it is."""
+    text = text.strip()
+    if len(text) <= limit:
+        return text
+    rest = f"{len(text) - limit:,} more characters"
+    return text[:limit].rstrip() + f"… [{rest}{' in ' + where if where else ''}]"
+
+
 def caption_for(result: BinaryResult, *, history_id: int | None = None, elapsed: float | None = None,
                 provider: str | None = None, model: str | None = None) -> str:
-    """``#17 · openai/gpt-image-1 · 1024x1024 · PNG · 1.4 MB · 8.2 s`` (+ a revised-prompt line)."""
+    """``#17 · openai/gpt-image-1 · 1024x1024 · PNG · 1.4 MB · 8.2 s`` (+ a clipped revised-prompt line)."""
     meta = result.metadata
     history_id = history_id if history_id is not None else meta.get("history_id")
     provider = provider or meta.get("provider")
@@ -140,15 +158,73 @@ def caption_for(result: BinaryResult, *, history_id: int | None = None, elapsed:
     caption = " · ".join(parts)
     revised = meta.get("revised_prompt")
     if isinstance(revised, str) and revised.strip():
-        caption += f"\nrevised prompt: {revised.strip()}"
+        where = "the history" if history_id is not None else "metadata['revised_prompt']"
+        caption += f"\nrevised prompt: {clip(' '.join(revised.split()), CAPTION_TEXT_LIMIT, where=where)}"
     return caption
 
 
-# --- bundles -------------------------------------------------------------------------------------
+# --- outputs -------------------------------------------------------------------------------------
 
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def image_output(result: BinaryResult, caption: str, *, full: bool = False, max_side: int = MAX_SIDE,
+                 width: int | None = None) -> tuple[dict[str, Any], dict[str, Any], ImageDecodeError | None]:
+    """One image as ``(data, metadata, problem)`` for a ``display_data`` message.
+
+    ``data`` holds the preview (``image/*``) and the caption (``text/plain``); ``metadata`` the
+    displayed width and the image's history id and sha256. An image that cannot be previewed
+    (truncated, a bomb, too many pixels) gives a text-only output naming it, and the error as
+    ``problem``: the bytes are still the caller's.
+    """
+    try:
+        if full:
+            check_decodable(result.data)
+            data, media_type = result.data, result.media_type
+        else:
+            data, media_type = preview(result, max_side=max_side)
+    except ImageDecodeError as exc:
+        return {"text/plain": f"{caption}\n(no preview: {exc})"}, _ids(result), exc
+    size = image_size(data, media_type)
+    metadata = _ids(result)
+    shown = width or (size[0] if size else None)
+    if shown:
+        metadata[media_type] = {"width": shown}
+    return {media_type: _b64(data), "text/plain": caption}, metadata, None
+
+
+def _ids(result: BinaryResult) -> dict[str, Any]:
+    ids = {"sha256": result.sha256}
+    if result.metadata.get("history_id") is not None:
+        ids["history_id"] = result.metadata["history_id"]
+    return {"nbimagine": ids}
+
+
+def caption_output(caption: str, *, width: int | None = None) -> dict[str, Any]:
+    """The caption as ``text/html`` only (it follows its image output, whose ``text/plain`` it is)."""
+    head, _, rest = caption.partition("\n")
+    body = html.escape(head)
+    if rest:
+        body += "<br/>" + html.escape(rest).replace("\n", "<br/>")
+    return {"text/html": f'<div style="font-size:0.85em;opacity:0.85;max-width:{width or MAX_SIDE}px;'
+                         f'margin:0 0 10px 0">{body}</div>'}
+
+
+def text_output(text: str, *, where: str = "") -> dict[str, Any]:
+    """A reply's text, clipped to ``BODY_TEXT_LIMIT`` characters."""
+    text = clip(text, BODY_TEXT_LIMIT, where=where)
+    return {"text/plain": text, "text/html": _text_html(text)}
+
+
+def warning_output(lines: Sequence[str]) -> dict[str, Any]:
+    """One line per warning (``ImagineWarning: ...``), shown beside the images it concerns."""
+    plain = "\n".join(f"ImagineWarning: {line}" for line in lines)
+    rows = "".join(f"<div>⚠ {html.escape(line)}</div>" for line in lines)
+    return {"text/plain": plain,
+            "text/html": f'<div style="background:#fff3cd;color:#664d03;padding:4px 8px;border-radius:4px;'
+                         f'margin:4px 0">{rows}</div>'}
 
 
 def _figure(data: bytes, media_type: str, caption: str, *, width: int | None = None) -> str:
@@ -168,45 +244,52 @@ def _figure(data: bytes, media_type: str, caption: str, *, width: int | None = N
 
 
 def image_bundle(result: BinaryResult, *, caption: str | None = None, full: bool = False) -> dict[str, Any]:
-    """The mime bundle of one image: ``image/*`` preview, an HTML figure with caption, and text."""
-    caption = caption if caption is not None else caption_for(result)
-    if full:
-        data, media_type = result.data, result.media_type
-    else:
-        data, media_type = preview(result)
-    size = image_size(data, media_type)
-    bundle: dict[str, Any] = {
-        "text/plain": caption,
-        "text/html": _figure(data, media_type, caption, width=size[0] if size else None),
-    }
-    if media_type.startswith("image/"):
-        bundle[media_type] = _b64(data)
-    return bundle
+    """The mime bundle of one image (``_repr_mimebundle_``): the preview once, the caption as text.
+
+    An image that cannot be previewed gives its caption and the reason instead of raising.
+    """
+    data, _, _ = image_output(result, caption if caption is not None else caption_for(result), full=full)
+    return data
 
 
 def grid_bundle(items: Sequence[tuple[BinaryResult, str]], *, text: str = "", full: bool = False,
                 columns: int | None = None) -> dict[str, Any]:
-    """Several images as a grid (variants), with optional text above."""
+    """Several images as one HTML grid (a multi-image ``Reply``'s repr), each preview stored once."""
     cols = columns or min(len(items), 2 if len(items) == 4 else 3) or 1
     # Previews in a grid are shown smaller, so they are made smaller too.
     side = MAX_SIDE if cols == 1 else max(256, MAX_SIDE * 2 // (cols + 1))
+    text = clip(text, BODY_TEXT_LIMIT)
     plain = [text] if text else []
-    if full:
-        encoded = [(result.data, result.media_type) for result, _ in items]
-    else:
-        # Pillow releases the GIL while decoding, resizing and encoding: variants are previewed in parallel.
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=min(len(items), 4) or 1) as pool:
-            encoded = list(pool.map(lambda item: preview(item[0], max_side=side), items))
-    cells = [_figure(data, media_type, caption) for (data, media_type), (_, caption) in zip(encoded, items,
-                                                                                                strict=True)]
+    cells = []
+    for (data, media_type, problem), (_, caption) in zip(_previews(items, side, full), items, strict=True):
+        if problem is not None:
+            cells.append(f'<figure style="margin:0"><figcaption>{html.escape(caption)}<br/>(no preview: '
+                         f"{html.escape(str(problem))})</figcaption></figure>")
+        else:
+            cells.append(_figure(data, media_type, caption))
     plain.extend(caption for _, caption in items)
-    body = _text_html(text)
     grid = (f'<div style="display:grid;grid-template-columns:repeat({cols}, minmax(0, {side}px));gap:8px">'
             + "".join(cells) + "</div>")
-    bundle: dict[str, Any] = {"text/plain": "\n".join(plain), "text/html": body + grid}
-    return bundle
+    return {"text/plain": "\n".join(plain), "text/html": _text_html(text) + grid}
+
+
+def _previews(items: Sequence[tuple[BinaryResult, str]], side: int, full: bool
+              ) -> list[tuple[bytes, str, ImageDecodeError | None]]:
+    def one(item: tuple[BinaryResult, str]) -> tuple[bytes, str, ImageDecodeError | None]:
+        if full:
+            return item[0].data, item[0].media_type, None
+        try:
+            return (*preview(item[0], max_side=side), None)
+        except ImageDecodeError as exc:
+            return b"", "", exc
+
+    if len(items) <= 1:
+        return [one(item) for item in items]
+    # Pillow releases the GIL while decoding, resizing and encoding: variants are previewed in parallel.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(len(items), 4)) as pool:
+        return list(pool.map(one, items))
 
 
 def _text_html(text: str) -> str:
@@ -216,36 +299,39 @@ def _text_html(text: str) -> str:
 
 
 def reply_bundle(reply: Reply, *, captions: Sequence[str] | None = None, full: bool = False) -> dict[str, Any]:
-    """A reply: its text above, then its images (a grid when there are several)."""
+    """A reply (its ``_repr_mimebundle_``): its text, then its images (an HTML grid when several)."""
     files = list(reply.files)
     caps = list(captions) if captions is not None else [
         caption_for(f, provider=reply.provider, model=reply.model) for f in files]
     if not files:
-        return {"text/plain": reply.body or "(no text, no images)",
-                "text/html": _text_html(reply.body or "(no text, no images)")}
+        text = clip(reply.body, BODY_TEXT_LIMIT) or "(no text, no images)"
+        return {"text/plain": text, "text/html": _text_html(text)}
     if len(files) == 1:
         bundle = image_bundle(files[0], caption=caps[0], full=full)
         if reply.body:
-            bundle["text/html"] = _text_html(reply.body) + bundle["text/html"]
-            bundle["text/plain"] = reply.body + "\n" + bundle["text/plain"]
+            bundle["text/plain"] = clip(reply.body, BODY_TEXT_LIMIT) + "\n" + bundle["text/plain"]
         return bundle
     return grid_bundle(list(zip(files, caps, strict=True)), text=reply.body, full=full)
 
 
 def progress_preview(partial: BinaryResult) -> bytes:
     """``partial`` reduced for the progress slot. The slot is redrawn several times a second with every
-    variant's latest partial: reduce each once on arrival, and every redraw only reads a header."""
+    variant's latest partial: reduce each once on arrival, and every redraw only reads a header.
+
+    Raises ``ImageDecodeError`` for a partial image that cannot be decoded.
+    """
     return preview(partial, max_side=_PROGRESS_SIDE, budget=None)[0]
 
 
-def progress_bundle(elapsed: float, *, label: str = "Generating", partials: Sequence[Any] = (),
+def progress_bundle(elapsed: float | None, *, label: str = "Generating", partials: Sequence[Any] = (),
                     status: Sequence[str] = ()) -> dict[str, Any]:
     """The live progress slot: elapsed time, and the latest partial image of each variant when any.
 
-    ``partials`` holds one image (``BinaryResult``, or bytes from :func:`progress_preview`) or ``None`` per
-    variant; ``status`` one short word per variant.
+    ``elapsed`` None: the first state, which is all that frontends without display updates ever
+    show, so it names no time. ``partials`` holds one image (``BinaryResult``, or bytes from
+    :func:`progress_preview`) or ``None`` per variant; ``status`` one short word per variant.
     """
-    line = f"{label}… {elapsed:.1f} s"
+    line = f"{label}…" if elapsed is None else f"{label}… {elapsed:.1f} s"
     cells = []
     for index, partial in enumerate(partials):
         note = status[index] if index < len(status) else ""

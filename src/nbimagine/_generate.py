@@ -7,6 +7,14 @@ recorded in the notebook's history (prompt, provider, model, params, parents), a
 ``BinaryResult`` in the returned ``Reply`` is swapped for one whose metadata carries
 ``history_id``, so feeding it back in as an edit keeps the lineage.
 
+The rule this module keeps: once a provider has answered, every image it returned is on
+``replies`` (or on the error that ended the variant, or on ``arrived`` when Ctrl-C stopped the
+stream after some images had come), and recording them can no longer fail the generation. A
+history that is locked, read-only or full becomes a one-line message on ``warnings`` (emitted as
+:class:`~nbimagine.errors.ImagineWarning` by :meth:`Generation.wait`); a cancellation that lands
+while images are being recorded lets the recording finish, so ``entries`` is the truth about what
+the history holds.
+
 Threading: ``on_event(variant_index, event)`` is called **on the background loop's thread**. UI
 code must be thread-safe there (e.g. put events in a ``queue.Queue`` and drain it from the main
 thread, or use ``ipywidgets.Output.append_display_data``).
@@ -22,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._session import OPENAI_OPTIONS, ImagineSession, get_session
 from ._sync import Job
-from .errors import ConfigError, ProviderError
+from .errors import ConfigError, ImagineWarning, ProviderError
 from .events import BinaryResult, ImageEvent, ReplyEvent, StreamEvent
 
 if TYPE_CHECKING:
@@ -59,6 +67,9 @@ class Generation:
             raise ConfigError(f"the number of variants must be an integer from 1 to {MAX_VARIANTS}, not {n!r}")
         if not prompt or not prompt.strip():
             raise ConfigError("the prompt is empty: write what to draw in the cell body")
+        from ._agent import normalize_inputs
+
+        normalize_inputs([prompt])  # InputError now for text that cannot be sent, before any request
         self.prompt = prompt
         self.edits = list(edits)
         ids = [*parents, *(e.metadata.get("history_id") for e in self.edits)]
@@ -73,6 +84,9 @@ class Generation:
         self.replies: list[Reply | None] = [None] * n
         self.errors: list[BaseException | None] = [None] * n
         self.variant_entries: list[list[HistoryEntry]] = [[] for _ in range(n)]
+        # Finished images a stream delivered before its reply: kept when Ctrl-C stops the stream.
+        self.arrived: list[list[BinaryResult]] = [[] for _ in range(n)]
+        self.warnings: list[str] = []
         self.job: Job[list[Reply | None]] | None = None
         self._started_at: float | None = None
         self._ended_at: float | None = None
@@ -156,21 +170,40 @@ class Generation:
         if self.job is not None:
             self.job.cancel()
 
-    def wait(self, on_poll: Callable[[], None] | None = None) -> list[Reply]:
+    def wait(self, on_poll: Callable[[], None] | None = None, *, warn: bool = True) -> list[Reply]:
         """Block until done (``on_poll`` runs every 50 ms); return the replies.
 
         If any variant failed, the first error is raised once all variants have ended; the
         replies and entries of the others are still on ``replies`` / ``entries``. Ctrl-C cancels
-        and re-raises ``KeyboardInterrupt``.
+        and re-raises ``KeyboardInterrupt``. Problems after the answer (the history) do not raise:
+        with ``warn`` each line of ``warnings`` is emitted as an ``ImagineWarning``.
         """
         if self.job is None:
             self.start()
         assert self.job is not None
         self.job.result(on_poll=on_poll)
+        if warn:
+            for line in self.warnings:
+                warnings.warn(line, ImagineWarning, stacklevel=2)
         for error in self.errors:
             if error is not None:
                 raise error
         return [r for r in self.replies if r is not None]
+
+    @property
+    def stopped(self) -> int:
+        """How many variants were stopped before their provider answered (by ``cancel`` or Ctrl-C)."""
+        return sum(1 for reply, error in zip(self.replies, self.errors, strict=True)
+                   if reply is None and error is None)
+
+    def images(self, index: int) -> list[BinaryResult]:
+        """Every image variant ``index`` has: its reply's, its error's, or those that arrived before a cancel."""
+        reply, error = self.replies[index], self.errors[index]
+        if reply is not None:
+            return list(reply.files)
+        if isinstance(error, ProviderError) and error.files:
+            return list(error.files)
+        return list(self.arrived[index])
 
     def run(self, on_event: EventCallback | None = None, on_poll: Callable[[], None] | None = None) -> list[Reply]:
         """``start`` then ``wait``."""
@@ -192,49 +225,92 @@ class Generation:
         inputs: list[Any] = [self.prompt, *self.edits]
         try:
             if on_event is None:
-                reply = await agent.ask(*inputs)
+                self.replies[index] = await agent.ask(*inputs)
             else:
-                reply = None
-                async for event in agent.stream(*inputs):
-                    if isinstance(event, ReplyEvent):
-                        reply = event.reply
-                    elif not isinstance(event, ImageEvent):
-                        _safe_call(on_event, index, event)
-                assert reply is not None
-            self.replies[index] = reply  # before recording: a history failure must not lose the images
-            await self._record(index, reply.files, reply.body, reply)
-            if on_event is not None:
-                _safe_call(on_event, index, ReplyEvent(reply))
+                stream = agent.stream(*inputs)
+                try:
+                    async for event in stream:
+                        if isinstance(event, ReplyEvent):
+                            self.replies[index] = event.reply  # the last event: the answer is in
+                            break
+                        if isinstance(event, ImageEvent):
+                            self.arrived[index].append(event.image)
+                        else:
+                            _safe_call(on_event, index, event)
+                finally:
+                    await stream.aclose()
+                if self.replies[index] is None:
+                    raise ProviderError("The stream ended without a reply", provider=self.provider,
+                                        files=self.arrived[index])
         except asyncio.CancelledError:
+            # Stopped: whatever had already arrived is paid for, so it is still recorded.
+            reply = self.replies[index]
+            if reply is not None:
+                await self._record(index, reply.files, reply.body, reply)
+            else:
+                await self._record(index, self.arrived[index], None, None)
             raise
         except Exception as exc:
             self.errors[index] = exc
             if isinstance(exc, ProviderError) and exc.files:
-                # Images made before a failure are kept in the history (and on exc.files). A history
-                # failure here must not replace the provider's error: gather() would swallow it.
-                try:
-                    await self._record(index, exc.files, None, None)
-                except Exception as record_exc:
-                    warnings.warn(f"nbimagine could not record {len(exc.files)} image(s) in the history: "
-                                  f"{record_exc!r}", RuntimeWarning, stacklevel=1)
+                # Images made before a failure are kept in the history (and on exc.files).
+                await self._record(index, exc.files, None, None)
+            return
+        reply = self.replies[index]
+        assert reply is not None
+        await self._record(index, reply.files, reply.body, reply)
+        if on_event is not None:
+            _safe_call(on_event, index, ReplyEvent(reply))
 
     async def _record(self, index: int, files: list[BinaryResult], text: str | None, reply: Reply | None) -> None:
+        """Record ``files``; never raises (failures become ``warnings``), and a cancellation that lands
+        meanwhile waits for the recording to end, then is re-raised."""
         if not self.record or not files:
             return
         # SQLite and file writes are blocking: keep them off the event loop.
-        entries = await asyncio.to_thread(self._record_sync, files, text)
+        task = asyncio.ensure_future(asyncio.to_thread(self._record_sync, files, text))
+        cancelled = False
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                cancelled = True
+            except Exception:
+                break
+        if task.cancelled():
+            raise asyncio.CancelledError
+        if task.exception() is not None:
+            entries, problem = [], task.exception()
+        else:
+            entries, problem = task.result()
         self.variant_entries[index].extend(entries)
         if reply is not None:
-            reply.files[:] = [_with_history_id(f, e.id) for f, e in zip(reply.files, entries, strict=False)]
+            recorded = {id(image): entry.id for image, entry in zip(files, entries, strict=False)}
+            reply.files[:] = [_with_history_id(f, recorded[id(f)]) if id(f) in recorded else f for f in reply.files]
+        if problem is not None:
+            self.warnings.append(_history_warning(len(files) - len(entries), len(files), problem))
+        if cancelled:
+            raise asyncio.CancelledError
 
-    def _record_sync(self, files: list[BinaryResult], text: str | None) -> list[HistoryEntry]:
-        params = self.params
-        return [
-            self.history.add(image, prompt=self.prompt, provider=self.provider,
-                             model=image.metadata.get("model") or self.model,
-                             params=params, parents=self.parents, text=text or None)
-            for image in files
-        ]
+    def _record_sync(self, files: list[BinaryResult], text: str | None) -> tuple[list[HistoryEntry], Exception | None]:
+        """Add each image; stop at the first failure and return it with the entries made before it."""
+        entries: list[HistoryEntry] = []
+        try:
+            params = self.params
+            for image in files:
+                entries.append(self.history.add(
+                    image, prompt=self.prompt, provider=self.provider, model=image.metadata.get("model") or self.model,
+                    params=params, parents=self.parents, text=text or None))
+        except Exception as exc:  # any history failure (locked, read-only, full, corrupt): a warning
+            return entries, exc
+        return entries, None
+
+
+def _history_warning(missing: int, total: int, problem: BaseException) -> str:
+    what = f"{missing} of {total} image(s)" if missing != total else f"the image{'s' if total > 1 else ''}"
+    reason = " ".join(str(problem).split()) or type(problem).__name__
+    return (f"{what} could not be recorded in the history ({type(problem).__name__}: {reason}); "
+            "they are shown and returned as usual: keep them with -o / .save(), or retry with the history fixed")
 
 
 def _with_history_id(image: BinaryResult, history_id: int) -> BinaryResult:

@@ -40,7 +40,7 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, Union
 
-from ._images import EXTENSIONS, has_alpha, sniff_media_type
+from ._images import EXTENSIONS, has_alpha, open_reduced, sniff_media_type
 from .events import BinaryResult, FrozenDict
 
 __all__ = ["History", "HistoryEntry", "history", "notebook_name", "set_notebook"]
@@ -50,7 +50,15 @@ FALLBACK_NOTEBOOK = "untitled"
 _DIRNAME = ".nbimagine"
 # Long enough to ride out another kernel's write transaction (they are milliseconds long) even on
 # a loaded machine; short enough that a truly stuck lock surfaces as an error rather than a hang.
+# NBIMAGINE_HISTORY_BUSY_TIMEOUT (seconds) overrides it, read when a history is opened (tests use 0.2).
 _BUSY_TIMEOUT_MS = 30_000
+
+
+def _busy_timeout_ms() -> int:
+    try:
+        return max(0, round(float(os.environ["NBIMAGINE_HISTORY_BUSY_TIMEOUT"]) * 1000))
+    except (KeyError, ValueError):
+        return _BUSY_TIMEOUT_MS
 
 ParentRef = Union[int, str, "HistoryEntry"]
 
@@ -283,19 +291,18 @@ class HistoryEntry:
 
 
 def _render_thumbnail(source: Path, thumbs: Path, sha: str, side: int) -> Path:
-    from PIL import Image, ImageOps  # Pillow only when a thumbnail is really needed
+    from PIL import ImageOps  # Pillow only when a thumbnail is really needed
 
-    with Image.open(source) as im:
-        im.seek(0)  # first frame of an animation
-        im = ImageOps.exif_transpose(im)
-        alpha = has_alpha(im)  # an all-opaque RGBA image still gets a JPEG
-        im = im.convert("RGBA" if alpha else "RGB")
-        im.thumbnail((side, side), Image.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        if alpha:
-            im.save(buf, "PNG", optimize=True)
-        else:
-            im.save(buf, "JPEG", quality=85, optimize=True)
+    # Decoded under the memory budget (ImageDecodeError for truncated data, bombs, too many pixels).
+    im = open_reduced(source.read_bytes(), side)
+    im = ImageOps.exif_transpose(im)
+    alpha = has_alpha(im)  # an all-opaque RGBA image still gets a JPEG
+    im = im.convert("RGBA" if alpha else "RGB")
+    buf = io.BytesIO()
+    if alpha:
+        im.save(buf, "PNG", optimize=True)
+    else:
+        im.save(buf, "JPEG", quality=85, optimize=True)
     target = thumbs / f"{sha}_{side}.{'png' if alpha else 'jpg'}"
     # A cache file, so no fsync; the rename still keeps readers from seeing a half-written file.
     _atomic_write(target, buf.getvalue(), durable=False)
@@ -419,12 +426,12 @@ class History:
         # up front and waits in busy_timeout instead of failing with SQLITE_BUSY on lock upgrade.
         conn = sqlite3.connect(
             self.path / "index.sqlite",
-            timeout=_BUSY_TIMEOUT_MS / 1000,
+            timeout=_busy_timeout_ms() / 1000,
             isolation_level=None,
             check_same_thread=False,
         )
         try:
-            conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+            conn.execute(f"PRAGMA busy_timeout={_busy_timeout_ms()}")
             _enable_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
@@ -788,7 +795,7 @@ def _enable_wal(conn: sqlite3.Connection) -> None:
     When two kernels open a brand-new history at the same moment, SQLite answers the mode switch
     with "database is locked" at once, without calling the busy handler, so wait and retry here.
     """
-    deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+    deadline = time.monotonic() + _busy_timeout_ms() / 1000
     while True:
         try:
             if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":

@@ -1,14 +1,26 @@
-"""Facts about image bytes, read from their headers: media type and pixel size.
+"""Facts about image bytes, read from their headers, and decoding them under a memory budget.
 
 Parsing headers ourselves is fast (no Pillow import on the hot path) and turns a corrupt or
 truncated image into ``None`` instead of an exception from deep inside a decoder.
+
+:func:`open_reduced` is the one way previews and thumbnails decode an image: the size is read from
+the header first; a decompression bomb is refused before any pixel is decoded; JPEG decodes at
+1/2, 1/4 or 1/8 scale (draft mode); a PNG too large to decode whole is decoded in bands of rows
+and reduced band by band, so a 13000x13000 provider PNG costs tens of MB, not 700 MB. Every
+failure is an :class:`~nbimagine.errors.ImageDecodeError`, never a raw Pillow exception.
 """
 
 from __future__ import annotations
 
 import base64
+import io
+import math
 import struct
+import warnings
+import zlib
 from typing import Any
+
+from .errors import ImageDecodeError
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 SUPPORTED_MEDIA_TYPES = frozenset(EXTENSIONS)
@@ -113,3 +125,208 @@ def has_alpha(image: Any) -> bool:
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         return image.getchannel("A").getextrema()[0] < 255
     return "transparency" in image.info
+
+
+# --- decoding under a budget ---------------------------------------------------------------------
+
+# Pillow's own decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS, where it raises instead of
+# warning). Nothing above it is decoded at all, whatever the format.
+MAX_PIXELS = 178_956_970
+# The largest image decoded whole for a preview or thumbnail: 48 MP is 192 MB as RGBA. Above it,
+# JPEG decodes at a reduced scale and 8-bit PNG in bands; anything else is refused with a message.
+FULL_DECODE_PIXELS = 48_000_000
+_BAND_BYTES = 8 * 1024 * 1024  # filtered PNG rows decoded per band
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError, MemoryError)
+
+
+def describe(data: bytes) -> str:
+    """``PNG, 1024x1024, 1.4 MB`` (what the bytes are, as far as the header tells)."""
+    media_type = sniff_media_type(data)
+    kind = EXTENSIONS[media_type].upper().replace("JPG", "JPEG") if media_type else "unknown type"
+    size = image_size(data, media_type) if media_type else None
+    return ", ".join([kind, *([f"{size[0]}x{size[1]}"] if size else []), human_bytes(len(data))])
+
+
+def decode_error(data: bytes, reason: str) -> ImageDecodeError:
+    media_type = sniff_media_type(data)
+    return ImageDecodeError(f"{describe(data)}: {reason}", media_type=media_type, size_bytes=len(data),
+                            dimensions=image_size(data, media_type) if media_type else None)
+
+
+def check_decodable(data: bytes) -> tuple[int, int]:
+    """The ``(width, height)`` of an image that may be decoded at all; ``ImageDecodeError`` otherwise."""
+    media_type = sniff_media_type(data)
+    if media_type is None:
+        raise decode_error(data, "the bytes are not a PNG, JPEG, WebP or GIF image")
+    size = image_size(data, media_type)
+    if size is None:
+        raise decode_error(data, "the image header is missing or corrupt (truncated data?)")
+    if size[0] < 1 or size[1] < 1:
+        raise decode_error(data, "the header declares an empty image")
+    if size[0] * size[1] > MAX_PIXELS:
+        raise decode_error(data, f"{size[0] * size[1] / 1e6:.0f} megapixels is above the {MAX_PIXELS / 1e6:.0f} MP "
+                                  "decoding limit (a decompression-bomb guard); the bytes are kept as they are")
+    return size
+
+
+def open_full(data: bytes) -> Any:
+    """The whole image as a loaded Pillow image; ``ImageDecodeError`` for bombs and broken data."""
+    check_decodable(data)
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            # Checked above against the same limit; Pillow's warning between 89 and 179 MP is noise here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except Image.DecompressionBombError as exc:
+        raise decode_error(data, str(exc)) from None
+    except _DECODE_ERRORS as exc:
+        raise decode_error(data, f"cannot be decoded ({_reason(exc)})") from None
+    return image
+
+
+def open_reduced(data: bytes, max_side: int) -> Any:
+    """A Pillow image of ``data`` whose longest side is at most ``max_side``, decoded in bounded memory.
+
+    First frame of an animation; EXIF orientation is not applied (callers that need it do it).
+    Raises ``ImageDecodeError`` (truncated or corrupt data, a bomb, too many pixels to decode).
+    """
+    width, height = check_decodable(data)
+    media_type = sniff_media_type(data)
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if media_type == "image/png" and width * height > FULL_DECODE_PIXELS:
+                image = _png_in_bands(data, width, height, max_side)
+            else:
+                image = Image.open(io.BytesIO(data))
+                if media_type != "image/jpeg" and width * height > FULL_DECODE_PIXELS:
+                    raise decode_error(data, f"{width * height / 1e6:.0f} megapixels is too large to preview "
+                                              f"(limit {FULL_DECODE_PIXELS / 1e6:.0f} MP for this format)")
+                # reducing_gap: JPEG decodes at 1/2..1/8 scale (draft), others reduce() by an integer
+                # factor before the final resampling, which is then cheap.
+                image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=2.0)
+                image.load()
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise decode_error(data, str(exc)) from None
+    except _DECODE_ERRORS as exc:
+        raise decode_error(data, f"cannot be decoded ({_reason(exc)})") from None
+    return image
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if "truncated" in text or isinstance(exc, (EOFError, zlib.error)):
+        return f"truncated or corrupt data: {text}"
+    return text
+
+
+def _png_chunks(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], list[memoryview]]:
+    """(IHDR body, the chunks a band needs to decode (PLTE, tRNS), the IDAT bodies)."""
+    view = memoryview(data)
+    pos, ihdr, extra, idat = 8, b"", [], []
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = view[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            ihdr = bytes(body)
+        elif kind in (b"PLTE", b"tRNS"):
+            extra.append((kind, bytes(body)))
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    return ihdr, extra, idat
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
+
+
+def _band_png(head: bytes, *parts: bytes | memoryview) -> bytes:
+    """A PNG of ``head`` (signature and chunks) and ``parts`` (filtered scanlines) as stored deflate
+    blocks: one copy, no compression.
+
+    No final deflate block, no Adler-32 trailer and no IDAT checksum: Pillow checks none of them
+    and stops once the last row is filled; computing them would cost a fifth of the whole decode.
+    """
+    pieces: list[bytes | memoryview] = [b"\x78\x01"]
+    for part in parts:
+        for start in range(0, len(part), 65535):
+            piece = part[start:start + 65535]
+            pieces += (b"\x00" + struct.pack("<HH", len(piece), 0xFFFF ^ len(piece)), piece)
+    size = sum(len(piece) for piece in pieces)
+    return b"".join((head, struct.pack(">I", size), b"IDAT", *pieces, bytes(4), _IEND))
+
+
+_IEND = _chunk(b"IEND", b"")
+
+
+def _png_in_bands(data: bytes, width: int, height: int, max_side: int) -> Any:
+    """Decode a large 8-bit, non-interlaced PNG a band of rows at a time, reducing each band at once.
+
+    Each band is handed to Pillow as a small PNG of its own (stored, not recompressed) whose first
+    row is the previous band's last row, unfiltered: Pillow then undoes the row filters in C, and
+    peak memory is a few bands instead of the whole image.
+    """
+    from PIL import Image
+
+    ihdr, extra, idat = _png_chunks(data)
+    if len(ihdr) != 13:
+        raise decode_error(data, "the PNG header chunk is corrupt")
+    depth, colour, interlace = ihdr[8], ihdr[9], ihdr[12]
+    if depth != 8 or interlace or colour not in _PNG_CHANNELS:
+        raise decode_error(data, f"{width * height / 1e6:.0f} megapixels is too large to preview "
+                                  f"(limit {FULL_DECODE_PIXELS / 1e6:.0f} MP for {depth}-bit or interlaced PNG)")
+    stride = width * _PNG_CHANNELS[colour] + 1  # + the filter-type byte of each row
+    factor = max(1, math.ceil(max(width, height) / (max_side * 2)))
+    rows_per_band = max(factor, (_BAND_BYTES // stride) // factor * factor)
+    mode = {0: "L", 2: "RGB", 3: "RGBA", 4: "LA", 6: "RGBA"}[colour]
+    if colour in (0, 2) and any(kind == b"tRNS" for kind, _ in extra):
+        mode = "RGBA"
+    out = Image.new(mode, (math.ceil(width / factor), math.ceil(height / factor)))
+    head = data[:8]
+    extra_chunks = b"".join(_chunk(kind, body) for kind, body in extra)
+    inflater = zlib.decompressobj()
+    pending = bytearray()
+    chunks = iter(idat)
+    previous: bytes | None = None
+    y = 0
+    while y < height:
+        rows = min(rows_per_band, height - y)
+        need = rows * stride
+        while len(pending) < need:
+            if inflater.unconsumed_tail:
+                pending += inflater.decompress(inflater.unconsumed_tail, need - len(pending))
+                continue
+            body = next(chunks, None)
+            if body is None:
+                ended = y + len(pending) // stride
+                raise decode_error(data, f"truncated or corrupt data: the pixels end at row {ended} of {height}")
+            pending += inflater.decompress(body, need - len(pending))
+        # The band's first row is the previous band's last row, unfiltered (filter type 0), so that
+        # the filters of this band's rows (which refer to the row above) decode.
+        above = b"\x00" + previous if previous is not None else b""
+        band_ihdr = struct.pack(">II", width, rows + (previous is not None)) + ihdr[8:]
+        with memoryview(pending) as view:
+            png = _band_png(head + _chunk(b"IHDR", band_ihdr) + extra_chunks, above, view[:need])
+        del pending[:need]
+        band = Image.open(io.BytesIO(png))
+        band.load()
+        top = 1 if previous is not None else 0
+        previous = band.crop((0, top + rows - 1, width, top + rows)).tobytes()
+        if band.mode != mode:
+            band = band.convert(mode)
+        box = (0, top, width, top + rows)
+        out.paste(band.reduce(factor, box=box) if factor > 1 else band.crop(box), (0, y // factor))
+        y += rows
+    out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return out

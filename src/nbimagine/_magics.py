@@ -247,11 +247,19 @@ class ImagineMagics(Magics):
             gen.build_agent()
         except (ConfigError, InputError) as exc:
             raise UsageError(str(exc)) from None
-        replies = self._run_with_progress(gen, full=args.full)
-        if args.out:
-            self.shell.user_ns[args.out] = replies[0] if args.n == 1 else replies
+        self._run_with_progress(gen, full=args.full, out=args.out)
 
-    def _run_with_progress(self, gen: Generation, *, full: bool) -> list[Any]:
+    def _run_with_progress(self, gen: Generation, *, full: bool, out: str | None = None) -> list[Any]:
+        """Run ``gen`` with a live progress slot, then show every image it has, whatever happened.
+
+        Frontends that apply display updates (JupyterLab, Notebook, VS Code) see one slot updated in
+        place with the elapsed time and partial images; the final images always come as new
+        ``display_data`` outputs, so frontends that ignore updates (qtconsole, euporie) show them
+        too, and a plain terminal prints one progress line and one caption per image.
+        """
+        import signal
+        import threading
+
         from IPython.display import display
 
         from ._display import progress_bundle, progress_preview
@@ -260,8 +268,9 @@ class ImagineMagics(Magics):
         partials: list[Any] = [None] * gen.n
         status = ["waiting"] * gen.n
         texts = [""] * gen.n
+        problems: list[str] = []  # one line each, shown beside the images
         label = f"Generating with {gen.provider}/{gen.model}" + (" (emulator)" if self.session.emulator else "")
-        handle = display(progress_bundle(0.0, label=label), raw=True, display_id=True)
+        live = _applies_updates(self.shell)
         last_refresh = time.perf_counter()
 
         def on_poll() -> None:
@@ -274,8 +283,12 @@ class ImagineMagics(Magics):
                     break
                 kind = type(event).__name__
                 if kind == "PartialImageEvent":
-                    partials[index] = progress_preview(event.image)
-                    status[index] = f"partial {event.index + 1}"
+                    try:
+                        partials[index] = progress_preview(event.image)
+                    except ImagineError as exc:  # a broken partial: the final image may still be fine
+                        problems.append(f"a partial image was skipped: {exc}")
+                        continue
+                    status[index] = f"partial {_ordinal(event.index)}"
                     refresh()  # every partial image is shown, even when several arrive between polls
                     changed = False
                     continue
@@ -294,58 +307,133 @@ class ImagineMagics(Magics):
             shown = partials if (gen.n > 1 or partials[0] is not None) else ()
             bundle = progress_bundle(gen.elapsed, label=label, partials=shown, status=status)
             if texts[0] and gen.n == 1:
-                from ._display import _text_html
+                from ._display import _text_html, clip
 
-                bundle["text/plain"] += "\n" + texts[0]
-                bundle["text/html"] = _text_html(texts[0]) + bundle["text/html"]
+                text = clip(texts[0], 2000)
+                bundle["text/plain"] += "\n" + text
+                bundle["text/html"] = _text_html(text) + bundle["text/html"]
             handle.update(bundle, raw=True)
 
-        gen.start(on_event=lambda i, e: events.put((i, e)))
+        # Once every request has ended, a Ctrl-C can stop nothing any more: it must not hide the images
+        # either. This handler (main thread only, where signals land) defers such a late Ctrl-C.
+        late_interrupts: list[float] = []
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if gen.job is not None and gen.job.done():
+                late_interrupts.append(gen.elapsed)
+                return
+            raise KeyboardInterrupt
+
         try:
-            replies = gen.wait(on_poll=on_poll)
-        except KeyboardInterrupt:
-            # Job.result has already cancelled the requests; say so in place, then let Ctrl-C through.
-            handle.update(_note(f"Cancelled after {gen.elapsed:.1f} s (Ctrl-C); nothing was recorded "
-                                "for the unfinished images."), raw=True)
-            raise
-        except ImagineError as exc:
-            made = [r for r in gen.replies if r is not None]
-            if made or gen.entries:
-                handle.update(self._final_bundle(gen, full=full), raw=True)
-            else:
-                handle.update(_note(f"Failed after {gen.elapsed:.1f} s: {type(exc).__name__}"), raw=True)
-            if isinstance(exc, (ConfigError, InputError)):
-                hint = f" {_FIX_KEYS}" if "key" in str(exc).lower() or "credential" in str(exc).lower() else ""
-                raise UsageError(f"{exc}{hint}") from None
-            raise _short_traceback(exc) from None
-        handle.update(self._final_bundle(gen, full=full), raw=True)
+            gen.start(on_event=lambda i, e: events.put((i, e)))
+        except (ConfigError, InputError) as exc:
+            raise UsageError(str(exc)) from None
+        handle = display(progress_bundle(None, label=label), raw=True, display_id=True)
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            error: ImagineError | None = None
+            interrupted = False
+            try:
+                gen.wait(on_poll=on_poll if live else None, warn=False)
+            except KeyboardInterrupt:
+                interrupted = True  # Job.result has cancelled the requests and waited for them
+            except ImagineError as exc:
+                error = exc
+            replies = self._finish(gen, handle, full=full, out=out, problems=problems,
+                                   interrupted=interrupted, late=late_interrupts)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        stopped = gen.stopped
+        if interrupted and stopped:
+            made = sum(len(gen.images(i)) for i in range(gen.n))
+            kept = (f"; the {made} image(s) that had arrived are shown above" if made else
+                    "; nothing was recorded")
+            raise _short_traceback(KeyboardInterrupt(
+                f"Cancelled after {gen.elapsed:.1f} s (Ctrl-C): {stopped} request(s) stopped{kept}"))
+        if error is not None:
+            if isinstance(error, (ConfigError, InputError)):
+                text = str(error).lower()
+                hint = f" {_FIX_KEYS}" if "key" in text or "credential" in text else ""
+                raise UsageError(f"{error}{hint}") from None
+            raise _short_traceback(error) from None
         return replies
 
-    def _final_bundle(self, gen: Generation, *, full: bool) -> dict[str, Any]:
-        from ._display import caption_for, grid_bundle, image_bundle
+    def _finish(self, gen: Generation, handle: Any, *, full: bool, out: str | None, problems: list[str],
+                interrupted: bool, late: list[float]) -> list[Any]:
+        """Bind ``-o``, then show every image the generation has, its text, and one line per problem.
 
-        items = []
-        texts = []
-        for reply in gen.replies:
-            if reply is None:
-                continue
-            if reply.body:
-                texts.append(reply.body)
-            for image in reply.files:
-                items.append((image, caption_for(image, elapsed=gen.elapsed, provider=gen.provider,
-                                                 model=gen.model)))
-        text = "\n\n".join(dict.fromkeys(texts))
-        if not items:
-            return _note(text or "The model answered with no image and no text.")
-        if len(items) == 1:
-            bundle = image_bundle(items[0][0], caption=items[0][1], full=full)
-            if text:
-                from ._display import _text_html
+        Nothing here raises because of an image or the history: a preview that cannot be made
+        names the image instead, and every failure is a warning line beside the images.
+        """
+        from IPython.display import display
 
-                bundle["text/html"] = _text_html(text) + bundle["text/html"]
-                bundle["text/plain"] = text + "\n" + bundle["text/plain"]
-            return bundle
-        return grid_bundle(items, text=text, full=full)
+        from ._agent import Reply
+        from ._display import MAX_SIDE, caption_for, caption_output, image_output, text_output, warning_output
+
+        replies: list[Any] = []
+        items: list[BinaryResult] = []
+        for index in range(gen.n):
+            images = gen.images(index)
+            reply = gen.replies[index]
+            if reply is None and images:  # a failure or a Ctrl-C after some images had arrived
+                reason = "cancelled" if gen.errors[index] is None else "error"
+                reply = Reply(files=images, finish_reason=reason, provider=gen.provider, model=gen.model)
+            if reply is not None:
+                replies.append(reply)
+            items.extend(images)
+        if out and replies:
+            self.shell.user_ns[out] = replies[0] if gen.n == 1 else replies
+        problems = [*problems, *gen.warnings]
+        if interrupted and gen.stopped and items:
+            problems.append(f"Ctrl-C after {gen.elapsed:.1f} s stopped {gen.stopped} request(s); the images "
+                            "below had already arrived" + (" and are recorded" if gen.entries else ""))
+        texts = list(dict.fromkeys(r.body for r in gen.replies if r is not None and r.body))
+        side = MAX_SIDE if len(items) == 1 else 512
+        width = None if len(items) == 1 else 384
+        outputs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        if texts:
+            outputs.append((text_output("\n\n".join(texts), where="the reply's .body"), {}))
+        def one(image: BinaryResult) -> tuple[dict[str, Any], dict[str, Any], Any]:
+            caption = caption_for(image, elapsed=gen.elapsed, provider=gen.provider, model=gen.model)
+            return image_output(image, caption, full=full, max_side=side, width=width)
+
+        if len(items) > 1:  # Pillow releases the GIL while decoding and encoding: previews in parallel
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(len(items), 4)) as pool:
+                made = list(pool.map(one, items))
+        else:
+            made = [one(image) for image in items]
+        for image, (data, metadata, problem) in zip(items, made, strict=True):
+            if problem is not None:
+                where = self._where(gen, image)
+                data["text/plain"] += f"\n{where}"
+                problems.append(f"no preview of {_ref(image)}: {problem}. {where}")
+            outputs.append((data, metadata))
+            outputs.append((caption_output(data["text/plain"], width=width), {}))
+        if not items and not texts and not interrupted and not any(gen.errors):
+            outputs.append((text_output("The model answered with no image and no text."), {}))
+        if late:
+            problems.append(f"Ctrl-C at {late[0]:.1f} s came after the request had finished; nothing was "
+                            "stopped and the images are all here")
+        if problems:
+            outputs.append((warning_output(list(dict.fromkeys(problems))), {}))
+        if _applies_updates(self.shell):
+            handle.update(_note(_summary(gen, len(items), interrupted)), raw=True)
+        for data, metadata in outputs:
+            display(data, metadata=metadata, raw=True)
+        return replies
+
+    @staticmethod
+    def _where(gen: Generation, image: BinaryResult) -> str:
+        entry = next((e for e in gen.entries if e.sha256 == image.sha256), None)
+        path = getattr(entry, "path", None)
+        if entry is not None:
+            return f"Kept as #{entry.id}" + (f" ({path})" if path else "") + "."
+        return "Not in the history; it is on the result (-o) as bytes."
 
     # --- references ------------------------------------------------------------------------------
 
@@ -367,7 +455,7 @@ class ImagineMagics(Magics):
             return image, image.metadata.get("history_id")
         path = Path(ref).expanduser()
         if path.is_file():
-            return _bytes_image(path.read_bytes(), str(path)), None
+            return _bytes_image(_read_file(path), str(path)), None
         raise UsageError(f"Unknown image reference {ref!r}: use last, -2, #17 (a history id), the name of a "
                          "variable holding an image, or an existing file path")
 
@@ -502,6 +590,15 @@ def _split(text: str) -> list[str]:
         raise UsageError(f"Cannot parse {text!r}: {exc}") from None
 
 
+def _read_file(path: Path) -> bytes:
+    from .events import read_image_file
+
+    try:
+        return read_image_file(path)  # its size is checked before a byte is read
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _bytes_image(data: bytes, where: str) -> BinaryResult:
     from ._images import sniff_media_type
     from .events import BinaryResult
@@ -529,7 +626,7 @@ def _to_image(value: Any, name: str) -> BinaryResult:
         path = Path(value).expanduser()
         if not path.is_file():
             raise UsageError(f"{name} holds the path {str(path)!r}, which is not a file")
-        return _bytes_image(path.read_bytes(), str(path))
+        return _bytes_image(_read_file(path), str(path))
     if type(value).__module__.startswith("PIL."):
         import io
 
@@ -537,6 +634,29 @@ def _to_image(value: Any, name: str) -> BinaryResult:
         value.save(buffer, format="PNG")
         return BinaryResult(buffer.getvalue())
     raise UsageError(f"{name} is a {kind}; -e takes a BinaryResult, Reply, bytes, PIL image or path")
+
+
+def _applies_updates(shell: Any) -> bool:
+    """Whether the frontend redraws a display in place. IPython's own terminal publisher prints every
+    update as a new line (17 progress lines for one image), so a terminal only gets the first state."""
+    from IPython.core.displaypub import DisplayPublisher
+
+    return shell is not None and type(shell.display_pub) is not DisplayPublisher
+
+
+def _ordinal(index: Any) -> str:
+    return str(index + 1) if isinstance(index, int) and not isinstance(index, bool) else "image"
+
+
+def _ref(image: BinaryResult) -> str:
+    history_id = image.metadata.get("history_id")
+    return f"#{history_id}" if history_id is not None else "an image"
+
+
+def _summary(gen: Generation, count: int, interrupted: bool) -> str:
+    verb = "Stopped" if interrupted and gen.stopped else "Failed" if any(gen.errors) else "Done"
+    images = f"{count} image{'s' if count != 1 else ''} below" if count else "no image"
+    return f"{verb} after {gen.elapsed:.1f} s with {gen.provider}/{gen.model}: {images}."
 
 
 def _note(text: str) -> dict[str, Any]:

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 __all__ = [
     "ConfigError",
     "ContentPolicyError",
+    "ImageDecodeError",
     "ImagineError",
+    "ImagineWarning",
     "InputError",
     "ProviderError",
     "UnsupportedToolError",
@@ -36,6 +38,28 @@ class UnsupportedToolError(ConfigError, TypeError):
 
 class InputError(ImagineError, ValueError):
     """An input (usually an :class:`~nbimagine.events.ImageInput`) cannot be sent as it is."""
+
+
+class ImageDecodeError(ImagineError, ValueError):
+    """Image bytes that cannot be decoded within bounds: truncated or corrupt data, a decompression
+    bomb, or more pixels than a preview or thumbnail may decode.
+
+    The bytes themselves are never discarded because of this error: ``media_type``, ``size_bytes``
+    and ``dimensions`` (``(width, height)`` from the header, or ``None``) name what they are.
+    """
+
+    def __init__(self, message: str, *, media_type: str | None = None, size_bytes: int | None = None,
+                 dimensions: tuple[int, int] | None = None) -> None:
+        self.media_type = media_type
+        self.size_bytes = size_bytes
+        self.dimensions = dimensions
+        super().__init__(message)
+
+
+class ImagineWarning(UserWarning):
+    """The images are yours, but something after the provider's answer failed (recording them in
+    the history, a thumbnail, a preview, the display, a late Ctrl-C). The message says what and how
+    to reach the images; the images themselves are displayed and returned as usual."""
 
 
 class ProviderError(ImagineError):

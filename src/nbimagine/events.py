@@ -209,13 +209,7 @@ class ImageInput:
             resolved_path = Path(path).expanduser()
             if not resolved_path.is_file():
                 raise InputError(f"Image file not found: {resolved_path} (check the path, relative to {Path.cwd()})")
-            size = resolved_path.stat().st_size
-            if size > MAX_INPUT_BYTES:
-                raise InputError(
-                    f"Image file {resolved_path} is {human_bytes(size)}; the limit is "
-                    f"{human_bytes(MAX_INPUT_BYTES)}. Downscale or compress it first."
-                )
-            data = resolved_path.read_bytes()
+            data = read_image_file(resolved_path)
         if data is not None:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise InputError(f"ImageInput data must be bytes, not {type(data).__name__}")
@@ -253,6 +247,44 @@ class ImageInput:
             return f"ImageInput(url={self.url[:80]!r})"
         source = f"path={str(self.path)!r}, " if self.path else ""
         return f"ImageInput({source}{self.media_type}, {human_bytes(len(self.data or b''))})"
+
+
+def read_image_file(path: Path, limit: int = MAX_INPUT_BYTES) -> bytes:
+    """The bytes of ``path``, refused with ``InputError`` when it is larger than ``limit``.
+
+    The size is taken from ``stat`` before anything is read, and at most ``limit + 1`` bytes are
+    ever read, so a file that grows meanwhile (or a pipe, or /dev/zero) is refused just the same.
+    """
+    def too_big(size: str) -> InputError:
+        return InputError(f"Image file {path} is {size}; the limit is {human_bytes(limit)}. "
+                          "Downscale or compress it first.")
+
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise too_big(human_bytes(size))
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise InputError(f"Cannot read image file {path}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise too_big(f"more than {human_bytes(limit)} (it grew while being read)")
+    return data
+
+
+def check_text(text: str, what: str = "The prompt") -> str:
+    """``text`` unchanged, or ``InputError`` when it cannot be sent as UTF-8 (a lone surrogate such as
+    ``'\\udce9'``, typically from a file name or bytes decoded with ``errors='surrogateescape'``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start:exc.end]
+        raise InputError(
+            f"{what} holds {bad!r} at position {exc.start}, a lone surrogate that cannot be sent as UTF-8 "
+            "(usually bytes decoded with errors='surrogateescape', e.g. a file name). Repair it first, e.g. "
+            "text.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')."
+        ) from None
+    return text
 
 
 def _parse_data_url(url: str) -> bytes:
