@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
-import json
 
-import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from nbimagine._agent import Reply
@@ -18,7 +16,6 @@ from nbimagine._display import (
     image_bundle,
     preview,
     progress_bundle,
-    reply_bundle,
 )
 from nbimagine.events import BinaryResult
 
