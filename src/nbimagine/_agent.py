@@ -42,15 +42,15 @@ class Reply:
         self._history = history
         self._agent: Agent | None = None
 
-    async def ask(self, *inputs: Any) -> Reply:
-        """Continue the conversation this reply belongs to."""
-        return await self._owner().ask(*inputs, _history=self._history)
+    async def ask(self, *inputs: Any, mask: Any = None, refs: Sequence[Any] = ()) -> Reply:
+        """Continue the conversation this reply belongs to (same arguments as :meth:`Agent.ask`)."""
+        return await self._owner().ask(*inputs, mask=mask, refs=refs, _history=self._history)
 
-    def stream(self, *inputs: Any) -> AsyncIterator[StreamEvent]:
-        return self._owner().stream(*inputs, _history=self._history)
+    def stream(self, *inputs: Any, mask: Any = None, refs: Sequence[Any] = ()) -> AsyncIterator[StreamEvent]:
+        return self._owner().stream(*inputs, mask=mask, refs=refs, _history=self._history)
 
-    def ask_sync(self, *inputs: Any) -> Reply:
-        return self._owner().ask_sync(*inputs, _history=self._history)
+    def ask_sync(self, *inputs: Any, mask: Any = None, refs: Sequence[Any] = ()) -> Reply:
+        return self._owner().ask_sync(*inputs, mask=mask, refs=refs, _history=self._history)
 
     def _owner(self) -> Agent:
         if self._agent is None:
@@ -96,30 +96,48 @@ class Agent:
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, config={self.config!r}, tools={self.tools!r})"
 
-    async def ask(self, *inputs: Any, _history: Any = None) -> Reply:
-        """Send the inputs (text, ``ImageInput``, ``BinaryResult``, bytes, paths, PIL images); return the reply."""
+    async def ask(self, *inputs: Any, mask: Any = None, refs: Sequence[Any] = (), _history: Any = None) -> Reply:
+        """Send the inputs (text, ``ImageInput``, ``BinaryResult``, bytes, paths, PIL images); return the reply.
+
+        The first image is the one edited; ``refs`` are reference images sent after it (the same as
+        passing them last). ``mask`` (any image kind) marks the region of the first image to change
+        by its fully transparent pixels, or, black-and-white, by its white ones (converted, with an
+        ``InputWarning``). It must be the size of the first image. OpenAI sends it as the image tool's
+        ``input_image_mask`` or the Images API's ``mask``; Gemini has no mask parameter, so the mask is
+        drawn on a copy of the image as a visible guide with an instruction, and the results say so
+        (``metadata["mask"] == "guide"``). Bad inputs raise ``InputError`` before any request.
+        """
         reply = None
-        async for event in self._events(inputs, _history, stream=False):
+        async for event in self._events(inputs, refs, mask, _history, stream=False):
             if isinstance(event, ReplyEvent):
                 reply = event.reply
         assert reply is not None, "provider ended without a ReplyEvent"
         return reply
 
-    async def stream(self, *inputs: Any, _history: Any = None) -> AsyncIterator[StreamEvent]:
+    async def stream(self, *inputs: Any, mask: Any = None, refs: Sequence[Any] = (),
+                     _history: Any = None) -> AsyncIterator[StreamEvent]:
         """Yield ``PartialImageEvent``, ``TextDeltaEvent`` and ``ImageEvent`` as they come, then one ``ReplyEvent``."""
-        async for event in self._events(inputs, _history, stream=True):
+        async for event in self._events(inputs, refs, mask, _history, stream=True):
             yield event
 
-    def ask_sync(self, *inputs: Any, _history: Any = None) -> Reply:
+    def ask_sync(self, *inputs: Any, mask: Any = None, refs: Sequence[Any] = (), _history: Any = None) -> Reply:
         """Blocking ``ask`` for scripts and notebooks (works inside a running event loop; Ctrl-C cancels)."""
         from ._sync import run_sync
 
-        return run_sync(self.ask(*inputs, _history=_history))
+        return run_sync(self.ask(*inputs, mask=mask, refs=refs, _history=_history))
 
-    async def _events(self, inputs: tuple[Any, ...], history: Any, *, stream: bool) -> AsyncIterator[StreamEvent]:
+    async def _events(self, inputs: tuple[Any, ...], refs: Sequence[Any], mask: Any, history: Any, *,
+                      stream: bool) -> AsyncIterator[StreamEvent]:
         from ._providers._base import Turn
 
-        turn = Turn(inputs=normalize_inputs(inputs), history=history, instructions=self.instructions, stream=stream)
+        if isinstance(refs, (str, bytes)) or not isinstance(refs, Sequence):
+            raise InputError("refs= takes a list of images, e.g. refs=[logo, ImageInput(path='style.png')]")
+        normalized = normalize_inputs([*inputs, *refs])
+        if mask is not None:
+            from ._masks import as_mask_input
+
+            mask = as_mask_input(mask)
+        turn = Turn(inputs=normalized, history=history, instructions=self.instructions, stream=stream, mask=mask)
         self._provider.check_credentials()
         async for event in self._provider.run(turn):
             if isinstance(event, ReplyEvent):

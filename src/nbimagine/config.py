@@ -15,9 +15,11 @@ from typing import Any, ClassVar
 from .errors import ConfigError
 
 __all__ = [
+    "AzureOpenAIImagesConfig",
     "AzureOpenAIResponsesConfig",
     "GeminiConfig",
     "OpenAIConfig",
+    "OpenAIImagesConfig",
     "OpenAIResponsesConfig",
     "ProviderConfig",
     "VertexAIConfig",
@@ -134,6 +136,142 @@ class OpenAIConfig(_OpenAIBase):
 
     _implementation: ClassVar[str] = "nbimagine._providers.openai:ChatCompletionsProvider"
     provider: ClassVar[str] = "openai"
+
+
+@dataclass(frozen=True, repr=False)
+class OpenAIImagesConfig(_OpenAIBase):
+    """OpenAI Images API: ``images.generate``, and ``images.edit`` when the request holds images.
+
+    One call makes ``n`` images (1-10). An edit takes up to 16 input images (the first is the one
+    edited; the others are references) and an optional ``mask``. Only the parameters you set are
+    sent. Every value is checked against the model's rules before any request
+    (``nbimagine._image_models``: sizes, ``n``, qualities and formats differ between gpt-image-2,
+    gpt-image-1 and the retired DALL-E models); a value the API would refuse is a ``ConfigError``,
+    a value it accepts but ignores is a warning.
+
+    ``partial_images`` (0-3) streams interim renderings (``stream()``; ``ask()`` streams too).
+    ``style`` is DALL-E 3 only. ``extra_body`` is sent as is.
+    """
+
+    model: str = "gpt-image-2"
+    _: KW_ONLY
+    n: int | None = None
+    size: str | None = None
+    quality: str | None = None
+    background: str | None = None
+    output_format: str | None = None
+    output_compression: int | None = None
+    moderation: str | None = None
+    input_fidelity: str | None = None
+    partial_images: int | None = None
+    style: str | None = None
+    extra_body: Mapping[str, Any] | None = None
+
+    _implementation: ClassVar[str] = "nbimagine._providers.openai_images:OpenAIImagesProvider"
+    provider: ClassVar[str] = "openai"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.output_format == "jpg":
+            object.__setattr__(self, "output_format", "jpeg")
+        for name, value in self.params().items():
+            problem = images_param_problem(self.model, name, value, self.params())
+            if problem:
+                raise ConfigError(problem)
+        if self.extra_body is not None and not isinstance(self.extra_body, Mapping):
+            raise ConfigError("extra_body must be a dict of extra request fields")
+
+    def params(self) -> dict[str, Any]:
+        """The Images API parameters that were set, by their API names (``n``, ``size``, ...)."""
+        return {name: getattr(self, name) for name in IMAGES_PARAMS if getattr(self, name) is not None}
+
+    def ignored_params(self) -> dict[str, str]:
+        """Parameters this model accepts but ignores, each with the reason (warned, not sent)."""
+        from ._image_models import rules_for
+
+        rules = rules_for(self.model)
+        out = {}
+        if self.input_fidelity is not None and not rules.input_fidelities:
+            out["input_fidelity"] = (f"{rules.family} has no input_fidelity (OpenAI: 'For gpt-image-2, omit this "
+                                     "parameter')")
+        if self.output_compression is not None and self.output_format not in ("jpeg", "webp"):
+            out["output_compression"] = "output_compression only changes jpeg and webp output"
+        return out
+
+
+@dataclass(frozen=True, repr=False)
+class AzureOpenAIImagesConfig(OpenAIImagesConfig):
+    """Azure OpenAI / Microsoft Foundry Images API. ``model`` is your image deployment's name.
+
+    Environment: ``AZURE_OPENAI_API_KEY`` (or ``AZURE_OPENAI_AD_TOKEN``), ``AZURE_OPENAI_ENDPOINT``,
+    ``OPENAI_API_VERSION``. With a dated ``api_version`` the SDK calls
+    ``/openai/deployments/{model}/images/...``; without one, the v1 surface ``/openai/v1/images/...``.
+    """
+
+    _: KW_ONLY
+    azure_endpoint: str | None = None
+    api_version: str | None = None
+    azure_ad_token: str | None = None
+
+    _implementation: ClassVar[str] = "nbimagine._providers.openai_images:AzureOpenAIImagesProvider"
+    provider: ClassVar[str] = "azure"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.base_url and self.azure_endpoint:
+            raise ConfigError("Pass either base_url= or azure_endpoint=, not both")
+
+
+# The Images API parameters a config can set, in the order they are checked.
+IMAGES_PARAMS = ("n", "size", "quality", "background", "output_format", "output_compression", "moderation",
+                 "input_fidelity", "partial_images", "style")
+
+
+def images_param_problem(model: str, name: str, value: Any, params: Mapping[str, Any]) -> str | None:
+    """Why the Images API refuses ``name=value`` for ``model`` (given the other ``params``), or ``None``."""
+    from ._image_models import rules_for
+
+    rules = rules_for(model)
+    family = rules.family
+
+    def one_of(allowed: tuple[str, ...]) -> str | None:
+        if not allowed:
+            return f"{family} does not take {name}; drop it"
+        if value not in allowed:
+            return f"{name} must be one of {', '.join(map(repr, allowed))} for {family}, not {value!r}"
+        return None
+
+    if name in ("n", "output_compression", "partial_images"):
+        low, high = {"n": (1, rules.max_n), "output_compression": (0, 100), "partial_images": (0, 3)}[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            hint = " (several images in one call: use a GPT image model)" if name == "n" and high == 1 else ""
+            return f"{name} must be an integer from {low} to {high} for {family}, not {value!r}{hint}"
+        if name == "partial_images" and not rules.streaming:
+            return f"{family} cannot stream partial images; drop partial_images"
+        if name == "output_compression" and not rules.output_formats:
+            return f"{family} does not take output_compression; drop it"
+        return None
+    if name == "size":
+        return rules.size_problem(value) if isinstance(value, str) else f"size must be a string, not {value!r}"
+    if name == "quality":
+        return one_of(rules.qualities)
+    if name == "background":
+        problem = one_of(rules.backgrounds)
+        if problem is None and value == "transparent" and params.get("output_format") == "jpeg":
+            # SDK background: "When using transparent, set the output format to png or webp."
+            return "JPEG has no transparency: use output_format='png' or 'webp' with a transparent background"
+        return problem
+    if name == "output_format":
+        return one_of(rules.output_formats)
+    if name == "moderation":
+        return one_of(rules.moderations)
+    if name == "input_fidelity":
+        if rules.input_fidelities:
+            return one_of(rules.input_fidelities)
+        return None if value in ("high", "low") else f"input_fidelity must be 'high' or 'low', not {value!r}"
+    if name == "style":
+        return one_of(rules.styles)
+    return None
 
 
 @dataclass(frozen=True, repr=False)

@@ -19,6 +19,7 @@ __all__ = [
     "ImagineError",
     "ImagineWarning",
     "InputError",
+    "InputWarning",
     "ProviderError",
     "UnsupportedToolError",
 ]
@@ -60,6 +61,11 @@ class ImagineWarning(UserWarning):
     """The images are yours, but something after the provider's answer failed (recording them in
     the history, a thumbnail, a preview, the display, a late Ctrl-C). The message says what and how
     to reach the images; the images themselves are displayed and returned as usual."""
+
+
+class InputWarning(UserWarning):
+    """An input was converted before it was sent (e.g. a black-and-white mask to an alpha mask), or a
+    parameter is accepted but has no effect. The message says what changed."""
 
 
 class ProviderError(ImagineError):

@@ -29,13 +29,24 @@ class Turn:
 
     ``history`` is whatever this provider stored on the previous reply (``None`` for a first turn).
     ``stream`` is True when the caller consumes partial images and text deltas; a provider may use
-    a cheaper non-streaming request when it is False.
+    a cheaper non-streaming request when it is False. ``mask`` marks (by its fully transparent
+    pixels) the region of the first input image to change; each provider checks it with
+    ``_masks.prepare_mask`` before its request.
     """
 
     inputs: Sequence[Input]
     history: Any
     instructions: str | None
     stream: bool
+    mask: ImageInput | None = None
+
+    @property
+    def images(self) -> list[ImageInput]:
+        return [item for item in self.inputs if isinstance(item, ImageInput)]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(item for item in self.inputs if isinstance(item, str))
 
 
 class Provider(ABC, Generic[ConfigT]):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import warnings
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -24,6 +25,7 @@ from ..errors import (
     ContentPolicyError,
     ImagineError,
     InputError,
+    InputWarning,
     ProviderError,
     UnsupportedToolError,
     register_secret,
@@ -191,7 +193,10 @@ class GeminiProvider(Provider[GeminiConfig]):
         from google.genai import types
 
         history = list(turn.history or [])
-        user = types.Content(role="user", parts=[self._part_for(item) for item in turn.inputs])
+        parts = [self._part_for(item) for item in turn.inputs]
+        if turn.mask is not None:
+            parts = self._with_mask_guide(turn, parts)
+        user = types.Content(role="user", parts=parts)
         contents = [*history, user]
         inline = sum(
             len(part.inline_data.data or b"")
@@ -207,10 +212,33 @@ class GeminiProvider(Provider[GeminiConfig]):
             )
         return contents, user
 
+    def _with_mask_guide(self, turn: Turn, parts: list[Any]) -> list[Any]:
+        """Gemini has no mask parameter: the documented fallback draws the mask on a copy of the image
+        (the region to change tinted and outlined in magenta), sends it right after the image, and
+        appends an instruction saying what the marking means. Results say so: ``metadata["mask"] == "guide"``.
+        """
+        from google.genai import types
+
+        from .._masks import GUIDE_INSTRUCTION, guide_image, prepare_mask
+
+        images = turn.images
+        target = images[0] if images else None
+        prepared = prepare_mask(turn.mask, target)  # type: ignore[arg-type]
+        if target is None or target.data is None or prepared.input.data is None:
+            raise InputError("For Gemini the mask is drawn onto the image as a guide, so both must be bytes: pass "
+                             "ImageInput(path=...) or ImageInput(data=...), not a file id or URL")
+        warnings.warn("Gemini has no mask parameter: the mask was drawn onto a copy of the image as a visible "
+                      "guide, with an instruction to change only that region; the model may still change other "
+                      "areas (results carry metadata['mask'] == 'guide').", InputWarning, stacklevel=2)
+        guide = types.Part(inline_data=types.Blob(data=guide_image(target.data, prepared.input.data),
+                                                  mime_type="image/png"))
+        at = next(i for i, item in enumerate(turn.inputs) if item is target) + 1
+        return [*parts[:at], guide, *parts[at:], types.Part(text=GUIDE_INSTRUCTION)]
+
     # --- response ------------------------------------------------------------------------------
 
     def _image(self, part: Any, *, model: str, response_id: str | None, finish_reason: str | None,
-               index: int, thought: bool = False) -> BinaryResult | None:
+               index: int, thought: bool = False, mask: str | None = None) -> BinaryResult | None:
         blob = part.inline_data
         data = blob.data if blob is not None else None
         if not data:
@@ -235,6 +263,7 @@ class GeminiProvider(Provider[GeminiConfig]):
             declared_media_type=declared,
             index=index,
             thought=True if thought else None,
+            mask=mask,
         )
 
     def _policy_error(self, reason: str, message: str | None, files: list[BinaryResult],
@@ -252,7 +281,7 @@ class GeminiProvider(Provider[GeminiConfig]):
         config = self._config()
         if turn.instructions:
             config = config.model_copy(update={"system_instruction": turn.instructions})
-        state = _Collected(self.config.model)
+        state = _Collected(self.config.model, mask="guide" if turn.mask is not None else None)
         holder = self.client()
         if len(contents) == 1:
             # One Content, not a list of one: the SDK's list handling duck-types every item (~0.2 ms each).
@@ -325,7 +354,8 @@ class GeminiProvider(Provider[GeminiConfig]):
                         state.kept_parts.append(part)
                     if part.inline_data is not None and streaming:
                         draft = self._image(part, model=state.model, response_id=state.response_id,
-                                            finish_reason=None, index=state.partials, thought=True)
+                                            finish_reason=None, index=state.partials, thought=True,
+                                            mask=state.mask)
                         if draft is not None:
                             events.append(PartialImageEvent(state.partials, draft))
                             state.partials += 1
@@ -423,8 +453,9 @@ class VertexAIProvider(GeminiProvider):
 class _Collected:
     """What a response (or all chunks of a stream) said so far."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, mask: str | None = None) -> None:
         self.model = model
+        self.mask = mask
         self.response_id: str | None = None
         self.usage: dict[str, Any] | None = None
         self.finish_reason: str | None = None
@@ -440,7 +471,7 @@ class _Collected:
         files = []
         for part in self.images:
             image = provider._image(part, model=self.model, response_id=self.response_id,
-                                    finish_reason=self.finish_reason, index=len(files))
+                                    finish_reason=self.finish_reason, index=len(files), mask=self.mask)
             if image is not None:
                 files.append(image)
         return files

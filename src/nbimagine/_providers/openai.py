@@ -14,6 +14,7 @@ from typing import Any
 
 from .._agent import Reply
 from .._images import b64decode_any, data_url, sniff_media_type
+from .._masks import prepare_mask
 from ..config import AzureOpenAIResponsesConfig, OpenAIConfig, OpenAIResponsesConfig
 from ..errors import (
     ConfigError,
@@ -118,7 +119,10 @@ class OpenAIResponsesProvider(_OpenAIClientMixin, Provider[OpenAIResponsesConfig
         if turn.instructions:
             request["instructions"] = turn.instructions
         if self.tools:
-            request["tools"] = [_tool_param(tool) for tool in self.tools]
+            mask = self._mask(turn, history)
+            request["tools"] = [_tool_param(tool, mask) for tool in self.tools]
+        elif turn.mask is not None:
+            raise ConfigError("A mask needs the image tool: give the agent tools=[ImageGenerationTool()]")
         if self.config.tool_choice == "image_generation":
             request["tool_choice"] = {"type": "image_generation"}
         elif self.config.tool_choice:
@@ -134,6 +138,20 @@ class OpenAIResponsesProvider(_OpenAIClientMixin, Provider[OpenAIResponsesConfig
             request["extra_body"] = dict(self.config.extra_body)
         return request, items
 
+    def _mask(self, turn: Turn, history: _History | None) -> ImageInput | None:
+        """The checked mask of this turn (``ask(mask=...)`` wins over the tool's ``input_image_mask``)."""
+        tool = self._image_tool
+        mask = turn.mask or (tool.input_image_mask if tool else None)
+        if mask is None:
+            return None
+        earlier = [ImageInput.from_result(image) for image in (history.images if history else [])]
+        target = (turn.images or earlier or [None])[0]
+        if target is None and (turn.mask is None or (history is not None and history.response_id)):
+            # No image here to check against: the tool's own mask on a plain prompt, or the stored
+            # conversation's last image (the server checks that one).
+            return mask
+        return prepare_mask(mask, target).input
+
     # --- run ----------------------------------------------------------------------------------
 
     async def run(self, turn: Turn) -> AsyncIterator[StreamEvent]:
@@ -143,7 +161,8 @@ class OpenAIResponsesProvider(_OpenAIClientMixin, Provider[OpenAIResponsesConfig
         tool = self._image_tool
         # Partial images only exist on a stream, so a plain ask() streams too when they were requested.
         streaming = turn.stream or bool(tool and tool.partial_images)
-        parser = _ResponseParser(self.name, self.config.model)
+        masked = any("input_image_mask" in t for t in request.get("tools", []))
+        parser = _ResponseParser(self.name, self.config.model, mask="native" if masked else None)
         client = self.client()
         try:
             if streaming:
@@ -160,32 +179,17 @@ class OpenAIResponsesProvider(_OpenAIClientMixin, Provider[OpenAIResponsesConfig
                 parser.begin(response)
                 for out in parser.parse_output(response.output):
                     yield out
-        except openai.APIStatusError as exc:
-            raise _api_error(exc, self.name, parser.files) from None
-        except openai.APITimeoutError:
-            raise ProviderError(
-                f"No answer within {self.config.timeout:g} s; raise timeout= in the config or try again",
-                provider=self.name, files=parser.files,
-            ) from None
-        except openai.APIConnectionError as exc:
-            raise ProviderError(
-                f"Could not reach the API ({exc.__cause__ or exc}); check base_url and the network",
-                provider=self.name, files=parser.files,
-            ) from None
-        except openai.APIError as exc:  # e.g. an error event inside a stream
-            raise _api_error(exc, self.name, parser.files) from None
-        except _transport_errors() as exc:
-            raise ProviderError(
-                f"The connection broke while the answer was arriving: {exc!r}", provider=self.name,
-                files=parser.files,
-            ) from None
+        except (openai.APIError, *_transport_errors()) as exc:
+            raise sdk_error(exc, self.name, parser.files, self.config.timeout) from None
         yield ReplyEvent(parser.reply(response, items, store=self.config.store))
 
 
-class AzureOpenAIResponsesProvider(OpenAIResponsesProvider):
-    name = "azure"
-    config: AzureOpenAIResponsesConfig
+class _AzureClientMixin(_OpenAIClientMixin):
+    """Azure credentials, endpoint and client, shared by the Responses and the Images API providers."""
+
     key_env = "AZURE_OPENAI_API_KEY"
+    # None: the v1 surface (/openai/v1/...); a dated version: the deployment routes (/openai/deployments/...).
+    default_api_version: str | None = None
 
     def _ad_token(self) -> str | None:
         return self.config.azure_ad_token or os.environ.get("AZURE_OPENAI_AD_TOKEN") or None
@@ -193,14 +197,11 @@ class AzureOpenAIResponsesProvider(OpenAIResponsesProvider):
     def _endpoint(self) -> str | None:
         return self.config.base_url or self.config.azure_endpoint or os.environ.get("AZURE_OPENAI_ENDPOINT")
 
-    def _image_deployment(self) -> str | None:
-        return self.config.image_deployment or os.environ.get("AZURE_OPENAI_IMAGE_DEPLOYMENT") or None
-
     def check_credentials(self) -> None:
         if not (self._api_key() or self._ad_token()):
             raise ConfigError(
                 "No Azure OpenAI credentials: set AZURE_OPENAI_API_KEY (or AZURE_OPENAI_AD_TOKEN), "
-                "or pass api_key=... to AzureOpenAIResponsesConfig"
+                f"or pass api_key=... to {type(self.config).__name__}"
             )
         register_secret(self._api_key())
         register_secret(self._ad_token())
@@ -209,20 +210,11 @@ class AzureOpenAIResponsesProvider(OpenAIResponsesProvider):
                 "No Azure OpenAI endpoint: set AZURE_OPENAI_ENDPOINT (https://<resource>.openai.azure.com) "
                 "or pass azure_endpoint=... (or base_url=.../openai/v1/)"
             )
-        if self._image_tool and not self._image_deployment():
-            raise ConfigError(
-                "Azure needs the name of your gpt-image deployment for the image tool: pass "
-                "image_deployment='gpt-image-1' (or set AZURE_OPENAI_IMAGE_DEPLOYMENT)"
-            )
-
-    def extra_headers(self) -> dict[str, str]:
-        deployment = self._image_deployment()
-        return {_DEPLOYMENT_HEADER: deployment} if self._image_tool and deployment else {}
 
     def new_client(self) -> Any:
         from openai import AsyncAzureOpenAI
 
-        version = self.config.api_version or os.environ.get("OPENAI_API_VERSION")
+        version = self.config.api_version or os.environ.get("OPENAI_API_VERSION") or self.default_api_version
         endpoint = self._endpoint() or ""
         common: dict[str, Any] = {
             "api_key": self._api_key(),
@@ -239,6 +231,26 @@ class AzureOpenAIResponsesProvider(OpenAIResponsesProvider):
                 base_url=endpoint.rstrip("/") + "/openai/v1/", api_version=version or "preview", **common
             )
         return AsyncAzureOpenAI(azure_endpoint=endpoint, api_version=version, **common)
+
+
+class AzureOpenAIResponsesProvider(_AzureClientMixin, OpenAIResponsesProvider):
+    name = "azure"
+    config: AzureOpenAIResponsesConfig
+
+    def _image_deployment(self) -> str | None:
+        return self.config.image_deployment or os.environ.get("AZURE_OPENAI_IMAGE_DEPLOYMENT") or None
+
+    def check_credentials(self) -> None:
+        super().check_credentials()
+        if self._image_tool and not self._image_deployment():
+            raise ConfigError(
+                "Azure needs the name of your gpt-image deployment for the image tool: pass "
+                "image_deployment='gpt-image-1' (or set AZURE_OPENAI_IMAGE_DEPLOYMENT)"
+            )
+
+    def extra_headers(self) -> dict[str, str]:
+        deployment = self._image_deployment()
+        return {_DEPLOYMENT_HEADER: deployment} if self._image_tool and deployment else {}
 
 
 class ChatCompletionsProvider(_OpenAIClientMixin, Provider[OpenAIConfig]):
@@ -296,9 +308,10 @@ class ChatCompletionsProvider(_OpenAIClientMixin, Provider[OpenAIConfig]):
 class _ResponseParser:
     """Turns Responses output items (whole or streamed) into events, keeping every image made."""
 
-    def __init__(self, provider: str, model: str) -> None:
+    def __init__(self, provider: str, model: str, *, mask: str | None = None) -> None:
         self.provider = provider
         self.model = model
+        self.mask = mask
         self.response_id: str | None = None
         self.files: list[BinaryResult] = []
         self.failures: list[tuple[str | None, str, str | None]] = []  # (code, message, call id)
@@ -346,8 +359,8 @@ class _ResponseParser:
                                   item.id))
             return None
         image = result(
-            data, provider=self.provider, model=self.model, call_id=item.id,
-            response_id=self.response_id, **{name: getattr(item, name, None) for name in _IMAGE_FIELDS},
+            data, provider=self.provider, model=self.model, call_id=item.id, response_id=self.response_id,
+            mask=self.mask, **{name: getattr(item, name, None) for name in _IMAGE_FIELDS},
         )
         self.files.append(image)
         return image
@@ -468,9 +481,8 @@ def _chat_content(inputs: Sequence[Input]) -> list[dict[str, Any]]:
     return content
 
 
-def _tool_param(tool: ImageGenerationTool) -> dict[str, Any]:
+def _tool_param(tool: ImageGenerationTool, mask: ImageInput | None) -> dict[str, Any]:
     param: dict[str, Any] = {"type": "image_generation", **tool.params()}
-    mask = tool.input_image_mask
     if mask is not None:
         if mask.file_id:
             param["input_image_mask"] = {"file_id": mask.file_id}
@@ -503,6 +515,24 @@ def _api_error(exc: Any, provider: str, files: Sequence[BinaryResult]) -> Provid
     if code in _POLICY_CODES:
         return ContentPolicyError(message, reason=code, **kwargs)
     return ProviderError(message, **kwargs)
+
+
+def sdk_error(exc: BaseException, provider: str, files: Sequence[BinaryResult], timeout: float) -> ProviderError:
+    """Any failure the ``openai`` SDK raises (status, timeout, connection, stream, transport) as ours."""
+    import openai
+
+    if isinstance(exc, openai.APIStatusError):
+        return _api_error(exc, provider, files)
+    if isinstance(exc, openai.APITimeoutError):
+        return ProviderError(f"No answer within {timeout:g} s; raise timeout= in the config or try again",
+                             provider=provider, files=files)
+    if isinstance(exc, openai.APIConnectionError):
+        return ProviderError(f"Could not reach the API ({exc.__cause__ or exc}); check base_url and the network",
+                             provider=provider, files=files)
+    if isinstance(exc, openai.APIError):  # e.g. an error event inside a stream
+        return _api_error(exc, provider, files)
+    return ProviderError(f"The connection broke while the answer was arriving: {exc!r}", provider=provider,
+                         files=files)
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

@@ -27,10 +27,14 @@ MARK = "nbimagine emulator"
 
 
 def render(prompt: str, width: int, height: int, *, fmt: str = "png", transparent: bool = False,
-           base: bytes | None = None, stage: float = 1.0, quality: int | None = None) -> bytes:
+           base: bytes | None = None, stage: float = 1.0, quality: int | None = None,
+           mask: bytes | None = None) -> bytes:
     """Draw ``prompt`` at ``width`` x ``height`` and encode it as ``fmt`` (png, jpeg, webp).
 
     ``base``: bytes of an input image; the result is an edit visibly derived from it.
+    ``mask``: with ``base``, a PNG whose fully transparent pixels mark the region to change: only
+    that region is redrawn (with the caption and the emulator mark inside it); every other pixel
+    keeps the base image's value, so a PNG answer of the same size is pixel-identical outside it.
     ``stage`` < 1: a partial (blurred, unfinished) rendering, as sent in partial-image events.
     ``quality``: jpeg/webp compression quality 0-100 (OpenAI's ``output_compression``).
     Raises ``ValueError`` for an unknown format, a bad size or a ``base`` that is not an image.
@@ -41,7 +45,7 @@ def render(prompt: str, width: int, height: int, *, fmt: str = "png", transparen
     if not (0 < width <= 8192 and 0 < height <= 8192):
         raise ValueError(f"unsupported size {width}x{height}")
     stage = min(max(float(stage), 0.0), 1.0)
-    return _render(prompt, int(width), int(height), fmt, bool(transparent), base, round(stage, 3), quality)
+    return _render(prompt, int(width), int(height), fmt, bool(transparent), base, round(stage, 3), quality, mask)
 
 
 def is_image(data: bytes) -> bool:
@@ -56,14 +60,53 @@ def is_image(data: bytes) -> bool:
 
 @lru_cache(maxsize=48)
 def _render(prompt: str, width: int, height: int, fmt: str, transparent: bool, base: bytes | None,
-            stage: float, quality: int | None) -> bytes:
+            stage: float, quality: int | None, mask: bytes | None) -> bytes:
     seed = hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).digest()
+    if base is not None and mask is not None:
+        img = _masked_edit(base, mask, prompt, seed, width, height)
+        if stage < 1.0:
+            img = _partial(img, stage, transparent)
+        return _encode(img, fmt, transparent or _has_transparency(img), quality)
     img = _edit(base, seed, width, height) if base is not None else _picture(seed, width, height, transparent)
     _caption(img, prompt, seed, edit=base is not None)
     if stage < 1.0:
         img = _partial(img, stage, transparent)
     _mark(img)
     return _encode(img, fmt, transparent, quality)
+
+
+def _masked_edit(base: bytes, mask: bytes, prompt: str, seed: bytes, width: int, height: int) -> Image.Image:
+    """Inpainting: a new drawing of the prompt inside the mask's fully transparent region only."""
+    source = _open_rgba(base, "base image")
+    region = _open_rgba(mask, "mask").getchannel("A").point(lambda v: 255 if v == 0 else 0)
+    if source.size != (width, height):
+        source = ImageOps.fit(source, (width, height), method=Image.Resampling.BILINEAR)
+        region = ImageOps.fit(region, (width, height), method=Image.Resampling.NEAREST)
+    box = region.getbbox()
+    if box is None:  # nothing marked: the real API still answers an image; ours is the input unchanged
+        return source
+    fill = _picture(seed, width, height, transparent=False)
+    inside = Image.blend(source, fill, 0.75)
+    patch = inside.crop(box)
+    _caption(patch, prompt, seed, edit=False)
+    _mark(patch)
+    inside.paste(patch, box[:2])
+    out = source.copy()
+    out.paste(inside, mask=region)
+    return out
+
+
+def _open_rgba(data: bytes, what: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as src:
+            src.load()
+            return src.convert("RGBA")
+    except Exception as exc:
+        raise ValueError(f"the {what} cannot be decoded") from exc
+
+
+def _has_transparency(img: Image.Image) -> bool:
+    return img.mode == "RGBA" and img.getchannel("A").getextrema()[0] < 255
 
 
 def _colour(seed: bytes, i: int, alpha: int = 255) -> tuple[int, int, int, int]:
@@ -101,12 +144,7 @@ def _picture(seed: bytes, width: int, height: int, transparent: bool) -> Image.I
 
 
 def _edit(base: bytes, seed: bytes, width: int, height: int) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(base)) as src:
-            src.load()
-            source = src.convert("RGBA")
-    except Exception as exc:
-        raise ValueError("the base image cannot be decoded") from exc
+    source = _open_rgba(base, "base image")
     img = ImageOps.fit(source, (width, height), method=Image.Resampling.BILINEAR)
     # A prompt-coloured tint and a diagonal band make the edit visible while keeping the source.
     tint = Image.new("RGBA", (width, height), _colour(seed, 11, 90))

@@ -95,6 +95,7 @@ class _ImageTool:
     compression: int
     partial_images: int
     action: str
+    mask: bytes | None = None  # input_image_mask, decoded (a file_id mask cannot be read offline)
 
     @property
     def transparent(self) -> bool:
@@ -171,7 +172,12 @@ def _image_tool(tools: Any) -> _ImageTool | None:
         if not isinstance(partials, int) or isinstance(partials, bool) or not 0 <= partials <= 3:
             raise _Reject(400, f"Invalid 'partial_images': {partials!r}. Expected an integer between 0 and 3.",
                           param=f"{p}.partial_images", code="invalid_value")
+        mask = None
+        raw_mask = tool.get("input_image_mask")
+        if isinstance(raw_mask, dict) and raw_mask.get("image_url"):
+            mask = _decode_data_url(str(raw_mask["image_url"]), f"{p}.input_image_mask.image_url")
         return _ImageTool(
+            mask=mask,
             index=index, raw=tool, width=width, height=height, size=size,
             quality="medium" if quality == "auto" else quality,
             background="opaque" if background == "auto" else background,
@@ -285,6 +291,16 @@ def _parse(req: Request, state: State) -> _Parsed:
             base = stored.get("last_image")
 
     tool = _image_tool(body.get("tools"))
+    if tool is not None and base is not None:
+        from .._image_models import rules_for
+        from .._images import image_size
+        from ._images_api import check_mask
+
+        if tool.raw.get("size") in (None, "auto"):  # an edit keeps its input's shape, as the real models do
+            tool.width, tool.height = rules_for(str(tool.raw.get("model") or "")).output_size("auto", image_size(base))
+            tool.size = f"{tool.width}x{tool.height}"
+        if tool.mask is not None:
+            check_mask(tool.mask, image_size(base), param=f"tools[{tool.index}].input_image_mask")
     choice = body.get("tool_choice", "auto")
     use_tool = tool is not None and choice != "none"
     match = _IMAGES_TOKEN.search(prompt)
@@ -395,7 +411,7 @@ def _image_for(plan: _Plan, k: int, *, stage: float = 1.0) -> bytes:
     base = plan.parsed.base if plan.calls[k]["action"] == "edit" else None
     quality = tool.compression if tool.output_format in ("jpeg", "webp") else None
     return _draw.render(prompt, tool.width, tool.height, fmt=tool.output_format, transparent=tool.transparent,
-                        base=base, stage=stage, quality=quality)
+                        base=base, stage=stage, quality=quality, mask=tool.mask if base is not None else None)
 
 
 def _call_fault(plan: _Plan, k: int) -> str | None:

@@ -173,6 +173,10 @@ def _route(request: Request, state: State) -> Answer:
         from . import _openai
 
         return _openai.handle(request, state)
+    if path.endswith(("/images/generations", "/images/edits")):
+        from . import _images_api
+
+        return _images_api.handle(request, state)
     if path.endswith("/chat/completions"):
         from . import _openai
 
@@ -261,7 +265,12 @@ class _Handler(BaseHTTPRequestHandler):
                 parsed = None
         request = Request(self.command, parts.path, query, headers, body, parsed, state.next_request_id())
         masked = {k: ("***" if k in _SECRET_HEADERS else v) for k, v in headers.items()}
-        state.record(RecordedRequest(self.command, parts.path, query, masked, parsed))
+        recorded = parsed
+        if parsed is None and "multipart/form-data" in headers.get("content-type", ""):
+            from ._images_api import form_summary  # the log keeps the fields and each file's type and size
+
+            recorded = form_summary(headers["content-type"], body)
+        state.record(RecordedRequest(self.command, parts.path, query, masked, recorded))
 
         if state.latency > 0:
             self._wait(state.latency)

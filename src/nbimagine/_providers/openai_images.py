@@ -1,0 +1,241 @@
+"""OpenAI Images API (``images.generate`` / ``images.edit``), also as Azure OpenAI serves it.
+
+A turn without images is a generation; a turn with images (or a follow-up of a reply, which edits
+that reply's first image) is an edit, sent as multipart: one image as the ``image`` field, several
+as repeated ``image[]`` fields, plus ``mask``. ``n`` images come back from one call. Everything the
+model's rules forbid (``nbimagine._image_models``) fails before the request.
+
+Streaming (``stream()``, or ``partial_images`` set) yields the ``image_generation.partial_image`` /
+``image_edit.partial_image`` events as partial images and each ``*.completed`` event as an image.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from .._agent import Reply
+from .._image_models import ImageModelRules, rules_for
+from .._images import EXTENSIONS, human_bytes
+from .._masks import PreparedMask, prepare_mask
+from ..config import AzureOpenAIImagesConfig, OpenAIImagesConfig
+from ..errors import ConfigError, InputError, InputWarning, ProviderError, UnsupportedToolError
+from ..events import BinaryResult, ImageEvent, ImageInput, PartialImageEvent, ReplyEvent, StreamEvent
+from ._base import Provider, Turn, result
+from .openai import _AzureClientMixin, _decode_image, _OpenAIClientMixin, _transport_errors, sdk_error
+
+__all__ = ["AzureOpenAIImagesProvider", "OpenAIImagesProvider"]
+
+# Parameters the edits endpoint does not take (absent from the SDK's image_edit_params.py).
+_GENERATE_ONLY = ("moderation", "style")
+# Parameters that only mean something when there are input images.
+_EDIT_ONLY = ("input_fidelity",)
+_RESPONSE_FIELDS = ("size", "quality", "background", "output_format")
+
+
+class OpenAIImagesProvider(_OpenAIClientMixin, Provider[OpenAIImagesConfig]):
+    name = "openai"
+
+    def check_tools(self) -> None:
+        for tool in self.tools:
+            raise UnsupportedToolError(
+                f"{type(self.config).__name__} takes no tools ({type(tool).__name__} given): set size, quality, "
+                "n... on the config itself. ImageGenerationTool belongs to OpenAIResponsesConfig."
+            )
+
+    @property
+    def rules(self) -> ImageModelRules:
+        return rules_for(self.config.model)
+
+    # --- request ------------------------------------------------------------------------------
+
+    def build_request(self, turn: Turn) -> tuple[str, dict[str, Any], PreparedMask | None]:
+        """``("generate" | "edit", keyword arguments for the SDK call, the checked mask)``."""
+        rules = self.rules
+        prompt = turn.text.strip()
+        if turn.instructions:  # the Images API has no instructions field: they lead the prompt
+            prompt = f"{turn.instructions.strip()}\n\n{prompt}".strip()
+        if not prompt:
+            raise InputError("The Images API needs a text prompt, e.g. ask('Make the sky pink', image)")
+        if len(prompt) > rules.max_prompt_chars:
+            raise InputError(f"The prompt is {len(prompt):,} characters; {rules.family} takes at most "
+                             f"{rules.max_prompt_chars:,} (OpenAI API reference)")
+        images = turn.images or [ImageInput.from_result(f) for f in (turn.history or [])[:1]]
+        action = "edit" if images else "generate"
+        params = self.config.params()
+        for name, reason in self.config.ignored_params().items():
+            warnings.warn(f"{name} not sent: {reason}", InputWarning, stacklevel=2)
+            params.pop(name, None)
+        mask = None
+        if action == "edit":
+            self._check_images(images, rules)
+            for name in _GENERATE_ONLY:
+                if params.pop(name, None) is not None:
+                    warnings.warn(f"{name} applies to generations only (the edits endpoint has no {name}); "
+                                  "not sent with this edit", InputWarning, stacklevel=2)
+            if turn.mask is not None:
+                mask = prepare_mask(turn.mask, images[0])
+                if mask.input.data is None:
+                    raise InputError("The Images API takes the mask as a file: pass ImageInput(data=...) or "
+                                     "ImageInput(path=...), not a file_id or URL")
+            files = [(f"image_{i}.{EXTENSIONS[im.media_type or 'image/png']}", im.data, im.media_type)
+                     for i, im in enumerate(images)]
+            request: dict[str, Any] = {"image": files[0] if len(files) == 1 else files}
+            if mask is not None:
+                request["mask"] = ("mask.png", mask.input.data, "image/png")
+        else:
+            if turn.mask is not None:
+                raise InputError("A mask needs an image to edit: pass the image too, e.g. ask(prompt, image, mask=m)")
+            for name in _EDIT_ONLY:
+                params.pop(name, None)
+            request = {}
+        request.update(prompt=prompt, model=self.config.model, **params)
+        if not rules.b64_by_default:
+            request["response_format"] = "b64_json"  # the legacy models answer short-lived URLs otherwise
+        if self.config.extra_body:
+            request["extra_body"] = dict(self.config.extra_body)
+        return action, request, mask
+
+    def _check_images(self, images: Sequence[ImageInput], rules: ImageModelRules) -> None:
+        if not rules.edits:
+            raise ConfigError(f"{rules.family} cannot edit images; use a GPT image model such as gpt-image-2")
+        if len(images) > rules.max_input_images:
+            raise InputError(f"{len(images)} input images; {rules.family} edits take at most "
+                             f"{rules.max_input_images} (OpenAI API reference: image)")
+        for k, image in enumerate(images):
+            where = "the image to edit" if k == 0 else f"reference image {k}"
+            if image.data is None:
+                raise InputError(
+                    f"The Images API uploads its input images, so {where} ({image!r}) must be bytes: pass "
+                    "ImageInput(path=...) or ImageInput(data=...), or use OpenAIResponsesConfig for URLs and file ids"
+                )
+            if image.media_type not in rules.input_media_types:
+                kinds = ", ".join(EXTENSIONS[m] for m in rules.input_media_types)
+                raise InputError(f"{where} is {image.media_type}; {rules.family} edits take {kinds} images. "
+                                 "Convert it first (e.g. BinaryResult.save('x.png'))")
+            if len(image.data) >= rules.max_input_bytes:
+                raise InputError(f"{where} is {human_bytes(len(image.data))}; {rules.family} takes images under "
+                                 f"{human_bytes(rules.max_input_bytes)}")
+            if rules.square_inputs and image.media_type:
+                from .._images import image_size
+
+                size = image_size(image.data, image.media_type)
+                if size and size[0] != size[1]:
+                    raise InputError(f"{rules.family} edits square images only; {where} is {size[0]}x{size[1]}")
+
+    # --- run ----------------------------------------------------------------------------------
+
+    async def run(self, turn: Turn) -> AsyncIterator[StreamEvent]:
+        import openai
+
+        action, request, mask = self.build_request(turn)
+        stream = self.rules.streaming and (turn.stream or bool(self.config.partial_images))
+        parser = _ImagesParser(self.name, self.config.model, action, mask)
+        client = self.client()
+        call = client.images.edit if action == "edit" else client.images.generate
+        try:
+            if stream:
+                events = await call(**request, stream=True)
+                try:
+                    async for event in events:
+                        for out in parser.feed(event):
+                            yield out
+                finally:
+                    await events.close()
+            else:
+                for out in parser.whole(await call(**request)):
+                    yield out
+        except (openai.APIError, *_transport_errors()) as exc:
+            raise sdk_error(exc, self.name, parser.files, self.config.timeout) from None
+        if stream and not parser.completed:
+            raise ProviderError("The stream ended before any image was complete", provider=self.name,
+                                files=parser.files)
+        yield ReplyEvent(Reply(files=list(parser.files), usage=parser.usage, finish_reason="completed",
+                               provider=self.name, model=self.config.model, history=list(parser.files)[:1]))
+
+
+class AzureOpenAIImagesProvider(_AzureClientMixin, OpenAIImagesProvider):
+    name = "azure"
+    config: AzureOpenAIImagesConfig
+    # Azure serves the Images API on its deployment routes, /openai/deployments/{deployment}/images/...
+    # (Microsoft Learn, "How to use image generation models": api-version=2025-04-01-preview).
+    default_api_version = "2025-04-01-preview"
+
+
+class _ImagesParser:
+    """Images API answers (whole, or streamed event by event) as results with their metadata."""
+
+    def __init__(self, provider: str, model: str, action: str, mask: PreparedMask | None) -> None:
+        self.provider, self.model, self.action = provider, model, action
+        self.mask = mask
+        self.files: list[BinaryResult] = []
+        self.usage: dict[str, Any] | None = None
+        self.completed = 0
+        self._partials = 0
+
+    def _result(self, b64: str | None, meta: dict[str, Any], **extra: Any) -> BinaryResult | None:
+        data = _decode_image(b64)
+        if data is None:
+            if b64:
+                raise ProviderError("The Images API returned image data that is not a PNG, JPEG, WebP or GIF image",
+                                    provider=self.provider, code="undecodable_image", files=self.files)
+            return None
+        mask = {"mask": "native"} if self.mask is not None else {}
+        return result(data, provider=self.provider, model=self.model, api="images", action=self.action,
+                      **mask, **meta, **extra)
+
+    def whole(self, response: Any) -> list[StreamEvent]:
+        meta = {name: getattr(response, name, None) for name in _RESPONSE_FIELDS}
+        meta["created"] = response.created
+        self.usage = response.usage.model_dump(exclude_none=True) if response.usage else None
+        events: list[StreamEvent] = []
+        for index, item in enumerate(response.data or []):
+            if item.b64_json is None and item.url:
+                raise ProviderError("The Images API answered a URL instead of image data; nbimagine asks for "
+                                    "b64_json, so check the model and base_url", provider=self.provider,
+                                    files=self.files)
+            image = self._result(item.b64_json, meta, index=index, revised_prompt=item.revised_prompt,
+                                 usage=self.usage if len(response.data or []) == 1 else None)
+            if image is not None:
+                self.files.append(image)
+                events.append(ImageEvent(image))
+        return events
+
+    def feed(self, event: Any) -> list[StreamEvent]:
+        kind = getattr(event, "type", "")
+        meta = {name: getattr(event, name, None) for name in _RESPONSE_FIELDS}
+        meta["created"] = getattr(event, "created_at", None)
+        if kind.endswith(".partial_image"):
+            partial = self._result(event.b64_json, meta, partial=True, partial_index=event.partial_image_index,
+                                   index=self.completed)
+            if partial is None:
+                return []
+            self._partials += 1
+            return [PartialImageEvent(self._partials - 1, partial)]
+        if kind.endswith(".completed"):
+            usage = event.usage.model_dump(exclude_none=True) if getattr(event, "usage", None) else None
+            image = self._result(event.b64_json, meta, index=self.completed, usage=usage)
+            self.completed += 1
+            if usage:
+                self.usage = _add_usage(self.usage, usage)
+            if image is None:
+                return []
+            self.files.append(image)
+            return [ImageEvent(image)]
+        return []
+
+
+def _add_usage(total: dict[str, Any] | None, more: dict[str, Any]) -> dict[str, Any]:
+    """Sum token counts (nested dicts too): a stream reports usage per image."""
+    if total is None:
+        return dict(more)
+    out = dict(total)
+    for key, value in more.items():
+        if isinstance(value, dict):
+            out[key] = _add_usage(out.get(key) if isinstance(out.get(key), dict) else None, value)
+        elif isinstance(value, int) and isinstance(out.get(key), int):
+            out[key] += value
+        else:
+            out.setdefault(key, value)
+    return out
