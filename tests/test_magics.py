@@ -99,8 +99,7 @@ def test_load_ext_is_light_and_registers_magics():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "NBIMAGINE_EMULATOR": ""}).stdout.split()
-    assert out[1:] == ["[]", "True", "True"]
-    assert float(out[0]) < 0.3  # the benchmark holds it to 100 ms; a loaded CI machine gets slack
+    assert out[1:] == ["[]", "True", "True"]  # its time is the benchmark's (make bench): no timed unit test
 
 
 def test_unload_and_reload(ip):
