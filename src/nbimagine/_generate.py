@@ -49,6 +49,12 @@ class Generation:
     ``overrides`` are session option names (``provider``, ``model``, ``size``, ``aspect_ratio``, ...)
     that apply to this request only. ``parents`` are history ids the result derives from; ids found
     in the edits' ``metadata["history_id"]`` are added automatically.
+
+    ``refs`` are reference images sent after the edited ones; ``mask`` marks the region of the first
+    edited image to change (checked, and converted if black-and-white, before any request). The mask
+    is recorded in the history as an entry of its own (its parent: the image it was painted on) and
+    is a parent of the results, so their lineage shows image and mask. With an Images API provider
+    the ``n`` images come from one request (``n`` in the request), not from ``n`` requests.
     """
 
     def __init__(
@@ -56,6 +62,8 @@ class Generation:
         prompt: str,
         *,
         edits: Sequence[BinaryResult] = (),
+        refs: Sequence[BinaryResult] = (),
+        mask: BinaryResult | None = None,
         parents: Sequence[int] = (),
         n: int = 1,
         overrides: dict[str, Any] | None = None,
@@ -72,15 +80,20 @@ class Generation:
         normalize_inputs([prompt])  # InputError now for text that cannot be sent, before any request
         self.prompt = prompt
         self.edits = list(edits)
-        ids = [*parents, *(e.metadata.get("history_id") for e in self.edits)]
+        self.refs = list(refs)
+        self.mask = self._checked_mask(mask)
+        ids = [*parents, *(e.metadata.get("history_id") for e in [*self.edits, *self.refs])]
         self.parents = list(dict.fromkeys(i for i in ids if isinstance(i, int)))
-        self.n = n
         self.overrides = dict(overrides or {})
         self.record = record
         self.session = session or get_session()
         self._history = history
         self.provider = self.overrides.get("provider") or self.session.provider
         self.model = self.session.effective_model(self.provider, self.overrides.get("model"))
+        # The Images API makes n images in one request; other providers make one per request.
+        self.per_call = n if self.session.is_images_api(self.provider) else 1
+        n = 1 if self.per_call > 1 else n
+        self.n = n
         self.replies: list[Reply | None] = [None] * n
         self.errors: list[BaseException | None] = [None] * n
         self.variant_entries: list[list[HistoryEntry]] = [[] for _ in range(n)]
@@ -123,8 +136,8 @@ class Generation:
         kind = self.session.kind(self.provider)
         names = list(OPENAI_OPTIONS) if kind in ("openai", "azure") else ["aspect_ratio", "image_size"]
         params = {k: options.get(k) for k in names if options.get(k) not in (None, 0)}
-        if self.n > 1:
-            params["n"] = self.n
+        if self.n * self.per_call > 1:
+            params["n"] = self.n * self.per_call
         return params
 
     @property
@@ -139,9 +152,44 @@ class Generation:
         """The agent this generation uses (built once; raises ``ConfigError`` for bad settings)."""
         if self._agent is None:
             self._params = self._session_params()
-            self._agent = self.session.build_agent(provider=self.provider, **{
+            per_call = {"n": self.per_call} if self.per_call > 1 else {}
+            self._agent = self.session.build_agent(provider=self.provider, **per_call, **{
                 k: v for k, v in self.overrides.items() if k != "provider"})
         return self._agent
+
+    def _checked_mask(self, mask: BinaryResult | None) -> BinaryResult | None:
+        """The mask, checked against the first edited image now, on the caller's thread (converted from
+        black-and-white if it was); ``InputError`` before anything is sent or recorded."""
+        if mask is None:
+            return None
+        from ._masks import prepare_mask
+        from .events import ImageInput
+
+        target = ImageInput.from_result(self.edits[0]) if self.edits else None
+        prepared = prepare_mask(ImageInput.from_result(mask), target)
+        if prepared.converted is None:
+            return mask
+        assert prepared.input.data is not None
+        return BinaryResult(prepared.input.data, {**mask.metadata, "mask_converted": prepared.converted})
+
+    def _record_mask(self) -> None:
+        """The mask goes into the history before the request, as an input the results descend from."""
+        if self.mask is None or not self.record:
+            return
+        known = self.mask.metadata.get("history_id")
+        if isinstance(known, int) and known in self.history:
+            mask_id = known
+        else:
+            target = self.edits[0].metadata.get("history_id") if self.edits else None
+            painted_on = target if isinstance(target, int) and target in self.history else None
+            entry = self.history.add(self.mask, prompt=f"mask for #{painted_on}" if painted_on else "mask",
+                                     provider="nbimagine", model="mask", params={"kind": "mask"},
+                                     parents=[painted_on] if painted_on else [])
+            mask_id = entry.id
+            self.mask = _with_history_id(self.mask, mask_id)
+        if mask_id not in self.parents:
+            self.parents.append(mask_id)
+        self._params = {**self.params, "mask": mask_id}
 
     def start(self, on_event: EventCallback | None = None) -> Job[list[Reply | None]]:
         """Start all variants on the background loop and return the ``Job`` (non-blocking)."""
@@ -150,6 +198,7 @@ class Generation:
         agent = self.build_agent()
         if self.record:
             self._check_parents(self.history)  # opened here: a bad history folder fails on the caller's thread
+            self._record_mask()
         self._started_at = time.perf_counter()
         self.job = Job(self._run_all(agent, on_event))
         return self.job
@@ -223,11 +272,12 @@ class Generation:
 
     async def _one(self, agent: Agent, index: int, on_event: EventCallback | None) -> None:
         inputs: list[Any] = [self.prompt, *self.edits]
+        extra = {"refs": self.refs, "mask": self.mask}
         try:
             if on_event is None:
-                self.replies[index] = await agent.ask(*inputs)
+                self.replies[index] = await agent.ask(*inputs, **extra)
             else:
-                stream = agent.stream(*inputs)
+                stream = agent.stream(*inputs, **extra)
                 try:
                     async for event in stream:
                         if isinstance(event, ReplyEvent):

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ImagineMagics", "interpolate", "load_ipython_extension", "unload_ipython_extension"]
 
-SUBCOMMANDS = ("use", "history", "show", "lineage", "export", "providers", "emulator", "panel", "studio")
+SUBCOMMANDS = ("use", "history", "show", "lineage", "export", "providers", "emulator", "panel", "studio", "mask")
 # argparse dest -> session option name
 _OPTION_DESTS = {
     "provider": "provider", "model": "model", "size": "size", "quality": "quality", "background": "background",
@@ -157,6 +157,11 @@ class ImagineMagics(Magics):
     @argument("-e", "--edit", action="append", default=[], metavar="REF",
               help="image to edit (repeatable): last, -2, #17, a variable (BinaryResult, Reply, bytes, "
                    "PIL image, path) or a file path")
+    @argument("-r", "--ref", action="append", default=[], metavar="REF",
+              help="reference image sent after the edited ones (repeatable; same forms as -e)")
+    @argument("--mask", metavar="REF",
+              help="mask for the first -e image: transparent (or, black-and-white, white) where it should "
+                   "change; same forms as -e; paint one with %%imagine mask REF")
     @argument("-n", type=int, default=1, metavar="N", help="number of variants, generated concurrently")
     @argument("-o", "--out", metavar="NAME", help="store the Reply (a list of Replies with -n) in NAME")
     @argument("--full", action="store_true", help="embed the full-resolution image instead of a preview")
@@ -181,6 +186,7 @@ class ImagineMagics(Magics):
             %imagine export DIR [N]           copy full-resolution images + history.json to DIR
             %imagine providers                which providers are configured, which keys are set
             %imagine emulator on|off          route every provider to the offline emulator
+            %imagine mask REF [-o NAME]       paint a mask over an image (then %%imagine -e REF --mask NAME)
             %imagine panel | studio           widget panels
             %imagine PROMPT...                generate from a one-line prompt
 
@@ -235,15 +241,25 @@ class ImagineMagics(Magics):
         record = not args.no_history
         try:
             self.session.validate(**overrides)
-            history = self._history() if (record or args.edit) else None
-            edits, parents = [], []
-            for ref in args.edit:
-                image, parent = self._resolve_ref(ref, history)
-                edits.append(image)
-                if parent is not None:
-                    parents.append(parent)
-            gen = Generation(prompt, edits=edits, parents=parents, n=args.n, overrides=overrides,
-                             record=record, session=self.session, history=history)
+            history = self._history() if (record or args.edit or args.ref or args.mask) else None
+            parents: list[int] = []
+
+            def resolve(refs: list[str]) -> list[BinaryResult]:
+                images = []
+                for ref in refs:
+                    image, parent = self._resolve_ref(ref, history)
+                    images.append(image)
+                    if parent is not None:
+                        parents.append(parent)
+                return images
+
+            edits, refs = resolve(args.edit), resolve(args.ref)
+            if args.mask and not edits:
+                raise UsageError("--mask needs the image it applies to: add -e REF (the mask marks the region of "
+                                 "that image to change)")
+            mask = self._resolve_ref(args.mask, history)[0] if args.mask else None
+            gen = Generation(prompt, edits=edits, refs=refs, mask=mask, parents=parents, n=args.n,
+                             overrides=overrides, record=record, session=self.session, history=history)
             gen.build_agent()
         except (ConfigError, InputError) as exc:
             raise UsageError(str(exc)) from None
@@ -491,7 +507,8 @@ class ImagineMagics(Magics):
         if len(args.words) > 1 or (args.words and args.provider):
             given = [*args.words, *([args.provider] if args.provider else [])]
             raise UsageError(f"%imagine use takes one provider name, not {' '.join(given)!r}")
-        extras = [flag for flag, given in (("-e", args.edit), ("-n", args.n != 1), ("-o", args.out),
+        extras = [flag for flag, given in (("-e", args.edit), ("-r", args.ref), ("--mask", args.mask),
+                                            ("-n", args.n != 1), ("-o", args.out),
                                             ("--full", args.full), ("--no-history", args.no_history)) if given]
         if extras:
             raise UsageError(f"{', '.join(extras)} apply to one generation, not to %imagine use")

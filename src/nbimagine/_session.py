@@ -21,8 +21,10 @@ from traitlets import Bool, HasTraits, Int, List, Unicode
 from .config import (
     GEMINI_ASPECT_RATIOS,
     GEMINI_IMAGE_SIZES,
+    AzureOpenAIImagesConfig,
     AzureOpenAIResponsesConfig,
     GeminiConfig,
+    OpenAIImagesConfig,
     OpenAIResponsesConfig,
     ProviderConfig,
     VertexAIConfig,
@@ -120,6 +122,11 @@ class ImagineSession(HasTraits):
             "or register one with get_session().register(name, config)"
         )
 
+    def is_images_api(self, provider: str | None = None) -> bool:
+        """Whether ``provider`` (default: the current one) is an Images API config: ``n`` images per request."""
+        registered = self._registered.get(provider or self.provider)
+        return registered is not None and isinstance(registered.config, OpenAIImagesConfig)
+
     def effective_model(self, provider: str | None = None, model: str | None = None) -> str:
         name = provider or self.provider
         if model:
@@ -204,6 +211,7 @@ class ImagineSession(HasTraits):
         from ._agent import Agent
 
         provider = overrides.pop("provider", None)
+        per_call = overrides.pop("n", None)  # Images API only: images per request
         self.validate(provider, **overrides)
         merged = self._merged(provider, overrides)
         name = merged["provider"]
@@ -212,7 +220,14 @@ class ImagineSession(HasTraits):
         routed = merged["emulator"]
         registered = self._registered.get(name)
 
-        if kind in ("openai", "azure"):
+        if registered is not None and isinstance(registered.config, OpenAIImagesConfig):
+            # The Images API takes the same options as the image tool, on the config itself.
+            params = self._tool(merged).params()
+            if per_call:
+                params["n"] = per_call
+            config = registered.config.replace(model=model, **params)
+            tools = []
+        elif kind in ("openai", "azure"):
             tool = self._tool(merged)
             if registered is not None:
                 config = registered.config.replace(model=model)
@@ -302,6 +317,11 @@ def _gemini_image_config(merged: dict[str, Any]) -> dict[str, Any]:
 
 def _route_to_emulator(config: ProviderConfig) -> ProviderConfig:
     emu = emulator()
+    if isinstance(config, AzureOpenAIImagesConfig):
+        return config.replace(base_url=None, azure_endpoint=emu.azure_endpoint, api_version="2025-04-01-preview",
+                              api_key=_EMULATOR_KEY, azure_ad_token=None)
+    if isinstance(config, OpenAIImagesConfig):
+        return config.replace(base_url=emu.openai_base_url, api_key=_EMULATOR_KEY, organization=None, project=None)
     if isinstance(config, AzureOpenAIResponsesConfig):
         return config.replace(
             base_url=emu.azure_endpoint.rstrip("/") + "/openai/v1/", azure_endpoint=None, api_version="preview",
