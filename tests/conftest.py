@@ -67,3 +67,38 @@ def ctrl_c_when_in_flight(emu):
         return pressed
 
     return start
+
+
+def _reset(session) -> None:
+    with session.hold_trait_notifications():
+        for name, trait in session.traits().items():
+            if not name.startswith("_") and trait.metadata.get("config", True) is not None:
+                setattr(session, name, trait.default())
+
+
+@pytest.fixture
+def ip(emu, tmp_path, monkeypatch):
+    """A real IPython shell with the extension loaded, the session reset and routed to the test emulator.
+
+    Display output is captured with IPython's own ``CapturingDisplayPublisher`` (display-id updates
+    included), on ``shell.display_pub.outputs``.
+    """
+    from IPython.core.displaypub import CapturingDisplayPublisher
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from nbimagine._session import get_session, set_emulator
+
+    monkeypatch.chdir(tmp_path)  # the history goes to tmp_path/.nbimagine
+    shell = InteractiveShell.instance()
+    if "imagine" not in shell.magics_manager.magics["cell"]:
+        shell.run_line_magic("load_ext", "nbimagine")
+    session = get_session()
+    _reset(session)
+    set_emulator(emu)
+    session.use(emulator=True)
+    publisher = CapturingDisplayPublisher()
+    monkeypatch.setattr(shell, "display_pub", publisher)
+    shell.user_ns.update(_outputs=publisher.outputs)
+    yield shell
+    _reset(session)
+    set_emulator(None)

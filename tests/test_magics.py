@@ -17,42 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
-from IPython.core.displaypub import CapturingDisplayPublisher
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 
 from nbimagine._magics import interpolate
-from nbimagine._session import ImagineSession, get_session, set_emulator
+from nbimagine._session import get_session
 from nbimagine.errors import ContentPolicyError, ImagineWarning, ProviderError
 from nbimagine.events import BinaryResult
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _reset(session: ImagineSession) -> None:
-    with session.hold_trait_notifications():
-        for name, trait in session.traits().items():
-            if not name.startswith("_") and trait.metadata.get("config", True) is not None:
-                setattr(session, name, trait.default())
-
-
-@pytest.fixture
-def ip(emu, tmp_path, monkeypatch):
-    """A real shell with the extension loaded, the session reset and routed to the test emulator."""
-    monkeypatch.chdir(tmp_path)  # the history goes to tmp_path/.nbimagine
-    shell = InteractiveShell.instance()
-    if "imagine" not in shell.magics_manager.magics["cell"]:
-        shell.run_line_magic("load_ext", "nbimagine")
-    session = get_session()
-    _reset(session)
-    set_emulator(emu)
-    session.use(emulator=True)
-    publisher = CapturingDisplayPublisher()
-    monkeypatch.setattr(shell, "display_pub", publisher)
-    shell.user_ns.update(_outputs=publisher.outputs)
-    yield shell
-    _reset(session)
-    set_emulator(None)
 
 
 def outputs(shell) -> list[dict]:

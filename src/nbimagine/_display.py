@@ -21,7 +21,7 @@ import io
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._images import check_decodable, has_alpha, human_bytes, image_size, sniff_media_type
+from ._images import check_decodable, has_alpha, human_bytes, image_size, looks_complete, sniff_media_type
 from .errors import ImageDecodeError
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def preview(result: BinaryResult | bytes, max_side: int = MAX_SIDE, budget: int 
     media_type = sniff_media_type(data) or "application/octet-stream"
     size = image_size(data, media_type)
     if (size and max(size) <= max_side and media_type in ("image/jpeg", "image/png", "image/webp", "image/gif")
-            and (budget is None or len(data) <= budget)):
+            and (budget is None or len(data) <= budget) and looks_complete(data, media_type)):
         return data, media_type
 
     from ._images import open_reduced

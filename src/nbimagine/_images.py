@@ -93,6 +93,24 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def looks_complete(data: bytes, media_type: str | None = None) -> bool:
+    """Whether the bytes end the way their format ends (PNG IEND, JPEG EOI, GIF trailer, RIFF length).
+
+    A cheap check for images shown without decoding: truncated bytes go through the decoder,
+    which then says what is wrong, instead of reaching the frontend as a broken picture.
+    """
+    media_type = media_type or sniff_media_type(data)
+    if media_type == "image/png":
+        return data.endswith(b"IEND\xaeB`\x82")
+    if media_type == "image/jpeg":
+        return data.rstrip(b"\x00").endswith(b"\xff\xd9")
+    if media_type == "image/gif":
+        return data.endswith(b";")
+    if media_type == "image/webp":
+        return len(data) >= 12 and int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    return False
+
+
 def b64decode_any(text: str | bytes) -> bytes:
     """Decode base64 in either alphabet (standard or URL-safe), padded or not.
 
@@ -110,12 +128,14 @@ def data_url(data: bytes, media_type: str) -> str:
 
 
 def human_bytes(n: int) -> str:
-    """``812 B``, ``48 KB``, ``1.4 MB``: sizes as captions, reprs and error messages show them."""
+    """``812 B``, ``48 KB``, ``1.4 MB``, ``3.0 GB``: sizes as captions, reprs and error messages show them."""
     if n < 1024:
         return f"{n} B"
     if n < 1024 * 1024:
         return f"{n / 1024:.0f} KB"
-    return f"{n / (1024 * 1024):.1f} MB"
+    if n < 1024**3:
+        return f"{n / (1024 * 1024):.1f} MB"
+    return f"{n / 1024**3:.1f} GB"
 
 
 def has_alpha(image: Any) -> bool:
@@ -270,7 +290,7 @@ def _band_png(head: bytes, *parts: bytes | memoryview) -> bytes:
 _IEND = _chunk(b"IEND", b"")
 
 
-def _png_in_bands(data: bytes, width: int, height: int, max_side: int) -> Any:
+def _png_in_bands(data: bytes, width: int, height: int, max_side: int, band_bytes: int = _BAND_BYTES) -> Any:
     """Decode a large 8-bit, non-interlaced PNG a band of rows at a time, reducing each band at once.
 
     Each band is handed to Pillow as a small PNG of its own (stored, not recompressed) whose first
@@ -288,7 +308,7 @@ def _png_in_bands(data: bytes, width: int, height: int, max_side: int) -> Any:
                                   f"(limit {FULL_DECODE_PIXELS / 1e6:.0f} MP for {depth}-bit or interlaced PNG)")
     stride = width * _PNG_CHANNELS[colour] + 1  # + the filter-type byte of each row
     factor = max(1, math.ceil(max(width, height) / (max_side * 2)))
-    rows_per_band = max(factor, (_BAND_BYTES // stride) // factor * factor)
+    rows_per_band = max(factor, (band_bytes // stride) // factor * factor)
     mode = {0: "L", 2: "RGB", 3: "RGBA", 4: "LA", 6: "RGBA"}[colour]
     if colour in (0, 2) and any(kind == b"tRNS" for kind, _ in extra):
         mode = "RGBA"

@@ -136,14 +136,14 @@ class BinaryResult:
         return target
 
     def to_pil(self) -> PILImage:
-        """The image as a Pillow ``Image`` (fully loaded)."""
-        import io
+        """The image as a Pillow ``Image`` (fully loaded).
 
-        from PIL import Image
+        Raises ``ImageDecodeError`` for truncated or corrupt data and for decompression bombs
+        (above Pillow's own limit of about 179 megapixels); ``data`` is unaffected.
+        """
+        from ._images import open_full
 
-        image = Image.open(io.BytesIO(self.data))
-        image.load()
-        return image
+        return open_full(self.data)
 
     def __repr__(self) -> str:
         size = f"{self.width}x{self.height}, " if self.width else ""

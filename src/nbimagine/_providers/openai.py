@@ -318,6 +318,7 @@ class _ResponseParser:
         self.text: list[str] = []
         self._completed: Any = None
         self._seen_items: set[str] = set()
+        self._partials: dict[str, int] = {}  # partial images seen per image call
 
     def begin(self, response: Any) -> None:
         self.response_id = response.id
@@ -373,10 +374,17 @@ class _ResponseParser:
         elif kind == "response.image_generation_call.partial_image":
             data = _decode_image(event.partial_image_b64)
             if data is not None:
+                # The SDK builds stream events without validation: an index that is not an int (seen
+                # as a string) must not break the consumer. Partial images are numbered by arrival then.
+                index = event.partial_image_index
+                count = self._partials.get(event.item_id, 0)
+                self._partials[event.item_id] = count + 1
+                if not isinstance(index, int) or isinstance(index, bool):
+                    index = count
                 partial = result(data, provider=self.provider, model=self.model, call_id=event.item_id,
-                                 partial=True, partial_index=event.partial_image_index,
+                                 partial=True, partial_index=index,
                                  size=getattr(event, "size", None), output_format=getattr(event, "output_format", None))
-                return [PartialImageEvent(event.partial_image_index, partial)]
+                return [PartialImageEvent(index, partial)]
         elif kind == "response.output_text.delta":
             return [TextDeltaEvent(event.delta)] if event.delta else []
         elif kind == "response.output_item.done":

@@ -23,7 +23,8 @@ Behaviour:
   PROHIBITED_CONTENT; also ``prompt_blocked-SAFETY``), ``no_image``, ``text_only``,
   ``finish-REASON`` / ``finish:REASON`` (any finish reason), ``broken_stream``, ``undecodable``,
   ``stream_error`` (an error object mid-stream), ``urlsafe_base64`` (image data in the URL-safe
-  alphabet, as pydantic writes it); ``[error:NNN]`` is ``http`` with that status.
+  alphabet, as pydantic writes it), and the hostile images of ``_hostile.HOSTILE_IMAGES`` (``truncated_png``,
+  ``truncated_jpeg``, ``huge_png``, ``bomb_png``); ``[error:NNN]`` is ``http`` with that status.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .._images import b64decode_any, image_size, sniff_media_type
+from ._hostile import HOSTILE_IMAGES, hostile_image
 from ._server import Answer, Fault, Request, State
 
 __all__ = ["handle"]
@@ -460,6 +462,9 @@ def _answer(turn: _Turn, state: State, *, model: str, vertex: bool, fault: Fault
     if want_image:
         if name == "undecodable":
             data = b"this is not an image, it only claims to be one" * 4
+        elif name in HOSTILE_IMAGES:
+            data = hostile_image(name, lambda fmt: state.draw(turn.prompt, width, height, fmt=fmt))
+            mime = f"image/{'jpeg' if name == 'truncated_jpeg' else 'png'}"
         else:
             data = state.draw(turn.prompt, width, height, fmt=fmt, base=turn.base, quality=turn.quality)
         image_tokens = _IMAGE_TOKENS_3[turn.image_size] if gemini3 else 1290

@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Callable
 from functools import lru_cache
 
-__all__ = ["HOSTILE_IMAGES", "hostile_image"]
+__all__ = ["HOSTILE_IMAGES", "MALFORMED_STREAMS", "hostile_image"]
 
 # name -> what the fault does (listed with the emulator's other faults)
 HOSTILE_IMAGES: dict[str, str] = {
@@ -21,6 +21,11 @@ HOSTILE_IMAGES: dict[str, str] = {
     "truncated_jpeg": "the final image is a JPEG cut after 60% of its bytes (no end-of-image marker)",
     "huge_png": "the final image is a 13000x13000 PNG of about 0.6 MB (169 megapixels once decoded)",
     "bomb_png": "the final image is a 30000x30000 PNG decompression bomb (900 megapixels, a few MB on the wire)",
+}
+
+# name -> what the fault does; OpenAI streams only
+MALFORMED_STREAMS: dict[str, str] = {
+    "partial_index_not_int": "partial-image events carry partial_image_index as a string ('#0'), not an integer",
 }
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._images import b64decode_any
+from ._hostile import HOSTILE_IMAGES, hostile_image
 from ._server import Answer, Fault, Request, State
 
 __all__ = ["handle", "handle_chat"]
@@ -418,7 +419,8 @@ def _call_fault(plan: _Plan, k: int) -> str | None:
     """The fault that applies to call ``k``: per-image failures hit only the last call, so that the
     images made before it survive (as when one of several calls fails on the real API)."""
     name = plan.fault.name if plan.fault else None
-    if name in ("image_moderation", "image_failed", "undecodable") and k != len(plan.calls) - 1:
+    if (name in ("image_moderation", "image_failed", "undecodable") or name in HOSTILE_IMAGES) \
+            and k != len(plan.calls) - 1:
         return None
     return name
 
@@ -440,6 +442,14 @@ def _finish_call(plan: _Plan, k: int) -> tuple[dict[str, Any], bytes | None]:
         return item, None
     if name == "undecodable":
         data = b"nbimagine emulator: these bytes are deliberately not an image"
+        item["result"] = base64.b64encode(data).decode("ascii")
+        return item, None
+    if name in HOSTILE_IMAGES:
+        from . import _draw
+
+        tool = plan.tool
+        data = hostile_image(name, lambda fmt: _draw.render(_clean(plan.parsed.prompt) or "hostile", tool.width,
+                                                            tool.height, fmt=fmt))
         item["result"] = base64.b64encode(data).decode("ascii")
         return item, None
     data = _image_for(plan, k)
@@ -548,8 +558,10 @@ def _events(plan: _Plan, state: State) -> Iterator[bytes]:
         for p in range(0 if failing else tool.partial_images):
             stage = (p + 1) / (tool.partial_images + 1)
             partial = base64.b64encode(_image_for(plan, k, stage=stage)).decode("ascii")
+            # partial_index_not_int: the index as a string, a shape the SDK passes through unvalidated.
+            index: Any = f"#{p}" if name == "partial_index_not_int" else p
             yield event("response.image_generation_call.partial_image", output_index=idx, item_id=ig,
-                        partial_image_index=p, partial_image_b64=partial, size=tool.size, quality=tool.quality,
+                        partial_image_index=index, partial_image_b64=partial, size=tool.size, quality=tool.quality,
                         background=tool.background, output_format=tool.output_format)
         item, data = _finish_call(plan, k)
         if item["status"] == "completed":

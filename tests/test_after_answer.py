@@ -1,0 +1,248 @@
+"""Once a provider has answered, the user gets the images (issue 9), driven through a real shell.
+
+Hostile images come from the emulator's fault families over real HTTP and the real SDKs; history
+failures are real (a folder that is a file, a lock held by another process). What is the kernel's
+own behaviour (message types, Ctrl-C timings, tracebacks) is in ``test_kernel.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from IPython.core.error import UsageError
+from test_magics import _break_image_folder, final_outputs, image_outputs, imagine, outputs
+
+from nbimagine._images import FULL_DECODE_PIXELS, MAX_PIXELS, image_size, open_reduced
+from nbimagine.emulator._hostile import HOSTILE_IMAGES, huge_png
+from nbimagine.errors import ImageDecodeError, ImagineWarning, InputError
+from nbimagine.events import BinaryResult, ImageInput, read_image_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def warning_lines(shell) -> list[str]:
+    return [line for o in final_outputs(shell) for line in o["data"].get("text/plain", "").splitlines()
+            if line.startswith("ImagineWarning: ")]
+
+
+# --- hostile images from a provider -----------------------------------------------------------------
+
+# fault -> (the provider's bytes still come back, a preview can be made)
+_HOSTILE = {"truncated_png": False, "truncated_jpeg": False, "bomb_png": False}
+
+
+@pytest.mark.parametrize("provider", ["openai", "gemini"])
+@pytest.mark.parametrize("fault", sorted(_HOSTILE))
+def test_a_hostile_image_is_kept_named_and_warned_about(ip, emu, provider, fault):
+    from nbimagine._history import history
+
+    imagine(ip, f"-p {provider} -o r", f"a lighthouse [fault:{fault}]")  # no exception: the image is paid for
+    [image] = ip.user_ns["r"].files
+    assert image.media_type == ("image/jpeg" if fault == "truncated_jpeg" else "image/png")
+    [entry] = history()
+    assert entry.sha256 == image.sha256  # recorded as it came
+    [output] = [o for o in final_outputs(ip) if "nbimagine" in o["metadata"]]
+    assert "no preview" in output["data"]["text/plain"] and f"#{entry.id}" in output["data"]["text/plain"]
+    [line] = [w for w in warning_lines(ip) if "no preview" in w]
+    assert f"#{entry.id}" in line and ("truncated" in line or "megapixels" in line)
+    assert output["metadata"]["nbimagine"]["sha256"] == image.sha256
+
+
+def test_every_hostile_image_fault_is_listed_with_a_description():
+    assert set(HOSTILE_IMAGES) == {*_HOSTILE, "huge_png"}
+    assert all(len(text) > 20 for text in HOSTILE_IMAGES.values())
+
+
+def test_a_huge_png_is_previewed_in_bounded_memory(ip, emu):
+    imagine(ip, "-o r", "a mural [fault:huge_png]")
+    [image] = ip.user_ns["r"].files
+    assert (image.width, image.height) == (13000, 13000) and len(image.data) < 2_000_000
+    [output] = image_outputs(ip)
+    preview = base64.b64decode(output["data"]["image/jpeg"])
+    assert max(image_size(preview)) <= 768
+    assert warning_lines(ip) == []
+
+
+def test_pngs_decoded_in_bands_match_a_whole_decode():
+    from PIL import Image
+
+    from nbimagine._images import _png_in_bands
+
+    for mode in ("RGB", "RGBA", "L", "LA", "P"):
+        source = Image.radial_gradient("L").resize((301, 257)).convert(mode if mode != "P" else "RGB")
+        if mode == "P":
+            source = source.quantize(64)
+        buffer = io.BytesIO()
+        source.save(buffer, "PNG")  # Pillow's adaptive row filters: every filter type occurs
+        data = buffer.getvalue()
+        banded = _png_in_bands(data, 301, 257, 400, band_bytes=4096)
+        whole = Image.open(io.BytesIO(data)).convert(banded.mode)
+        assert banded.tobytes() == whole.tobytes(), mode
+
+
+def test_bounded_decoding_refuses_with_typed_errors():
+    bomb = huge_png(30000, 30000, blank=True)
+    with pytest.raises(ImageDecodeError, match="decompression-bomb") as info:
+        open_reduced(bomb, 256)
+    assert info.value.dimensions == (30000, 30000) and info.value.media_type == "image/png"
+    with pytest.raises(ImageDecodeError):
+        BinaryResult(bomb).to_pil()
+    assert FULL_DECODE_PIXELS < 13000 * 13000 < MAX_PIXELS
+    truncated = huge_png(13000, 13000)[:400_000]
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        open_reduced(truncated, 256)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_bytes_never_raise_a_raw_pillow_error(tmp_path, fmt):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.radial_gradient("L").resize((600, 400)).convert("RGB").save(buffer, fmt)
+    cut = BinaryResult(buffer.getvalue()[: len(buffer.getvalue()) * 6 // 10])
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        cut.to_pil()
+    with pytest.raises(ImageDecodeError):
+        cut.save(tmp_path / ("x.jpg" if fmt == "PNG" else "x.png"))  # a conversion decodes
+    assert cut.save(tmp_path / "as-is").read_bytes() == cut.data  # no conversion: the bytes as they are
+    assert "truncated" in cut._repr_mimebundle_()["text/plain"]
+
+
+def test_a_non_integer_partial_index_keeps_the_request_going(ip, emu):
+    imagine(ip, "--partial 2 -o r", "a kite [fault:partial_index_not_int]")
+    assert ip.user_ns["r"].files
+    partial_updates = [o for o in outputs(ip) if o["update"] and "partial" in o["data"]["text/html"]]
+    assert "partial 1" in partial_updates[0]["data"]["text/html"]
+    assert "partial 2" in partial_updates[-1]["data"]["text/html"]
+    assert image_outputs(ip)
+
+
+# --- the history fails after the answer ---------------------------------------------------------------
+
+
+def test_an_unwritable_image_folder_is_a_warning_beside_the_image(ip, emu):
+    from nbimagine._history import history
+
+    _break_image_folder(history())
+    imagine(ip, "-o r", "a kite")
+    assert ip.user_ns["r"].files and "history_id" not in ip.user_ns["r"].files[0].metadata
+    assert image_outputs(ip)
+    [line] = warning_lines(ip)
+    assert "could not be recorded in the history" in line
+
+
+def test_a_history_locked_by_another_process_is_a_warning_beside_the_image(ip, emu, monkeypatch):
+    from nbimagine._history import history
+
+    monkeypatch.setenv("NBIMAGINE_HISTORY_BUSY_TIMEOUT", "0.2")  # documented knob: no 30 s wait in a test
+    # (read when the history is opened: the first time in this test's folder is just below)
+    index = history().path / "index.sqlite"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sqlite3, sys
+            conn = sqlite3.connect({str(index)!r}, isolation_level=None)
+            conn.execute("BEGIN EXCLUSIVE")
+            print("locked", flush=True)
+            sys.stdin.readline()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        imagine(ip, "-o r", "a kite")
+    finally:
+        holder.communicate("done\n", timeout=10)
+    assert ip.user_ns["r"].files
+    assert image_outputs(ip)
+    [line] = warning_lines(ip)
+    assert "could not be recorded" in line and "locked" in line
+
+
+# --- inputs checked before they are read --------------------------------------------------------------
+
+
+def _read_bytes() -> int:
+    return int(dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())["rchar"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs /proc/self/io to count bytes read")
+def test_a_3_gb_edit_file_is_refused_before_it_is_read(ip, emu, tmp_path):
+    big = tmp_path / "big.png"
+    with big.open("wb") as handle:  # sparse: 3 GB long, nothing on disk
+        handle.write(b"\x89PNG\r\n\x1a\n")
+        handle.truncate(3 * 1024**3)
+    ip.user_ns["path_var"] = str(big)
+    for line in (f"-e {big}", "-e path_var"):
+        before = _read_bytes()
+        with pytest.raises(UsageError, match=r"3\.0 GB"):
+            imagine(ip, line, "make it blue")
+        assert _read_bytes() - before < 10 * 1024**2
+    with pytest.raises(InputError):
+        ImageInput(path=big)
+    assert not [r for r in emu.requests if r.method == "POST"]
+
+
+def test_a_file_larger_than_its_stat_size_is_refused_after_limit_bytes():
+    # /proc files report a size of 0 and hold more: the same as a file that grows while read.
+    with pytest.raises(InputError, match="grew while being read"):
+        read_image_file(Path("/proc/self/maps"), limit=16)
+
+
+def test_text_that_cannot_be_encoded_is_refused_before_the_request(ip, emu):
+    ip.user_ns["name"] = "caf\udce9"  # a lone surrogate, as os.fsdecode gives for a Latin-1 file name
+    with pytest.raises(UsageError, match="lone surrogate"):
+        imagine(ip, "", "a sign that reads {name}")
+    assert not emu.requests
+    from nbimagine._generate import Generation
+
+    with pytest.raises(InputError, match="position 3"):
+        Generation("caf\udce9")
+
+
+def test_the_python_api_warns_with_imagine_warning(ip, emu):
+    from nbimagine._generate import Generation
+    from nbimagine._history import history
+
+    _break_image_folder(history())
+    with pytest.warns(ImagineWarning, match="could not be recorded"):
+        [reply] = Generation("a kite").run()
+    assert reply.files
+
+
+def test_terminal_ipython_prints_one_progress_line_and_one_caption(tmp_path):
+    script = textwrap.dedent("""
+        from IPython.terminal.interactiveshell import TerminalInteractiveShell
+        shell = TerminalInteractiveShell.instance()
+        shell.run_line_magic("load_ext", "nbimagine")
+        shell.run_cell_magic("imagine", "--partial 2 -o r", "a fox in the snow")
+        print("files:", len(shell.user_ns["r"].files))
+    """)
+    env = {**os.environ, "NBIMAGINE_EMULATOR": "1"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert sum("Generating" in line for line in lines) == 1
+    assert sum(line.startswith("#1 · ") for line in lines) == 1
+    assert len(lines) == len(set(lines))  # nothing repeated
+    assert lines[-1] == "files: 1"
+
+
+def test_sqlite_lock_holder_helper_really_locks(tmp_path):
+    # Guard for the lock test above: BEGIN EXCLUSIVE on a WAL index blocks writers, not readers.
+    path = tmp_path / "x.sqlite"
+    a = sqlite3.connect(path, isolation_level=None)
+    a.execute("PRAGMA journal_mode=WAL")
+    a.execute("CREATE TABLE t(x)")
+    a.execute("BEGIN EXCLUSIVE")
+    b = sqlite3.connect(path, isolation_level=None, timeout=0.05)
+    assert b.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        b.execute("BEGIN IMMEDIATE")
+    a.execute("ROLLBACK")
