@@ -263,6 +263,8 @@ class ImagineMagics(Magics):
             gen.build_agent()
         except (ConfigError, InputError) as exc:
             raise UsageError(str(exc)) from None
+        except KeyboardInterrupt:  # before any request: nothing to stop, nothing recorded; one line
+            raise _short_traceback(KeyboardInterrupt("Cancelled before the request was sent")) from None
         self._run_with_progress(gen, full=args.full, out=args.out)
 
     def _run_with_progress(self, gen: Generation, *, full: bool, out: str | None = None) -> list[Any]:
