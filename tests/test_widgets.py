@@ -807,3 +807,29 @@ def test_files_are_only_where_expected(hist, tmp_path):
     st = Studio(ImagineSession(), hist, settings=False)
     st.close()
     assert set(Path(tmp_path).rglob("*")) == before
+
+
+def test_the_studio_shows_images_the_history_could_not_record(routed, hist):
+    import shutil
+
+    shutil.rmtree(hist.path / "images", ignore_errors=True)
+    (hist.path / "images").write_bytes(b"not a folder")  # every image write fails, even as root
+    st = Studio(routed, hist, settings=False)
+    st.prompt.value = "a kite"
+    st.generate.click()
+    assert st.wait(30)
+    assert "Done in" in text(st.status) and len(hist) == 0
+    assert "could not be recorded in the history" in text(st.error)
+    assert st.result.value and "a kite" in text(st.caption)
+    st.close()
+
+
+def test_the_studio_names_an_image_it_cannot_preview(routed, hist):
+    st = Studio(routed, hist, settings=False)
+    st.prompt.value = "a kite [fault:truncated_png]"
+    st.generate.click()
+    assert st.wait(30)
+    assert "Done in" in text(st.status) and len(hist) == 1
+    assert "No preview" in text(st.error) and "truncated" in text(st.error)
+    assert f"#{hist[-1].id}" in text(st.caption) and "PNG" in text(st.caption)
+    st.close()

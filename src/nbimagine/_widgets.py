@@ -772,7 +772,10 @@ class Studio:
     def _show_partial(self, index: int, image: BinaryResult) -> None:
         if not self.running:
             return
-        data, media_type = _preview(image, PREVIEW_SIDE // 2)
+        try:
+            data, media_type = _preview(image, PREVIEW_SIDE // 2)
+        except ImagineError:  # a broken partial image: the final one may still be fine
+            return
         self.partial.format = media_type.split("/")[-1]
         self.partial.value = data
         _show(self.partial, True)
@@ -796,10 +799,15 @@ class Studio:
             self._set_error(plain_error(errors[0]))
         else:
             self.status.value = f'<span class="nbi-done">Done in {elapsed:.1f} s.</span>'
+        images = [image for index in range(generation.n) for image in generation.images(index)]
         if entries:
             self.last_entries = entries
-            self._show_result(entries[0], elapsed, len(entries))
-        elif not cancelled and not errors:
+            self._show_result(entries[0].image, elapsed, len(images), entry=entries[0])
+        elif images:  # not recorded (the history failed, or no history): still the user's images
+            self._show_result(images[0], elapsed, len(images))
+        if generation.warnings:
+            self._set_error(" ".join(generation.warnings))
+        elif not images and not cancelled and not errors:
             texts = [r.body for r in generation.replies if r is not None and r.body]
             message = "The model answered without an image"
             self._set_error(message + (f": {texts[0][:300]}" if texts else "."))
@@ -810,24 +818,29 @@ class Studio:
         finally:
             self._idle.set()
 
-    def _show_result(self, entry: HistoryEntry, elapsed: float, count: int) -> None:
+    def _show_result(self, image: BinaryResult, elapsed: float, count: int, entry: HistoryEntry | None = None
+                     ) -> None:
         from ._display import caption_for
 
-        image = entry.image
-        data, media_type = _preview(image, PREVIEW_SIDE)
-        self.result.format = media_type.split("/")[-1]
-        self.result.value = data
-        _show(self.result, True)
-        caption = caption_for(image, history_id=entry.id, elapsed=elapsed, provider=entry.provider,
-                              model=entry.model)
+        try:
+            data, media_type = _preview(image, PREVIEW_SIDE)
+        except ImagineError as exc:  # kept and named, not previewed
+            _show(self.result, False)
+            self._set_error(f"No preview: {exc}")
+        else:
+            self.result.format = media_type.split("/")[-1]
+            self.result.value = data
+            _show(self.result, True)
+        caption = caption_for(image, history_id=entry.id if entry else None, elapsed=elapsed,
+                              provider=entry.provider if entry else None, model=entry.model if entry else None)
         lines = caption.split("\n")
         extra = []
-        if entry.parents:
+        if entry is not None and entry.parents:
             extra.append("edited from " + ", ".join(f"#{p}" for p in entry.parents))
         if count > 1:
             extra.append(f"+{count - 1} more in the gallery")
         head = " · ".join([lines[0], *extra])
-        prompt = " ".join(entry.prompt.split())
+        prompt = " ".join((entry.prompt if entry else self.generation.prompt if self.generation else "").split())
         self.caption.value = (
             f'<div class="nbi-result-caption"><div>{html.escape(head)}</div>'
             f'<div style="color:#555">{html.escape(prompt[:300])}</div>'
