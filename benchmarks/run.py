@@ -9,7 +9,7 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHMARKS = ["bench_openai", "bench_gemini", "bench_history", "bench_notebook", "bench_widgets"]
+BENCHMARKS = ["bench_openai", "bench_gemini", "bench_history", "bench_notebook", "bench_widgets", "bench_display"]
 
 
 def main(names: list[str]) -> int:
