@@ -8,7 +8,7 @@ import io
 import pytest
 from IPython.core.error import UsageError
 from PIL import Image, ImageChops, ImageDraw
-from test_magics import imagine, ip  # noqa: F401  (the shell fixture)
+from test_magics import imagine  # the `ip` shell fixture is in conftest.py
 
 from nbimagine._session import get_session
 from nbimagine.config import OpenAIImagesConfig
@@ -39,7 +39,7 @@ def images_provider():
     session._registered.pop("images", None)
 
 
-def test_mask_and_refs_from_the_notebook_keep_their_lineage(ip, emu) -> None:  # noqa: F811
+def test_mask_and_refs_from_the_notebook_keep_their_lineage(ip, emu) -> None:
     import nbimagine
 
     imagine(ip, "--size 1024x1024 -o first", "a house on a hill")
@@ -68,7 +68,7 @@ def test_mask_and_refs_from_the_notebook_keep_their_lineage(ip, emu) -> None:  #
     assert mask_entry.image.to_pil().getchannel("A").getextrema() == (0, 255)  # stored as the alpha mask sent
 
 
-def test_mask_problems_are_one_line_usage_errors_before_any_request(ip, emu) -> None:  # noqa: F811
+def test_mask_problems_are_one_line_usage_errors_before_any_request(ip, emu) -> None:
     imagine(ip, "--size 1024x1024", "a house")
     emu.reset()
     ip.user_ns["small"] = _mask((256, 256), (0, 0, 10, 10))
@@ -84,7 +84,7 @@ def test_mask_problems_are_one_line_usage_errors_before_any_request(ip, emu) -> 
         ip.run_line_magic("imagine", "use -r last")
 
 
-def test_images_api_provider_makes_n_images_in_one_request(ip, emu, images_provider) -> None:  # noqa: F811
+def test_images_api_provider_makes_n_images_in_one_request(ip, emu, images_provider) -> None:
     imagine(ip, f"-p {images_provider} -n 3 --quality low -o rs", "three moons")
     calls = [r for r in emu.requests if "/images/" in r.path]
     assert len(calls) == 1 and calls[0].json["n"] == 3 and calls[0].json["quality"] == "low"
@@ -95,7 +95,7 @@ def test_images_api_provider_makes_n_images_in_one_request(ip, emu, images_provi
     assert all(e.params.get("n") == 3 for e in nbimagine.history().latest(3))
 
 
-def test_images_api_provider_edits_with_a_mask(ip, emu, images_provider) -> None:  # noqa: F811
+def test_images_api_provider_edits_with_a_mask(ip, emu, images_provider) -> None:
     imagine(ip, f"-p {images_provider} --size 1024x1024 -o first", "a boat")
     ip.user_ns["sail"] = _mask((1024, 1024), (100, 100, 300, 300))
     imagine(ip, f"-p {images_provider} -e last --mask sail -o edited", "a red sail")
@@ -106,7 +106,7 @@ def test_images_api_provider_edits_with_a_mask(ip, emu, images_provider) -> None
     assert ImageChops.difference(before, after).getbbox() == (100, 100, 301, 301)
 
 
-def test_images_api_values_are_checked_by_the_model_rules(ip, emu, images_provider) -> None:  # noqa: F811
+def test_images_api_values_are_checked_by_the_model_rules(ip, emu, images_provider) -> None:
     with pytest.raises(UsageError, match="quality must be one of"):
         imagine(ip, f"-p {images_provider} --quality xhigh", "x")
     assert emu.requests == []
