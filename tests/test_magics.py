@@ -427,12 +427,14 @@ def test_history_show_lineage_export(ip, tmp_path):
     imagine(ip, "", "a green apple")
     imagine(ip, "-e last", "make it red")
     gallery = ip.run_line_magic("imagine", "history 5")
-    bundle = gallery._repr_mimebundle_()
+    bundle, metadata = gallery._repr_mimebundle_()
+    assert [i["history_id"] for i in metadata["nbimagine"]["images"]] == [2, 1]
     assert "#1" in bundle["text/plain"] and "#2" in bundle["text/plain"]
     assert bundle["text/html"].count("<img") == 2 and "make it red" in bundle["text/html"]
-    shown = ip.run_line_magic("imagine", "show #1")._repr_mimebundle_()
+    shown, metadata = ip.run_line_magic("imagine", "show #1")._repr_mimebundle_()
     assert shown["text/plain"].startswith("#1 ·") and "a green apple" in shown["text/plain"]
-    assert ip.run_line_magic("imagine", "show 2")._repr_mimebundle_()["text/plain"].startswith("#2")
+    assert metadata["nbimagine"]["history_id"] == 1 and metadata["nbimagine"]["file"].startswith(".nbimagine/images/")
+    assert ip.run_line_magic("imagine", "show 2")._repr_mimebundle_()[0]["text/plain"].startswith("#2")
     lineage = ip.run_line_magic("imagine", "lineage last")
     assert [e.id for e in lineage.entries] == [1, 2]
     ip.run_line_magic("imagine", f"export {tmp_path / 'out'}")
@@ -645,13 +647,13 @@ def test_parents_missing_from_the_history(ip, emu):
 
 
 def test_history_notebook_option_names_the_history(ip, tmp_path):
-    from nbimagine._history import notebook_name, set_notebook
+    from nbimagine._history import history, notebook_name, set_notebook
 
     try:
         ip.run_line_magic("imagine", "history --notebook 02_editing")
         assert notebook_name() == "02_editing"
         imagine(ip, "", "a heron")
-        assert (tmp_path / ".nbimagine" / "02_editing").is_dir()
+        assert history().notebook == "02_editing" and [e.prompt for e in history("02_editing")] == ["a heron"]
         with pytest.raises(UsageError, match="give the notebook's name"):
             ip.run_line_magic("imagine", "history --notebook")
     finally:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Agent", "Reply", "__version__", "history", "load_ipython_extension", "panel", "studio",
-           "unload_ipython_extension"]
+__all__ = ["Agent", "Reply", "__version__", "history", "load_ipython_extension", "panel", "repair_history",
+           "studio", "unload_ipython_extension"]
 
 if TYPE_CHECKING:
     from ._agent import Agent, Reply
@@ -23,6 +23,7 @@ _LAZY = {
     "Agent": ("._agent", "Agent"),
     "Reply": ("._agent", "Reply"),
     "history": ("._history", "history"),
+    "repair_history": ("._history", "repair_history"),
     "panel": ("._widgets", "panel"),
     "studio": ("._widgets", "studio"),
 }

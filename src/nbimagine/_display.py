@@ -196,10 +196,9 @@ def image_output(result: BinaryResult, caption: str, *, full: bool = False, max_
 
 
 def _ids(result: BinaryResult) -> dict[str, Any]:
-    ids = {"sha256": result.sha256}
-    if result.metadata.get("history_id") is not None:
-        ids["history_id"] = result.metadata["history_id"]
-    return {"nbimagine": ids}
+    from ._history import output_ids
+
+    return {"nbimagine": output_ids(result.metadata.get("history_id"), result.sha256, result.extension)}
 
 
 def caption_output(caption: str, *, width: int | None = None) -> dict[str, Any]:

@@ -205,14 +205,19 @@ class Generation:
 
     def _check_parents(self, history: History) -> None:
         # Checked before any request: an unknown parent would fail the history write after the images
-        # were paid for. An edit may carry another notebook's history id; that link is dropped.
+        # were paid for. An edit may carry a history id of another folder (ids are unique per folder):
+        # absent here, or naming different bytes here, that link is dropped.
+        shas: dict[int, set[str]] = {}
+        for edit in self.edits:
+            if isinstance(edit.metadata.get("history_id"), int):
+                shas.setdefault(edit.metadata["history_id"], set()).add(edit.sha256)
         missing = [p for p in self.parents if p not in history]
-        from_edits = {e.metadata.get("history_id") for e in self.edits}
-        unknown = [p for p in missing if p not in from_edits]
+        unknown = [p for p in missing if p not in shas]
         if unknown:
-            raise ConfigError(f"parent image {', '.join(f'#{p}' for p in unknown)} is not in the history of "
-                              f"notebook {history.notebook!r}; %imagine history lists the ids")
-        self.parents = [p for p in self.parents if p not in missing]
+            raise ConfigError(f"parent image {', '.join(f'#{p}' for p in unknown)} is not in the image history "
+                              f"of {history.path}; %imagine history lists the ids")
+        foreign = [p for p in self.parents if p in shas and p not in missing and history.get(p).sha256 not in shas[p]]
+        self.parents = [p for p in self.parents if p not in missing and p not in foreign]
 
     def cancel(self) -> None:
         """Stop every variant now (their HTTP requests are aborted)."""

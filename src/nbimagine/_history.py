@@ -1,187 +1,168 @@
-"""The per-notebook image history: every generated image, kept next to the notebook.
+"""The image history: every image made in the notebooks of a folder, kept next to them.
 
-Layout (``<root>/.nbimagine/<notebook>/``)::
+One store per folder, ``<root>/.nbimagine/``::
 
-    index.sqlite                       one row per image (WAL mode, so several kernels can write)
+    index.sqlite                       one row per image with its notebook (SQLite, WAL: several kernels write)
     images/<sha[:2]>/<sha256>.<ext>    content-addressed originals; identical bytes share one file
-    thumbs/<sha256>_<side>.<jpg|png>   thumbnails, made on first use (PNG when the image has alpha)
+    records/<id // 1000>/<id>.json     one small record per image, written before the row is committed:
+                                       everything needed to rebuild a lost or corrupt index (repair)
+    notebooks/<uid>.json               one record per notebook, holding its current name
+    thumbs/<sha256>_<side>.<jpg|png>   thumbnails, made on first use
+    .v1/<notebook>/                    the per-notebook indexes of nbimagine <= 0.1, kept after migration
+    .broken/                           indexes replaced by a repair, kept for inspection
 
-Durability rules, in the order ``add`` follows them, all under the write lock: the image goes to
-a temp file in its final directory, is fsync'd and renamed into place with ``os.replace`` (atomic),
-and only then is the row inserted. A crash at any point therefore leaves either no row, or a row whose file is complete;
-at worst an orphan temp file or an image without a row, which :meth:`History.cleanup` removes.
+**Ids** are unique in the folder and never reused: ``#17`` in a caption means that one image, in
+every notebook of the folder, after restarts and renames. Each :class:`History` is the view of one
+notebook: positions (``h[-1]``, ``last``), ``len``, listings and search see only that notebook's
+images; an explicit id (``get``, ``lineage``, ``-e #17``) finds the image wherever it was made.
 
-The notebook name comes from :func:`notebook_name`: an explicit :func:`set_notebook` name, else
-Jupyter Server's ``JPY_SESSION_NAME``, else VS Code's ``__vsc_ipynb_file__``, else ``"untitled"``.
+**Notebooks** are rows with a stable uid; a rename (followed through the Jupyter server, see
+:mod:`._notebook`) changes the row's name, so the images go with the notebook.
 
-Nothing heavy is imported here: Pillow is loaded only to make a thumbnail, IPython only read from
-``sys.modules`` when it is already loaded.
+**Durability**, in the order :meth:`History.add` follows it, under the write lock: the image goes to a
+temp file that is fsync'd and renamed into place, then its record likewise, and only then is the row
+committed. A crash leaves at worst a complete image and record without a row; the next ``add`` or a
+repair adopts it, under the id it was given.
+
+**File-system boundary**: every path is built from validated pieces (a 64-hex sha256, a known
+extension, a numeric id, a hex uid) and opened through :mod:`._files`, so nothing below
+``.nbimagine`` is followed through a symlink to read, write or delete, and image bytes are checked
+against their sha256 when read. Rows or records that are not well-formed are refused.
+
+**Schema changes**: bump ``SCHEMA_VERSION`` and add ``_MIGRATIONS[n]``, which takes an index of
+version n-1 to n. Pending steps run in one transaction when a store is opened; a repair builds the
+newest schema by running them all from an empty file. Records carry their own ``"record"`` version
+and are read leniently (unknown fields kept in ``metadata`` are ignored).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import html
 import io
 import json
 import os
 import re
-import shutil
+import secrets
 import sqlite3
-import sys
+import stat
 import threading
 import time
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, Union
 
+from . import _notebook
+from ._files import Folder
 from ._images import EXTENSIONS, has_alpha, open_reduced, sniff_media_type
+from ._notebook import NotebookIdentity, normalize_name, notebook_name, set_notebook
+from .errors import HistoryError
 from .events import BinaryResult, FrozenDict
 
-__all__ = ["History", "HistoryEntry", "history", "notebook_name", "set_notebook"]
+__all__ = ["History", "HistoryEntry", "RepairReport", "history", "notebook_name", "repair_history",
+           "set_history_root", "set_notebook"]
 
-SCHEMA_VERSION = 1
-FALLBACK_NOTEBOOK = "untitled"
+SCHEMA_VERSION = 2  # 1 was the per-notebook index of nbimagine <= 0.1 (imported by _import_legacy)
+RECORD_VERSION = 1
+APPLICATION_ID = 0x6E62696D  # "nbim": tells our index from any other SQLite file
 _DIRNAME = ".nbimagine"
-# Long enough to ride out another kernel's write transaction (they are milliseconds long) even on
-# a loaded machine; short enough that a truly stuck lock surfaces as an error rather than a hang.
-# NBIMAGINE_HISTORY_BUSY_TIMEOUT (seconds) overrides it, read when a history is opened (tests use 0.2).
-_BUSY_TIMEOUT_MS = 30_000
+_INDEX = "index.sqlite"
+_INDEX_FILES = (_INDEX, f"{_INDEX}-wal", f"{_INDEX}-shm", f"{_INDEX}-journal")
+# Long enough to ride out another kernel's write transaction (milliseconds) on a loaded machine;
+# short enough that a stuck lock surfaces as an error rather than a hang.
+# NBIMAGINE_HISTORY_BUSY_TIMEOUT (seconds) overrides it, read when a history is opened.
+DEFAULT_TIMEOUT = 30.0
+_BUCKET = 1000  # records per folder
+_MEDIA_TYPES = {ext: media for media, ext in EXTENSIONS.items()} | {"bin": "application/octet-stream"}
+_SHA = re.compile(r"[0-9a-f]{64}")
+_RECORD_NAME = re.compile(r"([1-9][0-9]{0,17})\.json")
+_IMAGE_NAME = re.compile(r"([0-9a-f]{64})\.(png|jpg|webp|gif|bin)")
+_THUMB_NAME = re.compile(r"([0-9a-f]{64})_[1-9][0-9]{0,5}\.(jpg|png)")
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
+_LEGACY_MEMBERS = ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "index.sqlite-journal", "images",
+                   "thumbs")
+_RESERVED = {"images", "thumbs", "records", "notebooks"}
+_LEGACY_PREFIX = ".legacy-"
 
-
-def _busy_timeout_ms() -> int:
-    try:
-        return max(0, round(float(os.environ["NBIMAGINE_HISTORY_BUSY_TIMEOUT"]) * 1000))
-    except (KeyError, ValueError):
-        return _BUSY_TIMEOUT_MS
+FIX_REPAIR = ("Run %imagine history --repair (nbimagine.repair_history()) to rebuild the index from the image records, "
+              "or generate with --no-history, or use another folder (%imagine history --root DIR)")
+FIX_ELSEWHERE = ("Generate with --no-history, or keep the history in a writable folder "
+                 "(%imagine history --root DIR, or nbimagine.history(root=...))")
 
 ParentRef = Union[int, str, "HistoryEntry"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+_SCHEMA_V2 = """
+CREATE TABLE notebooks (
+    id         INTEGER PRIMARY KEY,
+    uid        TEXT    NOT NULL UNIQUE,        -- names notebooks/<uid>.json, never changes
+    name       TEXT    NOT NULL UNIQUE,        -- the notebook's current name (its file stem)
+    created_at TEXT    NOT NULL
+);
+CREATE TABLE entries (
     id             INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids are never reused
+    notebook_id    INTEGER NOT NULL REFERENCES notebooks(id),
     created_at     TEXT    NOT NULL,                   -- ISO 8601, UTC
     prompt         TEXT    NOT NULL,
     revised_prompt TEXT,
     provider       TEXT,
     model          TEXT,
     params         TEXT    NOT NULL DEFAULT '{}',      -- JSON
-    parents        TEXT    NOT NULL DEFAULT '[]',      -- JSON list, in the order given
-    sha256         TEXT    NOT NULL,
-    media_type     TEXT    NOT NULL,
-    ext            TEXT    NOT NULL,
+    parents        TEXT    NOT NULL DEFAULT '[]',      -- JSON list of ids, in the order given
+    sha256         TEXT    NOT NULL CHECK (length(sha256) = 64 AND sha256 NOT GLOB '*[^0-9a-f]*'),
+    ext            TEXT    NOT NULL CHECK (ext IN ('png', 'jpg', 'webp', 'gif', 'bin')),
     width          INTEGER,
     height         INTEGER,
     size_bytes     INTEGER NOT NULL,
     metadata       TEXT    NOT NULL DEFAULT '{}',      -- JSON, secrets removed
     text           TEXT,
-    search         TEXT    NOT NULL                    -- casefolded prompt + revised prompt
+    search         TEXT    NOT NULL,                   -- casefolded prompt + revised prompt
+    legacy_folder  TEXT,                               -- migrated from .nbimagine/<legacy_folder>/ ...
+    legacy_id      INTEGER                             -- ... where its id was legacy_id
 );
-CREATE TABLE IF NOT EXISTS edges (
+CREATE INDEX entries_by_notebook ON entries(notebook_id, id);
+CREATE INDEX entries_by_sha ON entries(sha256);
+CREATE INDEX entries_by_legacy_id ON entries(notebook_id, legacy_id) WHERE legacy_id IS NOT NULL;
+CREATE UNIQUE INDEX entries_by_origin ON entries(legacy_folder, legacy_id) WHERE legacy_folder IS NOT NULL;
+CREATE TABLE edges (
     child  INTEGER NOT NULL REFERENCES entries(id),
     parent INTEGER NOT NULL REFERENCES entries(id),
     PRIMARY KEY (child, parent)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS edges_by_parent ON edges(parent, child);
-CREATE INDEX IF NOT EXISTS entries_by_sha ON entries(sha256);
+CREATE INDEX edges_by_parent ON edges(parent, child);
+CREATE TABLE kernels (                                 -- the notebook each Jupyter kernel last wrote for
+    kernel_id   TEXT    PRIMARY KEY,
+    notebook_id INTEGER NOT NULL REFERENCES notebooks(id),
+    seen_at     TEXT    NOT NULL
+) WITHOUT ROWID;
 """
 
-_COLUMNS = (
-    "id, created_at, prompt, provider, model, params, parents, sha256, media_type, ext, "
-    "width, height, size_bytes, metadata, text"
-)
+
+def _schema_v2(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_V2.split(";"):
+        if statement.strip():
+            conn.execute(statement)
 
 
-# --------------------------------------------------------------------------------------------
-# Notebook name
-# --------------------------------------------------------------------------------------------
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _schema_v2}
+_REQUIRED_COLUMNS = {"notebooks": {"id", "uid", "name"},
+                     "entries": {"id", "notebook_id", "prompt", "params", "parents", "sha256", "ext", "metadata"},
+                     "edges": {"child", "parent"}, "kernels": {"kernel_id", "notebook_id"}}
 
-_explicit_notebook: str | None = None
-
-
-def set_notebook(name: str | None) -> None:
-    """Name the current notebook explicitly (``None`` forgets the name and detects again).
-
-    ``name`` may also be the notebook's path; its last component without ``.ipynb`` is used.
-
-    Useful where the kernel cannot tell which notebook it runs (plain scripts, some test runners).
-    An explicit name wins over anything detected from the environment.
-    """
-    global _explicit_notebook
-    if name is not None and not isinstance(name, str):
-        raise TypeError(f"set_notebook() takes a str or None, not {type(name).__name__}")
-    _explicit_notebook = name or None
-
-
-def notebook_name() -> str:
-    """The name of the running notebook, used to pick its history folder.
-
-    Looked up in this order:
-
-    1. a name given with :func:`set_notebook`;
-    2. ``JPY_SESSION_NAME``, which Jupyter Server sets to the notebook's path (its stem is used);
-    3. ``__vsc_ipynb_file__`` in the IPython user namespace (VS Code), only if IPython is loaded;
-    4. the fallback ``"untitled"`` (plain Python, or a frontend that tells the kernel nothing).
-
-    The result is not sanitized; :class:`History` makes it safe for the filesystem.
-    """
-    if _explicit_notebook:
-        return _stem(_explicit_notebook, any_suffix=False)
-    session = os.environ.get("JPY_SESSION_NAME", "").strip()
-    if session:
-        stem = _stem(session)
-        if stem:
-            return stem
-    vscode = _vscode_notebook()
-    if vscode:
-        return vscode
-    return FALLBACK_NOTEBOOK
-
-
-def _stem(path: str, any_suffix: bool = True) -> str:
-    """The notebook name in a path: last component, without ``.ipynb`` (or, for a path that
-    Jupyter gave us, without any suffix: a Jupytext ``analysis.py`` is the notebook ``analysis``)."""
-    # Jupyter may hand over a POSIX path or (on Windows) a backslash path; take the last part.
-    name = re.split(r"[\\/]", path.rstrip("\\/"))[-1]
-    if name.lower().endswith(".ipynb"):
-        return name[: -len(".ipynb")]
-    return (Path(name).stem or name) if any_suffix else name
-
-
-def _vscode_notebook() -> str | None:
-    ipython = sys.modules.get("IPython")  # never import IPython just to ask
-    if ipython is None:
-        return None
-    try:
-        shell = ipython.get_ipython()
-    except Exception:  # a half-initialised IPython must not break history lookups
-        return None
-    if shell is None:
-        return None
-    value = getattr(shell, "user_ns", {}).get("__vsc_ipynb_file__")
-    return _stem(str(value)) if value else None
-
-
-def _safe_dirname(name: str) -> str:
-    """A notebook name turned into one safe path component."""
-    name = unicodedata.normalize("NFC", name).strip()
-    if name.lower().endswith(".ipynb"):
-        name = name[: -len(".ipynb")]
-    name = re.sub(r"[^\w.\- ]+", "_", name)  # no separators, no control or shell-special characters
-    name = name.strip(" .")  # no "..", no hidden folders, no trailing dot/space (Windows)
-    name = name[:120]
-    if not name or name.upper().split(".")[0] in _WINDOWS_RESERVED:
-        name = f"_{name}" if name else FALLBACK_NOTEBOOK
-    return name
-
-
-_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
-                     *(f"LPT{i}" for i in range(1, 10))}
+_COLUMNS = ("e.id, e.created_at, e.prompt, e.provider, e.model, e.params, e.parents, e.sha256, e.ext, "
+            "e.width, e.height, e.size_bytes, e.metadata, e.text, n.name")
+_FROM = "FROM entries e JOIN notebooks n ON n.id = e.notebook_id"
+_IN_NOTEBOOK = "e.notebook_id = (SELECT id FROM notebooks WHERE name = ?)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +174,8 @@ _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 1
 class HistoryEntry:
     """One recorded image. Rows are immutable, so entries are plain snapshots.
 
-    ``params`` and ``metadata`` are read-only dicts; ``path`` is the full-resolution file.
+    ``params`` and ``metadata`` are read-only dicts; ``path`` is the full-resolution file;
+    ``notebook`` the name of the notebook it was made in (its current name).
     """
 
     id: int
@@ -211,6 +193,8 @@ class HistoryEntry:
     path: Path
     metadata: dict[str, Any]
     text: str | None
+    notebook: str | None = None
+    _store: Any = field(default=None, compare=False, repr=False)
 
     # dict fields make the generated hash fail; the id and file identify an entry anyway.
     def __hash__(self) -> int:
@@ -226,8 +210,16 @@ class HistoryEntry:
         return self.metadata.get("revised_prompt")
 
     @property
+    def ext(self) -> str:
+        return self.path.suffix[1:]
+
+    @property
     def image(self) -> BinaryResult:
-        """The full-resolution image (read from disk), with ``history_id`` in its metadata."""
+        """The full-resolution image, read from disk and checked against its sha256.
+
+        Its metadata carries ``history_id``. ``HistoryError`` when the file is missing, is a
+        symlink, or does not hold the recorded bytes.
+        """
         meta = dict(self.metadata)
         meta.update(
             history_id=self.id,
@@ -237,24 +229,24 @@ class HistoryEntry:
         )
         if self.width and self.height:
             meta["width"], meta["height"] = self.width, self.height
-        return BinaryResult(self.path.read_bytes(), {k: v for k, v in meta.items() if v is not None})
+        return BinaryResult(self._read(), {k: v for k, v in meta.items() if v is not None})
+
+    def _read(self) -> bytes:
+        if self._store is not None:
+            return self._store.read_image(self.sha256, self.ext, entry_id=self.id)
+        with Folder.open(self.path.parent, create=False) as folder:
+            return _verified(folder.read(self.path.name), self.sha256, self.path, self.id)
 
     def thumbnail(self, side: int = 192) -> bytes:
         """A thumbnail whose longest side is at most ``side`` pixels (JPEG, or PNG with alpha).
 
         Made once with Pillow and cached under ``thumbs/``; later calls only read the file.
         """
-        return self._thumbnail_path(side).read_bytes()
-
-    def _thumbnail_path(self, side: int) -> Path:
-        if not isinstance(side, int) or side < 1:
+        if not isinstance(side, int) or isinstance(side, bool) or side < 1:
             raise ValueError(f"thumbnail side must be a positive int, not {side!r}")
-        thumbs = self.path.parents[2] / "thumbs"
-        for ext in ("jpg", "png"):
-            cached = thumbs / f"{self.sha256}_{side}.{ext}"
-            if cached.exists():
-                return cached
-        return _render_thumbnail(self.path, thumbs, self.sha256, side)
+        if self._store is not None:
+            return self._store.thumbnail(self.sha256, self.ext, side, entry_id=self.id)
+        return _render_thumbnail(self._read(), side)[0]
 
     @property
     def caption(self) -> str:
@@ -269,12 +261,13 @@ class HistoryEntry:
         parts.append(prompt if len(prompt) <= 80 else prompt[:79].rstrip() + "…")
         return " · ".join(parts)
 
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
         caption = self.caption
         try:
-            thumb = self._thumbnail_path(192)
-            media = "image/png" if thumb.suffix == ".png" else "image/jpeg"
-            src = f"data:{media};base64,{base64.b64encode(thumb.read_bytes()).decode('ascii')}"
+            thumb = self.thumbnail(192)
+            media = sniff_media_type(thumb) or "image/jpeg"
+            src = f"data:{media};base64,{base64.b64encode(thumb).decode('ascii')}"
             img = (f'<img src="{src}" alt="{html.escape(self.ref)}" '
                    f'style="max-width:192px;max-height:192px;display:block"/>')
         except Exception:  # a missing file or Pillow must not break display of the caption
@@ -284,17 +277,45 @@ class HistoryEntry:
             f'<figcaption style="font-size:0.85em;max-width:320px">{html.escape(caption)}</figcaption>'
             "</figure>"
         )
-        return {"text/html": figure, "text/plain": caption}
+        return {"text/html": figure, "text/plain": caption}, {"nbimagine": output_ids(self.id, self.sha256, self.ext)}
 
     def __repr__(self) -> str:
         return f"HistoryEntry({self.caption!r})"
 
 
-def _render_thumbnail(source: Path, thumbs: Path, sha: str, side: int) -> Path:
+def output_ids(history_id: int | None, sha256: str, ext: str) -> dict[str, Any]:
+    """What a display output carries under ``metadata["nbimagine"]`` for the image it shows.
+
+    ``{"sha256": ..., "history_id": 17, "file": ".nbimagine/images/ab/ab….png"}`` (the last two when
+    the image is in a history; ``file`` is relative to the folder holding ``.nbimagine``), so a saved
+    notebook can be linked back to the full-resolution files. An output showing several images
+    (a gallery) carries ``{"images": [<one of these per image>]}``.
+    """
+    ids: dict[str, Any] = {"sha256": sha256}
+    if history_id is not None:
+        ids["history_id"] = history_id
+        if _SHA.fullmatch(sha256 or "") and ext in _MEDIA_TYPES:
+            ids["file"] = f"{_DIRNAME}/images/{sha256[:2]}/{sha256}.{ext}"
+    return ids
+
+
+def _verified(data: bytes, sha: str, where: object, entry_id: int | None) -> bytes:
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise HistoryError(f"The image file of {_label(entry_id)} does not hold the recorded image", path=where,
+                           cause="its sha256 differs, so it was replaced or damaged; it is not shown",
+                           fix="Restore the file, or delete it and accept that the image is gone")
+    return data
+
+
+def _label(entry_id: int | None) -> str:
+    return f"#{entry_id}" if entry_id is not None else "this entry"
+
+
+def _render_thumbnail(data: bytes, side: int) -> tuple[bytes, str]:
     from PIL import ImageOps  # Pillow only when a thumbnail is really needed
 
     # Decoded under the memory budget (ImageDecodeError for truncated data, bombs, too many pixels).
-    im = open_reduced(source.read_bytes(), side)
+    im = open_reduced(data, side)
     im = ImageOps.exif_transpose(im)
     alpha = has_alpha(im)  # an all-opaque RGBA image still gets a JPEG
     im = im.convert("RGBA" if alpha else "RGB")
@@ -303,45 +324,12 @@ def _render_thumbnail(source: Path, thumbs: Path, sha: str, side: int) -> Path:
         im.save(buf, "PNG", optimize=True)
     else:
         im.save(buf, "JPEG", quality=85, optimize=True)
-    target = thumbs / f"{sha}_{side}.{'png' if alpha else 'jpg'}"
-    # A cache file, so no fsync; the rename still keeps readers from seeing a half-written file.
-    _atomic_write(target, buf.getvalue(), durable=False)
-    return target
+    return buf.getvalue(), "png" if alpha else "jpg"
 
 
 # --------------------------------------------------------------------------------------------
-# Helpers: files, JSON, secrets
+# Helpers: JSON, secrets, references, errors
 # --------------------------------------------------------------------------------------------
-
-
-def _atomic_write(target: Path, data: bytes, *, durable: bool = True) -> None:
-    """Write ``data`` under ``target`` so that the final name only ever holds complete bytes."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if durable and os.name == "posix":
-        # The rename itself must survive a power cut before the row that points at it is committed.
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
 
 _SECRET_KEY = re.compile(
     r"api[_-]?key|authorization|secret|passw(or)?d|credential|cookie|(^|[_-])token$|^token$|bearer",
@@ -373,7 +361,19 @@ def _scrub(value: Any) -> Any:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(_scrub(value or {}), ensure_ascii=False, separators=(",", ":"), allow_nan=True)
+    # ASCII escapes: a lone surrogate from a provider's text cannot break the UTF-8 of the index.
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":"), allow_nan=True)
+
+
+def _text(value: str | None) -> str | None:
+    """``value`` storable as UTF-8 (a lone surrogate becomes U+FFFD)."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return value
 
 
 def _slug(text: str, limit: int = 48) -> str:
@@ -396,78 +396,1116 @@ def _parse_ref(ref: ParentRef) -> int:
     raise TypeError(f"a history reference must be an id, '#id' or a HistoryEntry, not {ref!r}")
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _busy_timeout() -> float:
+    try:
+        return max(0.0, float(os.environ["NBIMAGINE_HISTORY_BUSY_TIMEOUT"]))
+    except (KeyError, ValueError):
+        return DEFAULT_TIMEOUT
+
+
+def _read_only_reason(folder: Path) -> str | None:
+    """Why nothing can be written in ``folder``, or None when it is writable."""
+    with contextlib.suppress(OSError, AttributeError):
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "the file system is mounted read-only"
+    if not os.access(folder, os.W_OK):
+        return "no permission to write in this folder"
+    return None
+
+
+def _error(exc: BaseException, what: str, path: object, *, timeout: float = DEFAULT_TIMEOUT,
+           folder: Path | None = None) -> HistoryError:
+    """``exc`` (sqlite3 or OS) as a ``HistoryError`` that names the file, the real cause and the fix."""
+    if isinstance(exc, HistoryError):
+        return exc
+    text = str(exc) or type(exc).__name__
+    low = text.lower()
+    if isinstance(exc, OSError) and exc.errno is not None:
+        cause = f"{os.strerror(exc.errno)} [{errno.errorcode.get(exc.errno, exc.errno)}]"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return HistoryError(what, path=path, cause=cause, fix="Free some disk space, then run the cell again; "
+                                "or generate with --no-history")
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return HistoryError(what, path=path, cause=cause, fix=FIX_ELSEWHERE)
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            return HistoryError(what, path=path, cause=f"{cause}: a symlink or a file stands where the history "
+                                "expects a folder or file, and is never followed",
+                                fix="Remove it, then run %imagine history --repair")
+        return HistoryError(what, path=path, cause=cause, fix=FIX_REPAIR)
+    if "not a database" in low or "malformed" in low or "corrupt" in low:
+        return HistoryError(what, path=path, cause=f"the index is damaged ({text})", fix=FIX_REPAIR)
+    if "locked" in low or "busy" in low:
+        return HistoryError(what, path=path, cause=f"another kernel or program has held the history's write lock "
+                            f"for more than {timeout:g} s ({text})",
+                            fix="Close or wait for the other program, or generate with --no-history")
+    if "full" in low:
+        return HistoryError(what, path=path, cause=f"the disk is full ({text})",
+                            fix="Free some disk space, then run the cell again; or generate with --no-history")
+    if "readonly" in low or "read-only" in low or "unable to open" in low:
+        reason = _read_only_reason(folder) if folder is not None else None
+        cause = f"{reason} ({text})" if reason else text
+        return HistoryError(what, path=path, cause=cause, fix=FIX_ELSEWHERE if reason else FIX_REPAIR)
+    if "no such table" in low or "no such column" in low:
+        return HistoryError(what, path=path, cause=f"the index does not have nbimagine's tables ({text})",
+                            fix=FIX_REPAIR)
+    return HistoryError(what, path=path, cause=f"{type(exc).__name__}: {text}", fix=FIX_REPAIR)
+
+
+def _check_sha_ext(sha: object, ext: object, entry_id: object) -> None:
+    if not (isinstance(sha, str) and _SHA.fullmatch(sha) and isinstance(ext, str) and ext in _MEDIA_TYPES):
+        raise HistoryError(f"History row #{entry_id} is malformed and was refused",
+                           cause=f"sha256={str(sha)[:80]!r}, ext={str(ext)[:20]!r} do not name an image file",
+                           fix=FIX_REPAIR)
+
+
+def _bucket(entry_id: int) -> str:
+    return f"{entry_id // _BUCKET:04d}"
+
+
 # --------------------------------------------------------------------------------------------
-# History
+# Records (one JSON file per image, the source of truth for a repair)
+# --------------------------------------------------------------------------------------------
+
+
+def _record(entry_id: int, *, notebook_uid: str, notebook: str, created_at: str, prompt: str,
+            revised_prompt: str | None, provider: str | None, model: str | None, params: str, parents: Sequence[int],
+            sha256: str, ext: str, width: int | None, height: int | None, size_bytes: int, metadata: str,
+            text: str | None, legacy_folder: str | None = None, legacy_id: int | None = None) -> bytes:
+    doc = {
+        "record": RECORD_VERSION, "id": entry_id, "notebook": {"uid": notebook_uid, "name": notebook},
+        "created_at": created_at, "prompt": prompt, "revised_prompt": revised_prompt, "provider": provider,
+        "model": model, "params": json.loads(params), "parents": list(parents), "sha256": sha256, "ext": ext,
+        "width": width, "height": height, "size_bytes": size_bytes, "metadata": json.loads(metadata),
+        "text": text,
+    }
+    if legacy_folder is not None:
+        doc["legacy"] = {"folder": legacy_folder, "id": legacy_id}
+    return _dumps(doc).encode("ascii")
+
+
+def _parse_record(data: bytes, entry_id: int) -> dict[str, Any] | None:
+    """A record as a dict of column values, or None when it is not a well-formed record of ``entry_id``."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or doc.get("id") != entry_id or not isinstance(doc.get("record"), int):
+        return None
+    notebook = doc.get("notebook")
+    legacy = doc.get("legacy") if isinstance(doc.get("legacy"), dict) else {}
+    out = {
+        "id": entry_id, "created_at": doc.get("created_at"), "prompt": doc.get("prompt"),
+        "revised_prompt": doc.get("revised_prompt"), "provider": doc.get("provider"), "model": doc.get("model"),
+        "params": doc.get("params", {}), "parents": doc.get("parents", []), "sha256": doc.get("sha256"),
+        "ext": doc.get("ext"), "width": doc.get("width"), "height": doc.get("height"),
+        "size_bytes": doc.get("size_bytes"), "metadata": doc.get("metadata", {}), "text": doc.get("text"),
+        "notebook_uid": notebook.get("uid") if isinstance(notebook, dict) else None,
+        "notebook": notebook.get("name") if isinstance(notebook, dict) else None,
+        "legacy_folder": legacy.get("folder"), "legacy_id": legacy.get("id"),
+    }
+    checks = (
+        isinstance(out["created_at"], str), isinstance(out["prompt"], str),
+        isinstance(out["sha256"], str) and bool(_SHA.fullmatch(out["sha256"])), out["ext"] in _MEDIA_TYPES,
+        isinstance(out["params"], dict), isinstance(out["metadata"], dict),
+        isinstance(out["parents"], list) and all(isinstance(p, int) and not isinstance(p, bool) and p > 0
+                                                  for p in out["parents"]),
+        isinstance(out["size_bytes"], int), isinstance(out["notebook"], str) and bool(out["notebook"]),
+        all(out[k] is None or isinstance(out[k], str) for k in ("revised_prompt", "provider", "model", "text",
+                                                                 "notebook_uid", "legacy_folder")),
+        all(out[k] is None or (isinstance(out[k], int) and not isinstance(out[k], bool))
+            for k in ("width", "height", "legacy_id")),
+    )
+    if not all(checks):
+        return None
+    try:
+        datetime.fromisoformat(out["created_at"])
+    except ValueError:
+        return None
+    return out
+
+
+@dataclass
+class RepairReport:
+    """What :meth:`History.repair` did."""
+
+    entries: int = 0
+    notebooks: int = 0
+    from_records: int = 0
+    from_old_index: int = 0
+    refused_records: list[str] = field(default_factory=list)
+    missing_images: list[int] = field(default_factory=list)
+    old_index: Path | None = None
+    index: Path | None = None
+
+    def __str__(self) -> str:
+        text = (f"Rebuilt {self.index}: {self.entries} image(s) in {self.notebooks} notebook(s), "
+                f"{self.from_records} from their records")
+        if self.from_old_index:
+            text += f", {self.from_old_index} from the old index (they had no record; one was written)"
+        text += "."
+        if self.old_index:
+            text += f" The old index was kept as {self.old_index}."
+        if self.refused_records:
+            text += (f" {len(self.refused_records)} record file(s) were not well-formed and were left out: "
+                     f"{', '.join(self.refused_records[:5])}{'…' if len(self.refused_records) > 5 else ''}.")
+        if self.missing_images:
+            ids = ", ".join(f"#{i}" for i in self.missing_images[:10])
+            text += (f" {len(self.missing_images)} image file(s) are missing ({ids}"
+                     f"{'…' if len(self.missing_images) > 10 else ''}): their prompts and lineage are kept.")
+        return text
+
+
+# --------------------------------------------------------------------------------------------
+# The store: one per folder, shared by the views of its notebooks
+# --------------------------------------------------------------------------------------------
+
+
+class _Store:
+    """The index, files and records under ``<root>/.nbimagine``. Thread-safe; one SQLite connection."""
+
+    def __init__(self, root: Path, *, timeout: float | None = None, connect: bool = True) -> None:
+        self.root = root
+        self.timeout = _busy_timeout() if timeout is None else timeout
+        self.read_only = False
+        self.closed = False
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._deferred_sync = False
+        self._written: list[int] = []  # records written by the open transaction (removed if it rolls back)
+        self._conn: sqlite3.Connection | None = None
+        self._index_key: tuple[int, int] | None = None
+        target = root / _DIRNAME
+        try:
+            self.dir = Folder.open(target, create=not target.is_dir())
+        except OSError as exc:
+            raise _error(exc, "Cannot open the image history folder", target, folder=root) from exc
+        self.path = self.dir.path
+        self.index = self.path / _INDEX
+        if connect:
+            try:
+                self._connect()
+            except BaseException:
+                self.dir.close()
+                raise
+
+    # -- connection ------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        d = self.dir
+        st = d.lstat(_INDEX)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            # nbimagine <= 0.1 kept a notebook called "index.sqlite" in a folder of that name.
+            with contextlib.suppress(FileNotFoundError, FileExistsError):
+                d.rename(_INDEX, _LEGACY_PREFIX + _INDEX)
+            st = d.lstat(_INDEX)
+        for name in _INDEX_FILES:
+            found = d.lstat(name)
+            if found is not None and not stat.S_ISREG(found.st_mode):
+                kind = "a symlink" if stat.S_ISLNK(found.st_mode) else "not a regular file"
+                raise HistoryError("Refusing to open the history index", path=self.path / name,
+                                   cause=f"it is {kind}, and the history never follows links",
+                                   fix="Remove it, then run %imagine history --repair")
+        if (st is None or st.st_size == 0) and self._has_content():
+            state = "missing" if st is None else "empty (0 bytes)"
+            raise HistoryError(f"The history index is {state} but image records exist", path=self.index,
+                               cause="opening it as a new history would reuse ids and hide the images",
+                               fix="Run %imagine history --repair (nbimagine.repair_history()) to rebuild it "
+                                   "from the records")
+        conn = None
+        try:
+            conn = self._open_connection()
+            self._check_schema(conn)
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            raise _error(exc, "Cannot open the history index", self.index, timeout=self.timeout,
+                         folder=self.path) from exc
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        self._conn = conn
+        found = d.lstat(_INDEX)
+        self._index_key = (found.st_dev, found.st_ino) if found is not None else None
+        if not self.read_only:
+            legacy = self._legacy_folders()
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version < SCHEMA_VERSION or legacy:
+                self._migrate(legacy)
+
+    def _open_connection(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a writer takes the write lock
+        # up front and waits in busy_timeout instead of failing with SQLITE_BUSY on lock upgrade.
+        conn = sqlite3.connect(self.index, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+            conn.execute("PRAGMA user_version").fetchone()  # the first read: a damaged file fails here
+            _enable_wal(conn, self.timeout)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            return conn
+        except sqlite3.Error as exc:
+            conn.close()
+            if _read_only_reason(self.path) is None or not self.index.exists():
+                raise
+            first = exc
+        # A read-only folder or file system: the history can still be looked at.
+        for uri in (f"file:{self.index}?mode=ro", f"file:{self.index}?immutable=1"):
+            conn = sqlite3.connect(uri, uri=True, timeout=self.timeout, isolation_level=None,
+                                   check_same_thread=False)
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            except sqlite3.Error:
+                conn.close()
+                continue
+            self.read_only = True
+            return conn
+        raise first
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        app = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables.discard("sqlite_sequence")
+        if app != APPLICATION_ID:
+            if tables or version:
+                raise HistoryError("This is not an nbimagine history index", path=self.index,
+                                   cause=f"another program's SQLite file (application_id {app:#x}, "
+                                         f"tables: {', '.join(sorted(tables)[:6]) or 'none'})",
+                                   fix="Move it away, or run %imagine history --repair, which keeps it "
+                                       "in .nbimagine/.broken/ and rebuilds the index from the records")
+            return  # an empty file: created by the migration below
+        if version > SCHEMA_VERSION:
+            raise HistoryError("The history index was written by a newer nbimagine", path=self.index,
+                               cause=f"schema version {version}; this version understands up to {SCHEMA_VERSION}",
+                               fix="Upgrade nbimagine (pip install -U nbimagine), or use another folder")
+        if version == SCHEMA_VERSION:
+            for table, needed in _REQUIRED_COLUMNS.items():
+                have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                if not needed <= have:
+                    missing = ", ".join(sorted(needed - have))
+                    raise HistoryError("The history index is damaged", path=self.index,
+                                       cause=f"table {table!r} lacks {missing}", fix=FIX_REPAIR)
+
+    def _has_content(self) -> bool:
+        """Whether records or image files exist (so an empty index would be a lost one)."""
+        for top, pattern in (("records", _RECORD_NAME), ("images", _IMAGE_NAME)):
+            try:
+                folder = self.dir.child(top)
+            except OSError:
+                continue
+            with folder:
+                for bucket in folder.names():
+                    try:
+                        with folder.child(bucket) as sub:
+                            if any(pattern.fullmatch(n) for n in sub.names()):
+                                return True
+                    except (OSError, ValueError):
+                        continue
+        return False
+
+    def refresh(self) -> None:
+        """Reconnect when the index file was replaced (a repair in another kernel) or removed."""
+        with self._lock:
+            if self.closed:
+                return
+            st = self.dir.lstat(_INDEX)
+            if st is not None and (st.st_dev, st.st_ino) == self._index_key:
+                return
+            if self._depth:
+                return  # never under a running transaction; the next one checks again
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self._connect()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self.dir.close()
+            self.closed = True
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise HistoryError("The history is closed", path=self.index,
+                               fix="Open it again with nbimagine.history()")
+        return self._conn
+
+    # -- transactions and queries --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self, what: str = "Cannot write to the image history") -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self.conn
+                finally:
+                    self._depth -= 1
+                return
+            if self.read_only:
+                raise HistoryError(what, path=self.index, cause=_read_only_reason(self.path) or "opened read-only",
+                                   fix=FIX_ELSEWHERE)
+            self.refresh()
+            conn = self.conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                st = self.dir.lstat(_INDEX)
+                if st is None or (st.st_dev, st.st_ino) != self._index_key:
+                    # Replaced by a repair while we waited for the lock: write to the new index.
+                    conn.execute("ROLLBACK")
+                    self.refresh()
+                    conn = self.conn
+                    conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise _error(exc, what, self.index, timeout=self.timeout, folder=self.path) from exc
+            self._depth = 1
+            try:
+                yield conn
+                if self._deferred_sync:
+                    _sync_all()
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                # Rolled back on purpose (or by an error we report): its records must not be adopted
+                # later as if a crash had interrupted them. A crash leaves them, and they are.
+                for entry_id in self._written:
+                    with contextlib.suppress(OSError), self.dir.descend("records", _bucket(entry_id)) as folder:
+                        folder.unlink_file(f"{entry_id}.json")
+                if isinstance(exc, (sqlite3.Error, OSError)):
+                    raise _error(exc, what, self.index, timeout=self.timeout, folder=self.path) from exc
+                raise
+            finally:
+                self._depth = 0
+                self._deferred_sync = False
+                self._written = []
+
+    def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self.conn.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise _error(exc, "Cannot read the image history", self.index, timeout=self.timeout,
+                             folder=self.path) from exc
+
+    @property
+    def durable(self) -> bool:
+        """fsync each file now, unless a batch syncs everything once before it commits."""
+        return not (self._depth and self._deferred_sync)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        with self._lock, self.transaction():
+            self._deferred_sync = True
+            yield
+
+    # -- notebooks -----------------------------------------------------------------------------
+
+    def notebook_row(self, conn: sqlite3.Connection, name: str, *, create: bool) -> tuple[int, str] | None:
+        row = conn.execute("SELECT id, uid FROM notebooks WHERE name = ?", (name,)).fetchone()
+        if row is not None or not create:
+            return row
+        uid = secrets.token_hex(8)
+        created = _now()
+        cur = conn.execute("INSERT INTO notebooks (uid, name, created_at) VALUES (?, ?, ?)", (uid, name, created))
+        self._write_notebook_record(uid, name, created)
+        return cur.lastrowid, uid  # type: ignore[return-value]
+
+    def _write_notebook_record(self, uid: str, name: str, created_at: str, merged_into: str | None = None) -> None:
+        doc = {"notebook": RECORD_VERSION, "uid": uid, "name": name, "created_at": created_at,
+               "merged_into": merged_into}
+        with self.dir.descend("notebooks", create=True) as folder:
+            folder.write(f"{uid}.json", _dumps(doc).encode("ascii"), overwrite=True, durable=self.durable)
+
+    def follow(self, kernel_id: str, name: str) -> str | None:
+        """Record that ``kernel_id`` now runs notebook ``name``; if it ran another notebook before (a
+        rename: the kernel id survives it, and kernel restarts), that notebook's images become
+        ``name``'s. Returns the old name when images moved."""
+        with self.transaction("Cannot record the notebook's name in the image history") as conn:
+            row = conn.execute("SELECT n.id, n.uid, n.name, n.created_at FROM kernels k JOIN notebooks n "
+                               "ON n.id = k.notebook_id WHERE k.kernel_id = ?", (kernel_id,)).fetchone()
+            target = conn.execute("SELECT id FROM notebooks WHERE name = ?", (name,)).fetchone()
+            moved = None
+            if row is not None and row[2] != name:
+                old_id, old_uid, old_name, created = row
+                if target is None:
+                    conn.execute("UPDATE notebooks SET name = ? WHERE id = ?", (name, old_id))
+                    self._write_notebook_record(old_uid, name, created)
+                    target = (old_id,)
+                else:  # renamed onto a name that has images already: one notebook now
+                    uid = conn.execute("SELECT uid FROM notebooks WHERE id = ?", target).fetchone()[0]
+                    conn.execute("UPDATE entries SET notebook_id = ? WHERE notebook_id = ?", (target[0], old_id))
+                    conn.execute("UPDATE kernels SET notebook_id = ? WHERE notebook_id = ?", (target[0], old_id))
+                    conn.execute("DELETE FROM notebooks WHERE id = ?", (old_id,))
+                    self._write_notebook_record(old_uid, old_name, created, merged_into=uid)
+                moved = old_name
+            if target is None:
+                target = (self.notebook_row(conn, name, create=True)[0],)  # type: ignore[index]
+            conn.execute("INSERT INTO kernels (kernel_id, notebook_id, seen_at) VALUES (?, ?, ?) "
+                         "ON CONFLICT(kernel_id) DO UPDATE SET notebook_id = excluded.notebook_id, "
+                         "seen_at = excluded.seen_at", (kernel_id, target[0], _now()))
+        return moved
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def image_path(self, sha: str, ext: str) -> Path:
+        return self.path / "images" / sha[:2] / f"{sha}.{ext}"
+
+    def read_image(self, sha: str, ext: str, *, entry_id: int | None = None) -> bytes:
+        _check_sha_ext(sha, ext, entry_id)
+        path = self.image_path(sha, ext)
+        try:
+            with self.dir.descend("images", sha[:2]) as folder:
+                data = folder.read(f"{sha}.{ext}")
+        except FileNotFoundError as exc:
+            raise HistoryError(f"The image file of {_label(entry_id)} is missing", path=path,
+                               cause="it was moved or deleted outside nbimagine",
+                               fix="Restore the file; the entry's prompt and lineage are still in the history"
+                               ) from exc
+        except OSError as exc:
+            raise _error(exc, f"Refusing to read the image file of {_label(entry_id)}", path) from exc
+        return _verified(data, sha, path, entry_id)
+
+    def write_image(self, sha: str, ext: str, data: bytes) -> None:
+        name = f"{sha}.{ext}"
+        with self.dir.descend("images", sha[:2], create=True) as folder:
+            st = folder.lstat(name)
+            if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == len(data):
+                with contextlib.suppress(OSError):
+                    if hashlib.sha256(folder.read(name)).hexdigest() == sha:
+                        return  # same bytes already stored (names are content hashes)
+            # A damaged file, or a link planted under this name: replaced by a rename, never written through.
+            folder.write(name, data, overwrite=True, durable=self.durable)
+
+    def thumbnail(self, sha: str, ext: str, side: int, *, entry_id: int | None = None) -> bytes:
+        _check_sha_ext(sha, ext, entry_id)
+        try:
+            thumbs = self.dir.child("thumbs", create=not self.read_only)
+        except OSError:  # not a real folder (a planted link): make it, but do not cache it
+            thumbs = None
+        try:
+            if thumbs is not None:
+                for kind in ("jpg", "png"):
+                    with contextlib.suppress(OSError):
+                        return thumbs.read(f"{sha}_{side}.{kind}")
+            data, kind = _render_thumbnail(self.read_image(sha, ext, entry_id=entry_id), side)
+            if thumbs is not None and not self.read_only:
+                # A cache file: no fsync; the rename still keeps readers from seeing half a file.
+                with contextlib.suppress(OSError):
+                    thumbs.write(f"{sha}_{side}.{kind}", data, overwrite=True, durable=False)
+            return data
+        finally:
+            if thumbs is not None:
+                thumbs.close()
+
+    def write_record(self, entry_id: int, data: bytes) -> None:
+        with self.dir.descend("records", _bucket(entry_id), create=True) as folder:
+            folder.write(f"{entry_id}.json", data, overwrite=True, durable=self.durable)
+        if self._depth:
+            self._written.append(entry_id)
+
+    def read_record(self, entry_id: int) -> bytes | None:
+        try:
+            with self.dir.descend("records", _bucket(entry_id)) as folder:
+                return folder.read(f"{entry_id}.json", limit=64 << 20)
+        except FileNotFoundError:
+            return None
+
+    def record_ids(self) -> set[int]:
+        ids: set[int] = set()
+        try:
+            records = self.dir.child("records")
+        except FileNotFoundError:
+            return ids
+        with records:
+            for bucket in records.names():
+                try:
+                    with records.child(bucket) as folder:
+                        ids.update(int(m.group(1)) for m in map(_RECORD_NAME.fullmatch, folder.names()) if m)
+                except (OSError, ValueError):
+                    continue
+        return ids
+
+    # -- writing entries -------------------------------------------------------------------------
+
+    def next_id(self, conn: sqlite3.Connection) -> int:
+        """The id the next entry gets, after adopting records left by an add that was interrupted
+        between writing its record and committing its row (they hold a complete, paid-for image)."""
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'entries'").fetchone()
+        candidate = (row[0] if row else 0) + 1
+        while True:
+            data = self.read_record(candidate)
+            if data is None:
+                return candidate
+            record = _parse_record(data, candidate)
+            if record is not None and not conn.execute("SELECT 1 FROM entries WHERE id = ?", (candidate,)).fetchone():
+                self.insert_record(conn, record)
+            else:  # not a record we can use: keep it for inspection, never reuse its id
+                with contextlib.suppress(OSError), self.dir.descend("records", _bucket(candidate)) as folder:
+                    folder.rename(f"{candidate}.json", f"{candidate}.json.refused-{secrets.token_hex(3)}")
+                _set_seq(conn, candidate)
+            candidate += 1
+
+    def insert_record(self, conn: sqlite3.Connection, record: Mapping[str, Any], *,
+                      notebook_ids: dict[str, int] | None = None, edges: bool = True) -> None:
+        """Insert a parsed record as a row (its notebook created by name when needed)."""
+        name = record["notebook"]
+        nb_id = notebook_ids.get(name) if notebook_ids is not None else None
+        if nb_id is None:
+            uid_row = conn.execute("SELECT id FROM notebooks WHERE uid = ?", (record.get("notebook_uid"),)).fetchone()
+            nb_id = uid_row[0] if uid_row else self.notebook_row(conn, name, create=True)[0]  # type: ignore[index]
+        revised = record.get("revised_prompt")
+        conn.execute(
+            "INSERT INTO entries (id, notebook_id, created_at, prompt, revised_prompt, provider, model, params, "
+            "parents, sha256, ext, width, height, size_bytes, metadata, text, search, legacy_folder, legacy_id) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (record["id"], nb_id, record["created_at"], record["prompt"], revised, record.get("provider"),
+             record.get("model"), _dumps(record["params"]), _dumps(record["parents"]), record["sha256"],
+             record["ext"], record.get("width"), record.get("height"), record["size_bytes"],
+             _dumps(record["metadata"]), record.get("text"), _search(record["prompt"], revised),
+             record.get("legacy_folder"), record.get("legacy_id")),
+        )
+        if edges and record["parents"]:
+            known = _existing(conn, record["parents"])
+            conn.executemany("INSERT OR IGNORE INTO edges (child, parent) VALUES (?, ?)",
+                             [(record["id"], p) for p in record["parents"] if p in known])
+
+    # -- legacy (nbimagine <= 0.1: one folder per notebook) ----------------------------------------
+
+    def _legacy_folders(self) -> list[str]:
+        found = []
+        try:
+            names = self.dir.names()
+        except OSError:
+            return []
+        for name in names:
+            if name.startswith(".") and not name.startswith(_LEGACY_PREFIX):
+                continue
+            st = self.dir.lstat(name)
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                continue  # a symlinked folder is never followed
+            try:
+                with self.dir.child(name) as folder:
+                    inner = folder.lstat(_INDEX)
+            except OSError:
+                continue
+            if inner is not None and stat.S_ISREG(inner.st_mode):
+                found.append(name)
+        return sorted(found)
+
+    def _migrate(self, legacy: list[str]) -> None:
+        """Bring the schema to ``SCHEMA_VERSION`` and import per-notebook folders, in one transaction."""
+        imported: list[str] = []
+        notes: list[str] = []
+        with self.transaction("Cannot prepare the image history") as conn:
+            self._deferred_sync = True
+            version = conn.execute("PRAGMA user_version").fetchone()[0]  # again, under the write lock
+            for step in sorted(_MIGRATIONS):
+                if step > version:
+                    _MIGRATIONS[step](conn)
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if legacy:
+                imported, notes = self._import_legacy(conn, legacy)
+        for name in imported:
+            with contextlib.suppress(OSError):
+                self._retire_legacy(name)
+        if notes:
+            warnings.warn("nbimagine moved the per-notebook histories into one history for the folder "
+                          f"({self.path}): " + "; ".join(notes), RuntimeWarning, stacklevel=2)
+
+    def _read_legacy(self, folder_name: str) -> list[dict[str, Any]]:
+        with self.dir.child(folder_name) as folder:
+            index = folder.path / _INDEX
+            conn = sqlite3.connect(index, timeout=self.timeout, isolation_level=None)
+            try:
+                conn.row_factory = sqlite3.Row
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version != 1:
+                    raise sqlite3.DatabaseError(f"schema version {version}, expected 1")
+                return [dict(r) for r in conn.execute("SELECT * FROM entries ORDER BY id")]
+            finally:
+                conn.close()
+
+    def _import_legacy(self, conn: sqlite3.Connection, folders: list[str]) -> tuple[list[str], list[str]]:
+        """Import old per-notebook folders; ids are kept where they can be, else recorded as aliases.
+
+        When the store is new, the folder with the most images keeps its ids (its captions stay
+        exact); every other image gets a new id above all old ids, and keeps its old one as
+        ``legacy_id``, which :meth:`History.resolve` still finds from that notebook. Already imported
+        rows (same folder and old id) are skipped, so an interrupted migration can simply run again.
+        """
+        rows: dict[str, list[dict[str, Any]]] = {}
+        notes: list[str] = []
+        for folder in folders:
+            try:
+                rows[folder] = self._read_legacy(folder)
+            except (sqlite3.Error, OSError) as exc:
+                notes.append(f"{folder!r} could not be read and was left as it is ({exc})")
+        done = {(f, i) for f, i in conn.execute(
+            "SELECT legacy_folder, legacy_id FROM entries WHERE legacy_folder IS NOT NULL")}
+        seq_row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'entries'").fetchone()
+        seq = seq_row[0] if seq_row else 0
+        todo = {f: [r for r in rs if (f, r["id"]) not in done] for f, rs in rows.items()}
+        keep = None
+        if seq == 0 and any(todo.values()):
+            keep = max(todo, key=lambda f: (len(todo[f]), [-ord(c) for c in f]))
+        top = max([seq, *(r["id"] for rs in todo.values() for r in rs)], default=0)
+        new_ids: dict[tuple[str, int], int] = {(f, i): e for f, i, e in conn.execute(
+            "SELECT legacy_folder, legacy_id, id FROM entries WHERE legacy_folder IS NOT NULL")}
+        order = [(f, r) for f in sorted(todo) if f == keep for r in todo[f]]
+        order += sorted(((f, r) for f in todo if f != keep for r in todo[f]),
+                        key=lambda fr: (str(fr[1].get("created_at")), fr[0], fr[1]["id"]))
+        for folder, row in order:
+            if folder == keep:
+                new_ids[(folder, row["id"])] = row["id"]
+            else:
+                top += 1
+                new_ids[(folder, row["id"])] = top
+        renumbered: dict[str, int] = {}
+        skipped = 0
+        inserted: list[tuple[int, list[int]]] = []
+        for folder, row in sorted(order, key=lambda fr: new_ids[(fr[0], fr[1]["id"])]):
+            new_id = new_ids[(folder, row["id"])]
+            name = folder[len(_LEGACY_PREFIX):] if folder.startswith(_LEGACY_PREFIX) else folder
+            sha, ext = row.get("sha256"), row.get("ext")
+            if not (isinstance(sha, str) and _SHA.fullmatch(sha) and ext in _MEDIA_TYPES):
+                skipped += 1
+                continue
+            with contextlib.suppress(OSError), self.dir.descend(folder, "images", sha[:2]) as source, \
+                    self.dir.descend("images", sha[:2], create=True) as target:
+                target.link_from(source, f"{sha}.{ext}")
+            try:
+                parents = [int(p) for p in json.loads(row.get("parents") or "[]")]
+                mapped = [new_ids[(folder, p)] for p in parents if (folder, p) in new_ids]
+                record = {
+                    "id": new_id, "notebook": name, "notebook_uid": None, "created_at": str(row["created_at"]),
+                    "prompt": str(row["prompt"]), "revised_prompt": row.get("revised_prompt"),
+                    "provider": row.get("provider"), "model": row.get("model"),
+                    "params": json.loads(row.get("params") or "{}"), "parents": mapped, "sha256": sha, "ext": ext,
+                    "width": row.get("width"), "height": row.get("height"), "size_bytes": int(row["size_bytes"]),
+                    "metadata": json.loads(row.get("metadata") or "{}"), "text": row.get("text"),
+                    "legacy_folder": folder, "legacy_id": row["id"],
+                }
+            except (ValueError, TypeError, KeyError):
+                skipped += 1
+                continue
+            self.insert_record(conn, record, edges=False)
+            nb_uid = conn.execute("SELECT n.uid FROM notebooks n JOIN entries e ON e.notebook_id = n.id "
+                                  "WHERE e.id = ?", (new_id,)).fetchone()[0]
+            self.write_record(new_id, _record_from(record, nb_uid))
+            inserted.append((new_id, mapped))
+            if new_id != row["id"]:
+                renumbered[name] = renumbered.get(name, 0) + 1
+        conn.executemany("INSERT OR IGNORE INTO edges (child, parent) VALUES (?, ?)",
+                         [(child, p) for child, parents in inserted for p in parents])
+        if inserted:
+            notes.append(f"{len(inserted)} image(s) from {len(todo)} notebook(s) imported")
+        for name, count in sorted(renumbered.items()):
+            notes.append(f"the {count} image(s) of {name!r} have new ids; their old ids still work there "
+                         "(%imagine show #OLD)")
+        if skipped:
+            notes.append(f"{skipped} malformed row(s) were not imported")
+        return list(rows), notes
+
+    def _retire_legacy(self, folder_name: str) -> None:
+        """Move an imported per-notebook folder (its old index and files) into ``.v1/``."""
+        with self.dir.child(".v1", create=True) as v1:
+            target = folder_name[len(_LEGACY_PREFIX):] if folder_name.startswith(_LEGACY_PREFIX) else folder_name
+            base, n = target, 1
+            while v1.lstat(target) is not None:
+                n += 1
+                target = f"{base}-{n}"
+            if folder_name not in _RESERVED:
+                self.dir.rename(folder_name, target, into=v1)
+                return
+            # A notebook named like one of the store's own folders ("images"): move only its old members.
+            with v1.child(target, create=True) as dest, self.dir.child(folder_name) as source:
+                for member in _LEGACY_MEMBERS:
+                    if source.lstat(member) is not None:
+                        source.rename(member, member, into=dest)
+
+    # -- maintenance -------------------------------------------------------------------------------
+
+    def cleanup(self) -> dict[str, int]:
+        removed = {"temp_files": 0, "orphan_images": 0, "orphan_thumbnails": 0}
+        with self.transaction("Cannot clean up the image history") as conn:  # other kernels wait meanwhile
+            rows = conn.execute("SELECT id, sha256, ext FROM entries").fetchall()
+            row_ids = {r[0] for r in rows}
+            record_ids = self.record_ids()
+            if record_ids != row_ids:
+                only_records, only_rows = len(record_ids - row_ids), len(row_ids - record_ids)
+                raise HistoryError("cleanup() refused: the index and the image records disagree", path=self.index,
+                                   cause=f"{only_records} record(s) without a row, {only_rows} row(s) without a "
+                                         "record; deleting now could delete images that are still recorded",
+                                   fix="Run %imagine history --repair first")
+            if not rows and self._has_content():
+                raise HistoryError("cleanup() refused: the index lists no image but image files exist",
+                                   path=self.index, cause="the index may have been lost or replaced",
+                                   fix="Run %imagine history --repair first")
+            known = {f"{sha}.{ext}" for _, sha, ext in rows}
+            known_sha = {sha for _, sha, _ in rows}
+            removed["temp_files"] += self._sweep(self.dir, None)[0]
+            for top, orphan, key, nested in (
+                ("images", lambda n: bool(_IMAGE_NAME.fullmatch(n)) and n not in known, "orphan_images", True),
+                ("thumbs", lambda n: bool(m := _THUMB_NAME.fullmatch(n)) and m.group(1) not in known_sha,
+                 "orphan_thumbnails", False),
+                ("records", None, None, True),
+                ("notebooks", None, None, False),
+            ):
+                try:
+                    folder = self.dir.child(top)
+                except OSError:  # absent, or a planted link: nothing of ours to delete there
+                    continue
+                with folder:
+                    subs = []
+                    if nested:
+                        for name in folder.names():
+                            with contextlib.suppress(OSError, ValueError):
+                                subs.append(folder.child(name))
+                    try:
+                        for sub in [folder, *subs]:
+                            temps, orphans = self._sweep(sub, orphan if sub is not folder or not nested else None)
+                            removed["temp_files"] += temps
+                            if key:
+                                removed[key] += orphans
+                    finally:
+                        for sub in subs:
+                            sub.close()
+        return removed
+
+    @staticmethod
+    def _sweep(folder: Folder, orphan: Callable[[str], bool] | None) -> tuple[int, int]:
+        """Delete our temp files and the orphans in ``folder`` (regular files only): (temps, orphans)."""
+        temps = orphans = 0
+        for name in folder.names():
+            if _TEMP_NAME.fullmatch(name):
+                temps += folder.unlink_file(name)
+            elif orphan is not None and orphan(name):
+                orphans += folder.unlink_file(name)
+        return temps, orphans
+
+    def repair(self) -> RepairReport:
+        """Rebuild the index from the records (and from the old index where it is readable)."""
+        with self._lock, self._repair_lock():
+            report = RepairReport(index=self.index)
+            if self._conn is not None and not self.read_only:
+                # Other kernels wait while the index is rebuilt; they switch to the new one afterwards.
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("BEGIN IMMEDIATE")
+            old_rows, old_seq = self._salvage()
+            records: dict[int, dict[str, Any]] = {}
+            try:
+                root_records = self.dir.child("records")
+            except FileNotFoundError:
+                root_records = None
+            except OSError as exc:
+                raise _error(exc, "Cannot read the image records", self.path / "records") from exc
+            if root_records is not None:
+                with root_records:
+                    for bucket in sorted(root_records.names()):
+                        try:
+                            folder = root_records.child(bucket)
+                        except (OSError, ValueError):
+                            continue
+                        with folder:
+                            for name in folder.names():
+                                m = _RECORD_NAME.fullmatch(name)
+                                if not m:
+                                    continue
+                                entry_id = int(m.group(1))
+                                try:
+                                    parsed = _parse_record(folder.read(name, limit=64 << 20), entry_id)
+                                except OSError:
+                                    parsed = None
+                                if parsed is None or _bucket(entry_id) != bucket:
+                                    report.refused_records.append(f"records/{bucket}/{name}")
+                                    continue
+                                records[entry_id] = parsed
+            names = self._notebook_names()
+            for record in records.values():
+                record["notebook"] = names.get(record.get("notebook_uid") or "", record["notebook"])
+            report.from_records = len(records)
+            for entry_id, row in old_rows.items():
+                if entry_id not in records:
+                    records[entry_id] = row
+                    report.from_old_index += 1
+            report.old_index = self._rebuild(records, max([old_seq, *records], default=0), report)
+        return report
+
+    @contextlib.contextmanager
+    def _repair_lock(self) -> Iterator[None]:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; the SQLite write lock below still applies
+            yield
+            return
+        try:
+            fd = self.dir.open_fd(".repair.lock", os.O_RDWR | os.O_CREAT)
+        except OSError as exc:
+            raise _error(exc, "Cannot repair the image history", self.path / ".repair.lock") from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise HistoryError("Another repair of this history is running", path=self.index,
+                                   fix="Wait for it to finish") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def _salvage(self) -> tuple[dict[int, dict[str, Any]], int]:
+        """Rows of the current index that can still be read (those without a record are kept)."""
+        rows: dict[int, dict[str, Any]] = {}
+        seq = 0
+        try:
+            conn = self._conn or sqlite3.connect(f"file:{self.index}?mode=ro", uri=True, timeout=1)
+        except sqlite3.Error:
+            return rows, seq
+        try:
+            with contextlib.suppress(sqlite3.Error):
+                found = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'entries'").fetchone()
+                seq = found[0] if found else 0
+            with contextlib.suppress(sqlite3.Error):
+                for r in conn.execute(
+                        "SELECT e.id, n.uid, n.name, e.created_at, e.prompt, e.revised_prompt, e.provider, e.model, "
+                        "e.params, e.parents, e.sha256, e.ext, e.width, e.height, e.size_bytes, e.metadata, e.text, "
+                        "e.legacy_folder, e.legacy_id FROM entries e JOIN notebooks n ON n.id = e.notebook_id"):
+                    (entry_id, uid, name, created, prompt, revised, provider, model, params, parents, sha, ext,
+                     width, height, size, metadata, text, legacy_folder, legacy_id) = r
+                    try:
+                        record = {"id": entry_id, "notebook_uid": uid, "notebook": name, "created_at": created,
+                                  "prompt": prompt, "revised_prompt": revised, "provider": provider, "model": model,
+                                  "params": json.loads(params), "parents": json.loads(parents), "sha256": sha,
+                                  "ext": ext, "width": width, "height": height, "size_bytes": size,
+                                  "metadata": json.loads(metadata), "text": text, "legacy_folder": legacy_folder,
+                                  "legacy_id": legacy_id}
+                    except (TypeError, ValueError):
+                        continue
+                    if _parse_record(_dumps({"record": 1, **record, "notebook": {"uid": uid, "name": name}}).encode(),
+                                     entry_id) is not None:
+                        rows[entry_id] = record
+        finally:
+            if conn is not self._conn:
+                conn.close()
+        return rows, seq
+
+    def _notebook_names(self) -> dict[str, str]:
+        """uid -> current name, from the notebook records (following merges)."""
+        docs: dict[str, dict[str, Any]] = {}
+        try:
+            folder = self.dir.child("notebooks")
+        except OSError:
+            return {}
+        with folder:
+            for name in folder.names():
+                m = re.fullmatch(r"([0-9a-f]{16})\.json", name)
+                if not m:
+                    continue
+                with contextlib.suppress(OSError, ValueError):
+                    doc = json.loads(folder.read(name, limit=1 << 20))
+                    if isinstance(doc, dict) and doc.get("uid") == m.group(1) and isinstance(doc.get("name"), str):
+                        docs[m.group(1)] = doc
+        names = {}
+        for uid in docs:
+            seen, current = set(), uid
+            while isinstance(docs[current].get("merged_into"), str) and docs[current]["merged_into"] in docs \
+                    and current not in seen:
+                seen.add(current)
+                current = docs[current]["merged_into"]
+            names[uid] = docs[current]["name"]
+        return names
+
+    def _rebuild(self, records: dict[int, dict[str, Any]], seq: int, report: RepairReport) -> Path | None:
+        tmp = f"{_INDEX}.rebuild-{secrets.token_hex(4)}"
+        tmp_path = self.path / tmp
+        conn = sqlite3.connect(tmp_path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=MEMORY")
+            conn.execute("PRAGMA synchronous=OFF")
+            conn.execute("BEGIN")
+            for step in sorted(_MIGRATIONS):
+                _MIGRATIONS[step](conn)
+            uids: dict[str, str] = {}
+            for record in records.values():
+                uids.setdefault(record["notebook"], record.get("notebook_uid") or secrets.token_hex(8))
+            notebook_ids = {}
+            for name, uid in sorted(uids.items()):
+                cur = conn.execute("INSERT INTO notebooks (uid, name, created_at) VALUES (?, ?, ?)",
+                                   (uid, name, _now()))
+                notebook_ids[name] = cur.lastrowid
+            for entry_id in sorted(records):
+                self.insert_record(conn, records[entry_id], notebook_ids=notebook_ids, edges=False)
+            conn.executemany("INSERT OR IGNORE INTO edges (child, parent) VALUES (?, ?)",
+                             [(i, p) for i, r in records.items() for p in r["parents"] if p in records])
+            if seq:
+                _set_seq(conn, seq)
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA journal_mode=DELETE")
+        except BaseException:
+            conn.close()
+            with contextlib.suppress(OSError):
+                self.dir.unlink_file(tmp)
+            raise
+        conn.close()
+        # Records for rows that only the old index had, and notebook records for every notebook.
+        with self.transaction_free():
+            for entry_id, record in records.items():
+                if self.read_record(entry_id) is None:
+                    self.write_record(entry_id, _record_from(record, uids[record["notebook"]]))
+            existing = self._notebook_names()
+            for name, uid in uids.items():
+                if existing.get(uid) != name:
+                    self._write_notebook_record(uid, name, _now())
+            _sync_all()
+        for entry_id, record in records.items():
+            st = None
+            with contextlib.suppress(OSError), self.dir.descend("images", record["sha256"][:2]) as folder:
+                st = folder.lstat(f"{record['sha256']}.{record['ext']}")
+            if st is None or not stat.S_ISREG(st.st_mode):
+                report.missing_images.append(entry_id)
+        report.missing_images.sort()
+        report.entries, report.notebooks = len(records), len(uids)
+        # Swap: the old index (and its WAL, which must never be replayed onto the new file) goes to .broken/.
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        kept = None
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + f"-{secrets.token_hex(2)}"
+        with self.dir.child(".broken", create=True) as broken:
+            for name in _INDEX_FILES:
+                st = self.dir.lstat(name)
+                if st is None:
+                    continue
+                moved = f"index-{stamp}.sqlite{name[len(_INDEX):]}"
+                self.dir.rename(name, moved, into=broken)
+                if name == _INDEX:
+                    kept = broken.path / moved
+        self.dir.rename(tmp, _INDEX)
+        self.dir.sync()
+        self._connect()
+        return kept
+
+    @contextlib.contextmanager
+    def transaction_free(self) -> Iterator[None]:
+        """Writes outside any SQLite transaction, each durable (used by repair)."""
+        depth, self._depth = self._depth, 0
+        try:
+            yield
+        finally:
+            self._depth = depth
+
+
+def _record_from(record: Mapping[str, Any], notebook_uid: str) -> bytes:
+    return _record(
+        record["id"], notebook_uid=notebook_uid, notebook=record["notebook"], created_at=record["created_at"],
+        prompt=record["prompt"], revised_prompt=record.get("revised_prompt"), provider=record.get("provider"),
+        model=record.get("model"), params=_dumps(record["params"]), parents=record["parents"],
+        sha256=record["sha256"], ext=record["ext"], width=record.get("width"), height=record.get("height"),
+        size_bytes=record["size_bytes"], metadata=_dumps(record["metadata"]), text=record.get("text"),
+        legacy_folder=record.get("legacy_folder"), legacy_id=record.get("legacy_id"),
+    )
+
+
+def _search(prompt: str, revised: str | None) -> str:
+    return "\x1f".join(s.casefold() for s in (prompt, revised or ""))
+
+
+def _existing(conn: sqlite3.Connection, ids: Sequence[int]) -> set[int]:
+    if not ids:
+        return set()
+    return {r[0] for r in conn.execute(f"SELECT id FROM entries WHERE id IN ({','.join('?' * len(ids))})",
+                                       tuple(ids))}
+
+
+def _set_seq(conn: sqlite3.Connection, value: int) -> None:
+    """Never hand out ids up to ``value`` (sqlite_sequence has no unique key: update, else insert)."""
+    if not conn.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'entries'", (value,)).rowcount:
+        conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('entries', ?)", (value,))
+
+
+def _sync_all() -> None:
+    """Flush every written file at once (batches, migration, repair: one flush instead of one per file)."""
+    if hasattr(os, "sync"):
+        os.sync()
+
+
+def _enable_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Switch to WAL: readers and one writer work at once, and NORMAL sync stays crash-safe.
+
+    When two kernels open a brand-new history at the same moment, SQLite answers the mode switch
+    with "database is locked" at once, without calling the busy handler, so wait and retry here.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+# --------------------------------------------------------------------------------------------
+# History: the view of one notebook (or of all of them)
 # --------------------------------------------------------------------------------------------
 
 
 class History:
-    """The image history of one notebook, stored in ``<root>/.nbimagine/<notebook>/``.
+    """The image history of one notebook, in the folder-wide store ``<root>/.nbimagine/``.
 
-    Indexing is by position (oldest first, negatives from the end); :meth:`get` is by id.
-    Safe to share between threads of one kernel, and between kernels (processes) writing at once.
+    ``notebook`` defaults to the running notebook (see :mod:`nbimagine._notebook`);
+    ``all_notebooks=True`` gives a read-only view of every notebook of the folder. Positions
+    (``h[0]`` oldest, ``h[-1]`` newest), ``len``, iteration, :meth:`latest`, :meth:`page` and
+    :meth:`search` see this notebook only; :meth:`get`, ``in`` and :meth:`lineage` take ids, which are
+    unique in the folder. Safe to share between threads, and between kernels writing at once.
+
+    Raises :class:`~nbimagine.errors.HistoryError` when the store cannot be opened (damaged,
+    foreign, newer, locked...), with the fix in the message.
     """
 
-    def __init__(self, root: str | os.PathLike[str] = ".", notebook: str | None = None) -> None:
-        self.notebook = notebook if notebook else notebook_name()
-        self.root = Path(root).expanduser().resolve()
-        self.path = self.root / _DIRNAME / _safe_dirname(self.notebook)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._images = self.path / "images"
-        self._lock = threading.RLock()  # one connection, shared by the kernel's threads
-        self._batch_depth = 0
-        self._conn = self._connect()
+    def __init__(self, root: str | os.PathLike[str] = ".", notebook: str | None = None, *,
+                 all_notebooks: bool = False, timeout: float | None = None, _store: _Store | None = None) -> None:
+        self.identity: NotebookIdentity | None = None
+        if all_notebooks:
+            name = None
+        elif notebook:
+            if not isinstance(notebook, str):
+                raise TypeError(f"notebook must be a str, not {type(notebook).__name__}")
+            name = normalize_name(notebook)
+            if not name:
+                raise ValueError(f"{notebook!r} is not a notebook name")
+        else:
+            self.identity = _notebook.current()
+            name = self.identity.name
+        self._owned = _store is None
+        self._store = _store or _Store(Path(root).expanduser().resolve(), timeout=timeout)
+        self.notebook = name
+        self.root = self._store.root
+        self.path = self._store.path
         self.closed = False
+        if self.identity is not None and self._owned:
+            _follow(self._store, self.identity)
 
-    # -- connection and schema -----------------------------------------------------------------
-
-    def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a writer takes the write lock
-        # up front and waits in busy_timeout instead of failing with SQLITE_BUSY on lock upgrade.
-        conn = sqlite3.connect(
-            self.path / "index.sqlite",
-            timeout=_busy_timeout_ms() / 1000,
-            isolation_level=None,
-            check_same_thread=False,
-        )
-        try:
-            conn.execute(f"PRAGMA busy_timeout={_busy_timeout_ms()}")
-            _enable_wal(conn)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version != SCHEMA_VERSION:
-                self._migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        # Two kernels may open a brand-new history at once: take the write lock, then look again.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path / 'index.sqlite'} has schema version {version}, newer than this nbimagine "
-                    f"understands ({SCHEMA_VERSION}); upgrade nbimagine"
-                )
-            if version < 1:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-            # Future versions: `if version < 2: ALTER TABLE ...` here, each step in this transaction.
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    # -- lifecycle -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-            self.closed = True
+        if self._owned:
+            self._store.close()
+        self.closed = True
 
     def __enter__(self) -> History:
         return self
@@ -475,41 +1513,20 @@ class History:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def read_only(self) -> bool:
+        """True when the folder cannot be written (the history can still be read)."""
+        return self._store.read_only
+
     @contextlib.contextmanager
     def batch(self) -> Iterator[History]:
         """Group many :meth:`add` calls into one transaction (much faster for bulk imports).
 
         Other writers wait until the block ends; on an exception nothing in the block is recorded
-        (image files already written stay, as unreferenced files that :meth:`cleanup` removes).
+        (files already written stay, and the next add or a repair sorts them out).
         """
-        with self._lock, self._transaction():
+        with self._store.batch():
             yield self
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            if self._batch_depth:
-                self._batch_depth += 1
-                try:
-                    yield self._conn
-                finally:
-                    self._batch_depth -= 1
-                return
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._batch_depth = 1
-            try:
-                yield self._conn
-            except BaseException:
-                self._batch_depth = 0
-                if self._conn.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
-                    self._conn.execute("ROLLBACK")
-                raise
-            self._batch_depth = 0
-            self._conn.execute("COMMIT")
-
-    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._conn.execute(sql, args).fetchall()
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -524,170 +1541,226 @@ class History:
         parents: Sequence[ParentRef] = (),
         text: str | None = None,
     ) -> HistoryEntry:
-        """Record ``image`` and return its entry.
+        """Record ``image`` in this notebook and return its entry.
 
         ``provider`` and ``model`` default to the image's metadata. ``parents`` are the ids (or
-        entries, or ``"#17"``) of the images this one was made from; they must already exist.
+        entries, or ``"#17"``) of the images this one was made from; they must exist in the folder
+        (``KeyError`` otherwise). ``HistoryError`` when the store cannot be written.
         """
         if not isinstance(image, BinaryResult):
             raise TypeError(f"History.add() takes a BinaryResult, not {type(image).__name__}")
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, not {type(prompt).__name__}")
+        if self.notebook is None:
+            raise ValueError("this view shows every notebook; add to one: nbimagine.history(NAME).add(...)")
         parent_ids = tuple(dict.fromkeys(_parse_ref(p) for p in parents))  # dedupe, keep order
         data = image.data
         sha = hashlib.sha256(data).hexdigest()
-        media_type = sniff_media_type(data) or image.metadata.get("media_type") or "application/octet-stream"
+        media_type = sniff_media_type(data) or "application/octet-stream"
         ext = EXTENSIONS.get(media_type, "bin")
         meta = _scrub(dict(image.metadata))
         meta["media_type"] = media_type
-        provider = provider if provider is not None else meta.get("provider")
-        model = model if model is not None else meta.get("model")
-        revised = meta.get("revised_prompt") if isinstance(meta.get("revised_prompt"), str) else None
+        provider = _text(provider if provider is not None else _str_or_none(meta.get("provider")))
+        model = _text(model if model is not None else _str_or_none(meta.get("model")))
+        revised = _text(meta.get("revised_prompt")) if isinstance(meta.get("revised_prompt"), str) else None
         width, height = meta.get("width"), meta.get("height")
-        width = width if isinstance(width, int) else None
-        height = height if isinstance(height, int) else None
+        width = width if isinstance(width, int) and not isinstance(width, bool) else None
+        height = height if isinstance(height, int) and not isinstance(height, bool) else None
         created = datetime.now(timezone.utc)
-
-        params_json = _dumps(params)
-        search = "\x1f".join(s.casefold() for s in (prompt, revised or ""))
-        with self._transaction() as conn:
-            if parent_ids:
-                known = {row[0] for row in conn.execute(
-                    f"SELECT id FROM entries WHERE id IN ({','.join('?' * len(parent_ids))})", parent_ids)}
-                missing = [p for p in parent_ids if p not in known]
-                if missing:
-                    refs = ", ".join(f"#{m}" for m in missing)
-                    raise KeyError(f"parent image {refs} is not in the history of notebook "
-                                   f"{self.notebook!r} ({self.path})")
-            # Written under the write lock: another kernel's cleanup() would otherwise take the file of
-            # this not-yet-inserted row for an orphan (or delete the stored copy it is about to reuse).
-            path = self._write_image(sha, ext, data)
-            cur = conn.execute(
-                "INSERT INTO entries (created_at, prompt, revised_prompt, provider, model, params, parents, "
-                "sha256, media_type, ext, width, height, size_bytes, metadata, text, search) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (created.isoformat(), prompt, revised, provider, model, params_json, json.dumps(parent_ids),
-                 sha, media_type, ext, width, height, len(data), json.dumps(meta, ensure_ascii=False), text,
-                 search),
+        prompt, text = _text(prompt), _text(text)
+        params_json = _dumps(_scrub(params or {}))
+        meta_json = _dumps(meta)
+        store = self._store
+        with store.transaction() as conn:
+            known = _existing(conn, parent_ids)
+            missing = [p for p in parent_ids if p not in known]
+            if missing:
+                refs = ", ".join(f"#{m}" for m in missing)
+                raise KeyError(f"parent image {refs} is not in the image history of {self.path}")
+            nb_id, nb_uid = store.notebook_row(conn, self.notebook, create=True)  # type: ignore[misc]
+            # Under the write lock: another kernel's cleanup() would otherwise take the file of this
+            # not-yet-inserted row for an orphan.
+            store.write_image(sha, ext, data)
+            entry_id = store.next_id(conn)
+            conn.execute(
+                "INSERT INTO entries (id, notebook_id, created_at, prompt, revised_prompt, provider, model, params, "
+                "parents, sha256, ext, width, height, size_bytes, metadata, text, search) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (entry_id, nb_id, created.isoformat(), prompt, revised, provider, model, params_json,
+                 json.dumps(parent_ids), sha, ext, width, height, len(data), meta_json, text,
+                 _search(prompt, revised)),
             )
-            entry_id = cur.lastrowid
             if parent_ids:
                 conn.executemany("INSERT INTO edges (child, parent) VALUES (?, ?)",
                                  [(entry_id, p) for p in parent_ids])
-        assert entry_id is not None
+            # The record is complete before the row commits: a lost index is rebuilt from records.
+            store.write_record(entry_id, _record(
+                entry_id, notebook_uid=nb_uid, notebook=self.notebook, created_at=created.isoformat(),
+                prompt=prompt, revised_prompt=revised, provider=provider, model=model, params=params_json,
+                parents=parent_ids, sha256=sha, ext=ext, width=width, height=height, size_bytes=len(data),
+                metadata=meta_json, text=text))
         return HistoryEntry(
             id=entry_id, prompt=prompt, provider=provider, model=model,
             params=FrozenDict(json.loads(params_json)), parents=parent_ids, created_at=created, sha256=sha,
-            media_type=media_type, width=width, height=height, size_bytes=len(data), path=path,
-            metadata=FrozenDict(meta), text=text,
+            media_type=media_type, width=width, height=height, size_bytes=len(data),
+            path=store.image_path(sha, ext), metadata=FrozenDict(meta), text=text, notebook=self.notebook,
+            _store=store,
         )
 
-    def _image_path(self, sha: str, ext: str) -> Path:
-        return self._images / sha[:2] / f"{sha}.{ext}"
-
-    def _write_image(self, sha: str, ext: str, data: bytes) -> Path:
-        path = self._image_path(sha, ext)
-        try:
-            if path.stat().st_size == len(data):
-                return path  # same bytes already stored (names are content hashes)
-        except FileNotFoundError:
-            pass
-        _atomic_write(path, data, durable=True)
-        return path
-
     def cleanup(self) -> dict[str, int]:
-        """Remove leftovers of interrupted writes: temp files, and image files no row refers to.
+        """Remove leftovers of interrupted writes: temp files, image files and thumbnails no row refers to.
 
-        Never run automatically (opening must not scan the folder). Returns what was removed.
+        Deletes only regular files with the names the history gives its own files, never through a
+        link, and nothing at all while the index and the records disagree or the index lists no
+        image but files exist (``HistoryError``: repair first). Never run automatically. Returns
+        what was removed.
         """
-        removed = {"temp_files": 0, "orphan_images": 0}
-        with self._transaction() as conn:  # the write lock keeps other kernels from adding meanwhile
-            known = {f"{sha}.{ext}" for sha, ext in conn.execute("SELECT DISTINCT sha256, ext FROM entries")}
-            for folder in (self._images, self.path / "thumbs"):
-                if not folder.is_dir():
-                    continue
-                for file in folder.rglob("*"):
-                    if not file.is_file():
-                        continue
-                    if file.name.endswith(".tmp"):
-                        file.unlink(missing_ok=True)
-                        removed["temp_files"] += 1
-                    elif folder == self._images and file.name not in known:
-                        file.unlink(missing_ok=True)
-                        removed["orphan_images"] += 1
-        return removed
+        return self._store.cleanup()
+
+    def repair(self) -> RepairReport:
+        """Rebuild the index of this folder from the image records (``%imagine history --repair``).
+
+        For a lost, truncated, corrupt or foreign index: ids, prompts, parameters, notebooks (with
+        their renames) and lineage come back from ``records/``; rows of the old index that had no
+        record are kept where it is still readable. The old index is moved to ``.broken/``. Other
+        kernels switch to the new index on their next use.
+        """
+        return self._store.repair()
 
     # -- reading ---------------------------------------------------------------------------------
 
     def _entry(self, row: tuple[Any, ...]) -> HistoryEntry:
-        (id_, created, prompt, provider, model, params, parents, sha, media_type, ext,
-         width, height, size, metadata, text) = row
-        return HistoryEntry(
-            id=id_, prompt=prompt, provider=provider, model=model, params=FrozenDict(json.loads(params)),
-            parents=tuple(json.loads(parents)), created_at=datetime.fromisoformat(created), sha256=sha,
-            media_type=media_type, width=width, height=height, size_bytes=size,
-            path=self._image_path(sha, ext), metadata=FrozenDict(json.loads(metadata)), text=text,
-        )
+        (id_, created, prompt, provider, model, params, parents, sha, ext, width, height, size, metadata, text,
+         notebook) = row
+        _check_sha_ext(sha, ext, id_)
+        try:
+            entry = HistoryEntry(
+                id=id_, prompt=prompt, provider=provider, model=model, params=FrozenDict(json.loads(params)),
+                parents=tuple(int(p) for p in json.loads(parents)), created_at=datetime.fromisoformat(created),
+                sha256=sha, media_type=_MEDIA_TYPES[ext], width=width, height=height, size_bytes=size,
+                path=self._store.image_path(sha, ext), metadata=FrozenDict(json.loads(metadata)), text=text,
+                notebook=notebook, _store=self._store,
+            )
+        except (TypeError, ValueError) as exc:
+            raise HistoryError(f"History row #{id_} is malformed and was refused", path=self._store.index,
+                               cause=str(exc), fix=FIX_REPAIR) from exc
+        return entry
 
-    def _select(self, where: str = "", args: Sequence[Any] = (), order: str = "id DESC",
-                limit: int = -1, offset: int = 0) -> list[HistoryEntry]:
-        sql = f"SELECT {_COLUMNS} FROM entries {where} ORDER BY {order} LIMIT ? OFFSET ?"
-        return [self._entry(r) for r in self._query(sql, (*args, limit, offset))]
+    def _where(self, where: str = "", args: Sequence[Any] = ()) -> tuple[str, tuple[Any, ...]]:
+        clauses, values = [], []
+        if self.notebook is not None:
+            clauses.append(_IN_NOTEBOOK)
+            values.append(self.notebook)
+        if where:
+            clauses.append(where)
+            values.extend(args)
+        return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), tuple(values)
+
+    def _select(self, where: str = "", args: Sequence[Any] = (), order: str = "e.id DESC",
+                limit: int = -1, offset: int = 0, *, everywhere: bool = False) -> list[HistoryEntry]:
+        clause, values = (f"WHERE {where}", tuple(args)) if everywhere else self._where(where, args)
+        sql = f"SELECT {_COLUMNS} {_FROM} {clause} ORDER BY {order} LIMIT ? OFFSET ?"
+        return [self._entry(r) for r in self._store.query(sql, (*values, limit, offset))]
 
     def __len__(self) -> int:
-        return self._query("SELECT COUNT(*) FROM entries")[0][0]
+        clause, values = self._where()
+        return self._store.query(f"SELECT COUNT(*) FROM entries e {clause}", values)[0][0]
 
     def __bool__(self) -> bool:
-        return bool(self._query("SELECT EXISTS (SELECT 1 FROM entries)")[0][0])
+        clause, values = self._where()
+        return bool(self._store.query(f"SELECT EXISTS (SELECT 1 FROM entries e {clause})", values)[0][0])
 
     def __getitem__(self, index: int | slice) -> HistoryEntry | list[HistoryEntry]:
-        """By position, oldest first: ``h[0]`` is the first image, ``h[-1]`` the newest."""
+        """By position in this notebook, oldest first: ``h[0]`` is the first image, ``h[-1]`` the newest."""
         if isinstance(index, slice):
             start, stop, step = index.indices(len(self))
             if step == 1:
-                return self._select(order="id ASC", limit=max(stop - start, 0), offset=start)
+                return self._select(order="e.id ASC", limit=max(stop - start, 0), offset=start)
             positions = range(start, stop, step)
             if not positions:
                 return []
             lo, hi = min(positions), max(positions)
-            chunk = self._select(order="id ASC", limit=hi - lo + 1, offset=lo)
+            chunk = self._select(order="e.id ASC", limit=hi - lo + 1, offset=lo)
             return [chunk[p - lo] for p in positions if p - lo < len(chunk)]
         if isinstance(index, bool) or not isinstance(index, int):
             raise TypeError(f"history indices must be ints or slices, not {type(index).__name__} "
                             f"(use .get({index!r}) to look up by id)")
         # Negative positions count from the newest, without a COUNT(*) first.
-        rows = (self._select(order="id DESC", limit=1, offset=-index - 1) if index < 0
-                else self._select(order="id ASC", limit=1, offset=index))
+        rows = (self._select(order="e.id DESC", limit=1, offset=-index - 1) if index < 0
+                else self._select(order="e.id ASC", limit=1, offset=index))
         if not rows:
-            raise IndexError(f"history position {index} out of range ({len(self)} images)")
+            raise IndexError(f"history position {index} out of range ({len(self)} images in {self._name()})")
         return rows[0]
 
     def __iter__(self) -> Iterator[HistoryEntry]:
         """Oldest first, read in chunks (entries added while iterating are included)."""
         last = 0
         while True:
-            chunk = self._select("WHERE id > ?", (last,), order="id ASC", limit=500)
+            chunk = self._select("e.id > ?", (last,), order="e.id ASC", limit=500)
             yield from chunk
             if len(chunk) < 500:
                 return
             last = chunk[-1].id
 
     def __contains__(self, item: object) -> bool:
+        """Whether an image with this id exists in the folder's history (ids are unique there)."""
         try:
             ref = _parse_ref(item)  # type: ignore[arg-type]
         except TypeError:
             return False
-        return bool(self._query("SELECT 1 FROM entries WHERE id = ?", (ref,)))
+        return bool(self._store.query("SELECT 1 FROM entries WHERE id = ?", (ref,)))
 
     def get(self, id: int | str) -> HistoryEntry:
-        """The entry with this id (``17`` or ``"#17"``); ``KeyError`` if there is none."""
+        """The image with this id (``17`` or ``"#17"``), from whichever notebook of the folder made it.
+
+        ``KeyError`` if there is none.
+        """
         ref = _parse_ref(id)
-        rows = self._select("WHERE id = ?", (ref,))
+        rows = self._select("e.id = ?", (ref,), everywhere=True)
         if not rows:
-            count, lo, hi = self._query("SELECT COUNT(*), MIN(id), MAX(id) FROM entries")[0]
-            known = f"ids {lo}..{hi}" if count else "it is empty"
-            raise KeyError(f"no image #{ref} in the history of notebook {self.notebook!r} ({known})")
+            raise KeyError(f"no image #{ref} in the image history of {self.path} ({self._known_ids()})")
         return rows[0]
+
+    def resolve(self, ref: int | str | HistoryEntry) -> HistoryEntry:
+        """The entry a user means by ``ref``: ``"last"``, ``-2`` / ``"-2"`` (positions in this notebook),
+        or an id ``17`` / ``"#17"``.
+
+        An id is looked up in the whole folder, except that an id this notebook had before the
+        history became one per folder (see the migration) still means that notebook's image.
+        ``KeyError`` / ``IndexError`` with a message that says what exists.
+        """
+        if isinstance(ref, HistoryEntry):
+            return ref
+        if isinstance(ref, str):
+            text = ref.strip()
+            if text == "last":
+                return self[-1]  # type: ignore[return-value]
+            if re.fullmatch(r"-\d+", text):
+                return self[int(text)]  # type: ignore[return-value]
+        if isinstance(ref, int) and not isinstance(ref, bool) and ref < 0:
+            return self[ref]  # type: ignore[return-value]
+        wanted = _parse_ref(ref)
+        rows = self._select("e.id = ?", (wanted,), everywhere=True)
+        if rows and (self.notebook is None or rows[0].notebook == self.notebook):
+            return rows[0]
+        if self.notebook is not None:
+            alias = self._select("e.legacy_id = ?", (wanted,), order="e.id ASC", limit=1)
+            if alias:
+                return alias[0]
+        if rows:
+            return rows[0]
+        raise KeyError(f"no image #{wanted} in the image history of {self.path} ({self._known_ids()})")
+
+    def _known_ids(self) -> str:
+        clause, values = self._where()
+        count, lo, hi = self._store.query(f"SELECT COUNT(*), MIN(e.id), MAX(e.id) FROM entries e {clause}",
+                                          values)[0]
+        if count:
+            return f"{self._name()} has {count} image(s), ids {lo}..{hi}"
+        return f"{self._name()} has no images"
+
+    def _name(self) -> str:
+        return f"notebook {self.notebook!r}" if self.notebook is not None else "the folder"
 
     def latest(self, n: int = 50) -> list[HistoryEntry]:
         """The ``n`` newest entries, newest first."""
@@ -706,7 +1779,7 @@ class History:
     def search(self, query: str, limit: int | None = None) -> list[HistoryEntry]:
         """Entries whose prompt or revised prompt contains ``query`` (case-insensitive), newest first."""
         needle = query.casefold()
-        return self._select("WHERE instr(search, ?) > 0", (needle,), limit=-1 if limit is None else limit)
+        return self._select("instr(e.search, ?) > 0", (needle,), limit=-1 if limit is None else limit)
 
     def lineage(self, id: int | str | HistoryEntry) -> list[HistoryEntry]:
         """Every ancestor of entry ``id`` and the entry itself, oldest first.
@@ -716,10 +1789,10 @@ class History:
         """
         ref = _parse_ref(id)
         self.get(ref)  # a clear KeyError for an unknown id
-        rows = self._query(
+        rows = self._store.query(
             f"""WITH RECURSIVE anc(id) AS (
                     SELECT ? UNION SELECT parent FROM edges JOIN anc ON edges.child = anc.id)
-                SELECT {_COLUMNS} FROM entries WHERE id IN (SELECT id FROM anc) ORDER BY id ASC""",
+                SELECT {_COLUMNS} {_FROM} WHERE e.id IN (SELECT id FROM anc) ORDER BY e.id ASC""",
             (ref,),
         )
         return [self._entry(r) for r in rows]
@@ -727,81 +1800,166 @@ class History:
     def children(self, id: int | str | HistoryEntry) -> list[HistoryEntry]:
         """The entries made directly from entry ``id``, oldest first."""
         ref = _parse_ref(id)
-        return self._select("WHERE id IN (SELECT child FROM edges WHERE parent = ?)", (ref,), order="id ASC")
+        return self._select("e.id IN (SELECT child FROM edges WHERE parent = ?)", (ref,), order="e.id ASC",
+                            everywhere=True)
+
+    def notebooks(self) -> dict[str, int]:
+        """Every notebook of the folder that has images, with how many: ``{"cafe": 6, ...}``."""
+        rows = self._store.query("SELECT n.name, COUNT(e.id) FROM notebooks n JOIN entries e ON e.notebook_id = n.id "
+                                 "GROUP BY n.id ORDER BY n.name")
+        return dict(rows)  # type: ignore[arg-type]
 
     # -- export ------------------------------------------------------------------------------------
 
-    def export(self, directory: str | os.PathLike[str],
-               entries: Sequence[HistoryEntry] | None = None) -> list[Path]:
+    def export(self, directory: str | os.PathLike[str], entries: Sequence[HistoryEntry] | None = None, *,
+               overwrite: bool = False) -> list[Path]:
         """Copy full-resolution images to ``directory`` as ``<id>-<slug>.<ext>``, plus ``history.json``.
 
-        ``entries`` defaults to the whole history. Returns the image paths, then the manifest.
+        ``entries`` defaults to this notebook's whole history. Nothing existing is replaced: a name
+        that is taken gets ``-2``, ``-3``... (a file already holding the same bytes is reused), unless
+        ``overwrite=True`` replaces it. Links in ``directory`` are never written through. Returns the
+        image paths, then the manifest's.
         """
-        target = Path(directory).expanduser()
-        target.mkdir(parents=True, exist_ok=True)
         chosen = list(self) if entries is None else list(entries)
+        try:
+            target = Folder.open(directory, create=True)
+        except OSError as exc:
+            raise _error(exc, "Cannot export the images", directory) from exc
         written: list[Path] = []
         manifest = []
-        for e in chosen:
-            out = target / f"{e.id}-{_slug(e.prompt)}{e.path.suffix}"
-            shutil.copyfile(e.path, out)
-            written.append(out)
-            manifest.append({
-                "id": e.id, "file": out.name, "prompt": e.prompt, "revised_prompt": e.revised_prompt,
-                "provider": e.provider, "model": e.model, "params": dict(e.params),
-                "parents": list(e.parents),
-                "created_at": e.created_at.isoformat(), "sha256": e.sha256, "media_type": e.media_type,
-                "width": e.width, "height": e.height, "size_bytes": e.size_bytes, "text": e.text,
-                "metadata": dict(e.metadata),
-            })
-        doc = {"notebook": self.notebook, "exported_at": datetime.now(timezone.utc).isoformat(),
-               "schema_version": SCHEMA_VERSION, "entries": manifest}
-        man = target / "history.json"
-        man.write_text(json.dumps(doc, indent=2, ensure_ascii=False), encoding="utf-8")
-        written.append(man)
+        with target:
+            try:
+                for e in chosen:
+                    name = f"{e.id}-{_slug(e.prompt)}.{e.ext}"
+                    data = e.image.data
+                    name = target.write(name, data, overwrite=True) if overwrite else target.write_unique(name, data)
+                    written.append(target.path / name)
+                    manifest.append({
+                        "id": e.id, "file": name, "notebook": e.notebook, "prompt": e.prompt,
+                        "revised_prompt": e.revised_prompt, "provider": e.provider, "model": e.model,
+                        "params": dict(e.params), "parents": list(e.parents),
+                        "created_at": e.created_at.isoformat(), "sha256": e.sha256, "media_type": e.media_type,
+                        "width": e.width, "height": e.height, "size_bytes": e.size_bytes, "text": e.text,
+                        "metadata": dict(e.metadata),
+                    })
+                doc = {"notebook": self.notebook, "exported_at": _now(), "schema_version": SCHEMA_VERSION,
+                       "entries": manifest}
+                data = json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8", "surrogatepass")
+                name = (target.write("history.json", data, overwrite=True) if overwrite
+                        else target.write_unique("history.json", data))
+            except OSError as exc:
+                raise _error(exc, "Cannot export the images", target.path) from exc
+            written.append(target.path / name)
         return written
 
     def __repr__(self) -> str:
         return f"History({self.notebook!r}, {len(self)} images, {str(self.path)!r})"
 
 
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 # --------------------------------------------------------------------------------------------
 # The current notebook's history
 # --------------------------------------------------------------------------------------------
 
-_cache: dict[tuple[Path, str], History] = {}
-_cache_lock = threading.Lock()
+_stores: dict[Path, _Store] = {}
+_views: dict[tuple[Path, str | None], History] = {}
+_followed: dict[tuple[Path, str], str] = {}
+_cache_lock = threading.RLock()
+_root: Path | None = None
 
 
-def history(notebook: str | None = None, root: str | os.PathLike[str] | None = None) -> History:
-    """The history of the current notebook (or of ``notebook``), under ``root`` (default: the cwd).
+def set_history_root(root: str | os.PathLike[str] | None) -> None:
+    """Keep the history of this kernel under ``root`` instead of the working directory (``None``: back to it).
 
-    Jupyter starts a kernel in its notebook's folder, so the default root puts ``.nbimagine/`` next
-    to the notebook. One :class:`History` per (root, notebook) is kept and reused.
+    ``%imagine history --root DIR`` does this, e.g. when the notebook's folder is read-only.
     """
-    name = notebook or notebook_name()
-    base = Path(root if root is not None else os.getcwd()).expanduser().resolve()
-    key = (base, _safe_dirname(name))
-    with _cache_lock:
-        found = _cache.get(key)
-        if found is None or found.closed:  # closed by a `with history() as h:` block
-            found = _cache[key] = History(base, name)
-        return found
+    global _root
+    _root = Path(root).expanduser().resolve() if root is not None else None
 
 
-def _enable_wal(conn: sqlite3.Connection) -> None:
-    """Switch to WAL: readers and one writer work at once, and NORMAL sync stays crash-safe.
-
-    When two kernels open a brand-new history at the same moment, SQLite answers the mode switch
-    with "database is locked" at once, without calling the busy handler, so wait and retry here.
-    """
-    deadline = time.monotonic() + _busy_timeout_ms() / 1000
-    while True:
+def _follow(store: _Store, identity: NotebookIdentity) -> None:
+    """When the Jupyter server names this kernel's notebook, keep the store's notebook in step (a
+    rename moves the images along). Done once per name change; a read-only store is left as it is."""
+    if identity.source != "server" or not identity.kernel_id:
+        return
+    key = (store.root, identity.kernel_id)
+    if _followed.get(key) == identity.name:
+        return
+    if not store.read_only:
         try:
-            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
+            moved = store.follow(identity.kernel_id, identity.name)
+        except HistoryError as exc:
+            warnings.warn(f"nbimagine could not follow the notebook's name: {exc}", RuntimeWarning, stacklevel=3)
             return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
+        if moved:
+            warnings.warn(f"The notebook was renamed: the images of {moved!r} now belong to {identity.name!r}",
+                          RuntimeWarning, stacklevel=3)
+    _followed[key] = identity.name
+
+
+def repair_history(root: str | os.PathLike[str] | None = None) -> RepairReport:
+    """Rebuild the image history index of ``root`` (default: as :func:`history`) from its records.
+
+    What ``%imagine history --repair`` runs; works when the index cannot even be opened (lost,
+    truncated, corrupt, foreign). See :meth:`History.repair`.
+    """
+    base = Path(root).expanduser().resolve() if root is not None else (_root or Path(os.getcwd()).resolve())
+    with _cache_lock:
+        store = _stores.get(base)
+        if store is not None and not store.closed:
+            return store.repair()
+        store = _Store(base, connect=False)
+        try:
+            return store.repair()
+        finally:
+            store.close()
+
+
+def history(notebook: str | None = None, root: str | os.PathLike[str] | None = None, *,
+            all_notebooks: bool = False) -> History:
+    """The history of the current notebook (or of ``notebook``; ``all_notebooks=True``: every notebook),
+    in ``root`` (default: the folder set with :func:`set_history_root`, else the working directory).
+
+    Jupyter starts a kernel in its notebook's folder, so the default puts ``.nbimagine/`` next to the
+    notebook. The running notebook is asked for on every call (cheaply: see
+    :mod:`nbimagine._notebook`), so a rename is followed. Views and the store are cached and reused;
+    a store that failed to open is not, so the next call tries again.
+    """
+    base = Path(root).expanduser().resolve() if root is not None else (_root or Path(os.getcwd()).resolve())
+    with _cache_lock:
+        store = _stores.get(base)
+        if store is None or store.closed:
+            store = _stores[base] = _Store(base)
+        else:
+            store.refresh()
+        identity = None
+        if all_notebooks:
+            name = None
+        elif notebook:
+            name = normalize_name(notebook)
+        else:
+            identity = _notebook.current()
+            name = identity.name
+            _follow(store, identity)
+        view = _views.get((base, name))
+        if view is None or view.closed or view._store is not store:
+            view = History(base, name, all_notebooks=name is None, _store=store)
+            _views[(base, name)] = view
+        view.identity = identity
+        return view
+
+
+def _forget_all() -> None:
+    """Close and forget every cached store and view, the followed names and the root (tests, reloads)."""
+    global _root
+    with _cache_lock:
+        for store in _stores.values():
+            with contextlib.suppress(Exception):
+                store.close()
+        _stores.clear()
+        _views.clear()
+        _followed.clear()
+        _root = None

@@ -179,11 +179,14 @@ class ImagineMagics(Magics):
         Line-magic subcommands::
 
             %imagine use PROVIDER [options]   set session defaults (%imagine use alone shows them)
-            %imagine history [N]              gallery of the last N images with their ids
+            %imagine history [N]              gallery of this notebook's last N images with their ids
+            %imagine history --all [N]        the same across every notebook of the folder
             %imagine history --notebook NAME  name this notebook's history (when it cannot be detected)
+            %imagine history --repair         rebuild a lost or damaged history index from its records
+            %imagine history --root DIR       keep the history in DIR/.nbimagine (e.g. a read-only folder)
             %imagine show ID [--full]         one image from the history (ID: last, -2, #17)
             %imagine lineage ID               the chain of edits that led to an image
-            %imagine export DIR [N]           copy full-resolution images + history.json to DIR
+            %imagine export DIR [N] [--force] copy full-resolution images + history.json to DIR
             %imagine providers                which providers are configured, which keys are set
             %imagine emulator on|off          route every provider to the offline emulator
             %imagine mask REF [-o NAME]       paint a mask over an image (then %%imagine -e REF --mask NAME)
@@ -457,15 +460,30 @@ class ImagineMagics(Magics):
 
     def _history(self) -> History:
         from ._history import history
+        from .errors import HistoryError
 
-        return history()
+        try:
+            h = history()
+        except HistoryError as exc:
+            raise UsageError(str(exc)) from None
+        if h.identity is not None and not h.identity.known and h.notebook not in _NOTED:
+            # Said once per kernel: the cell must tell where its images go when the notebook is unknown.
+            _NOTED.add(h.notebook)
+            print(f"nbimagine cannot tell which notebook this is, so its images go to a history of their own, "
+                  f"{h.notebook!r}, in {h.path}. To use this notebook's history: %imagine history --notebook NAME "
+                  "(its file name without .ipynb).")
+        return h
 
     def _resolve_ref(self, ref: str, history: History | None) -> tuple[BinaryResult, int | None]:
         """An image for ``-e REF`` and its history id (for lineage) when it has one."""
+        from .errors import HistoryError
 
         entry = self._history_ref(ref, history)
         if entry is not None:
-            return entry.image, entry.id
+            try:
+                return entry.image, entry.id
+            except HistoryError as exc:
+                raise UsageError(f"{ref}: {exc}") from None
         ns = self.shell.user_ns if self.shell else {}
         if ref.isidentifier() and ref in ns:
             value = ns[ref]
@@ -478,22 +496,26 @@ class ImagineMagics(Magics):
                          "variable holding an image, or an existing file path")
 
     def _history_ref(self, ref: str, history: History | None) -> HistoryEntry | None:
+        from .errors import HistoryError
+
         ref = ref.strip()
         if not re.fullmatch(r"last|-\d+|#\d+", ref):
             return None
         if history is None:  # not `history or ...`: that runs a query to ask whether it is empty
             history = self._history()
         try:
-            if ref == "last":
-                return history[-1]  # type: ignore[return-value]
-            if ref.startswith("-"):
-                return history[int(ref)]  # type: ignore[return-value]
-            return history.get(int(ref[1:]))
+            entry = history.resolve(ref)
         except IndexError:
             raise UsageError(f"{ref}: the history of notebook {history.notebook!r} has only {len(history)} "
-                             "image(s); %imagine history lists them") from None
+                             f"image(s); %imagine history lists them.{_elsewhere(history)}") from None
         except KeyError as exc:
             raise UsageError(f"{ref}: {exc.args[0]}; %imagine history lists the ids") from None
+        except HistoryError as exc:
+            raise UsageError(str(exc)) from None
+        if ref.startswith("#") and entry.id != int(ref[1:]):
+            print(f"{ref} in {history.notebook!r} is the image now numbered #{entry.id} "
+                  "(ids became unique per folder; the old number still works in this notebook)")
+        return entry
 
     # --- subcommands -----------------------------------------------------------------------------
 
@@ -521,22 +543,45 @@ class ImagineMagics(Magics):
         return _Settings(self.session)
 
     def _cmd_history(self, rest: str) -> Any:
-        words = _split(rest)
-        if "--notebook" in words:
-            # Name the notebook where the kernel cannot tell (nbmake, plain kernels, some IDEs).
-            at = words.index("--notebook")
-            if at + 1 >= len(words):
-                raise UsageError("%imagine history --notebook NAME: give the notebook's name, e.g. 02_editing")
-            from ._history import set_notebook
+        from ._history import history, repair_history, set_history_root, set_notebook
+        from .errors import HistoryError
 
-            set_notebook(words[at + 1])
-            del words[at : at + 2]
+        words = _split(rest)
+        options: dict[str, Any] = {"--all": False, "--repair": False, "--notebook": None, "--root": None}
+        count = None
+        while words:
+            word = words.pop(0)
+            if word in ("--all", "--repair"):
+                options[word] = True
+            elif word in ("--notebook", "--root"):
+                if not words or words[0].startswith("--"):
+                    example = "02_editing" if word == "--notebook" else "~/images"
+                    what = "the notebook's name" if word == "--notebook" else "a folder"
+                    raise UsageError(f"%imagine history {word} NAME: give {what}, e.g. {example}")
+                options[word] = words.pop(0)
+            elif word.isdigit() and count is None:
+                count = int(word)
+            else:
+                raise UsageError(f"%imagine history takes a number of images, --all, --notebook NAME, --repair or "
+                                 f"--root DIR, not {word!r}")
         try:
-            count = int(words[0]) if words else 12
-        except ValueError:
-            raise UsageError(f"%imagine history takes a number of images, not {words[0]!r}") from None
-        history = self._history()
-        return _Gallery(history.latest(count), total=len(history), notebook=history.notebook)
+            if options["--root"]:
+                # Name the folder where the kernel's working directory does not suit (read-only, shared).
+                set_history_root(options["--root"])
+            if options["--notebook"]:
+                # Name the notebook where the kernel cannot tell (nbmake, plain kernels, some IDEs).
+                set_notebook(options["--notebook"])
+            if options["--repair"]:
+                print(repair_history())
+            h = history(all_notebooks=True) if options["--all"] else self._history()
+            entries = h.latest(12 if count is None else count)
+            total = len(h)
+        except ValueError as exc:
+            raise UsageError(f"%imagine history --notebook: {exc}") from None
+        except HistoryError as exc:
+            raise UsageError(str(exc)) from None
+        note = _elsewhere(h) if not total and h.notebook is not None else ""
+        return _Gallery(entries, total=total, notebook=h.notebook, note=note.strip(), folder=str(h.path))
 
     def _cmd_show(self, rest: str) -> Any:
         words = _split(rest)
@@ -560,17 +605,25 @@ class ImagineMagics(Magics):
         return _Gallery(chain, total=len(chain), notebook=None, title=f"Lineage of #{entry.id}, oldest first")
 
     def _cmd_export(self, rest: str) -> Any:
+        from .errors import HistoryError
+
         words = _split(rest)
+        force = "--force" in words
+        words = [w for w in words if w != "--force"]
         if not words or len(words) > 2:
-            raise UsageError("%imagine export DIR [N]: copy the history's full-resolution images to DIR")
+            raise UsageError("%imagine export DIR [N] [--force]: copy the history's full-resolution images to DIR "
+                             "(--force replaces files of the same name)")
         history = self._history()
         entries = None
         if len(words) == 2:
             if not words[1].isdigit():
                 raise UsageError(f"%imagine export DIR N: N is a number of images, not {words[1]!r}")
             entries = list(reversed(history.latest(int(words[1]))))
-        written = history.export(words[0], entries)
-        print(f"Exported {len(written) - 1} image(s) and {written[-1].name} to {Path(words[0]).resolve()}")
+        try:
+            written = history.export(words[0], entries, overwrite=force)
+        except HistoryError as exc:
+            raise UsageError(str(exc)) from None
+        print(f"Exported {len(written) - 1} image(s) and {written[-1].name} to {written[-1].parent}")
         return None
 
     def _cmd_providers(self, rest: str) -> Any:
@@ -600,6 +653,18 @@ class ImagineMagics(Magics):
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+_NOTED: set[str | None] = set()  # unknown-notebook histories already named in a cell
+
+
+def _elsewhere(history: History) -> str:
+    """A hint naming the folder's other notebooks that have images (where a user's images may be)."""
+    others = {n: c for n, c in history.notebooks().items() if n != history.notebook}
+    if not others:
+        return ""
+    listed = ", ".join(f"{n!r} ({c})" for n, c in list(others.items())[:5]) + (", …" if len(others) > 5 else "")
+    return (f" Other notebooks in this folder have images: {listed}; %imagine history --all shows them, "
+            "%imagine history --notebook NAME uses one.")
 
 
 def _split(text: str) -> list[str]:
@@ -713,19 +778,30 @@ class _Gallery:
     """Thumbnails with ids and prompts (``%imagine history``, ``%imagine lineage``)."""
 
     def __init__(self, entries: list[HistoryEntry], *, total: int, notebook: str | None,
-                 title: str | None = None) -> None:
-        self.entries, self.total, self.notebook = entries, total, notebook
-        self.title = title or (f"History of {notebook!r}: {len(entries)} of {total} image(s), newest first")
+                 title: str | None = None, note: str = "", folder: str | None = None) -> None:
+        self.entries, self.total, self.notebook, self.note = entries, total, notebook, note
+        # No notebook: the whole folder (--all) or a lineage, where each entry's notebook is shown.
+        self.all = notebook is None
+        if title is None:
+            where = f"History of {notebook!r}" if notebook is not None else f"All notebooks in {folder}"
+            title = f"{where}: {len(entries)} of {total} image(s), newest first"
+        self.title = title
+
+    def _label(self, e: HistoryEntry) -> str:
+        return f"[{e.notebook}] " if self.all and e.notebook else ""
 
     def __repr__(self) -> str:
-        lines = [self.title] + [f"  #{e.id}  {e.width}x{e.height}  {_clip(e.prompt, 70)}" for e in self.entries]
+        lines = [self.title, *([self.note] if self.note else [])]
+        lines += [f"  #{e.id}  {e.width}x{e.height}  {self._label(e)}{_clip(e.prompt, 70)}" for e in self.entries]
         return "\n".join(lines)
 
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
         import base64
         import html
 
+        from ._history import output_ids
         from ._images import sniff_media_type
+        from .errors import HistoryError
 
         cells = []
         for e in self.entries:
@@ -734,15 +810,17 @@ class _Gallery:
                 media = sniff_media_type(thumb)
                 img = (f'<img src="data:{media};base64,{base64.b64encode(thumb).decode()}" '
                        'style="max-width:160px;max-height:160px;display:block"/>')
-            except (OSError, ValueError):  # a missing or unreadable file still lists the entry
+            except (OSError, ValueError, HistoryError):  # a missing or unreadable file still lists the entry
                 img = '<div style="width:160px;height:40px">(file missing)</div>'
             parents = f" ← {', '.join(f'#{p}' for p in e.parents)}" if e.parents else ""
             cells.append(f'<figure style="margin:0;width:160px">{img}<figcaption style="font-size:0.8em">'
-                         f'<b>#{e.id}</b>{html.escape(parents)} {html.escape(_clip(e.prompt, 60))}'
+                         f'<b>#{e.id}</b>{html.escape(parents)} {html.escape(self._label(e) + _clip(e.prompt, 60))}'
                          "</figcaption></figure>")
-        body = (f"<div><b>{html.escape(self.title)}</b></div>"
+        note = f"<div>{html.escape(self.note)}</div>" if self.note else ""
+        body = (f"<div><b>{html.escape(self.title)}</b></div>{note}"
                 '<div style="display:flex;flex-wrap:wrap;gap:8px">' + "".join(cells) + "</div>")
-        return {"text/plain": repr(self), "text/html": body}
+        metadata = {"nbimagine": {"images": [output_ids(e.id, e.sha256, e.ext) for e in self.entries]}}
+        return {"text/plain": repr(self), "text/html": body}, metadata
 
 
 def _clip(text: str, limit: int) -> str:
@@ -759,13 +837,15 @@ class _Shown:
     def __repr__(self) -> str:
         return self.entry.caption
 
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
         from ._display import caption_for, image_bundle
+        from ._history import output_ids
 
         image = self.entry.image
         caption = caption_for(image, provider=self.entry.provider, model=self.entry.model)
         caption += f"\nprompt: {_clip(self.entry.prompt, 200)}"
-        return image_bundle(image, caption=caption, full=self.full)
+        return image_bundle(image, caption=caption, full=self.full), {
+            "nbimagine": output_ids(self.entry.id, self.entry.sha256, self.entry.ext)}
 
 
 class _Providers:

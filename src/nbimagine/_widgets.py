@@ -32,7 +32,7 @@ import ipywidgets as w
 from ._images import sniff_media_type
 from ._session import DEFAULT_MODELS, KEY_ENV, OPENAI_OPTIONS, ImagineSession, get_session
 from .config import GEMINI_ASPECT_RATIOS, GEMINI_IMAGE_SIZES
-from .errors import ConfigError, ContentPolicyError, ImagineError, InputError, ProviderError, redact
+from .errors import ConfigError, ContentPolicyError, HistoryError, ImagineError, InputError, ProviderError, redact
 from .tools import (
     BACKGROUNDS,
     INPUT_FIDELITIES,
@@ -545,7 +545,7 @@ class _Tile:
             self.entry_id = entry.id
             try:
                 thumb = entry.thumbnail(THUMB_SIDE)
-            except (OSError, ValueError):  # file deleted or unreadable: the entry is still listed
+            except (OSError, ValueError, HistoryError):  # file deleted or unreadable: the entry is still listed
                 thumb, missing = b"", "(file missing) "
             else:
                 self.image.format = "png" if sniff_media_type(thumb) == "image/png" else "jpeg"
@@ -925,7 +925,8 @@ class Studio:
         written: list[Path] = []
         try:
             for entry_id in ids:
-                written.append(self.history.get(entry_id).image.save(target).resolve())
+                # Never replaces a file: a taken name is an error shown here (a folder gets a free name).
+                written.append(self.history.get(entry_id).image.save(target, overwrite=False).resolve())
         except Exception as exc:
             self._set_error(plain_error(exc))
             return written

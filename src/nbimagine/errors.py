@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ConfigError",
     "ContentPolicyError",
+    "HistoryError",
     "ImageDecodeError",
     "ImagineError",
     "ImagineWarning",
@@ -66,6 +67,30 @@ class ImagineWarning(UserWarning):
 class InputWarning(UserWarning):
     """An input was converted before it was sent (e.g. a black-and-white mask to an alpha mask), or a
     parameter is accepted but has no effect. The message says what changed."""
+
+
+class HistoryError(ImagineError):
+    """The image history cannot be read or written as it is.
+
+    ``path`` is the file or folder concerned, ``cause`` the real reason (the underlying error stays
+    on ``__cause__``), and the message ends with what to do: usually ``%imagine history --repair``
+    (``History.repair()``), ``--no-history`` for the cell, or another folder.
+    """
+
+    def __init__(self, message: str, *, path: object = None, cause: str | None = None,
+                 fix: str | None = None) -> None:
+        self.message = message
+        self.path = path
+        self.cause = cause
+        self.fix = fix
+        text = message
+        if path is not None:
+            text += f" ({path})"
+        if cause:
+            text += f": {cause}"
+        if fix:
+            text += f". {fix}"
+        super().__init__(redact(text))
 
 
 class ProviderError(ImagineError):

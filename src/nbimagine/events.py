@@ -110,29 +110,41 @@ class BinaryResult:
     def __hash__(self) -> int:
         return hash(self.data)
 
-    def save(self, path: str | os.PathLike[str] = ".") -> Path:
+    def save(self, path: str | os.PathLike[str] = ".", *, overwrite: bool = True) -> Path:
         """Write the image and return where it went.
 
-        ``path`` may be a directory (a file name is chosen), a name without an extension (the
-        right one is added), or a name whose extension asks for another format (the image is
-        converted, so a ``.png`` file always holds PNG bytes).
+        ``path`` may be a folder (an existing one, or a path ending in ``/``): the file name is then
+        chosen (the provider's call id made safe, else the start of the sha256), stays inside that
+        folder, and never replaces a file (``-2``, ``-3``... is added; a file that already holds
+        these bytes is reused). ``path`` may also be a file name, without an extension (the right
+        one is added) or with one that asks for another format (the image is converted, so a
+        ``.png`` file always holds PNG bytes); an existing file of that name is replaced when
+        ``overwrite`` (by a rename: a symlink there is replaced, never written through), else
+        ``FileExistsError``.
         """
+        import io
+
+        from ._files import Folder, safe_name
+
         target = Path(path).expanduser()
         if target.is_dir() or str(path).endswith(("/", os.sep)):
-            target.mkdir(parents=True, exist_ok=True)
-            stem = self.metadata.get("call_id") or self.sha256[:16]
-            target = target / f"{stem}.{self.extension}"
-        elif _media_type_for_suffix(target.suffix) is None:  # "logo" or "logo.v2": add the real extension
+            # The call id comes from the provider: never a path of its own ("../../x" stays one name here).
+            stem = safe_name(str(self.metadata.get("call_id") or ""), fallback=self.sha256[:16], max_bytes=80)
+            with Folder.open(target) as folder:
+                return target / folder.write_unique(f"{stem}.{self.extension}", self.data, durable=False)
+        if _media_type_for_suffix(target.suffix) is None:  # "logo" or "logo.v2": add the real extension
             target = target.with_name(f"{target.name}.{self.extension}")
-        target.parent.mkdir(parents=True, exist_ok=True)
         wanted = _media_type_for_suffix(target.suffix)
-        if wanted is None or wanted == self.media_type:
-            target.write_bytes(self.data)
-        else:
+        data = self.data
+        if wanted is not None and wanted != self.media_type:
             image = self.to_pil()
             if wanted == "image/jpeg" and image.mode not in ("RGB", "L"):
                 image = image.convert("RGB")
-            image.save(target)
+            buffer = io.BytesIO()
+            image.save(buffer, format=EXTENSIONS[wanted].replace("jpg", "jpeg").upper())
+            data = buffer.getvalue()
+        with Folder.open(target.parent) as folder:
+            folder.write(target.name, data, overwrite=overwrite, durable=False)
         return target
 
     def to_pil(self) -> PILImage:
