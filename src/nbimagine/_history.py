@@ -1229,6 +1229,10 @@ class _Store:
                                     parsed = None
                                 if parsed is None or _bucket(entry_id) != bucket:
                                     report.refused_records.append(f"records/{bucket}/{name}")
+                                    # Kept for inspection under another name; the old index may still
+                                    # have the row, and then a good record is written in its place.
+                                    with contextlib.suppress(OSError):
+                                        folder.rename(name, f"{name}.refused-{secrets.token_hex(3)}")
                                     continue
                                 records[entry_id] = parsed
             names = self._notebook_names()

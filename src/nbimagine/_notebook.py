@@ -6,7 +6,7 @@ Looked up in this order (:func:`current`):
 2. ``server``: the Jupyter server that started this kernel, asked through its sessions API
    (``GET /api/sessions``, the session whose kernel id is ours). This is the only source that
    follows a rename: the kernel id stays the same when a notebook is renamed, and after a kernel
-   restart. Asked again at most once a second, so every generation sees a rename;
+   restart. Asked once per cell (and at most once a second), so every generation sees a rename;
 3. ``session-env``: ``JPY_SESSION_NAME``, which Jupyter Server sets when it starts the kernel (it
    is not updated by a rename, hence after the sessions API);
 4. ``vscode``: VS Code's ``__vsc_ipynb_file__`` in the user namespace;
@@ -45,7 +45,7 @@ __all__ = ["NotebookIdentity", "current", "normalize_name", "notebook_name", "se
 
 _REQUEST_TIMEOUT = 0.5
 _SCAN_BUDGET = 1.5
-_FRESH_FOR = 1.0  # seconds an answer from the server is reused before asking again
+_FRESH_FOR = 1.0  # seconds an answer from the server is reused within one cell
 _RESCAN_AFTER_MISS = 10.0
 
 
@@ -209,6 +209,7 @@ class _ServerLookup:
         self.server: dict[str, Any] | None = None
         self.path: str | None = None
         self.asked_at = float("-inf")
+        self.asked_in: object = None  # the cell (IPython execution count) of the last answer
         self.no_scan_until = float("-inf")
 
     def reset(self) -> None:
@@ -218,7 +219,9 @@ class _ServerLookup:
     def notebook_path(self, kernel_id: str) -> str | None:
         with self.lock:
             now = time.monotonic()
-            if self.path is not None and now - self.asked_at < _FRESH_FOR:
+            cell = _cell()
+            # A rename can only be seen between cells: within one cell, one answer serves every lookup.
+            if self.path is not None and now - self.asked_at < _FRESH_FOR and cell == self.asked_in:
                 return self.path
             if self.server is not None:
                 found = self._ask(self.server, kernel_id, _REQUEST_TIMEOUT)
@@ -239,7 +242,7 @@ class _ServerLookup:
             return self.path
 
     def _remember(self, server: dict[str, Any], path: str) -> str:
-        self.server, self.path, self.asked_at = server, path, time.monotonic()
+        self.server, self.path, self.asked_at, self.asked_in = server, path, time.monotonic(), _cell()
         return path
 
     def _ask(self, server: dict[str, Any], kernel_id: str, timeout: float) -> str | None:
@@ -279,6 +282,11 @@ def _shell() -> Any:
         return ipython.get_ipython()
     except Exception:  # a half-initialised IPython must not break history lookups
         return None
+
+
+def _cell() -> object:
+    """Which cell runs now (IPython's execution count), or None outside IPython."""
+    return getattr(_shell(), "execution_count", None)
 
 
 def _vscode_notebook(shell: Any) -> str | None:
