@@ -354,7 +354,9 @@ def test_progress_slot_is_updated_in_place_with_partials_then_final(ip, emu):
     assert final["image/jpeg"] and set(final) == {"image/jpeg", "text/plain"}
     caption = final["text/plain"]
     entry_id = ip.user_ns["r"].files[0].metadata["history_id"]
-    assert image["metadata"]["nbimagine"] == {"history_id": entry_id, "sha256": ip.user_ns["r"].files[0].sha256}
+    sha = ip.user_ns["r"].files[0].sha256  # a saved notebook links back to the history's file
+    assert image["metadata"]["nbimagine"] == {"history_id": entry_id, "sha256": sha,
+                                              "file": f".nbimagine/images/{sha[:2]}/{sha}.png"}
     assert caption.startswith(f"#{entry_id} · openai/")
     for piece in ("1024x1024", "PNG", "KB", " s"):
         assert piece in caption
