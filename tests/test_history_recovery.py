@@ -515,3 +515,17 @@ def test_schema_version_is_current_and_migrations_are_one_transaction(tmp_path: 
     conn.close()
     with History(fresh, "nb") as h:
         assert len(h) == 0
+
+
+def test_a_history_folder_deleted_while_open_is_made_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Writing on into the deleted folder (still open) would lose every later image without a word.
+    from nbimagine._history import history
+
+    monkeypatch.chdir(tmp_path)
+    h = history("nb")
+    h.add(make_image(1), prompt="before")
+    shutil.rmtree(tmp_path / ".nbimagine")
+    again = history("nb")
+    entry = again.add(make_image(2), prompt="after")
+    assert entry.path.is_file() and (tmp_path / ".nbimagine" / "records").is_dir()
+    assert [e.prompt for e in History(tmp_path, "nb")] == ["after"]

@@ -137,9 +137,8 @@ class Kernel:
 
 
 def _images(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The history images the cell's final output names in its metadata."""
-    named = [o["metadata"].get("nbimagine") for o in result["outputs"] if o["metadata"].get("nbimagine")]
-    return named[-1]["images"] if named else []
+    """The history images the cell's outputs name in their metadata (one output per image)."""
+    return [o["metadata"]["nbimagine"] for o in result["outputs"] if "sha256" in o["metadata"].get("nbimagine", {})]
 
 
 def _wait_ready(server: Server, session: dict[str, Any]) -> Kernel:

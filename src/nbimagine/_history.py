@@ -709,15 +709,29 @@ class _Store:
         return False
 
     def refresh(self) -> None:
-        """Reconnect when the index file was replaced (a repair in another kernel) or removed."""
+        """Reconnect when the index file was replaced (a repair in another kernel) or removed, and
+        reopen the folder when ``.nbimagine`` itself was deleted or replaced meanwhile (writing on
+        into a deleted folder would lose every image silently)."""
         with self._lock:
-            if self.closed:
+            if self.closed or self._depth:
+                return
+            if not self.dir.still_at(self.root / _DIRNAME):
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+                self.dir.close()
+                target = self.root / _DIRNAME
+                try:
+                    self.dir = Folder.open(target, create=not target.is_dir())
+                except OSError as exc:
+                    raise _error(exc, "Cannot open the image history folder", target, folder=self.root) from exc
+                self.path = self.dir.path
+                self.index = self.path / _INDEX
+                self._connect()
                 return
             st = self.dir.lstat(_INDEX)
             if st is not None and (st.st_dev, st.st_ino) == self._index_key:
                 return
-            if self._depth:
-                return  # never under a running transaction; the next one checks again
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
@@ -908,8 +922,13 @@ class _Store:
                 thumbs.close()
 
     def write_record(self, entry_id: int, data: bytes) -> None:
+        # Written in place (not via a temp file): it is complete before its row commits, and a record
+        # torn by a crash belongs to an add that never returned; next_id() and repair refuse it.
         with self.dir.descend("records", _bucket(entry_id), create=True) as folder:
-            folder.write(f"{entry_id}.json", data, overwrite=True, durable=self.durable)
+            try:
+                folder.write(f"{entry_id}.json", data, atomic=False, durable=self.durable)
+            except FileExistsError:  # a leftover of a rolled-back add: replaced
+                folder.write(f"{entry_id}.json", data, overwrite=True, durable=self.durable)
         if self._depth:
             self._written.append(entry_id)
 
