@@ -726,3 +726,42 @@ def test_a_megabyte_of_revised_prompt_stays_out_of_the_notebook(ip, emu):
     total = len(json.dumps([data, caption_output(data["text/plain"]), text_output(huge)]))
     assert total <= 150 * 1024
     assert "more characters in the history" in data["text/plain"]
+
+
+# --- background responses ----------------------------------------------------------------------------
+
+
+def test_background_mode_runs_a_background_response_with_its_status_in_the_progress_line(ip, emu):
+    emu.background_duration = 0.3
+    imagine(ip, "--background-mode --size 256x256 -o r", "a lighthouse")
+    created = [r for r in emu.requests if r.method == "POST"]
+    assert len(created) == 1 and created[0].json["background"] is True
+    lines = [u["data"]["text/plain"] for u in outputs(ip)[1:-1]]
+    assert any("background response queued" in line or "background response in progress" in line
+               for line in lines), lines
+    assert len(ip.user_ns["r"].files) == 1
+
+
+def test_background_mode_as_a_session_default_and_off_again(ip, emu):
+    emu.background_duration = 0.1
+    ip.run_line_magic("imagine", "use --background-mode")
+    assert get_session().background_mode is True
+    imagine(ip, "--size 256x256", "a lighthouse")
+    assert last_body(emu)["background"] is True
+    ip.run_line_magic("imagine", "use --background-mode off")
+    imagine(ip, "--size 256x256", "a lighthouse")
+    assert "background" not in last_body(emu)
+
+
+def test_background_mode_is_refused_for_gemini(ip, emu):
+    with pytest.raises(UsageError, match="background-mode"):
+        imagine(ip, "-p gemini --background-mode", "a lighthouse")
+    assert not emu.requests
+
+
+def test_ctrl_c_cancels_a_background_response_on_the_server(ip, emu, ctrl_c_when_in_flight):
+    emu.background_duration = 60
+    ctrl_c_when_in_flight()
+    with pytest.raises(KeyboardInterrupt):
+        imagine(ip, "--background-mode --size 256x256", "a lighthouse")
+    assert [r for r in emu.requests if r.path.endswith("/cancel")]

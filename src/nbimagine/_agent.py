@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 from .config import ProviderConfig
@@ -108,17 +109,24 @@ class Agent:
         (``metadata["mask"] == "guide"``). Bad inputs raise ``InputError`` before any request.
         """
         reply = None
-        async for event in self._events(inputs, refs, mask, _history, stream=False):
-            if isinstance(event, ReplyEvent):
-                reply = event.reply
+        async with aclosing(self._events(inputs, refs, mask, _history, stream=False)) as events:
+            async for event in events:
+                if isinstance(event, ReplyEvent):
+                    reply = event.reply
         assert reply is not None, "provider ended without a ReplyEvent"
         return reply
 
     async def stream(self, *inputs: Any, mask: Any = None, refs: Sequence[Any] = (),
                      _history: Any = None) -> AsyncIterator[StreamEvent]:
-        """Yield ``PartialImageEvent``, ``TextDeltaEvent`` and ``ImageEvent`` as they come, then one ``ReplyEvent``."""
-        async for event in self._events(inputs, refs, mask, _history, stream=True):
-            yield event
+        """Yield ``PartialImageEvent``, ``TextDeltaEvent``, ``ImageEvent`` (and, for background responses,
+        ``StatusEvent``) as they come, then one ``ReplyEvent``.
+
+        Leaving the loop early (``break``, then ``aclose()``) ends the request at once: the HTTP stream
+        is closed, and a background response is cancelled on the server.
+        """
+        async with aclosing(self._events(inputs, refs, mask, _history, stream=True)) as events:
+            async for event in events:
+                yield event
 
     def ask_sync(self, *inputs: Any, mask: Any = None, refs: Sequence[Any] = (), _history: Any = None) -> Reply:
         """Blocking ``ask`` for scripts and notebooks (works inside a running event loop; Ctrl-C cancels)."""
@@ -139,10 +147,11 @@ class Agent:
             mask = as_mask_input(mask)
         turn = Turn(inputs=normalized, history=history, instructions=self.instructions, stream=stream, mask=mask)
         self._provider.check_credentials()
-        async for event in self._provider.run(turn):
-            if isinstance(event, ReplyEvent):
-                event.reply._agent = self
-            yield event
+        async with aclosing(self._provider.run(turn)) as events:
+            async for event in events:
+                if isinstance(event, ReplyEvent):
+                    event.reply._agent = self
+                yield event
 
 
 def _load_provider(config: ProviderConfig, tools: list[object]) -> Provider[Any]:

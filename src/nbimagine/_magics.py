@@ -37,10 +37,11 @@ _OPTION_DESTS = {
     "provider": "provider", "model": "model", "size": "size", "quality": "quality", "background": "background",
     "format": "output_format", "compression": "output_compression", "partial": "partial_images",
     "moderation": "moderation", "fidelity": "input_fidelity", "aspect": "aspect_ratio", "image_size": "image_size",
+    "background_mode": "background_mode",
 }
 _SESSION_TRAITS = ("provider", "model", "size", "quality", "background", "output_format", "output_compression",
                    "partial_images", "moderation", "input_fidelity", "aspect_ratio", "image_size",
-                   "response_modalities", "emulator")
+                   "response_modalities", "background_mode", "emulator")
 _NAME_RE = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _FIX_KEYS = ("Set the key in the environment before starting Jupyter, or in a cell with "
              "os.environ[...] = getpass.getpass() (never %env, which echoes it into the notebook); "
@@ -104,6 +105,8 @@ class ImagineMagics(Magics):
     image_size = Unicode(None, allow_none=True, help="Gemini image size: 512, 1K, 2K, 4K.").tag(config=True)
     response_modalities = List(Unicode(), default_value=["TEXT", "IMAGE"], help="Gemini response modalities."
                                ).tag(config=True)
+    background_mode = Bool(False, help="OpenAI/Azure: run each request as a background response (polled, "
+                           "resumable, cancelled on Ctrl-C).").tag(config=True)
     emulator = Bool(False, help="Route every provider to the in-process emulator.").tag(config=True)
 
     def __init__(self, shell: Any = None, session: ImagineSession | None = None, **kwargs: Any) -> None:
@@ -154,6 +157,9 @@ class ImagineMagics(Magics):
     @argument("--fidelity", help="OpenAI: input fidelity for edits, high or low")
     @argument("--aspect", help="Gemini: aspect ratio such as 1:1, 16:9, 9:16")
     @argument("--image-size", help="Gemini: 512, 1K, 2K or 4K")
+    @argument("--background-mode", nargs="?", const="on", choices=("on", "off"),
+              help="OpenAI/Azure: run as a background response (status shown while queued and in progress; "
+                   "Ctrl-C cancels it on the server); %%imagine use --background-mode off turns it off again")
     @argument("-e", "--edit", action="append", default=[], metavar="REF",
               help="image to edit (repeatable): last, -2, #17, a variable (BinaryResult, Reply, bytes, "
                    "PIL image, path) or a file path")
@@ -231,7 +237,10 @@ class ImagineMagics(Magics):
 
     @staticmethod
     def _overrides(args: Any) -> dict[str, Any]:
-        return {opt: getattr(args, dest) for dest, opt in _OPTION_DESTS.items() if getattr(args, dest) is not None}
+        overrides = {opt: getattr(args, dest) for dest, opt in _OPTION_DESTS.items() if getattr(args, dest) is not None}
+        if "background_mode" in overrides:
+            overrides["background_mode"] = overrides["background_mode"] == "on"
+        return overrides
 
     def _generate(self, prompt: str, args: Any) -> None:
         from ._generate import MAX_VARIANTS, Generation
@@ -288,6 +297,7 @@ class ImagineMagics(Magics):
         events: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
         partials: list[Any] = [None] * gen.n
         status = ["waiting"] * gen.n
+        job_status: list[str | None] = [None] * gen.n  # a background response's own status
         texts = [""] * gen.n
         problems: list[str] = []  # one line each, shown beside the images
         label = f"Generating with {gen.provider}/{gen.model}" + (" (emulator)" if self.session.emulator else "")
@@ -316,6 +326,11 @@ class ImagineMagics(Magics):
                 if kind == "TextDeltaEvent":
                     texts[index] += event.text
                     status[index] = "writing"
+                elif kind == "StatusEvent":
+                    job_status[index] = event.status.replace("_", " ")
+                    if event.detail:
+                        job_status[index] += f" ({event.detail})"
+                    status[index] = event.status.replace("_", " ")
                 elif kind == "ReplyEvent":
                     status[index] = "done"
                 changed = True
@@ -326,7 +341,9 @@ class ImagineMagics(Magics):
             nonlocal last_refresh
             last_refresh = time.perf_counter()
             shown = partials if (gen.n > 1 or partials[0] is not None) else ()
-            bundle = progress_bundle(gen.elapsed, label=label, partials=shown, status=status)
+            states = [s for s in job_status if s]
+            line = label + (f" · background response {', '.join(dict.fromkeys(states))}" if states else "")
+            bundle = progress_bundle(gen.elapsed, label=line, partials=shown, status=status)
             if texts[0] and gen.n == 1:
                 from ._display import _text_html, clip
 

@@ -57,7 +57,9 @@ OPENAI_OPTIONS = {
     "input_fidelity": "input_fidelity",
 }
 GEMINI_OPTIONS = ("aspect_ratio", "image_size", "response_modalities")
-OPTIONS = ("model", *OPENAI_OPTIONS, *GEMINI_OPTIONS, "emulator")
+# Responses API only (openai, azure and foundry): run each request as a background response.
+RESPONSES_OPTIONS = ("background_mode",)
+OPTIONS = ("model", *OPENAI_OPTIONS, *GEMINI_OPTIONS, *RESPONSES_OPTIONS, "emulator")
 
 # Which environment variables count as credentials, per provider (names only; values never leave here).
 KEY_ENV = {
@@ -97,6 +99,7 @@ class ImagineSession(HasTraits):
     aspect_ratio = Unicode(None, allow_none=True)
     image_size = Unicode(None, allow_none=True)
     response_modalities = List(Unicode(), default_value=["TEXT", "IMAGE"])
+    background_mode = Bool(False)
     emulator = Bool(False)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -170,6 +173,11 @@ class ImagineSession(HasTraits):
             GeminiConfig(model="check", response_modalities=list(modalities))
         if merged["model"] is not None and (not isinstance(merged["model"], str) or not merged["model"].strip()):
             raise ConfigError("model must be a non-empty name such as 'gpt-4.1' or 'gemini-3.1-flash-image'")
+        if not isinstance(merged["background_mode"], bool):
+            raise ConfigError(f"background_mode must be True or False, not {merged['background_mode']!r}")
+        if options.get("background_mode") and self.kind(merged["provider"]) not in ("openai", "azure"):
+            raise ConfigError("--background-mode runs a Responses API background response: it needs an openai or "
+                              f"azure provider, not {merged['provider']}")
 
     def use(self, provider: str | None = None, **options: Any) -> None:
         """Validate, then set the provider and options together (one round of notifications)."""
@@ -253,6 +261,8 @@ class ImagineSession(HasTraits):
                 cls = VertexAIConfig if kind == "vertex" else GeminiConfig
                 config = cls(model=model, response_modalities=modalities, image_config=image_config)
                 tools = []
+        if merged["background_mode"] and kind in ("openai", "azure"):
+            config = config.replace(background=True)
         if routed:
             config = _route_to_emulator(config)
         return Agent(f"imagine-{name}", config=config, tools=tools)

@@ -592,6 +592,7 @@ class Studio:
         self._ui = _UIThread(lambda exc: self._set_error(plain_error(exc)))
         self._lock = self._ui.lock
         self._what = "Generating"
+        self._job_status = ""  # a background response's status, e.g. " · queued"
         self._running = False
         self._idle = threading.Event()  # set when no generation runs and its results are shown
         self._idle.set()
@@ -737,6 +738,7 @@ class Studio:
             _show(self.partial, False)
             self._update_buttons()
             self._what = f"Editing {', '.join(f'#{i}' for i in self.selected)}" if edit else "Generating"
+            self._job_status = ""
             self._tick()
             self._ticker = threading.Thread(target=self._tick_loop, args=(generation,), daemon=True,
                                             name="nbimagine-studio-ticker")
@@ -760,14 +762,17 @@ class Studio:
     def _tick(self) -> None:
         if self.running:
             elapsed = time.perf_counter() - self._started_at
-            self.status.value = f'<span class="nbi-running">{self._what}… {elapsed:.1f} s</span>'
+            what = html.escape(self._what + self._job_status)
+            self.status.value = f'<span class="nbi-running">{what}… {elapsed:.1f} s</span>'
 
     def _on_event(self, index: int, event: StreamEvent) -> None:
         # Called on the background loop's thread: hand over, never touch widgets here.
-        from .events import PartialImageEvent
+        from .events import PartialImageEvent, StatusEvent
 
         if isinstance(event, PartialImageEvent):
             self._dispatch(self._show_partial, event.index, event.image)
+        elif isinstance(event, StatusEvent):
+            self._job_status = f" · background response {event.status.replace('_', ' ')}"
 
     def _show_partial(self, index: int, image: BinaryResult) -> None:
         if not self.running:

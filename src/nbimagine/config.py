@@ -89,12 +89,22 @@ class OpenAIResponsesConfig(_OpenAIBase):
     ``store=True`` keeps conversations on OpenAI's side (``previous_response_id``); with
     ``store=False`` nbimagine sends earlier images back itself. ``tool_choice="image_generation"``
     forces the image tool instead of letting the model decide.
+
+    ``background=True`` runs each request as a background response (OpenAI's background mode, also
+    on Azure and Foundry): the request returns at once, nbimagine checks the status (first after
+    ``poll_interval / 4`` seconds, doubling up to ``poll_interval``) until it ends, and reports it as
+    :class:`~nbimagine.events.StatusEvent` s. A streamed background response that drops is resumed
+    after the last event received, so a job outlives client timeouts and broken connections.
+    Cancelling the ask (Ctrl-C, task cancellation, leaving a stream early) cancels the response on
+    the server.
     """
 
     _: KW_ONLY
     store: bool = True
     tool_choice: str | None = None
     extra_body: Mapping[str, Any] | None = None
+    background: bool = False
+    poll_interval: float = 1.0
 
     _implementation: ClassVar[str] = "nbimagine._providers.openai:OpenAIResponsesProvider"
     provider: ClassVar[str] = "openai"
@@ -103,6 +113,12 @@ class OpenAIResponsesConfig(_OpenAIBase):
         super().__post_init__()
         if self.tool_choice is not None and self.tool_choice not in _TOOL_CHOICES:
             raise ConfigError(f"tool_choice must be one of {', '.join(_TOOL_CHOICES)}, not {self.tool_choice!r}")
+        if not isinstance(self.background, bool):
+            raise ConfigError(f"background must be True or False, not {self.background!r}")
+        if (not isinstance(self.poll_interval, (int, float)) or isinstance(self.poll_interval, bool)
+                or not 0 < self.poll_interval <= 60):
+            raise ConfigError(f"poll_interval must be a number of seconds above 0 and at most 60, "
+                              f"not {self.poll_interval!r}")
 
 
 @dataclass(frozen=True, repr=False)

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from .events import BinaryResult
 
 __all__ = [
+    "BackgroundResponseError",
     "ConfigError",
     "ContentPolicyError",
     "HistoryError",
@@ -136,6 +137,22 @@ class ContentPolicyError(ProviderError):
 
     def __init__(self, message: str, *, reason: str | None = None, **kwargs: Any) -> None:
         self.reason = reason
+        super().__init__(message, **kwargs)
+
+
+class BackgroundResponseError(ProviderError):
+    """A background response (``background=True``) could not deliver its images.
+
+    It was cancelled or failed on the server, it completed but the response as retrieved no longer
+    holds the image bytes (``code="image_result_missing"``), or it could not be followed any more.
+    ``response_id`` names it on the provider's side; ``response_status`` is its last known status
+    (``"cancelled"``, ``"failed"``, ``"completed"``...), not to be confused with ``status``, the HTTP one.
+    """
+
+    def __init__(self, message: str, *, response_id: str | None = None, response_status: str | None = None,
+                 **kwargs: Any) -> None:
+        self.response_id = response_id
+        self.response_status = response_status
         super().__init__(message, **kwargs)
 
 

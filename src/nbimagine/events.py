@@ -30,6 +30,7 @@ __all__ = [
     "ImageInput",
     "PartialImageEvent",
     "ReplyEvent",
+    "StatusEvent",
     "StreamEvent",
     "TextDeltaEvent",
 ]
@@ -333,11 +334,26 @@ class ImageEvent:
 
 
 @dataclass(frozen=True)
+class StatusEvent:
+    """Where a background response stands (``background=True`` configs only).
+
+    ``status`` is the provider's own word: ``"queued"``, ``"in_progress"``, then, rarely seen here
+    because the reply or an error follows, a terminal one. ``elapsed`` counts seconds since the
+    response was created; ``detail`` says what else happened (e.g. a dropped stream was resumed).
+    """
+
+    status: str
+    response_id: str | None
+    elapsed: float
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
 class ReplyEvent:
     """Always the last event of a stream."""
 
     reply: Reply
 
 
-StreamEvent = PartialImageEvent | TextDeltaEvent | ImageEvent | ReplyEvent
+StreamEvent = PartialImageEvent | TextDeltaEvent | ImageEvent | StatusEvent | ReplyEvent
 

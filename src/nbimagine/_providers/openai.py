@@ -9,6 +9,7 @@ import base64
 import binascii
 import os
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ from ..events import (
     TextDeltaEvent,
 )
 from ..tools import ImageGenerationTool
+from ._background import RESULT_MISSING, BackgroundRun
 from ._base import Input, Provider, Turn, result
 
 # Error codes OpenAI and Azure use when a safety system blocked a prompt or an image.
@@ -164,8 +166,15 @@ class OpenAIResponsesProvider(_OpenAIClientMixin, Provider[OpenAIResponsesConfig
         masked = any("input_image_mask" in t for t in request.get("tools", []))
         parser = _ResponseParser(self.name, self.config.model, mask="native" if masked else None)
         client = self.client()
+        background = None
         try:
-            if streaming:
+            if self.config.background:
+                background = BackgroundRun(client, parser, provider=self.name, poll_interval=self.config.poll_interval)
+                async with aclosing(background.events(request, stream=streaming)) as events:
+                    async for out in events:
+                        yield out
+                response = background.response
+            elif streaming:
                 stream = await client.responses.create(**request, stream=True)
                 try:
                     async for event in stream:
@@ -349,6 +358,10 @@ class _ResponseParser:
 
     def _image(self, item: Any) -> BinaryResult | None:
         error = getattr(item, "error", None)
+        if item.status == "completed" and not item.result and error is None:
+            self.failures.append((RESULT_MISSING, "the image call completed but the answer holds no image bytes",
+                                  item.id))
+            return None
         if item.status == "failed" or not item.result:
             code = _get(error, "code")
             message = _get(error, "message") or f"the image call ended with status {item.status!r} and no image"
@@ -369,7 +382,7 @@ class _ResponseParser:
     # Streaming: one event at a time.
     def feed(self, event: Any) -> list[StreamEvent]:
         kind = event.type
-        if kind in ("response.created", "response.in_progress"):
+        if kind in ("response.created", "response.queued", "response.in_progress"):
             self.begin(event.response)
         elif kind == "response.image_generation_call.partial_image":
             data = _decode_image(event.partial_image_b64)

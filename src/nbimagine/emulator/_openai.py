@@ -473,7 +473,8 @@ def _response(plan: _Plan, output: list[dict[str, Any]], *, status: str,
     images = sum(1 for item in output if item.get("type") == "image_generation_call" and item.get("result"))
     return {
         "id": plan.resp_id, "object": "response", "created_at": plan.created, "status": status,
-        "background": False, "completed_at": int(time.time()) if status == "completed" else None,
+        "background": body.get("background") is True,
+        "completed_at": int(time.time()) if status == "completed" else None,
         "error": error, "incomplete_details": None, "instructions": body.get("instructions"),
         "max_output_tokens": body.get("max_output_tokens"), "max_tool_calls": None, "model": parsed.model,
         "output": output, "parallel_tool_calls": body.get("parallel_tool_calls", True),
@@ -496,7 +497,7 @@ def _remember(state: State, plan: _Plan, output: list[dict[str, Any]], images: l
     if last is None:  # a turn without a new image keeps the conversation's previous one
         last = plan.parsed.base
     with state.lock:
-        state.store[f"openai:resp:{plan.resp_id}"] = {"output": output, "last_image": last}
+        state.store[f"openai:resp:{plan.resp_id}"] = {"output": output, "last_image": last, "plan": plan}
         for i, item in enumerate(output):
             image = images[i] if i < len(images) else None  # images line up with the leading image calls
             state.store[f"openai:item:{item['id']}"] = {"item": item, "image": image}
@@ -527,13 +528,15 @@ def _frame(kind: str, payload: dict[str, Any]) -> bytes:
 
 
 def _events(plan: _Plan, state: State) -> Iterator[bytes]:
-    seq = 0
+    for seq, payload in enumerate(event_payloads(plan, state)):
+        yield _frame(payload["type"], {"type": payload["type"], "sequence_number": seq, **payload})
 
-    def event(kind: str, **payload: Any) -> bytes:
-        nonlocal seq
-        frame = _frame(kind, {"type": kind, "sequence_number": seq, **payload})
-        seq += 1
-        return frame
+
+def event_payloads(plan: _Plan, state: State) -> Iterator[dict[str, Any]]:
+    """The stream's events in order, without sequence numbers (``_events`` and background jobs number them)."""
+
+    def event(kind: str, **payload: Any) -> dict[str, Any]:
+        return {"type": kind, **payload}
 
     name = plan.fault.name if plan.fault else None
     yield event("response.created", response=_response(plan, [], status="in_progress"))
@@ -638,6 +641,10 @@ def handle(req: Request, state: State) -> Answer:
                       type_="image_generation_user_error", code="moderation_blocked",
                       extra={"moderation_details": {"moderation_stage": "input", "categories": ["violence"]}})
     plan = _plan(parsed, fault)
+    if body.get("background") is True:
+        from . import _background
+
+        return _background.create(plan, state)
     return _sse_answer(plan, state) if parsed.stream else _json_answer(plan, state)
 
 

@@ -30,6 +30,8 @@ __all__ = ["Answer", "Emulator", "Fault", "RecordedRequest", "Request", "State"]
 _SECRET_HEADERS = frozenset({"authorization", "api-key", "x-goog-api-key"})
 _FAULT_TOKEN = re.compile(r"\[fault:([A-Za-z0-9_\-]+)\]")
 _ERROR_TOKEN = re.compile(r"\[error:(\d{3})\]")
+# GET …/responses/{id} and POST …/responses/{id}/cancel (background responses, stored responses).
+_RESPONSE_PATH = re.compile(r"^(?:/.*)?/responses/([^/]+?)(/cancel)?$")
 _GEMINI_PATH = re.compile(
     r"^(?:/.*)?/(?:v1|v1beta|v1beta1|v1alpha)/(?:projects/[^/]+/locations/[^/]+/)?(?:publishers/[^/]+/)?"
     r"models/[^/:]+:(?:generateContent|streamGenerateContent)$"
@@ -59,7 +61,8 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
     json: Any = None  # JSON body (sent with Content-Length)
     body: bytes | None = None  # raw body instead of json
-    sse: Iterable[bytes] | None = None  # SSE frames, each written and flushed as produced (chunked)
+    # SSE frames, each written and flushed as produced (chunked); None = nothing yet (the client is checked)
+    sse: Iterable[bytes | None] | None = None
     # Fault: after this many SSE frames (or, for json/body, after half the bytes) drop the connection.
     break_after: int | None = None
 
@@ -81,6 +84,7 @@ class RecordedRequest:
     query: dict[str, str]
     headers: dict[str, str]
     json: Any
+    at: float = 0.0  # time.monotonic() when it arrived
 
 
 @dataclass
@@ -93,7 +97,7 @@ class _Injected:
 class State:
     """Shared mutable emulator state. Every method is thread-safe."""
 
-    def __init__(self, latency: float = 0.0, stream_delay: float = 0.0) -> None:
+    def __init__(self, latency: float = 0.0, stream_delay: float = 0.0, background_duration: float = 1.0) -> None:
         self.lock = threading.RLock()
         self.store: dict[str, Any] = {}
         self.secret: bytes = os.urandom(32)
@@ -103,6 +107,8 @@ class State:
         self.stream_delay = float(stream_delay)
         self._default_latency = float(latency)
         self._default_stream_delay = float(stream_delay)
+        self.background_duration = float(background_duration)
+        self._default_background_duration = float(background_duration)
         self._faults: list[_Injected] = []
         self._ids = itertools.count(1)
 
@@ -163,6 +169,7 @@ class State:
             self._faults.clear()
             self.latency = self._default_latency
             self.stream_delay = self._default_stream_delay
+            self.background_duration = self._default_background_duration
             self.aborted = 0
 
 
@@ -177,6 +184,14 @@ def _route(request: Request, state: State) -> Answer:
         from . import _images_api
 
         return _images_api.handle(request, state)
+    match = _RESPONSE_PATH.match(path)
+    if match:
+        from . import _background
+
+        resp_id, cancel = match.groups()
+        if cancel:
+            return _background.cancel(request, state, resp_id) if request.method == "POST" else _method(request)
+        return _background.retrieve(request, state, resp_id) if request.method == "GET" else _method(request)
     if path.endswith("/chat/completions"):
         from . import _openai
 
@@ -194,6 +209,11 @@ def _route(request: Request, state: State) -> Answer:
         return Answer(json={"emulator": "nbimagine", "status": "ok"})
     return Answer(404, json={"error": {"message": f"The emulator has no route {request.method} {request.path}",
                                        "type": "invalid_request_error", "param": None, "code": "not_found"}})
+
+
+def _method(request: Request) -> Answer:
+    return Answer(405, json={"error": {"message": f"Method {request.method} is not supported on {request.path}.",
+                                       "type": "invalid_request_error", "param": None, "code": None}})
 
 
 class _ClientGone(Exception):
@@ -270,7 +290,7 @@ class _Handler(BaseHTTPRequestHandler):
             from ._images_api import form_summary  # the log keeps the fields and each file's type and size
 
             recorded = form_summary(headers["content-type"], body)
-        state.record(RecordedRequest(self.command, parts.path, query, masked, recorded))
+        state.record(RecordedRequest(self.command, parts.path, query, masked, recorded, time.monotonic()))
 
         if state.latency > 0:
             self._wait(state.latency)
@@ -330,6 +350,10 @@ class _Handler(BaseHTTPRequestHandler):
             iterator = iter(answer.sse)
             try:
                 for frame in iterator:
+                    if frame is None:  # the producer is waiting (a background job's next event)
+                        if self._client_gone():
+                            raise _ClientGone
+                        continue
                     if answer.break_after is not None and sent >= answer.break_after:
                         self._drop()
                         return
@@ -403,11 +427,12 @@ class Emulator:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency: float = 0.0,
-                 close_connections: bool = False, stream_delay: float = 0.0) -> None:
+                 close_connections: bool = False, stream_delay: float = 0.0,
+                 background_duration: float = 1.0) -> None:
         self.host = host
         self.port = port
         self.close_connections = close_connections
-        self.state = State(latency, stream_delay)
+        self.state = State(latency, stream_delay, background_duration)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -495,6 +520,16 @@ class Emulator:
     @stream_delay.setter
     def stream_delay(self, seconds: float) -> None:
         self.state.stream_delay = float(seconds)
+
+    @property
+    def background_duration(self) -> float:
+        """Seconds a background response takes from creation to its end (queued for the first quarter, at most
+        0.25 s, then in progress)."""
+        return self.state.background_duration
+
+    @background_duration.setter
+    def background_duration(self, seconds: float) -> None:
+        self.state.background_duration = float(seconds)
 
     @property
     def aborted(self) -> int:

@@ -1,0 +1,338 @@
+"""Background responses (``background=True``) through the real ``openai`` SDK against the emulator.
+
+The emulator runs each background job on its own clock (``background_duration``); nothing here
+waits a fixed time: tests wait for an event or for a request to reach the emulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import warnings
+
+import pytest
+from openai import AsyncOpenAI, BadRequestError, NotFoundError
+
+from nbimagine import Agent
+from nbimagine.config import AzureOpenAIResponsesConfig, OpenAIResponsesConfig
+from nbimagine.errors import BackgroundResponseError, ConfigError, ContentPolicyError, ProviderError
+from nbimagine.events import ImageEvent, PartialImageEvent, ReplyEvent, StatusEvent
+from nbimagine.tools import ImageGenerationTool
+
+KEY = "sk-emulator-test-key-0123456789"
+
+
+def config(emu, **changes: object) -> OpenAIResponsesConfig:
+    base = {"model": "gpt-4.1", "api_key": KEY, "base_url": emu.openai_base_url, "background": True,
+            "poll_interval": 0.05, "max_retries": 0}
+    return OpenAIResponsesConfig(**{**base, **changes})
+
+
+def azure_config(emu, **changes: object) -> AzureOpenAIResponsesConfig:
+    base = {"model": "gpt-4.1", "api_key": KEY, "azure_endpoint": emu.azure_endpoint, "background": True,
+            "poll_interval": 0.05, "max_retries": 0, "image_deployment": "gpt-image-1"}
+    return AzureOpenAIResponsesConfig(**{**base, **changes})
+
+
+def calls(emu, method: str, suffix: str = "") -> list:
+    return [r for r in emu.requests if r.method == method and "/responses" in r.path and r.path.endswith(suffix)]
+
+
+def sync_client(emu) -> AsyncOpenAI:
+    return AsyncOpenAI(api_key=KEY, base_url=emu.openai_base_url, max_retries=0)
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [("background", "yes"), ("poll_interval", 0), ("poll_interval", -1),
+                                          ("poll_interval", 61), ("poll_interval", True)])
+def test_bad_background_settings_are_config_errors(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=field):
+        OpenAIResponsesConfig(model="gpt-4.1", **{field: value})
+
+
+# --- polled to completion ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [config, azure_config], ids=["openai", "azure"])
+async def test_background_ask_is_polled_to_completion(emu, make) -> None:
+    emu.background_duration = 0.3
+    agent = Agent("designer", config=make(emu), tools=[ImageGenerationTool(size="256x256")])
+
+    reply = await agent.ask("A lighthouse at dusk")
+
+    assert len(reply.files) == 1 and reply.files[0].media_type == "image/png"
+    created = calls(emu, "POST")
+    assert len(created) == 1 and created[0].json["background"] is True
+    polls = calls(emu, "GET")
+    assert polls and all(p.path.endswith(reply.response_id) for p in polls)
+    assert not calls(emu, "POST", "/cancel")
+
+
+async def test_background_status_events_queued_then_in_progress(emu) -> None:
+    emu.background_duration = 0.4
+    agent = Agent("designer", config=config(emu), tools=[ImageGenerationTool(size="256x256")])
+
+    events = [e async for e in agent.stream("A lighthouse at dusk")]
+
+    statuses = [e for e in events if isinstance(e, StatusEvent)]
+    assert [s.status for s in statuses][:2] == ["queued", "in_progress"]
+    assert statuses[0].response_id and statuses[0].response_id.startswith("resp_")
+    assert all(b.elapsed >= a.elapsed for a, b in itertools.pairwise(statuses))
+    assert isinstance(events[-1], ReplyEvent) and len(events[-1].reply.files) == 1
+    assert sum(isinstance(e, ImageEvent) for e in events) == 1
+
+
+async def test_a_job_longer_than_the_client_timeout_survives(emu) -> None:
+    # Each request is quick, so the job (1 s) may outlast the client's timeout (0.3 s), polled or streamed.
+    emu.background_duration = 1.0
+    for stream in (False, True):
+        emu.reset()
+        emu.background_duration = 1.0
+        agent = Agent("designer", config=config(emu, timeout=0.3), tools=[ImageGenerationTool(size="256x256")])
+        if stream:
+            events = [e async for e in agent.stream("A slow picture")]
+            reply = events[-1].reply
+        else:
+            reply = await agent.ask("A slow picture")
+        assert len(reply.files) == 1
+
+
+async def test_transient_errors_while_polling_are_retried(emu) -> None:
+    emu.background_duration = 0.5
+    agent = Agent("designer", config=config(emu), tools=[ImageGenerationTool(size="256x256")])
+    task = asyncio.ensure_future(agent.ask("A lighthouse"))
+    while not calls(emu, "POST"):
+        await asyncio.sleep(0.01)
+    emu.inject("http", status=503, times=2)
+
+    reply = await task
+
+    assert len(reply.files) == 1
+    assert len(calls(emu, "GET")) >= 3  # two failed polls, then the ones that worked
+
+
+# --- cancelled mid-way --------------------------------------------------------------------------
+
+async def test_leaving_the_stream_cancels_the_job_on_the_server(emu) -> None:
+    emu.background_duration = 60  # never finishes by itself during the test
+    agent = Agent("designer", config=config(emu), tools=[ImageGenerationTool(size="256x256")])
+
+    stream = agent.stream("A lighthouse")
+    async for event in stream:
+        if isinstance(event, StatusEvent) and event.status == "in_progress":
+            response_id = event.response_id
+            break
+    await stream.aclose()
+
+    cancels = calls(emu, "POST", "/cancel")
+    assert [c.path for c in cancels] == [f"/v1/responses/{response_id}/cancel"]
+    retrieved = await sync_client(emu).responses.retrieve(response_id)
+    assert retrieved.status == "cancelled"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["polled", "streamed"])
+async def test_cancelling_the_task_cancels_the_job_on_the_server(emu, stream: bool) -> None:
+    emu.background_duration = 60
+    agent = Agent("designer", config=config(emu), tools=[ImageGenerationTool(size="256x256")])
+    if stream:
+        async def consume() -> None:
+            async for _ in agent.stream("A lighthouse"):
+                pass
+        task = asyncio.ensure_future(consume())
+    else:
+        task = asyncio.ensure_future(agent.ask("A lighthouse"))
+    while not calls(emu, "GET") and not (stream and calls(emu, "POST")):
+        await asyncio.sleep(0.01)
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    cancels = calls(emu, "POST", "/cancel")
+    assert len(cancels) == 1
+    response_id = cancels[0].path.split("/")[-2]
+    assert (await sync_client(emu).responses.retrieve(response_id)).status == "cancelled"
+
+
+async def test_a_cancel_while_the_create_is_in_flight_still_cancels_the_job(emu) -> None:
+    # The job exists on the server as soon as the create arrives; the id comes with the answer.
+    emu.background_duration = 60
+    emu.latency = 0.3
+    agent = Agent("designer", config=config(emu), tools=[ImageGenerationTool(size="256x256")])
+    task = asyncio.ensure_future(agent.ask("A lighthouse"))
+    while not calls(emu, "POST"):
+        await asyncio.sleep(0.01)
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert len(calls(emu, "POST", "/cancel")) == 1
+
+
+def test_ctrl_c_in_ask_sync_cancels_the_job(emu, ctrl_c_when_in_flight) -> None:
+    emu.background_duration = 60
+    agent = Agent("designer", config=config(emu), tools=[ImageGenerationTool(size="256x256")])
+    ctrl_c_when_in_flight()
+
+    with pytest.raises(KeyboardInterrupt):
+        agent.ask_sync("A lighthouse")
+
+    assert len(calls(emu, "POST", "/cancel")) == 1
+
+
+# --- dropped streams are resumed ----------------------------------------------------------------------
+
+async def test_a_dropped_stream_resumes_without_repeating_or_losing_partial_images(emu) -> None:
+    emu.background_duration = 0.4
+    tool = ImageGenerationTool(partial_images=3, size="256x256")
+    plain = Agent("designer", config=config(emu), tools=[tool])
+    expected = [e async for e in plain.stream("A harbour at night")]
+    emu.reset()
+    emu.background_duration = 0.4
+    emu.inject("broken_stream")  # the connection drops right after the first partial image
+
+    events = [e async for e in plain.stream("A harbour at night")]
+
+    partials = [e.index for e in events if isinstance(e, PartialImageEvent)]
+    assert partials == [0, 1, 2]
+    resumed = [r for r in calls(emu, "GET") if r.query.get("stream") == "true"]
+    assert len(resumed) == 1 and resumed[0].query["starting_after"] == "6"
+    assert any(isinstance(e, StatusEvent) and e.detail and "resuming after event 6" in e.detail for e in events)
+    final, reference = events[-1].reply.files, expected[-1].reply.files
+    assert [f.data for f in final] == [f.data for f in reference]
+    assert [e.image.data for e in events if isinstance(e, PartialImageEvent)] == [
+        e.image.data for e in expected if isinstance(e, PartialImageEvent)]
+
+
+async def test_a_stream_that_keeps_dropping_resumes_each_time(emu) -> None:
+    emu.background_duration = 0.4
+    emu.inject("broken_stream", times=3)  # the create, then two resumes, drop
+    agent = Agent("designer", config=config(emu), tools=[ImageGenerationTool(partial_images=2, size="256x256")])
+
+    events = [e async for e in agent.stream("A harbour")]
+
+    assert [e.index for e in events if isinstance(e, PartialImageEvent)] == [0, 1]
+    assert len(events[-1].reply.files) == 1
+    assert len([r for r in calls(emu, "GET") if r.query.get("stream") == "true"]) == 3
+
+
+# --- failures are typed, images are never an empty success ----------------------------------------
+
+@pytest.mark.parametrize("stream", [False, True], ids=["polled", "streamed"])
+async def test_a_job_that_fails_on_the_server_raises(emu, stream: bool) -> None:
+    emu.background_duration = 0.2
+    agent = Agent("designer", config=config(emu), tools=[ImageGenerationTool(size="256x256")])
+    with pytest.raises(ProviderError) as caught:
+        if stream:
+            [e async for e in agent.stream("A lighthouse [fault:background_failed]")]
+        else:
+            await agent.ask("A lighthouse [fault:background_failed]")
+    assert caught.value.code == "server_error"
+    assert not isinstance(caught.value, ContentPolicyError)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["polled", "streamed"])
+async def test_a_job_cancelled_on_the_server_raises(emu, stream: bool) -> None:
+    emu.background_duration = 0.2
+    agent = Agent("designer", config=config(emu), tools=[ImageGenerationTool(size="256x256")])
+    with pytest.raises(BackgroundResponseError) as caught:
+        if stream:
+            [e async for e in agent.stream("A lighthouse [fault:background_cancelled]")]
+        else:
+            await agent.ask("A lighthouse [fault:background_cancelled]")
+    assert caught.value.response_status == "cancelled" and caught.value.response_id.startswith("resp_")
+    assert not calls(emu, "POST", "/cancel")  # nbimagine did not cancel it: the server did
+
+
+async def test_a_completed_job_without_its_image_bytes_is_a_typed_error(emu) -> None:
+    emu.background_duration = 0.2
+    agent = Agent("designer", config=config(emu), tools=[ImageGenerationTool(size="256x256")])
+    with pytest.raises(BackgroundResponseError) as caught:
+        await agent.ask("A lighthouse [fault:background_result_missing]")
+    error = caught.value
+    assert error.code == "image_result_missing" and error.response_status == "completed"
+    assert "no longer holds the image bytes" in str(error)
+
+
+async def test_a_streamed_job_keeps_the_bytes_it_received(emu) -> None:
+    # The retrieved response would have lost them; the stream delivered them as they were made.
+    emu.background_duration = 0.2
+    agent = Agent("designer", config=config(emu), tools=[ImageGenerationTool(size="256x256")])
+    events = [e async for e in agent.stream("A lighthouse [fault:background_result_missing]")]
+    assert len(events[-1].reply.files) == 1
+
+
+async def test_background_multi_turn_continues_the_conversation(emu) -> None:
+    emu.background_duration = 0.1
+    agent = Agent("designer", config=config(emu), tools=[ImageGenerationTool(size="256x256")])
+    first = await agent.ask("A cat")
+    second = await first.ask("Give it a hat")
+    assert second.files[0].metadata["action"] == "edit"
+    assert calls(emu, "POST")[-1].json["previous_response_id"] == first.response_id
+
+
+# --- the emulator's background routes, through the raw SDK ---------------------------------------
+
+async def test_emulator_background_routes(emu) -> None:
+    emu.background_duration = 60
+    client = sync_client(emu)
+    job = await client.responses.create(model="gpt-4.1", input="fox", background=True,
+                                        tools=[{"type": "image_generation"}])
+    assert job.status == "queued" and job.background is True and job.output == []
+
+    cancelled = await client.responses.cancel(job.id)
+    again = await client.responses.cancel(job.id)  # idempotent
+    assert cancelled.status == again.status == "cancelled"
+
+    plain = await client.responses.create(model="gpt-4.1", input="fox")
+    with pytest.raises(BadRequestError, match="Cannot cancel a synchronous response"):
+        await client.responses.cancel(plain.id)
+    assert (await client.responses.retrieve(plain.id)).status == "completed"
+    with pytest.raises(BadRequestError):
+        await client.responses.retrieve(plain.id, stream=True)
+    with pytest.raises(NotFoundError):
+        await client.responses.retrieve("resp_unknown")
+    with pytest.raises(NotFoundError):
+        await client.responses.cancel("resp_unknown")
+
+
+async def test_emulator_stream_resume_sends_only_later_events(emu) -> None:
+    emu.background_duration = 0.2
+    client = sync_client(emu)
+    stream = await client.responses.create(model="gpt-4.1", input="fox", background=True, stream=True,
+                                           tools=[{"type": "image_generation", "partial_images": 2}])
+    first = [e async for e in stream]
+    numbers = [e.sequence_number for e in first]
+    assert numbers == list(range(len(first)))
+    assert [e.type for e in first[:3]] == ["response.created", "response.queued", "response.in_progress"]
+    assert first[0].response.status == "queued" and first[-1].type == "response.completed"
+
+    resumed = [e async for e in await client.responses.retrieve(first[0].response.id, stream=True, starting_after=5)]
+    assert [e.sequence_number for e in resumed] == numbers[6:]
+    assert [e.model_dump() for e in resumed] == [e.model_dump() for e in first[6:]]
+
+
+def test_cancel_failure_is_a_warning_not_a_hang(unused_port: int) -> None:
+    from nbimagine._providers._background import BackgroundRun
+
+    async def cancel() -> None:
+        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{unused_port}/v1", max_retries=0)
+        run = BackgroundRun(client, parser=None, provider="openai", poll_interval=1.0)
+        run.response_id, run.status = "resp_x", "in_progress"
+        await run.cancel_on_server()
+        await client.close()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(cancel())
+    assert "could not cancel the background response resp_x" in str(caught[0].message)
+
+
+@pytest.fixture
+def unused_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
