@@ -183,6 +183,8 @@ class ProviderPanel:
                                      layout=wide())
         self.input_fidelity = w.Dropdown(description="Input fidelity", options=_choices(INPUT_FIDELITIES),
                                          style=style, layout=wide())
+        self.background_mode = w.Checkbox(description="Background response (polled; Ctrl-C cancels it)",
+                                          indent=False, layout=wide())
         # Gemini / Vertex
         self.aspect_ratio = w.Dropdown(description="Aspect ratio", options=_choices(GEMINI_ASPECT_RATIOS),
                                        style=style, layout=wide())
@@ -201,7 +203,7 @@ class ProviderPanel:
             w.HBox([self.size, self.custom_size]), self.errors["size"],
             self.background, self.output_format, self.errors["output_format"],
             w.HBox([self.compression, self.compression_on]), self.errors["compression"],
-            self.partial_images, self.moderation, self.input_fidelity,
+            self.partial_images, self.moderation, self.input_fidelity, self.background_mode,
         ])
         self.gemini_box = w.VBox([
             self.aspect_ratio, self.errors["aspect_ratio"], self.image_size,
@@ -219,7 +221,7 @@ class ProviderPanel:
         self.widget.add_class("nbi-panel")
         for name in ("provider", "emulator", "model", "quality", "size", "custom_size", "background",
                      "output_format", "compression_on", "compression", "partial_images", "moderation",
-                     "input_fidelity", "aspect_ratio", "image_size"):
+                     "input_fidelity", "background_mode", "aspect_ratio", "image_size"):
             getattr(self, name).add_class(f"nbi-{name.replace('_', '-')}")
         for name, box in self.modalities.items():
             box.add_class(f"nbi-modality-{name.lower()}")
@@ -248,8 +250,8 @@ class ProviderPanel:
     def _controls(self) -> list[w.ValueWidget]:
         return [self.provider, self.emulator, self.model, self.quality, self.size, self.custom_size,
                 self.background, self.output_format, self.compression_on, self.compression,
-                self.partial_images, self.moderation, self.input_fidelity, self.aspect_ratio,
-                self.image_size, *self.modalities.values()]
+                self.partial_images, self.moderation, self.input_fidelity, self.background_mode,
+                self.aspect_ratio, self.image_size, *self.modalities.values()]
 
     def _provider_options(self) -> list[tuple[str, str]]:
         out = []
@@ -296,6 +298,7 @@ class ProviderPanel:
             "partial_images": self.partial_images.value,
             "moderation": _opt(self.moderation.value),
             "input_fidelity": _opt(self.input_fidelity.value),
+            "background_mode": self.background_mode.value,
             "aspect_ratio": _opt(self.aspect_ratio.value),
             "image_size": _opt(self.image_size.value),
             "response_modalities": [m for m, box in self.modalities.items() if box.value],
@@ -419,6 +422,7 @@ class ProviderPanel:
             self.partial_images.value = s.partial_images or 0
             self.moderation.value = s.moderation or DEFAULT
             self.input_fidelity.value = s.input_fidelity or DEFAULT
+            self.background_mode.value = bool(s.background_mode)
             self.aspect_ratio.value = s.aspect_ratio if s.aspect_ratio in GEMINI_ASPECT_RATIOS else DEFAULT
             self.image_size.value = s.image_size if s.image_size in GEMINI_IMAGE_SIZES else DEFAULT
             modalities = [m.upper() for m in (s.response_modalities or [])]

@@ -17,6 +17,7 @@ from .errors import ConfigError
 __all__ = [
     "AzureOpenAIImagesConfig",
     "AzureOpenAIResponsesConfig",
+    "FoundryAgentConfig",
     "GeminiConfig",
     "OpenAIConfig",
     "OpenAIImagesConfig",
@@ -25,7 +26,7 @@ __all__ = [
     "VertexAIConfig",
 ]
 
-_SECRET_FIELDS = frozenset({"api_key", "azure_ad_token", "credentials"})
+_SECRET_FIELDS = frozenset({"api_key", "azure_ad_token", "credentials", "credential"})
 # Header names whose values are credentials (Authorization, api-key, x-goog-api-key, X-Auth-Token...).
 _SECRET_HEADER = re.compile(r"auth|key|token|secret|cookie", re.IGNORECASE)
 _TOOL_CHOICES = ("auto", "none", "required", "image_generation")
@@ -48,12 +49,15 @@ class ProviderConfig:
     provider: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ConfigError(f"{type(self).__name__} needs a model name, e.g. model='gpt-4.1'")
+        self._check_model()
         if not isinstance(self.timeout, (int, float)) or self.timeout <= 0:
             raise ConfigError(f"timeout must be a positive number of seconds, not {self.timeout!r}")
         if not isinstance(self.max_retries, int) or isinstance(self.max_retries, bool) or self.max_retries < 0:
             raise ConfigError(f"max_retries must be an integer >= 0, not {self.max_retries!r}")
+
+    def _check_model(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ConfigError(f"{type(self).__name__} needs a model name, e.g. model='gpt-4.1'")
 
     def replace(self, **changes: Any) -> ProviderConfig:
         """A copy with some fields changed (configs are immutable)."""
@@ -65,7 +69,9 @@ class ProviderConfig:
             value = getattr(self, f.name)
             if f.name in _SECRET_FIELDS:
                 if value is not None:
-                    shown.append(f"{f.name}=<set>")
+                    # A credential object's type is no secret and says which one is in use.
+                    kind = type(value).__name__ if f.name == "credential" else "set"
+                    shown.append(f"{f.name}=<{kind}>")
             elif f.name == "headers" and value:
                 masked = {k: "***" if _SECRET_HEADER.search(k) else v for k, v in value.items()}
                 shown.append(f"headers={masked!r}")
@@ -144,6 +150,70 @@ class AzureOpenAIResponsesConfig(OpenAIResponsesConfig):
         super().__post_init__()
         if self.base_url and self.azure_endpoint:
             raise ConfigError("Pass either base_url= or azure_endpoint=, not both")
+
+
+# Foundry agent names: "Must start and end with alphanumeric characters, can contain hyphens in the
+# middle, must not exceed 63 characters" (azure-ai-projects, AgentsOperations.create_version).
+_FOUNDRY_AGENT_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+@dataclass(frozen=True, repr=False)
+class FoundryAgentConfig(OpenAIResponsesConfig):
+    """Microsoft Foundry Agent Service: a project's agent, asked through the project's OpenAI client.
+
+    ``project_endpoint`` is ``https://<resource>.services.ai.azure.com/api/projects/<project>``;
+    ``agent_name`` the agent (1-63 letters, digits and inner hyphens). With
+    ``Agent(..., tools=[ImageGenerationTool(...)])`` nbimagine creates a version of that agent whose
+    definition carries the image tool (``PromptAgentDefinition(model, instructions, tools=[ImageGenTool])``
+    through ``azure-ai-projects``), or reuses the latest version when its definition is the same; then
+    ``model`` (the orchestrator deployment, e.g. ``gpt-4.1``) is required. Without tools it asks the
+    existing agent ``agent_name`` as it is, at ``agent_version`` (default: the latest).
+
+    ``image_deployment`` (the gpt-image deployment) is sent in the ``x-ms-oai-image-generation-deployment``
+    header and becomes the image tool's ``model``. ``credential`` is any ``azure.core`` ``TokenCredential``
+    or ``AsyncTokenCredential`` (default: ``azure.identity.DefaultAzureCredential``); ``api_key``, when set,
+    authenticates the Responses requests instead (agent versions are always managed with the credential).
+    ``instructions`` become the created version's instructions (else the ``Agent``'s); for an existing
+    agent they are sent with each request. ``store``, ``background``, ``poll_interval`` and streaming
+    behave as for :class:`OpenAIResponsesConfig`; ``tool_choice`` is part of a created version's
+    definition. Environment: ``AZURE_AI_PROJECT_ENDPOINT``, ``AZURE_AI_MODEL_DEPLOYMENT_NAME``,
+    ``IMAGE_GENERATION_MODEL_DEPLOYMENT_NAME`` (the names Microsoft's samples use).
+    """
+
+    model: str | None = None  # type: ignore[assignment]
+    _: KW_ONLY
+    project_endpoint: str | None = None
+    agent_name: str | None = None
+    agent_version: str | None = None
+    instructions: str | None = None
+    image_deployment: str | None = None
+    credential: Any = None
+
+    _implementation: ClassVar[str] = "nbimagine._providers.foundry:FoundryAgentProvider"
+    provider: ClassVar[str] = "foundry"
+
+    def _check_model(self) -> None:
+        if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
+            raise ConfigError("FoundryAgentConfig model is the orchestrator deployment, e.g. model='gpt-4.1'")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.agent_name, str) or not _FOUNDRY_AGENT_NAME.match(self.agent_name):
+            raise ConfigError(
+                "FoundryAgentConfig needs agent_name=, the agent's name in the project: 1 to 63 letters, digits "
+                f"and hyphens, starting and ending with a letter or digit (not {self.agent_name!r})"
+            )
+        if self.agent_version is not None and (not isinstance(self.agent_version, str) or not self.agent_version):
+            raise ConfigError(f"agent_version must be a version string such as '3', not {self.agent_version!r}")
+        if self.base_url and self.project_endpoint:
+            raise ConfigError("Pass either project_endpoint= or base_url= (the project's OpenAI route), not both")
+        for name in ("organization", "project"):
+            if getattr(self, name) is not None:
+                raise ConfigError(f"{name}= is an OpenAI account setting; Foundry takes project_endpoint= instead")
+        credential = self.credential
+        if credential is not None and not callable(getattr(credential, "get_token", None)):
+            raise ConfigError("credential must be an azure TokenCredential or AsyncTokenCredential (an object with "
+                              f"get_token), such as azure.identity.DefaultAzureCredential(), not {type(credential)}")
 
 
 @dataclass(frozen=True, repr=False)

@@ -36,6 +36,8 @@ _FINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.in
 _STATUS_EVENTS = frozenset({"response.created", "response.queued", "response.in_progress"})
 _MAX_FAILURES = 5
 _CANCEL_TIMEOUT = 3.0
+# How long a cancelled ask waits for an in-flight create to name the response it must cancel.
+_CREATE_WAIT = 10.0
 # The image call's result is what gets dropped from a retrieved response (reported by users of the
 # background mode); the parser marks such a call with this code.
 RESULT_MISSING = "image_result_missing"
@@ -117,7 +119,7 @@ class BackgroundRun:
         if self.response_id is not None or creating is None:
             return
         try:
-            created = await asyncio.wait_for(creating, _CANCEL_TIMEOUT)
+            created = await asyncio.wait_for(creating, _CREATE_WAIT)
         except Exception:
             return
         if isinstance(created, tuple):

@@ -505,11 +505,15 @@ def _chat_content(inputs: Sequence[Input]) -> list[dict[str, Any]]:
 def _tool_param(tool: ImageGenerationTool, mask: ImageInput | None) -> dict[str, Any]:
     param: dict[str, Any] = {"type": "image_generation", **tool.params()}
     if mask is not None:
-        if mask.file_id:
-            param["input_image_mask"] = {"file_id": mask.file_id}
-        else:
-            param["input_image_mask"] = {"image_url": mask.url or data_url(mask.data or b"", mask.media_type or "")}
+        param["input_image_mask"] = mask_param(mask)
     return param
+
+
+def mask_param(mask: ImageInput) -> dict[str, str]:
+    """The image tool's ``input_image_mask``: a file id, or an image URL (a data URL for bytes)."""
+    if mask.file_id:
+        return {"file_id": mask.file_id}
+    return {"image_url": mask.url or data_url(mask.data or b"", mask.media_type or "")}
 
 
 # --- errors -----------------------------------------------------------------------------------

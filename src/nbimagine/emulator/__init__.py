@@ -1,4 +1,4 @@
-"""A loopback emulator of the OpenAI Responses (and Azure) and Gemini / Vertex image APIs.
+"""A loopback emulator of the OpenAI Responses (Azure, Foundry projects) and Gemini / Vertex image APIs.
 
 The real ``openai`` and ``google-genai`` SDKs talk to it over HTTP on 127.0.0.1, so notebooks and tests
 run without keys or network::
@@ -7,6 +7,7 @@ run without keys or network::
 
     with Emulator() as emu:
         client = OpenAI(base_url=emu.openai_base_url, api_key="x")
+        project = AIProjectClient(emu.foundry_endpoint, credential=EmulatorCredential())
 
 Images are deterministic drawings of the prompt, marked "nbimagine emulator". Prompt tokens steer it:
 ``[images:N]`` (N image calls), ``[error:NNN]`` (HTTP error), ``[fault:NAME]`` (see ``Emulator.inject``).
@@ -15,6 +16,7 @@ Standalone: ``python -m nbimagine.emulator --port 8765``.
 
 from __future__ import annotations
 
+from ._foundry import EmulatorCredential
 from ._server import Emulator, RecordedRequest
 
-__all__ = ["Emulator", "RecordedRequest"]
+__all__ = ["Emulator", "EmulatorCredential", "RecordedRequest"]

@@ -486,6 +486,8 @@ def _response(plan: _Plan, output: list[dict[str, Any]], *, status: str,
         "usage": _usage(parsed.prompt, plan.text) if final else None,
         "tool_usage": _tool_usage(plan, images) if final else None,
         "user": None, "metadata": body.get("metadata") or {},
+        # Foundry echoes the agent that answered (an extra key to the openai SDK, which keeps it).
+        **({"agent_reference": body["agent_reference"]} if "agent_reference" in body else {}),
     }
 
 

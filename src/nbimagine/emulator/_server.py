@@ -116,7 +116,7 @@ class State:
     def inject(self, fault: str, *, family: str | None = None, times: int = 1, status: int | None = None,
                retry_after: float | None = None, message: str | None = None) -> None:
         prefix, _, rest = fault.partition(":")
-        if family is None and prefix in ("openai", "gemini"):  # "gemini:http" is shorthand for family="gemini"
+        if family is None and prefix in ("openai", "gemini", "foundry"):  # "gemini:http" = family="gemini"
             family, fault = prefix, rest
         if fault == "http" and status is None:
             raise ValueError("inject('http') needs status=, e.g. status=500")
@@ -176,6 +176,10 @@ class State:
 # -- routing -----------------------------------------------------------------------------------------
 def _route(request: Request, state: State) -> Answer:
     path = request.path.rstrip("/")
+    if path.startswith("/api/projects/"):
+        from . import _foundry
+
+        return _foundry.handle(request, state)
     if path.endswith("/responses") or path == "/responses":
         from . import _openai
 
@@ -490,6 +494,11 @@ class Emulator:
     @property
     def azure_endpoint(self) -> str:
         return self.url
+
+    @property
+    def foundry_endpoint(self) -> str:
+        """A Microsoft Foundry project endpoint (``AIProjectClient(endpoint=...)``); any bearer token works."""
+        return self.url + "/api/projects/emulator"
 
     @property
     def gemini_base_url(self) -> str:
