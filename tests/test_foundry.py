@@ -124,6 +124,43 @@ async def test_azure_ai_projects_and_its_openai_client_against_the_emulator(emu)
     assert posted.headers["authorization"] == "***" and posted.json["agent_reference"]["name"] == "MyAgent"
 
 
+def test_the_seed_example_with_the_synchronous_client(emu, tmp_path, monkeypatch) -> None:
+    # The seed's Python example, against the emulator: only the endpoint, the credential, enforce_https (plain
+    # http on loopback) and the body key (agent_reference, see below) differ.
+    import base64
+    import os
+
+    from azure.ai.projects import AIProjectClient
+    from azure.ai.projects.models import ImageGenTool, PromptAgentDefinition
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AZURE_AI_MODEL_DEPLOYMENT_NAME", "gpt-4.1")
+    project_client = AIProjectClient(endpoint=emu.foundry_endpoint, credential=FakeTokenCredential())
+    openai_client = project_client.get_openai_client()
+    with project_client:
+        agent = project_client.agents.create_version(
+            agent_name="MyAgent",
+            definition=PromptAgentDefinition(
+                model=os.environ["AZURE_AI_MODEL_DEPLOYMENT_NAME"],
+                instructions="Generate images based on user prompts",
+                tools=[ImageGenTool(quality="low", size="1024x1024")],
+            ),
+            description="Agent for image generation.",
+            enforce_https=False,
+        )
+        response = openai_client.responses.create(
+            input="Generate an image of Microsoft logo.",
+            extra_headers={"x-ms-oai-image-generation-deployment": "gpt-image-1"},
+            extra_body={"agent_reference": {"name": agent.name, "type": "agent_reference"}},
+        )
+        image_data = [output.result for output in response.output if output.type == "image_generation_call"]
+        if image_data and image_data[0]:
+            with open("microsoft.png", "wb") as f:
+                f.write(base64.b64decode(image_data[0]))
+    assert (tmp_path / "microsoft.png").read_bytes().startswith(b"\x89PNG")
+    assert (agent.id, agent.version) == ("MyAgent:1", "1")
+
+
 async def test_the_seeds_agent_key_is_refused_as_the_service_does_today(emu) -> None:
     # The seed's REST example uses "agent"; Foundry now answers 400 and asks for "agent_reference".
     async with project_client(emu) as project, project.get_openai_client() as client:

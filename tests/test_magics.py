@@ -765,3 +765,62 @@ def test_ctrl_c_cancels_a_background_response_on_the_server(ip, emu, ctrl_c_when
     with pytest.raises(KeyboardInterrupt):
         imagine(ip, "--background-mode --size 256x256", "a lighthouse")
     assert [r for r in emu.requests if r.path.endswith("/cancel")]
+
+
+# --- Microsoft Foundry agents --------------------------------------------------------------------------
+
+
+def test_use_foundry_creates_the_agent_version_then_asks_it(ip, emu):
+    ip.run_line_magic("imagine", "use foundry --project-endpoint https://res.services.ai.azure.com/api/projects/p "
+                                 "--agent painter --image-deployment gpt-image-1 -m gpt-4.1")
+    imagine(ip, "--size 256x256 --quality low -o r", "a lighthouse")
+    created = [r for r in emu.requests if r.path.endswith("/agents/painter/versions") and r.method == "POST"]
+    assert len(created) == 1
+    assert created[0].json["definition"]["tools"][0] == {"type": "image_generation", "model": "gpt-image-1",
+                                                         "size": "256x256", "quality": "low"}
+    asked = [r for r in emu.requests if r.path.endswith("/openai/v1/responses")]
+    assert asked[-1].json["agent_reference"] == {"type": "agent_reference", "name": "painter", "version": "1"}
+    assert ip.user_ns["r"].files[0].metadata["provider"] == "foundry"
+    assert "foundry" in outputs(ip)[0]["data"]["text/plain"]
+
+    # Without -m the agent is used as it is; image options would change it, so they are refused.
+    ip.run_line_magic("imagine", "use foundry --agent painter")
+    get_session().use(model=None)
+    imagine(ip, "", "a second lighthouse")
+    assert [r for r in emu.requests if r.path.endswith("/openai/v1/responses")][-1].json["agent_reference"] == {
+        "type": "agent_reference", "name": "painter"}
+    with pytest.raises(UsageError, match="add -m"):
+        imagine(ip, "--size 1024x1024", "a third lighthouse")
+
+
+def test_foundry_needs_an_agent_name(ip, emu):
+    ip.run_line_magic("imagine", "use foundry")
+    with pytest.raises(UsageError, match="--agent NAME"):
+        imagine(ip, "", "a lighthouse")
+    assert not emu.requests
+
+
+def test_foundry_options_on_another_provider_are_refused_per_cell(ip, emu):
+    with pytest.raises(UsageError, match="--agent is a foundry option"):
+        imagine(ip, "-p openai --agent painter", "a lighthouse")
+    with pytest.raises(UsageError, match="--project-endpoint is a foundry option"):
+        imagine(ip, "-p gemini --project-endpoint https://x/api/projects/p", "a lighthouse")
+    assert not emu.requests
+
+
+def test_background_mode_with_foundry(ip, emu):
+    emu.background_duration = 0.2
+    ip.run_line_magic("imagine", "use foundry --agent painter --image-deployment gpt-image-1 -m gpt-4.1")
+    imagine(ip, "--background-mode --size 256x256 -o r", "a lighthouse")
+    asked = [r for r in emu.requests if r.path.endswith("/openai/v1/responses")]
+    assert asked[-1].json["background"] is True and len(ip.user_ns["r"].files) == 1
+
+
+def test_providers_shows_foundry_credential_sources_by_name_only(ip, monkeypatch):
+    secret = "tenant-secret-value-0123456789"
+    monkeypatch.setenv("AZURE_AI_PROJECT_ENDPOINT", "https://res.services.ai.azure.com/api/projects/p")
+    monkeypatch.setenv("AZURE_CLIENT_SECRET", secret)
+    shown = ip.run_line_magic("imagine", "providers")
+    text = repr(shown) + shown._repr_mimebundle_()["text/html"]
+    assert "AZURE_AI_PROJECT_ENDPOINT" in text and "AZURE_CLIENT_SECRET" in text
+    assert secret not in text and "res.services.ai.azure.com" not in text

@@ -833,3 +833,33 @@ def test_the_studio_names_an_image_it_cannot_preview(routed, hist):
     assert "No preview" in text(st.error) and "truncated" in text(st.error)
     assert f"#{hist[-1].id}" in text(st.caption) and "PNG" in text(st.caption)
     st.close()
+
+
+# --- Microsoft Foundry controls ----------------------------------------------------------------------
+
+
+def test_foundry_controls_show_for_foundry_and_write_the_session(session):
+    p = ProviderPanel(session)
+    p.provider.value = "foundry"
+    assert p.foundry_box.layout.display != "none" and p.openai_box.layout.display != "none"
+    assert p.image_deployment.layout.display != "none" and p.gemini_box.layout.display == "none"
+    p.project_endpoint.value = "https://res.services.ai.azure.com/api/projects/p"
+    p.agent_name.value = "painter"
+    p.image_deployment.value = "gpt-image-1"
+    assert (session.project_endpoint, session.agent_name, session.image_deployment) == (
+        "https://res.services.ai.azure.com/api/projects/p", "painter", "gpt-image-1")
+    session.use(agent_version="3")
+    assert p.agent_version.value == "3"
+    assert "Microsoft Entra ID" in p.keys.value
+    p.provider.value = "azure"
+    assert p.foundry_box.layout.display == "none" and p.image_deployment.layout.display != "none"
+    p.provider.value = "gemini"
+    assert p.image_deployment.layout.display == "none"
+
+
+def test_background_mode_checkbox_follows_the_session(session):
+    p = ProviderPanel(session)
+    p.background_mode.value = True
+    assert session.background_mode is True
+    session.use(background_mode=False)
+    assert p.background_mode.value is False

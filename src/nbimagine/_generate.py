@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._session import OPENAI_OPTIONS, ImagineSession, get_session
+from ._session import OPENAI_OPTIONS, RESPONSES_KINDS, ImagineSession, get_session
 from ._sync import Job
 from .errors import ConfigError, ImagineWarning, ProviderError
 from .events import BinaryResult, ImageEvent, ReplyEvent, StreamEvent
@@ -134,7 +134,7 @@ class Generation:
     def _session_params(self) -> dict[str, Any]:
         options = {**self.session.options(), **self.overrides}
         kind = self.session.kind(self.provider)
-        names = list(OPENAI_OPTIONS) if kind in ("openai", "azure") else ["aspect_ratio", "image_size"]
+        names = list(OPENAI_OPTIONS) if kind in RESPONSES_KINDS else ["aspect_ratio", "image_size"]
         params = {k: options.get(k) for k in names if options.get(k) not in (None, 0)}
         if self.n * self.per_call > 1:
             params["n"] = self.n * self.per_call

@@ -37,11 +37,13 @@ _OPTION_DESTS = {
     "provider": "provider", "model": "model", "size": "size", "quality": "quality", "background": "background",
     "format": "output_format", "compression": "output_compression", "partial": "partial_images",
     "moderation": "moderation", "fidelity": "input_fidelity", "aspect": "aspect_ratio", "image_size": "image_size",
-    "background_mode": "background_mode",
+    "background_mode": "background_mode", "project_endpoint": "project_endpoint", "agent": "agent_name",
+    "agent_version": "agent_version", "image_deployment": "image_deployment",
 }
 _SESSION_TRAITS = ("provider", "model", "size", "quality", "background", "output_format", "output_compression",
                    "partial_images", "moderation", "input_fidelity", "aspect_ratio", "image_size",
-                   "response_modalities", "background_mode", "emulator")
+                   "response_modalities", "background_mode", "project_endpoint", "agent_name", "agent_version",
+                   "image_deployment", "emulator")
 _NAME_RE = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _FIX_KEYS = ("Set the key in the environment before starting Jupyter, or in a cell with "
              "os.environ[...] = getpass.getpass() (never %env, which echoes it into the notebook); "
@@ -105,8 +107,14 @@ class ImagineMagics(Magics):
     image_size = Unicode(None, allow_none=True, help="Gemini image size: 512, 1K, 2K, 4K.").tag(config=True)
     response_modalities = List(Unicode(), default_value=["TEXT", "IMAGE"], help="Gemini response modalities."
                                ).tag(config=True)
-    background_mode = Bool(False, help="OpenAI/Azure: run each request as a background response (polled, "
-                           "resumable, cancelled on Ctrl-C).").tag(config=True)
+    background_mode = Bool(False, help="OpenAI/Azure/Foundry: run each request as a background response "
+                           "(polled, resumable, cancelled on Ctrl-C).").tag(config=True)
+    project_endpoint = Unicode(None, allow_none=True, help="Foundry project endpoint "
+                               "(https://<resource>.services.ai.azure.com/api/projects/<project>).").tag(config=True)
+    agent_name = Unicode(None, allow_none=True, help="Foundry agent name.").tag(config=True)
+    agent_version = Unicode(None, allow_none=True, help="Foundry agent version (default: the latest).").tag(config=True)
+    image_deployment = Unicode(None, allow_none=True, help="Azure/Foundry gpt-image deployment name."
+                               ).tag(config=True)
     emulator = Bool(False, help="Route every provider to the in-process emulator.").tag(config=True)
 
     def __init__(self, shell: Any = None, session: ImagineSession | None = None, **kwargs: Any) -> None:
@@ -158,8 +166,14 @@ class ImagineMagics(Magics):
     @argument("--aspect", help="Gemini: aspect ratio such as 1:1, 16:9, 9:16")
     @argument("--image-size", help="Gemini: 512, 1K, 2K or 4K")
     @argument("--background-mode", nargs="?", const="on", choices=("on", "off"),
-              help="OpenAI/Azure: run as a background response (status shown while queued and in progress; "
-                   "Ctrl-C cancels it on the server); %%imagine use --background-mode off turns it off again")
+              help="OpenAI/Azure/Foundry: run as a background response (status shown while queued and in "
+                   "progress; Ctrl-C cancels it on the server); %%imagine use --background-mode off turns it off")
+    @argument("--project-endpoint", metavar="URL", help="Foundry: the project endpoint, "
+              "https://<resource>.services.ai.azure.com/api/projects/<project>")
+    @argument("--agent", metavar="NAME", help="Foundry: the agent's name (with -m DEPLOYMENT nbimagine creates or "
+              "reuses a version with the image options; without -m the agent is used as it is)")
+    @argument("--agent-version", metavar="V", help="Foundry: use this version of the agent (default: the latest)")
+    @argument("--image-deployment", metavar="D", help="Azure/Foundry: the gpt-image deployment, e.g. gpt-image-1")
     @argument("-e", "--edit", action="append", default=[], metavar="REF",
               help="image to edit (repeatable): last, -2, #17, a variable (BinaryResult, Reply, bytes, "
                    "PIL image, path) or a file path")

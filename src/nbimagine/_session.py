@@ -23,6 +23,7 @@ from .config import (
     GEMINI_IMAGE_SIZES,
     AzureOpenAIImagesConfig,
     AzureOpenAIResponsesConfig,
+    FoundryAgentConfig,
     GeminiConfig,
     OpenAIImagesConfig,
     OpenAIResponsesConfig,
@@ -38,13 +39,18 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_MODELS", "OPTIONS", "PROVIDERS", "ImagineSession", "emulator", "get_session", "set_emulator"]
 
-PROVIDERS = ("openai", "azure", "gemini", "vertex")
+PROVIDERS = ("openai", "azure", "foundry", "gemini", "vertex")
+# Foundry's model is the orchestrator deployment of an agent version nbimagine creates: there is no default
+# ("" = use the agent as it is, unless AZURE_AI_MODEL_DEPLOYMENT_NAME names one).
 DEFAULT_MODELS = {
     "openai": "gpt-4.1",
     "azure": "gpt-4.1",
+    "foundry": "",
     "gemini": "gemini-3.1-flash-image",
     "vertex": "gemini-3.1-flash-image",
 }
+# Provider families that run the Responses API's image tool.
+RESPONSES_KINDS = ("openai", "azure", "foundry")
 # Session option -> ImageGenerationTool field (OpenAI / Azure).
 OPENAI_OPTIONS = {
     "size": "size",
@@ -59,12 +65,21 @@ OPENAI_OPTIONS = {
 GEMINI_OPTIONS = ("aspect_ratio", "image_size", "response_modalities")
 # Responses API only (openai, azure and foundry): run each request as a background response.
 RESPONSES_OPTIONS = ("background_mode",)
-OPTIONS = ("model", *OPENAI_OPTIONS, *GEMINI_OPTIONS, *RESPONSES_OPTIONS, "emulator")
+# Session option -> the families that take it (FoundryAgentConfig / AzureOpenAIResponsesConfig fields).
+FOUNDRY_OPTIONS = {
+    "project_endpoint": ("foundry",),
+    "agent_name": ("foundry",),
+    "agent_version": ("foundry",),
+    "image_deployment": ("azure", "foundry"),
+}
+OPTIONS = ("model", *OPENAI_OPTIONS, *GEMINI_OPTIONS, *RESPONSES_OPTIONS, *FOUNDRY_OPTIONS, "emulator")
 
 # Which environment variables count as credentials, per provider (names only; values never leave here).
 KEY_ENV = {
     "openai": (("OPENAI_API_KEY",),),
     "azure": (("AZURE_OPENAI_API_KEY", "AZURE_OPENAI_AD_TOKEN"), ("AZURE_OPENAI_ENDPOINT",)),
+    # Foundry: the project endpoint; the credential is Microsoft Entra ID (see foundry_credential_sources).
+    "foundry": (("AZURE_AI_PROJECT_ENDPOINT",),),
     "gemini": (("GEMINI_API_KEY", "GOOGLE_API_KEY"),),
     # Vertex: a project (Application Default Credentials) or an express-mode API key.
     "vertex": (("GOOGLE_CLOUD_PROJECT", "GOOGLE_API_KEY"),),
@@ -100,6 +115,10 @@ class ImagineSession(HasTraits):
     image_size = Unicode(None, allow_none=True)
     response_modalities = List(Unicode(), default_value=["TEXT", "IMAGE"])
     background_mode = Bool(False)
+    project_endpoint = Unicode(None, allow_none=True)
+    agent_name = Unicode(None, allow_none=True)
+    agent_version = Unicode(None, allow_none=True)
+    image_deployment = Unicode(None, allow_none=True)
     emulator = Bool(False)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -136,8 +155,15 @@ class ImagineSession(HasTraits):
             return model
         if provider in (None, self.provider) and self.model:
             return self.model
-        if name in self._registered:
-            return self._registered[name].config.model
+        registered = self._registered.get(name)
+        if self.kind(name) == "foundry":
+            # The orchestrator deployment when there is one; otherwise the agent speaks for itself.
+            agent = self.agent_name or (getattr(registered.config, "agent_name", None) if registered else None)
+            model = (registered.config.model if registered else None) or os.environ.get(
+                "AZURE_AI_MODEL_DEPLOYMENT_NAME")
+            return model or (f"agent {agent}" if agent else "")
+        if registered is not None:
+            return registered.config.model
         return DEFAULT_MODELS[self.kind(name)]
 
     def options(self) -> dict[str, Any]:
@@ -175,9 +201,21 @@ class ImagineSession(HasTraits):
             raise ConfigError("model must be a non-empty name such as 'gpt-4.1' or 'gemini-3.1-flash-image'")
         if not isinstance(merged["background_mode"], bool):
             raise ConfigError(f"background_mode must be True or False, not {merged['background_mode']!r}")
-        if options.get("background_mode") and self.kind(merged["provider"]) not in ("openai", "azure"):
-            raise ConfigError("--background-mode runs a Responses API background response: it needs an openai or "
-                              f"azure provider, not {merged['provider']}")
+        for name in FOUNDRY_OPTIONS:
+            value = merged[name]
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(f"{name} must be a non-empty text, not {value!r}")
+
+    def _check_applies(self, provider: str, kind: str, overrides: dict[str, Any]) -> None:
+        """A per-request option the provider does not take is an error (session defaults just stay inactive)."""
+        if overrides.get("background_mode") and kind not in RESPONSES_KINDS:
+            raise ConfigError("--background-mode runs a Responses API background response: it needs an openai, "
+                              f"azure or foundry provider, not {provider}")
+        for name, families in FOUNDRY_OPTIONS.items():
+            if overrides.get(name) is not None and kind not in families:
+                flag = "--agent" if name == "agent_name" else "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} is a {' and '.join(families)} option and {provider} does not use it; "
+                                  "drop it")
 
     def use(self, provider: str | None = None, **options: Any) -> None:
         """Validate, then set the provider and options together (one round of notifications)."""
@@ -224,6 +262,7 @@ class ImagineSession(HasTraits):
         merged = self._merged(provider, overrides)
         name = merged["provider"]
         kind = self.kind(name)
+        self._check_applies(name, kind, overrides)
         model = self.effective_model(name, merged["model"])
         routed = merged["emulator"]
         registered = self._registered.get(name)
@@ -235,6 +274,8 @@ class ImagineSession(HasTraits):
                 params["n"] = per_call
             config = registered.config.replace(model=model, **params)
             tools = []
+        elif kind == "foundry":
+            config, tools = self._foundry(merged, registered)
         elif kind in ("openai", "azure"):
             tool = self._tool(merged)
             if registered is not None:
@@ -246,6 +287,8 @@ class ImagineSession(HasTraits):
                 cls = AzureOpenAIResponsesConfig if kind == "azure" else OpenAIResponsesConfig
                 config = cls(model=model, tool_choice="image_generation")
                 tools = [tool]
+            if kind == "azure" and merged["image_deployment"] and isinstance(config, AzureOpenAIResponsesConfig):
+                config = config.replace(image_deployment=merged["image_deployment"])
         else:
             image_config = _gemini_image_config(merged) or None
             modalities = list(merged["response_modalities"] or ["TEXT", "IMAGE"])
@@ -261,16 +304,48 @@ class ImagineSession(HasTraits):
                 cls = VertexAIConfig if kind == "vertex" else GeminiConfig
                 config = cls(model=model, response_modalities=modalities, image_config=image_config)
                 tools = []
-        if merged["background_mode"] and kind in ("openai", "azure"):
+        if merged["background_mode"] and isinstance(config, OpenAIResponsesConfig):
             config = config.replace(background=True)
         if routed:
             config = _route_to_emulator(config)
         return Agent(f"imagine-{name}", config=config, tools=tools)
 
+    def _foundry(self, merged: dict[str, Any], registered: _Registered | None) -> tuple[ProviderConfig, list[object]]:
+        """A Foundry agent: with a model (the orchestrator deployment), a version nbimagine creates or reuses with
+        the session's image options; without one, the existing agent as it is."""
+        tool = self._tool(merged)
+        base = registered.config if registered is not None else None
+        model = (merged["model"] or (base.model if base is not None else None)
+                 or os.environ.get("AZURE_AI_MODEL_DEPLOYMENT_NAME") or None)
+        fields = {name: merged[name] for name in FOUNDRY_OPTIONS if merged[name] is not None}
+        if not (fields.get("agent_name") or (base is not None and getattr(base, "agent_name", None))):
+            raise ConfigError("Foundry needs the agent's name: %imagine use foundry --project-endpoint URL "
+                              "--agent NAME [--image-deployment D] [-m DEPLOYMENT]")
+        if model:
+            if "agent_version" in fields:
+                raise ConfigError("--agent-version uses an existing version as it is; with -m nbimagine creates "
+                                  "the version itself: drop one of them")
+            fields["model"] = model
+            fields.setdefault("tool_choice", "image_generation")
+            tools: list[object] = (_merge_image_tool(registered.tools, tool) if registered is not None
+                                   else [tool])
+        else:
+            if tool.params():
+                raise ConfigError(
+                    f"{', '.join(tool.params())} would change the agent's image tool, which lives in its definition: "
+                    "add -m <orchestrator deployment> so nbimagine creates a version with them, or set them on "
+                    "the agent in Foundry"
+                )
+            tools = []
+        if base is not None:
+            return base.replace(**fields), tools
+        return FoundryAgentConfig(**fields), tools
+
     def key_status(self) -> dict[str, bool]:
         """Provider name -> whether credentials are set (environment or registered config). Never values."""
         status = {name: all(any(os.environ.get(v) for v in group) for group in groups)
                   for name, groups in KEY_ENV.items()}
+        status["foundry"] = status["foundry"] or bool(self.project_endpoint)
         for name, reg in self._registered.items():
             config = reg.config
             has_key = bool(config.api_key or getattr(config, "azure_ad_token", None)
@@ -283,9 +358,23 @@ class ImagineSession(HasTraits):
         out = {}
         for name, groups in KEY_ENV.items():
             out[name] = [v for group in groups for v in group if os.environ.get(v)]
+        session_endpoint = ["project_endpoint (session)"] if self.project_endpoint else []
+        out["foundry"] = [*out["foundry"], *session_endpoint, *foundry_credential_sources()]
         for name, reg in self._registered.items():
             out[name] = ["api_key (configured)"] if reg.config.api_key else out.get(type(reg.config).provider, [])
         return out
+
+
+def foundry_credential_sources() -> list[str]:
+    """Where ``DefaultAzureCredential`` may find a Microsoft Entra ID identity here (names, never values)."""
+    import shutil
+
+    sources = [v for v in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PATH",
+                           "AZURE_FEDERATED_TOKEN_FILE", "IDENTITY_ENDPOINT", "MSI_ENDPOINT") if os.environ.get(v)]
+    for tool, label in (("az", "Azure CLI (az login)"), ("azd", "Azure Developer CLI (azd auth login)")):
+        if shutil.which(tool):
+            sources.append(label)
+    return sources
 
 
 def _as_dict(config: ProviderConfig) -> dict[str, Any]:
@@ -327,6 +416,12 @@ def _gemini_image_config(merged: dict[str, Any]) -> dict[str, Any]:
 
 def _route_to_emulator(config: ProviderConfig) -> ProviderConfig:
     emu = emulator()
+    if isinstance(config, FoundryAgentConfig):
+        from .emulator import EmulatorCredential
+
+        return config.replace(project_endpoint=emu.foundry_endpoint, base_url=None, api_key=None,
+                              credential=EmulatorCredential(),
+                              image_deployment=config.image_deployment or "gpt-image-1")
     if isinstance(config, AzureOpenAIImagesConfig):
         return config.replace(base_url=None, azure_endpoint=emu.azure_endpoint, api_version="2025-04-01-preview",
                               api_key=_EMULATOR_KEY, azure_ad_token=None)

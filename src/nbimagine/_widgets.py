@@ -30,7 +30,15 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as w
 
 from ._images import sniff_media_type
-from ._session import DEFAULT_MODELS, KEY_ENV, OPENAI_OPTIONS, ImagineSession, get_session
+from ._session import (
+    DEFAULT_MODELS,
+    KEY_ENV,
+    OPENAI_OPTIONS,
+    RESPONSES_KINDS,
+    ImagineSession,
+    foundry_credential_sources,
+    get_session,
+)
 from .config import GEMINI_ASPECT_RATIOS, GEMINI_IMAGE_SIZES
 from .errors import ConfigError, ContentPolicyError, HistoryError, ImagineError, InputError, ProviderError, redact
 from .tools import (
@@ -52,7 +60,8 @@ __all__ = ["PROVIDER_LABELS", "ProviderPanel", "Studio", "panel", "plain_error",
 
 PROVIDER_LABELS = {
     "openai": "OpenAI",
-    "azure": "Azure OpenAI / Foundry",
+    "azure": "Azure OpenAI",
+    "foundry": "Microsoft Foundry agent",
     "gemini": "Gemini",
     "vertex": "Vertex AI",
 }
@@ -185,6 +194,16 @@ class ProviderPanel:
                                          style=style, layout=wide())
         self.background_mode = w.Checkbox(description="Background response (polled; Ctrl-C cancels it)",
                                           indent=False, layout=wide())
+        # Microsoft Foundry agent (and Azure's image deployment)
+        self.project_endpoint = w.Text(description="Project endpoint", style=style, layout=wide(),
+                                       placeholder="https://<resource>.services.ai.azure.com/api/projects/<p>",
+                                       continuous_update=False)
+        self.agent_name = w.Text(description="Agent", style=style, layout=wide(), continuous_update=False,
+                                 placeholder="agent name (Model set: nbimagine makes its version)")
+        self.agent_version = w.Text(description="Agent version", style=style, layout=wide(),
+                                    placeholder="latest", continuous_update=False)
+        self.image_deployment = w.Text(description="Image deployment", style=style, layout=wide(),
+                                       placeholder="e.g. gpt-image-1", continuous_update=False)
         # Gemini / Vertex
         self.aspect_ratio = w.Dropdown(description="Aspect ratio", options=_choices(GEMINI_ASPECT_RATIOS),
                                        style=style, layout=wide())
@@ -193,7 +212,7 @@ class ProviderPanel:
         self.modalities = {m: w.Checkbox(description=m, indent=False, layout=w.Layout(width="90px"))
                            for m in MODALITIES}
 
-        names = ("model", "size", "output_format", "compression", "aspect_ratio", "modalities", "apply")
+        names = ("model", "size", "output_format", "compression", "aspect_ratio", "modalities", "foundry", "apply")
         self.errors: dict[str, w.HTML] = {n: w.HTML() for n in names}
         for name, box in self.errors.items():
             box.add_class(f"nbi-error-{name}")
@@ -205,6 +224,8 @@ class ProviderPanel:
             w.HBox([self.compression, self.compression_on]), self.errors["compression"],
             self.partial_images, self.moderation, self.input_fidelity, self.background_mode,
         ])
+        self.foundry_box = w.VBox([self.project_endpoint, self.agent_name, self.agent_version,
+                                   self.errors["foundry"]])
         self.gemini_box = w.VBox([
             self.aspect_ratio, self.errors["aspect_ratio"], self.image_size,
             w.HBox([w.Label("Response", layout=w.Layout(width="110px")), *self.modalities.values()]),
@@ -214,6 +235,7 @@ class ProviderPanel:
             w.HTML("<b>nbimagine provider settings</b>"),
             w.HBox([self.provider, self.emulator]),
             self.model, self.errors["model"],
+            self.foundry_box, self.image_deployment,
             self.openai_box, self.gemini_box,
             self.errors["apply"],
             w.HBox([self.keys, self.refresh_keys]),
@@ -221,7 +243,8 @@ class ProviderPanel:
         self.widget.add_class("nbi-panel")
         for name in ("provider", "emulator", "model", "quality", "size", "custom_size", "background",
                      "output_format", "compression_on", "compression", "partial_images", "moderation",
-                     "input_fidelity", "background_mode", "aspect_ratio", "image_size"):
+                     "input_fidelity", "background_mode", "project_endpoint", "agent_name", "agent_version",
+                     "image_deployment", "aspect_ratio", "image_size"):
             getattr(self, name).add_class(f"nbi-{name.replace('_', '-')}")
         for name, box in self.modalities.items():
             box.add_class(f"nbi-modality-{name.lower()}")
@@ -251,6 +274,7 @@ class ProviderPanel:
         return [self.provider, self.emulator, self.model, self.quality, self.size, self.custom_size,
                 self.background, self.output_format, self.compression_on, self.compression,
                 self.partial_images, self.moderation, self.input_fidelity, self.background_mode,
+                self.project_endpoint, self.agent_name, self.agent_version, self.image_deployment,
                 self.aspect_ratio, self.image_size, *self.modalities.values()]
 
     def _provider_options(self) -> list[tuple[str, str]]:
@@ -299,6 +323,10 @@ class ProviderPanel:
             "moderation": _opt(self.moderation.value),
             "input_fidelity": _opt(self.input_fidelity.value),
             "background_mode": self.background_mode.value,
+            "project_endpoint": self.project_endpoint.value.strip() or None,
+            "agent_name": self.agent_name.value.strip() or None,
+            "agent_version": self.agent_version.value.strip() or None,
+            "image_deployment": self.image_deployment.value.strip() or None,
             "aspect_ratio": _opt(self.aspect_ratio.value),
             "image_size": _opt(self.image_size.value),
             "response_modalities": [m for m, box in self.modalities.items() if box.value],
@@ -423,6 +451,10 @@ class ProviderPanel:
             self.moderation.value = s.moderation or DEFAULT
             self.input_fidelity.value = s.input_fidelity or DEFAULT
             self.background_mode.value = bool(s.background_mode)
+            self.project_endpoint.value = s.project_endpoint or ""
+            self.agent_name.value = s.agent_name or ""
+            self.agent_version.value = s.agent_version or ""
+            self.image_deployment.value = s.image_deployment or ""
             self.aspect_ratio.value = s.aspect_ratio if s.aspect_ratio in GEMINI_ASPECT_RATIOS else DEFAULT
             self.image_size.value = s.image_size if s.image_size in GEMINI_IMAGE_SIZES else DEFAULT
             modalities = [m.upper() for m in (s.response_modalities or [])]
@@ -435,7 +467,9 @@ class ProviderPanel:
     def _update_rules(self) -> None:
         """Show only the chosen provider's controls; enable only what applies."""
         kind = self.kind
-        _show(self.openai_box, kind in ("openai", "azure"))
+        _show(self.openai_box, kind in RESPONSES_KINDS)
+        _show(self.foundry_box, kind == "foundry")
+        _show(self.image_deployment, kind in ("azure", "foundry"))
         _show(self.gemini_box, kind in ("gemini", "vertex"))
         name = self.provider.value
         registered = self.session._registered.get(name)
@@ -465,6 +499,11 @@ class ProviderPanel:
         hint = ""
         if self.emulator.value:
             hint = "The offline emulator answers every request: no key is needed."
+        elif self._kind(chosen) == "foundry":
+            sources = foundry_credential_sources()
+            where = ", ".join(sources) if sources else "none found: sign in with az login, or set AZURE_CLIENT_ID..."
+            endpoint = "" if status.get(chosen) else "Fill Project endpoint (or set AZURE_AI_PROJECT_ENDPOINT). "
+            hint = f"{endpoint}Foundry signs in with Microsoft Entra ID (DefaultAzureCredential; {where})."
         elif not status.get(chosen, False):
             names = " and ".join(" or ".join(group) for group in KEY_ENV.get(self._kind(chosen), ()))
             hint = (f"{PROVIDER_LABELS.get(chosen, chosen)} has no key: set {names} (with getpass or a .env "
@@ -958,8 +997,10 @@ class Studio:
         except ConfigError as exc:  # set behind the session's back; Generate will say so too
             self.summary.value = _error_html(str(exc))
             return
-        options = {k: getattr(s, k) for k in (OPENAI_OPTIONS if kind in ("openai", "azure")
+        options = {k: getattr(s, k) for k in (OPENAI_OPTIONS if kind in RESPONSES_KINDS
                                                else ("aspect_ratio", "image_size"))}
+        if kind == "foundry":
+            options = {"agent": s.agent_name, **options}
         shown = ", ".join(f"{k}={v}" for k, v in options.items() if v not in (None, 0))
         route = " · <b>offline emulator</b>" if s.emulator else ""
         self.summary.value = (f'<span class="nbi-summary-text">{html.escape(name)} · '
