@@ -219,30 +219,28 @@ async def test_a_stream_that_keeps_dropping_resumes_each_time(emu) -> None:
 
 # --- failures are typed, images are never an empty success ----------------------------------------
 
+# Each way a job can end badly on the server, and what the caller gets.
+SERVER_SIDE_ENDS = [
+    ("background_failed", ProviderError, {"code": "server_error"}),
+    ("background_cancelled", BackgroundResponseError, {"code": "cancelled", "response_status": "cancelled"}),
+]
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["polled", "streamed"])
-async def test_a_job_that_fails_on_the_server_raises(emu, stream: bool) -> None:
+@pytest.mark.parametrize("fault, error, attributes", SERVER_SIDE_ENDS, ids=[f[0] for f in SERVER_SIDE_ENDS])
+async def test_a_job_that_ends_badly_on_the_server_raises(emu, stream: bool, fault: str, error: type,
+                                                           attributes: dict) -> None:
     emu.background_duration = 0.2
     agent = Agent("designer", config=config(emu), tools=[ImageGenerationTool(size="256x256")])
-    with pytest.raises(ProviderError) as caught:
+    prompt = f"A lighthouse [fault:{fault}]"
+    with pytest.raises(error) as caught:
         if stream:
-            [e async for e in agent.stream("A lighthouse [fault:background_failed]")]
+            [e async for e in agent.stream(prompt)]
         else:
-            await agent.ask("A lighthouse [fault:background_failed]")
-    assert caught.value.code == "server_error"
+            await agent.ask(prompt)
+    assert {name: getattr(caught.value, name) for name in attributes} == attributes
     assert not isinstance(caught.value, ContentPolicyError)
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["polled", "streamed"])
-async def test_a_job_cancelled_on_the_server_raises(emu, stream: bool) -> None:
-    emu.background_duration = 0.2
-    agent = Agent("designer", config=config(emu), tools=[ImageGenerationTool(size="256x256")])
-    with pytest.raises(BackgroundResponseError) as caught:
-        if stream:
-            [e async for e in agent.stream("A lighthouse [fault:background_cancelled]")]
-        else:
-            await agent.ask("A lighthouse [fault:background_cancelled]")
-    assert caught.value.response_status == "cancelled" and caught.value.response_id.startswith("resp_")
-    assert not calls(emu, "POST", "/cancel")  # nbimagine did not cancel it: the server did
+    assert not calls(emu, "POST", "/cancel")  # nbimagine did not end it: the server did
 
 
 async def test_a_completed_job_without_its_image_bytes_is_a_typed_error(emu) -> None:

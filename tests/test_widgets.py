@@ -662,12 +662,9 @@ def test_a_history_of_1000_opens_at_once(routed, hist):
     seed(hist, 1000)
     for entry in hist.page(0, 24):
         entry.thumbnail(192)  # cached, as after any earlier display
-    started = time.perf_counter()
-    st = Studio(routed, hist, settings=False)
-    elapsed = time.perf_counter() - started
+    st = Studio(routed, hist, settings=False)  # how fast: benchmarks/bench_widgets.py (no clock in tests)
     assert [t.entry_id for t in st.tiles] == list(range(1000, 976, -1))
     assert st.page_label.value == "page 1 of 42"
-    assert elapsed < 2.0  # the benchmark holds the first page to 200 ms; this only catches a blow-up
     st.close()
 
 
