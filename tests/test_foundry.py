@@ -413,6 +413,20 @@ async def test_without_tools_an_existing_agent_is_used_as_it_is(emu) -> None:
     assert not requests_to(emu, "/agents/")  # nothing managed
 
 
+async def test_instructions_for_an_existing_agent_go_with_each_request(emu) -> None:
+    from azure.ai.projects.models import ImageGenTool, PromptAgentDefinition
+
+    async with project_client(emu) as project:
+        await project.agents.create_version(
+            agent_name="painter", enforce_https=False,
+            definition=PromptAgentDefinition(model="gpt-4.1", instructions="Draw.",
+                                             tools=[ImageGenTool(model=DEPLOYMENT)]))
+    await Agent("designer", config=config(emu, model=None, instructions="In ink.")).ask("A fox")
+    await Agent("designer", config=config(emu, model=None), instructions="In chalk.").ask("A fox")
+    sent = [r.json.get("instructions") for r in requests_to(emu, "/openai/v1/responses", "POST")]
+    assert sent == ["In ink.", "In chalk."]
+
+
 async def test_an_unknown_agent_is_a_clear_provider_error(emu) -> None:
     with pytest.raises(ProviderError, match="Agent 'painter' not found") as caught:
         await Agent("designer", config=config(emu, model=None)).ask("A fox")

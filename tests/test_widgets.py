@@ -89,7 +89,7 @@ def test_panel_factory_uses_the_shared_session():
 def test_provider_dropdown_lists_every_provider_and_the_emulator(session):
     p = ProviderPanel(session)
     assert [label for label, _ in p.provider.options] == [
-        "OpenAI", "Azure OpenAI / Foundry", "Gemini", "Vertex AI"]
+        "OpenAI", "Azure OpenAI", "Microsoft Foundry agent", "Gemini", "Vertex AI"]
     assert p.provider.value == "openai"
     p.emulator.value = True
     assert session.emulator is True
@@ -319,7 +319,7 @@ def test_key_status_shows_set_or_not_never_the_value(session, monkeypatch):
     p.refresh_keys.click()
     shown = text(p.keys)
     assert "OpenAI: ● set" in shown and "Vertex AI: ● set" in shown
-    assert "Gemini: ○ not set" in shown and "Azure OpenAI / Foundry: ○ not set" in shown
+    assert "Gemini: ○ not set" in shown and "Azure OpenAI: ○ not set" in shown
     assert secret not in p.keys.value and "my-project-name" not in p.keys.value
     p.provider.value = "gemini"
     assert "GEMINI_API_KEY or GOOGLE_API_KEY" in text(p.keys)
@@ -331,7 +331,7 @@ def test_key_status_shows_set_or_not_never_the_value(session, monkeypatch):
 def test_registered_provider_is_offered(session):
     session.register("azure_east", AzureOpenAIResponsesConfig(model="image-deployment-east"))
     p = ProviderPanel(session)
-    assert ("azure_east (Azure OpenAI / Foundry)", "azure_east") in p.provider.options
+    assert ("azure_east (Azure OpenAI)", "azure_east") in p.provider.options
     p.provider.value = "azure_east"
     assert session.provider == "azure_east" and p.openai_box.layout.display != "none"
     assert p.model.placeholder == "image-deployment-east"

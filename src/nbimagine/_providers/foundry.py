@@ -231,6 +231,8 @@ class FoundryAgentProvider(OpenAIResponsesProvider):
             request.pop(key, None)
         if self.tools:
             request.pop("instructions", None)  # part of the version nbimagine made
+        elif self.config.instructions:
+            request["instructions"] = self.config.instructions  # added to the existing agent's own
         assert self._reference is not None, "run() resolves the agent first"
         request["extra_body"] = {**request.get("extra_body", {}), "agent_reference": dict(self._reference)}
         deployment = self._image_deployment()
