@@ -871,6 +871,15 @@ class _Store:
 
     # -- files -----------------------------------------------------------------------------------
 
+    def sub(self, *names: str, create: bool = False) -> Folder:
+        """The folder ``.nbimagine/<names...>``, opened without following links (the caller closes it).
+
+        Opened under the lock: another thread may reopen ``self.dir`` (see :meth:`refresh`); once open,
+        the returned folder does not depend on it.
+        """
+        with self._lock, self.dir.descend(*names[:-1], create=create) as parent:
+            return parent.child(names[-1], create=create)
+
     def image_path(self, sha: str, ext: str) -> Path:
         return self.path / "images" / sha[:2] / f"{sha}.{ext}"
 
@@ -878,7 +887,7 @@ class _Store:
         _check_sha_ext(sha, ext, entry_id)
         path = self.image_path(sha, ext)
         try:
-            with self.dir.descend("images", sha[:2]) as folder:
+            with self.sub("images", sha[:2]) as folder:
                 data = folder.read(f"{sha}.{ext}")
         except FileNotFoundError as exc:
             raise HistoryError(f"The image file of {_label(entry_id)} is missing", path=path,
@@ -903,7 +912,7 @@ class _Store:
     def thumbnail(self, sha: str, ext: str, side: int, *, entry_id: int | None = None) -> bytes:
         _check_sha_ext(sha, ext, entry_id)
         try:
-            thumbs = self.dir.child("thumbs", create=not self.read_only)
+            thumbs = self.sub("thumbs", create=not self.read_only)
         except OSError:  # not a real folder (a planted link): make it, but do not cache it
             thumbs = None
         try:
@@ -934,7 +943,7 @@ class _Store:
 
     def read_record(self, entry_id: int) -> bytes | None:
         try:
-            with self.dir.descend("records", _bucket(entry_id)) as folder:
+            with self.sub("records", _bucket(entry_id)) as folder:
                 return folder.read(f"{entry_id}.json", limit=64 << 20)
         except FileNotFoundError:
             return None
@@ -942,7 +951,7 @@ class _Store:
     def record_ids(self) -> set[int]:
         ids: set[int] = set()
         try:
-            records = self.dir.child("records")
+            records = self.sub("records")
         except FileNotFoundError:
             return ids
         with records:
