@@ -480,3 +480,37 @@ def test_many_kernels_opening_a_new_history_at_once(tmp_path: Path) -> None:
         for p in procs:
             out, err = p.communicate(timeout=60)
             assert p.returncode == 0 and out.strip() == "0", err
+
+
+def test_unknown_notebooks_never_share_a_history_and_the_cell_says_which_it_uses(tmp_path: Path) -> None:
+    # Two kernels that cannot tell their notebook (nbmake, a bare kernel): each gets a history of its own,
+    # and the first cell that uses it names it and says how to choose another.
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{SRC!r}, {str(Path(__file__).parent)!r}]
+        from histories import make_image
+        from IPython.testing.globalipapp import start_ipython
+        ip = start_ipython()
+        ip.run_line_magic("load_ext", "nbimagine")
+        ip.run_line_magic("imagine", "history")
+        ip.run_line_magic("imagine", "history")
+        import nbimagine
+        h = nbimagine.history()
+        h.add(make_image(int(sys.argv[1])), prompt="mine")
+        print("NAME", h.notebook, len(h))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "JPY_SESSION_NAME"}
+    outs = [subprocess.run([sys.executable, "-c", code, str(i)], capture_output=True, text=True, timeout=60,
+                           cwd=tmp_path, env=env) for i in (1, 2)]
+    names = []
+    for out in outs:
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count("nbimagine cannot tell which notebook this is") == 1  # once per kernel
+        assert "%imagine history --notebook NAME" in out.stdout
+        [line] = [line for line in out.stdout.splitlines() if line.startswith("NAME")]
+        _, name, count = line.split()
+        assert re.fullmatch(r"untitled-[0-9a-f]{8}", name) and count == "1"
+        names.append(name)
+    assert names[0] != names[1]
+    with History(tmp_path, all_notebooks=True) as everything:
+        assert everything.notebooks() == {names[0]: 1, names[1]: 1}

@@ -851,6 +851,8 @@ class _Store:
             moved = None
             if row is not None and row[2] != name:
                 old_id, old_uid, old_name, created = row
+                had = conn.execute("SELECT EXISTS (SELECT 1 FROM entries WHERE notebook_id = ?)",
+                                   (old_id,)).fetchone()[0]
                 if target is None:
                     conn.execute("UPDATE notebooks SET name = ? WHERE id = ?", (name, old_id))
                     self._write_notebook_record(old_uid, name, created)
@@ -861,7 +863,7 @@ class _Store:
                     conn.execute("UPDATE kernels SET notebook_id = ? WHERE notebook_id = ?", (target[0], old_id))
                     conn.execute("DELETE FROM notebooks WHERE id = ?", (old_id,))
                     self._write_notebook_record(old_uid, old_name, created, merged_into=uid)
-                moved = old_name
+                moved = old_name if had else None
             if target is None:
                 target = (self.notebook_row(conn, name, create=True)[0],)  # type: ignore[index]
             conn.execute("INSERT INTO kernels (kernel_id, notebook_id, seen_at) VALUES (?, ?, ?) "
@@ -1225,6 +1227,9 @@ class _Store:
     def repair(self) -> RepairReport:
         """Rebuild the index from the records (and from the old index where it is readable)."""
         with self._lock, self._repair_lock():
+            if self._depth:
+                raise HistoryError("Cannot repair the history inside a batch() or transaction", path=self.index,
+                                   fix="Repair outside the with-block")
             report = RepairReport(index=self.index)
             if self._conn is not None and not self.read_only:
                 # Other kernels wait while the index is rebuilt; they switch to the new one afterwards.
@@ -1392,15 +1397,14 @@ class _Store:
             raise
         conn.close()
         # Records for rows that only the old index had, and notebook records for every notebook.
-        with self.transaction_free():
-            for entry_id, record in records.items():
-                if self.read_record(entry_id) is None:
-                    self.write_record(entry_id, _record_from(record, uids[record["notebook"]]))
-            existing = self._notebook_names()
-            for name, uid in uids.items():
-                if existing.get(uid) != name:
-                    self._write_notebook_record(uid, name, _now())
-            _sync_all()
+        for entry_id, record in records.items():
+            if self.read_record(entry_id) is None:
+                self.write_record(entry_id, _record_from(record, uids[record["notebook"]]))
+        existing = self._notebook_names()
+        for name, uid in uids.items():
+            if existing.get(uid) != name:
+                self._write_notebook_record(uid, name, _now())
+        _sync_all()
         for entry_id, record in records.items():
             st = None
             with contextlib.suppress(OSError), self.dir.descend("images", record["sha256"][:2]) as folder:
@@ -1428,15 +1432,6 @@ class _Store:
         self.dir.sync()
         self._connect()
         return kept
-
-    @contextlib.contextmanager
-    def transaction_free(self) -> Iterator[None]:
-        """Writes outside any SQLite transaction, each durable (used by repair)."""
-        depth, self._depth = self._depth, 0
-        try:
-            yield
-        finally:
-            self._depth = depth
 
 
 def _record_from(record: Mapping[str, Any], notebook_uid: str) -> bytes:
@@ -1555,7 +1550,7 @@ class History:
         """Group many :meth:`add` calls into one transaction (much faster for bulk imports).
 
         Other writers wait until the block ends; on an exception nothing in the block is recorded
-        (files already written stay, and the next add or a repair sorts them out).
+        (image files already written stay, unreferenced, until :meth:`cleanup`).
         """
         with self._store.batch():
             yield self
