@@ -102,3 +102,16 @@ def ip(emu, tmp_path, monkeypatch):
     yield shell
     _reset(session)
     set_emulator(None)
+
+
+@pytest.fixture
+def fresh_history(monkeypatch: pytest.MonkeyPatch):
+    """No history store, view or notebook name left over from another test (nor from the environment)."""
+    from nbimagine import _history
+
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    _history.set_notebook(None)
+    _history._forget_all()
+    yield
+    _history.set_notebook(None)
+    _history._forget_all()

@@ -18,6 +18,7 @@ from datetime import timezone
 from pathlib import Path
 
 import pytest
+from histories import make_image
 from PIL import Image
 
 from nbimagine import _history
@@ -28,26 +29,7 @@ from nbimagine.events import BinaryResult
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def make_image(seed: int = 0, fmt: str = "PNG", size: tuple[int, int] = (32, 24), alpha: bool = False,
-               **meta: object) -> BinaryResult:
-    """A small, distinct image per seed."""
-    mode = "RGBA" if alpha else "RGB"
-    color = (seed * 37 % 256, seed * 91 % 256, seed * 13 % 256) + ((seed % 200,) if alpha else ())
-    im = Image.new(mode, size, color)
-    im.putpixel((0, 0), (seed % 256, (seed >> 8) % 256, 7) + ((255,) if alpha else ()))
-    buf = io.BytesIO()
-    im.save(buf, fmt)
-    return BinaryResult(buf.getvalue(), {"provider": "openai", "model": "gpt-image-1", **meta})
-
-
-@pytest.fixture(autouse=True)
-def _clean_notebook_state(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
-    set_notebook(None)
-    _history._forget_all()
-    yield
-    set_notebook(None)
-    _history._forget_all()
+pytestmark = pytest.mark.usefixtures("fresh_history")
 
 
 @pytest.fixture

@@ -18,20 +18,12 @@ from pathlib import Path
 import pytest
 from histories import make_image, snapshot
 
-from nbimagine import _history
 from nbimagine._files import Folder, check_name, safe_name
 from nbimagine._history import History, history, set_notebook
 from nbimagine.errors import HistoryError
 from nbimagine.events import BinaryResult
 
-
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    _history._forget_all()
-    set_notebook(None)
-    yield
-    set_notebook(None)
-    _history._forget_all()
+pytestmark = pytest.mark.usefixtures("fresh_history")
 
 
 @pytest.fixture
@@ -204,10 +196,9 @@ def test_our_own_checks_refuse_a_bad_row_at_insert(project: Path) -> None:
     h.close()
 
 
-def test_show_full_never_embeds_another_file(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_show_full_never_embeds_another_file(project: Path, ip, monkeypatch: pytest.MonkeyPatch) -> None:
     # The case: sha256/ext walking out of images/ made `%imagine show 1 --full` embed a secret.
     from IPython.core.error import UsageError
-    from IPython.core.interactiveshell import InteractiveShell
 
     h, _ = _seeded(project)
     conn = sqlite3.connect(h.path / "index.sqlite")
@@ -217,11 +208,8 @@ def test_show_full_never_embeds_another_file(project: Path, monkeypatch: pytest.
     conn.close()
     monkeypatch.chdir(project)
     set_notebook("nb")
-    shell = InteractiveShell.instance()
-    if "imagine" not in shell.magics_manager.magics["line"]:
-        shell.run_line_magic("load_ext", "nbimagine")
     with pytest.raises(UsageError, match="malformed and was refused") as info:
-        shell.run_line_magic("imagine", "show 1 --full")
+        ip.run_line_magic("imagine", "show 1 --full")
     assert "sk-secret" not in str(info.value)
 
 
@@ -355,16 +343,12 @@ def test_export_never_writes_through_a_link(project: Path, overwrite: bool) -> N
     h.close()
 
 
-def test_export_magic_needs_force_to_replace(project: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from IPython.core.interactiveshell import InteractiveShell
-
+def test_export_magic_needs_force_to_replace(project: Path, ip, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     h, _ = _seeded(project)
     h.close()
     monkeypatch.chdir(project)
     set_notebook("nb")
-    shell = InteractiveShell.instance()
-    if "imagine" not in shell.magics_manager.magics["line"]:
-        shell.run_line_magic("load_ext", "nbimagine")
+    shell = ip
     out = project.parent / "export"
     shell.run_line_magic("imagine", f"export {out}")
     shell.run_line_magic("imagine", f"export {out}")

@@ -31,13 +31,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 TESTS = str(Path(__file__).resolve().parent)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    _history._forget_all()
-    set_notebook(None)
-    yield
-    set_notebook(None)
-    _history._forget_all()
+pytestmark = pytest.mark.usefixtures("fresh_history")
 
 
 def _seed(root: Path, notebook: str = "nb", count: int = 4) -> list:
@@ -123,17 +117,13 @@ def test_a_damaged_index_is_a_typed_error_then_repair_restores_everything(tmp_pa
         assert h.cleanup() == {"temp_files": 0, "orphan_images": 0, "orphan_thumbnails": 0}
 
 
-def test_the_magic_repairs_and_shows_the_history(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_the_magic_repairs_and_shows_the_history(tmp_path: Path, ip, capsys) -> None:
     from IPython.core.error import UsageError
-    from IPython.core.interactiveshell import InteractiveShell
 
     _seed(tmp_path, "nb", 3)
     _damage(tmp_path / ".nbimagine" / "index.sqlite", "garbage")
-    monkeypatch.chdir(tmp_path)
     set_notebook("nb")
-    shell = InteractiveShell.instance()
-    if "imagine" not in shell.magics_manager.magics["line"]:
-        shell.run_line_magic("load_ext", "nbimagine")
+    shell = ip
     with pytest.raises(UsageError, match=r"damaged.*%imagine history --repair"):
         shell.run_line_magic("imagine", "history")
     gallery = shell.run_line_magic("imagine", "history --repair")

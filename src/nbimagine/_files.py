@@ -81,6 +81,14 @@ def check_name(name: str) -> str:
     return name
 
 
+def _write_all(fd: int, data: bytes, *, durable: bool) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    if durable:
+        os.fsync(fd)
+
+
 class Folder:
     """An open directory; every operation stays inside it and never follows a symlink below it.
 
@@ -240,11 +248,7 @@ class Folder:
         if not atomic and not overwrite:
             fd = self._open_file(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                if durable:
-                    os.fsync(fd)
+                _write_all(fd, data, durable=durable)
             finally:
                 os.close(fd)
             return name
@@ -290,11 +294,7 @@ class Folder:
         tmp = f".{name[:60]}.{secrets.token_hex(6)}.tmp"
         fd = self._open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if durable:
-                os.fsync(fd)
+            _write_all(fd, data, durable=durable)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -321,12 +321,9 @@ class Folder:
         except OSError as exc:  # a file system without hard links (FAT, some network mounts)
             if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
                 raise
-        data = self.read(src)
         fd = self._open_file(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, self.read(src), durable=False)
         finally:
             os.close(fd)
 
