@@ -201,9 +201,9 @@ def test_config_magic_forwards_to_session_and_validates(ip):
     ("--size big", "WIDTHxHEIGHT"),
     ("--compression 50", "output_compression only applies to jpeg and webp"),
     ("--format jpeg --compression 500", "0 to 100"),
-    ("--partial 9", "partial_images must be an integer from 0 to 3"),
+    ("--partial 9", "--partial takes a whole number from 0 to 3, not 9"),
     ("-p dalle", "Unknown provider 'dalle'"),
-    ("-p gemini --aspect 5:1", "aspect ratio must be one of"),
+    ("-p gemini --aspect 5:1", "--aspect must be one of 1:1, 2:3"),
     ("-p gemini --image-size 2k", "uppercase K"),
     ("-n 0", "-n takes 1 to"),
     ("-e nothing_like_this", "Unknown image reference 'nothing_like_this'"),
@@ -492,7 +492,7 @@ def test_session_use_is_validated_and_atomic(ip):
 
     session.observe(watch, names=["provider", "model", "aspect_ratio"])
     try:
-        with pytest.raises(Exception, match="aspect ratio must be one of"):
+        with pytest.raises(Exception, match="--aspect must be one of"):
             session.use("gemini", aspect_ratio="7:3")
         assert session.provider == "openai" and seen == []  # nothing half-applied
         session.use("openai", model="gpt-custom")
@@ -513,7 +513,8 @@ def test_build_agent_routes_every_provider_to_the_emulator(ip, emu):
     kinds = {"openai": OpenAIResponsesConfig, "azure": AzureOpenAIResponsesConfig, "gemini": GeminiConfig,
              "vertex": VertexAIConfig}
     for name, cls in kinds.items():
-        agent = session.build_agent(provider=name, size="1024x1536", aspect_ratio="3:4")
+        shape = {"size": "1024x1536"} if name in ("openai", "azure") else {"aspect_ratio": "3:4"}
+        agent = session.build_agent(provider=name, **shape)
         assert type(agent.config) is cls
         assert agent.config.base_url.startswith(emu.url)
         if name in ("openai", "azure"):
@@ -801,9 +802,9 @@ def test_foundry_needs_an_agent_name(ip, emu):
 
 
 def test_foundry_options_on_another_provider_are_refused_per_cell(ip, emu):
-    with pytest.raises(UsageError, match="--agent is a foundry option"):
+    with pytest.raises(UsageError, match="--agent is a Microsoft Foundry option and openai does not use it"):
         imagine(ip, "-p openai --agent painter", "a lighthouse")
-    with pytest.raises(UsageError, match="--project-endpoint is a foundry option"):
+    with pytest.raises(UsageError, match="--project-endpoint is a Microsoft Foundry option and gemini does not"):
         imagine(ip, "-p gemini --project-endpoint https://x/api/projects/p", "a lighthouse")
     assert not emu.requests
 

@@ -100,7 +100,7 @@ def test_provider_dropdown_lists_every_provider_and_the_emulator(session):
 def test_panel_opens_with_the_session_values(session):
     session.use("openai", model="gpt-5", quality="high", size="2048x1152", background="opaque",
                 output_format="webp", output_compression=35, partial_images=2, moderation="low",
-                input_fidelity="high", aspect_ratio="16:9", image_size="2K")
+                input_fidelity="high", aspect_ratio="16:9", image_size="2K", any_provider=True)
     p = ProviderPanel(session)
     assert (p.provider.value, p.model.value, p.quality.value) == ("openai", "gpt-5", "high")
     assert (p.size.value, p.custom_size.value) == (CUSTOM, "2048x1152")
@@ -108,7 +108,8 @@ def test_panel_opens_with_the_session_values(session):
     assert (p.compression_on.value, p.compression.value) == (True, 35)
     assert (p.partial_images.value, p.moderation.value, p.input_fidelity.value) == (2, "low", "high")
     assert (p.aspect_ratio.value, p.image_size.value) == ("16:9", "2K")
-    assert p.wanted() == {**session.options(), "response_modalities": ["TEXT", "IMAGE"]}
+    assert p.wanted() == {"provider": "openai", "emulator": False, **session.active_options()}
+    assert "Kept for Gemini, not used with OpenAI: aspect_ratio=16:9, image_size=2K" in text(p.inactive)
 
 
 @pytest.mark.parametrize("provider, openai_shown", [("openai", True), ("azure", True), ("gemini", False),
@@ -174,7 +175,7 @@ def test_custom_size_valid_and_invalid(session):
     p.size.value = "1024x1024"
     p.size.value = CUSTOM
     assert p.custom_size.layout.display != "none" and not p.custom_size.disabled
-    assert "Type a custom size" in text(p.errors["size"])
+    assert "type a size such as 2048x1152; the size in effect is 1024x1024" in text(p.errors["size"])
     assert session.size == "1024x1024"  # nothing applied until a valid size is typed
     p.custom_size.value = "1000x3200"
     reason = text(p.errors["size"])
@@ -202,10 +203,10 @@ def test_compression_only_for_jpeg_and_webp(session):
     p.output_format.value = "png"  # compression cannot stay on for PNG
     assert p.compression.disabled and p.compression_on.disabled
     assert session.output_format == "png" and session.output_compression is None
-    assert "jpeg and webp only" in text(p.errors["compression"])  # a note, not an error
+    assert "jpeg and webp only" in text(p.errors["output_compression"])  # a note, not an error
     session.build_agent()
     p.output_format.value = "webp"
-    assert session.output_compression == 40 and p.errors["compression"].value == ""
+    assert session.output_compression == 40 and p.errors["output_compression"].value == ""
     assert session.build_agent().tools[0].params()["output_compression"] == 40
 
 
@@ -215,10 +216,20 @@ def test_transparent_jpeg_is_flagged_and_not_applied(session):
     assert session.background == "transparent"
     p.output_format.value = "jpeg"
     assert "JPEG has no transparency" in text(p.errors["output_format"])
+    assert "output format stays default" in text(p.errors["output_format"])
     assert session.output_format is None and session.background == "transparent"
+    assert p.output_format.value == DEFAULT  # put back: the panel never shows a value not in effect
     session.build_agent()  # the session never held the invalid pair
+    p.background.value = DEFAULT
+    p.output_format.value = "jpeg"
+    assert session.output_format == "jpeg" and p.errors["output_format"].value == ""
+    p.background.value = "transparent"  # the same pair, reached from the other side
+    assert "background stays default" in text(p.errors["output_format"])
+    assert (session.output_format, session.background, p.background.value) == ("jpeg", None, DEFAULT)
     p.output_format.value = "webp"
-    assert session.output_format == "webp" and p.errors["output_format"].value == ""
+    p.background.value = "transparent"
+    assert (session.output_format, session.background) == ("webp", "transparent")
+    assert p.errors["output_format"].value == ""
 
 
 def test_response_modalities(session):
@@ -227,14 +238,15 @@ def test_response_modalities(session):
     assert [m for m, box in p.modalities.items() if box.value] == ["TEXT", "IMAGE"]
     p.modalities["TEXT"].value = False
     assert session.response_modalities == ["IMAGE"]
-    p.modalities["IMAGE"].value = False
-    assert "at least one" in text(p.errors["modalities"])
-    assert session.response_modalities == ["IMAGE"]
+    p.modalities["IMAGE"].value = False  # refused, and put back: the panel shows what is in effect
+    assert "at least one" in text(p.errors["response_modalities"])
+    assert session.response_modalities == ["IMAGE"] and p.modalities["IMAGE"].value is True
     p.modalities["TEXT"].value = True
+    p.modalities["IMAGE"].value = False
     assert session.response_modalities == ["TEXT"]
-    assert "text only" in text(p.errors["modalities"])  # a warning: allowed, but explained
+    assert "text only" in text(p.errors["response_modalities"])  # a warning: allowed, but explained
     p.modalities["IMAGE"].value = True
-    assert session.response_modalities == ["TEXT", "IMAGE"] and p.errors["modalities"].value == ""
+    assert session.response_modalities == ["TEXT", "IMAGE"] and p.errors["response_modalities"].value == ""
 
 
 def test_newest_only_gemini_values_are_explained_for_older_models(session):
@@ -325,7 +337,7 @@ def test_key_status_shows_set_or_not_never_the_value(session, monkeypatch):
     assert "GEMINI_API_KEY or GOOGLE_API_KEY" in text(p.keys)
     p.emulator.value = True
     assert "no key is needed" in text(p.keys)
-    assert all(secret not in str(w.get_state()) for w in [*p._controls(), p.keys])
+    assert all(secret not in str(w.get_state()) for w in [*p._inputs(), p.keys])
 
 
 def test_registered_provider_is_offered(session):
@@ -838,8 +850,9 @@ def test_the_studio_names_an_image_it_cannot_preview(routed, hist):
 def test_foundry_controls_show_for_foundry_and_write_the_session(session):
     p = ProviderPanel(session)
     p.provider.value = "foundry"
+    deployment = p.family_boxes[("azure", "foundry")]  # the image deployment: Azure's and Foundry's
     assert p.foundry_box.layout.display != "none" and p.openai_box.layout.display != "none"
-    assert p.image_deployment.layout.display != "none" and p.gemini_box.layout.display == "none"
+    assert deployment.layout.display != "none" and p.gemini_box.layout.display == "none"
     p.project_endpoint.value = "https://res.services.ai.azure.com/api/projects/p"
     p.agent_name.value = "painter"
     p.image_deployment.value = "gpt-image-1"
@@ -849,9 +862,9 @@ def test_foundry_controls_show_for_foundry_and_write_the_session(session):
     assert p.agent_version.value == "3"
     assert "Microsoft Entra ID" in p.keys.value
     p.provider.value = "azure"
-    assert p.foundry_box.layout.display == "none" and p.image_deployment.layout.display != "none"
+    assert p.foundry_box.layout.display == "none" and deployment.layout.display != "none"
     p.provider.value = "gemini"
-    assert p.image_deployment.layout.display == "none"
+    assert deployment.layout.display == "none"
 
 
 def test_background_mode_checkbox_follows_the_session(session):

@@ -29,15 +29,26 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
+# Public submodules, importable as attributes (``nbimagine.config``) without an import of their own.
+_SUBMODULES = ("config", "emulator", "errors", "events", "tools")
 
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _LAZY:
         module, attr = _LAZY[name]
         value = getattr(importlib.import_module(module, __name__), attr)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'nbimagine' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The public surface only (tab completion, dir()): not the typing helpers this module imports.
+    return sorted({*__all__, *_SUBMODULES})
 
 
 def load_ipython_extension(ipython: Any) -> None:

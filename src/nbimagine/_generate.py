@@ -28,7 +28,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._session import OPENAI_OPTIONS, RESPONSES_KINDS, ImagineSession, get_session
+from ._options import active
+from ._session import ImagineSession, get_session
 from ._sync import Job
 from .errors import ConfigError, ImagineWarning, ProviderError
 from .events import BinaryResult, ImageEvent, ReplyEvent, StreamEvent
@@ -133,9 +134,8 @@ class Generation:
 
     def _session_params(self) -> dict[str, Any]:
         options = {**self.session.options(), **self.overrides}
-        kind = self.session.kind(self.provider)
-        names = list(OPENAI_OPTIONS) if kind in RESPONSES_KINDS else ["aspect_ratio", "image_size"]
-        params = {k: options.get(k) for k in names if options.get(k) not in (None, 0)}
+        sent = active(options, self.session.kind(self.provider))
+        params = {k: v for k, v in sent.items() if k not in ("model", "response_modalities") and v not in (None, 0)}
         if self.n * self.per_call > 1:
             params["n"] = self.n * self.per_call
         return params

@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, output_can_be_silenced
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, Int, List, TraitError, Unicode, dlink, observe, validate
+from traitlets import Bool, HasTraits, TraitError, Unicode, dlink, observe, validate
 
-from ._session import ImagineSession, get_session
+from ._options import FAMILY_LABELS, option
+from ._options import OPTIONS as TABLE
+from ._session import OPTIONS, ImagineSession, get_session, option_trait
 from .errors import ConfigError, ImagineError, InputError
 
 if TYPE_CHECKING:
@@ -32,18 +34,8 @@ if TYPE_CHECKING:
 __all__ = ["ImagineMagics", "interpolate", "load_ipython_extension", "unload_ipython_extension"]
 
 SUBCOMMANDS = ("use", "history", "show", "lineage", "export", "providers", "emulator", "panel", "studio", "mask")
-# argparse dest -> session option name
-_OPTION_DESTS = {
-    "provider": "provider", "model": "model", "size": "size", "quality": "quality", "background": "background",
-    "format": "output_format", "compression": "output_compression", "partial": "partial_images",
-    "moderation": "moderation", "fidelity": "input_fidelity", "aspect": "aspect_ratio", "image_size": "image_size",
-    "background_mode": "background_mode", "project_endpoint": "project_endpoint", "agent": "agent_name",
-    "agent_version": "agent_version", "image_deployment": "image_deployment",
-}
-_SESSION_TRAITS = ("provider", "model", "size", "quality", "background", "output_format", "output_compression",
-                   "partial_images", "moderation", "input_fidelity", "aspect_ratio", "image_size",
-                   "response_modalities", "background_mode", "project_endpoint", "agent_name", "agent_version",
-                   "image_deployment", "emulator")
+_SESSION_TRAITS = ("provider", *OPTIONS)
+_HELP_FLAGS = {"-h", "--help"}
 _NAME_RE = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _FIX_KEYS = ("Set the key in the environment before starting Jupyter, or in a cell with "
              "os.environ[...] = getpass.getpass() (never %env, which echoes it into the notebook); "
@@ -85,37 +77,32 @@ def _short_traceback(exc: BaseException) -> BaseException:
     return exc
 
 
+def _table_arguments(func: Any) -> Any:
+    """``@argument`` for every row of the option table, in table order (one source for parser and help)."""
+    for opt in reversed(TABLE):
+        kwargs: dict[str, Any] = {"dest": opt.name, "help": opt.help_text(), "metavar": opt.metavar}
+        if opt.kind is int:
+            kwargs["type"] = int
+        elif opt.kind is bool:  # --background-mode alone means on; "off" turns a session default off
+            kwargs.update(nargs="?", const="on", choices=("on", "off"))
+        func = argument(*opt.flags, **kwargs)(func)
+    return func
+
+
+# %config ImagineMagics.<option>: one configurable trait per table row, made from the same table.
+_ConfigTraits = type("_ConfigTraits", (HasTraits,), {
+    **{opt.name: option_trait(opt).tag(config=True) for opt in TABLE},
+    "emulator": Bool(False, help="Route every provider to the in-process emulator.").tag(config=True),
+})
+
+
 @magics_class
-class ImagineMagics(Magics):
+class ImagineMagics(Magics, _ConfigTraits):
     """The ``%imagine`` magics. Its traits mirror the shared session, so ``%config`` works:
     ``%config ImagineMagics.provider = 'gemini'``."""
 
     provider = Unicode("openai", help="Default provider: openai, azure, gemini, vertex or a registered name."
                        ).tag(config=True)
-    model = Unicode(None, allow_none=True, help="Default model (None: the provider's default).").tag(config=True)
-    size = Unicode(None, allow_none=True, help="OpenAI size, e.g. 1024x1024 or auto.").tag(config=True)
-    quality = Unicode(None, allow_none=True, help="OpenAI quality: low, medium, high, auto.").tag(config=True)
-    background = Unicode(None, allow_none=True, help="OpenAI background: transparent, opaque, auto."
-                         ).tag(config=True)
-    output_format = Unicode(None, allow_none=True, help="OpenAI output format: png, jpeg, webp.").tag(config=True)
-    output_compression = Int(None, allow_none=True, help="OpenAI jpeg/webp compression 0-100.").tag(config=True)
-    partial_images = Int(0, help="OpenAI partial images to stream (0-3).").tag(config=True)
-    moderation = Unicode(None, allow_none=True, help="OpenAI moderation: auto or low.").tag(config=True)
-    input_fidelity = Unicode(None, allow_none=True, help="OpenAI input fidelity for edits: high or low."
-                             ).tag(config=True)
-    aspect_ratio = Unicode(None, allow_none=True, help="Gemini aspect ratio, e.g. 16:9.").tag(config=True)
-    image_size = Unicode(None, allow_none=True, help="Gemini image size: 512, 1K, 2K, 4K.").tag(config=True)
-    response_modalities = List(Unicode(), default_value=["TEXT", "IMAGE"], help="Gemini response modalities."
-                               ).tag(config=True)
-    background_mode = Bool(False, help="OpenAI/Azure/Foundry: run each request as a background response "
-                           "(polled, resumable, cancelled on Ctrl-C).").tag(config=True)
-    project_endpoint = Unicode(None, allow_none=True, help="Foundry project endpoint "
-                               "(https://<resource>.services.ai.azure.com/api/projects/<project>).").tag(config=True)
-    agent_name = Unicode(None, allow_none=True, help="Foundry agent name.").tag(config=True)
-    agent_version = Unicode(None, allow_none=True, help="Foundry agent version (default: the latest).").tag(config=True)
-    image_deployment = Unicode(None, allow_none=True, help="Azure/Foundry gpt-image deployment name."
-                               ).tag(config=True)
-    emulator = Bool(False, help="Route every provider to the in-process emulator.").tag(config=True)
 
     def __init__(self, shell: Any = None, session: ImagineSession | None = None, **kwargs: Any) -> None:
         self.session = session or get_session()
@@ -127,7 +114,7 @@ class ImagineMagics(Magics):
         self._syncing = False
         if configured:
             try:
-                self.session.use(**configured)
+                self.session.use(any_provider=True, **configured)
             except ConfigError as exc:
                 print(f"nbimagine: ignoring invalid ImagineMagics configuration: {exc}")
         # Session -> magics, so %config ImagineMagics shows what %imagine use set.
@@ -140,7 +127,7 @@ class ImagineMagics(Magics):
         name, value = proposal["trait"].name, proposal["value"]
         if not self._syncing and getattr(self.session, name) != value:
             try:
-                self.session.validate(**{name: value})
+                self.session.validate(any_provider=True, **{name: value})
             except ConfigError as exc:
                 raise TraitError(str(exc)) from None
         return value
@@ -148,32 +135,13 @@ class ImagineMagics(Magics):
     @observe(*_SESSION_TRAITS)
     def _forward_option(self, change: Any) -> None:
         if not self._syncing and getattr(self.session, change["name"]) != change["new"]:
-            self.session.use(**{change["name"]: change["new"]})
+            self.session.use(any_provider=True, **{change["name"]: change["new"]})
 
     # --- the magic -------------------------------------------------------------------------------
 
     @magic_arguments()
     @argument("-p", "--provider", help="openai, azure, gemini, vertex, or a registered name")
-    @argument("-m", "--model", help="model or deployment name (default: the provider's default)")
-    @argument("--size", help="OpenAI: auto, 1024x1024, 1536x1024, 1024x1536 or WxH (multiples of 16)")
-    @argument("--quality", help="OpenAI: low, medium, high, auto")
-    @argument("--background", help="OpenAI: transparent, opaque, auto")
-    @argument("--format", help="OpenAI output format: png, jpeg, webp")
-    @argument("--compression", type=int, help="OpenAI: jpeg/webp compression, 0-100")
-    @argument("--partial", type=int, metavar="N", help="OpenAI: stream N partial images (0-3)")
-    @argument("--moderation", help="OpenAI: auto or low")
-    @argument("--fidelity", help="OpenAI: input fidelity for edits, high or low")
-    @argument("--aspect", help="Gemini: aspect ratio such as 1:1, 16:9, 9:16")
-    @argument("--image-size", help="Gemini: 512, 1K, 2K or 4K")
-    @argument("--background-mode", nargs="?", const="on", choices=("on", "off"),
-              help="OpenAI/Azure/Foundry: run as a background response (status shown while queued and in "
-                   "progress; Ctrl-C cancels it on the server); %%imagine use --background-mode off turns it off")
-    @argument("--project-endpoint", metavar="URL", help="Foundry: the project endpoint, "
-              "https://<resource>.services.ai.azure.com/api/projects/<project>")
-    @argument("--agent", metavar="NAME", help="Foundry: the agent's name (with -m DEPLOYMENT nbimagine creates or "
-              "reuses a version with the image options; without -m the agent is used as it is)")
-    @argument("--agent-version", metavar="V", help="Foundry: use this version of the agent (default: the latest)")
-    @argument("--image-deployment", metavar="D", help="Azure/Foundry: the gpt-image deployment, e.g. gpt-image-1")
+    @_table_arguments
     @argument("-e", "--edit", action="append", default=[], metavar="REF",
               help="image to edit (repeatable): last, -2, #17, a variable (BinaryResult, Reply, bytes, "
                    "PIL image, path) or a file path")
@@ -218,6 +186,10 @@ class ImagineMagics(Magics):
             %%imagine -p gemini --aspect 16:9 -n 4
             A watercolor fox in the snow, in the style of {style}
         """
+        if _HELP_FLAGS & set(line.split()):
+            # IPython's argument parser has no -h; %imagine? shows the same text.
+            print(self.imagine.__doc__)
+            return None
         if cell is None:
             # A plain split: a one-line prompt may hold an apostrophe ("a cat's hat"), which shlex rejects.
             first, _, rest = line.strip().partition(" ")
@@ -251,10 +223,8 @@ class ImagineMagics(Magics):
 
     @staticmethod
     def _overrides(args: Any) -> dict[str, Any]:
-        overrides = {opt: getattr(args, dest) for dest, opt in _OPTION_DESTS.items() if getattr(args, dest) is not None}
-        if "background_mode" in overrides:
-            overrides["background_mode"] = overrides["background_mode"] == "on"
-        return overrides
+        names = ("provider", *(opt.name for opt in TABLE))
+        return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
     def _generate(self, prompt: str, args: Any) -> None:
         from ._generate import MAX_VARIANTS, Generation
@@ -793,16 +763,46 @@ def _emulator_banner() -> None:
 
 
 class _Settings:
-    """What ``%imagine use`` shows: the session defaults."""
+    """What ``%imagine use`` shows: the provider, model and every option that provider takes, then the
+    values kept for other providers (inactive: not sent)."""
 
     def __init__(self, session: ImagineSession) -> None:
-        self.options = session.options()
+        self.provider = session.provider
+        self.family = session.kind()
         self.model = session.effective_model()
+        self.default_model = not session.model
+        self.emulator = session.emulator
+        self.active = session.active_options()
+        self.inactive = session.inactive_options()
+
+    def lines(self) -> tuple[str, list[tuple[str, str]], str]:
+        model = f"{self.model} (default)" if self.default_model else self.model
+        head = f"imagine defaults: {self.provider} · {model}" + (" · emulator on" if self.emulator else "")
+        rows = [(name, option(name).show(value)) for name, value in self.active.items() if name != "model"]
+        kept = ""
+        if self.inactive:
+            owners = sorted({option(name).owner for name in self.inactive})
+            label = FAMILY_LABELS.get(self.family, self.family)
+            kept = (f"inactive with {label} (kept for {' and '.join(owners)}): "
+                    + ", ".join(f"{name}={option(name).show(value)}" for name, value in self.inactive.items()))
+        return head, rows, kept
 
     def __repr__(self) -> str:
-        shown = {k: v for k, v in self.options.items() if v not in (None, 0, False) and k != "response_modalities"}
-        shown["model"] = self.model
-        return "imagine defaults: " + ", ".join(f"{k}={v}" for k, v in shown.items())
+        head, rows, kept = self.lines()
+        text = head + "\n  " + "  ".join(f"{name}={value}" for name, value in rows)
+        return text + (f"\n  {kept}" if kept else "")
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        import html
+
+        head, rows, kept = self.lines()
+        cells = "".join(f'<tr><td style="text-align:left">{html.escape(name)}</td>'
+                        f'<td style="text-align:left">{html.escape(value)}</td></tr>' for name, value in rows)
+        body = (f'<div class="nbi-settings-view"><b>{html.escape(head)}</b>'
+                f'<table style="margin:4px 0">{cells}</table>')
+        if kept:
+            body += f'<div class="nbi-inactive" style="color:#777">{html.escape(kept)}</div>'
+        return {"text/plain": repr(self), "text/html": body + "</div>"}
 
 
 class _Gallery:

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from traitlets import Bool, HasTraits, Int, List, Unicode
+from traitlets import Bool, HasTraits, Int, List, TraitType, Unicode
 
+from ._options import FAMILY_LABELS, IMAGE_TOOL, Option, active, option
+from ._options import OPTIONS as TABLE
 from .config import (
-    GEMINI_ASPECT_RATIOS,
-    GEMINI_IMAGE_SIZES,
     AzureOpenAIImagesConfig,
     AzureOpenAIResponsesConfig,
     FoundryAgentConfig,
@@ -49,30 +49,8 @@ DEFAULT_MODELS = {
     "gemini": "gemini-3.1-flash-image",
     "vertex": "gemini-3.1-flash-image",
 }
-# Provider families that run the Responses API's image tool.
-RESPONSES_KINDS = ("openai", "azure", "foundry")
-# Session option -> ImageGenerationTool field (OpenAI / Azure).
-OPENAI_OPTIONS = {
-    "size": "size",
-    "quality": "quality",
-    "background": "background",
-    "output_format": "output_format",
-    "output_compression": "output_compression",
-    "partial_images": "partial_images",
-    "moderation": "moderation",
-    "input_fidelity": "input_fidelity",
-}
-GEMINI_OPTIONS = ("aspect_ratio", "image_size", "response_modalities")
-# Responses API only (openai, azure and foundry): run each request as a background response.
-RESPONSES_OPTIONS = ("background_mode",)
-# Session option -> the families that take it (FoundryAgentConfig / AzureOpenAIResponsesConfig fields).
-FOUNDRY_OPTIONS = {
-    "project_endpoint": ("foundry",),
-    "agent_name": ("foundry",),
-    "agent_version": ("foundry",),
-    "image_deployment": ("azure", "foundry"),
-}
-OPTIONS = ("model", *OPENAI_OPTIONS, *GEMINI_OPTIONS, *RESPONSES_OPTIONS, *FOUNDRY_OPTIONS, "emulator")
+# Every session option: the image options of the table, then the session's own switch.
+OPTIONS = (*(opt.name for opt in TABLE), "emulator")
 
 # Which environment variables count as credentials, per provider (names only; values never leave here).
 KEY_ENV = {
@@ -94,32 +72,33 @@ class _Registered:
     tools: tuple[object, ...] = field(default_factory=tuple)
 
 
-class ImagineSession(HasTraits):
+def option_trait(opt: Option) -> TraitType[Any, Any]:
+    """The traitlets trait of a table option (for the session and ``%config ImagineMagics``)."""
+    if opt.kind is bool:
+        return Bool(opt.default, help=opt.help_text())
+    if opt.kind is int:
+        return Int(opt.default, allow_none=opt.default is None, help=opt.help_text())
+    if opt.kind is list:
+        return List(Unicode(), default_value=list(opt.default or []), help=opt.help_text())
+    return Unicode(opt.default, allow_none=True, help=opt.help_text())
+
+
+# The option traits are made from the table, so that a new row is a new session option.
+_OptionTraits = type("_OptionTraits", (HasTraits,), {opt.name: option_trait(opt) for opt in TABLE})
+
+
+class ImagineSession(_OptionTraits):
     """Defaults for ``%%imagine`` and the panels; observable (``traitlets``).
 
-    ``model=None`` means ``DEFAULT_MODELS[provider]``. Options that do not apply to the current
-    provider are kept but not sent (so switching back and forth keeps them).
+    Besides ``provider`` and ``emulator``, every row of :data:`nbimagine._options.OPTIONS` is a trait
+    (``model``, ``size``, ``quality``, ``aspect_ratio``, ``max_retries``...). ``model=None`` means
+    ``DEFAULT_MODELS[provider]``. An option given explicitly must apply to the provider it is used
+    with (``use("gemini", quality="high")`` is a ``ConfigError`` that says what Gemini takes instead);
+    values set earlier for another provider are kept but not sent, and shown as inactive.
     """
 
-    provider = Unicode("openai")
-    model = Unicode(None, allow_none=True)
-    size = Unicode(None, allow_none=True)
-    quality = Unicode(None, allow_none=True)
-    background = Unicode(None, allow_none=True)
-    output_format = Unicode(None, allow_none=True)
-    moderation = Unicode(None, allow_none=True)
-    input_fidelity = Unicode(None, allow_none=True)
-    output_compression = Int(None, allow_none=True)
-    partial_images = Int(0)
-    aspect_ratio = Unicode(None, allow_none=True)
-    image_size = Unicode(None, allow_none=True)
-    response_modalities = List(Unicode(), default_value=["TEXT", "IMAGE"])
-    background_mode = Bool(False)
-    project_endpoint = Unicode(None, allow_none=True)
-    agent_name = Unicode(None, allow_none=True)
-    agent_version = Unicode(None, allow_none=True)
-    image_deployment = Unicode(None, allow_none=True)
-    emulator = Bool(False)
+    provider = Unicode("openai", help="openai, azure, gemini, vertex or a registered name")
+    emulator = Bool(False, help="route every provider to the in-process emulator")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -170,6 +149,28 @@ class ImagineSession(HasTraits):
         """Current values of every option (``None`` = provider default)."""
         return {name: getattr(self, name) for name in ("provider", *OPTIONS)}
 
+    def active_options(self, provider: str | None = None) -> dict[str, Any]:
+        """The table options the provider takes, with their current values (``None`` = provider default)."""
+        return active({opt.name: getattr(self, opt.name) for opt in TABLE}, self.kind(provider))
+
+    def inactive_options(self, provider: str | None = None) -> dict[str, Any]:
+        """Values kept for other providers, which this provider does not use (only those that are set)."""
+        family = self.kind(provider)
+        return {opt.name: getattr(self, opt.name) for opt in TABLE
+                if not opt.applies(family) and getattr(self, opt.name) not in (None, opt.default)}
+
+    def summary(self) -> str:
+        """One line: provider · model · emulator · the options set for this provider (what is sent)."""
+        try:
+            model, active_now = self.effective_model(), self.active_options()
+        except ConfigError as exc:
+            return str(exc)
+        set_ = ", ".join(f"{name}={option(name).show(value)}" for name, value in active_now.items()
+                         if name != "model" and value not in (None, option(name).default))
+        route = ["offline emulator"] if self.emulator else []
+        parts = [FAMILY_LABELS.get(self.provider, self.provider), model, *route, *([set_] if set_ else [])]
+        return " · ".join(parts)
+
     # --- validation and updates ------------------------------------------------------------------
 
     def _merged(self, provider: str | None, options: dict[str, Any]) -> dict[str, Any]:
@@ -185,48 +186,40 @@ class ImagineSession(HasTraits):
             merged["model"] = None
         if provider is not None:
             merged["provider"] = provider
-        merged.update(options)
+        merged.update({name: option(name).validate(value) if name != "emulator" else value
+                       for name, value in options.items()})
         return merged
 
-    def validate(self, provider: str | None = None, **options: Any) -> None:
-        """Raise ``ConfigError`` (saying how to fix it) unless these options would be valid."""
+    def validate(self, provider: str | None = None, *, any_provider: bool = False, **options: Any) -> None:
+        """Raise ``ConfigError`` (saying how to fix it) unless these options would be valid.
+
+        Each option given must apply to the provider (``provider`` or the session's); with
+        ``any_provider=True`` an option of another provider is accepted and kept as an inactive
+        default (what ``%config`` and configuration files do).
+        """
         merged = self._merged(provider, options)
-        self.kind(merged["provider"])
+        name = merged["provider"]
+        family = self.kind(name)
+        if not any_provider:
+            for key in options:
+                value = merged[key]  # normalised
+                if key == "emulator" or value is None or value == option(key).default:
+                    continue
+                if not option(key).applies(family):
+                    raise ConfigError(option(key).misplaced(value, family, name))
         self._tool(merged)
-        _gemini_image_config(merged)
-        modalities = merged["response_modalities"]
-        if modalities is not None:
-            GeminiConfig(model="check", response_modalities=list(modalities))
-        if merged["model"] is not None and (not isinstance(merged["model"], str) or not merged["model"].strip()):
-            raise ConfigError("model must be a non-empty name such as 'gpt-4.1' or 'gemini-3.1-flash-image'")
-        if not isinstance(merged["background_mode"], bool):
-            raise ConfigError(f"background_mode must be True or False, not {merged['background_mode']!r}")
-        for name in FOUNDRY_OPTIONS:
-            value = merged[name]
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise ConfigError(f"{name} must be a non-empty text, not {value!r}")
+        model = merged["model"]
+        if model is not None and (not isinstance(model, str) or not model.strip()):
+            raise ConfigError("--model needs a non-empty name such as 'gpt-4.1' or 'gemini-3.1-flash-image'")
 
-    def _check_applies(self, provider: str, kind: str, overrides: dict[str, Any]) -> None:
-        """A per-request option the provider does not take is an error (session defaults just stay inactive)."""
-        if overrides.get("background_mode") and kind not in RESPONSES_KINDS:
-            raise ConfigError("--background-mode runs a Responses API background response: it needs an openai, "
-                              f"azure or foundry provider, not {provider}")
-        for name, families in FOUNDRY_OPTIONS.items():
-            if overrides.get(name) is not None and kind not in families:
-                flag = "--agent" if name == "agent_name" else "--" + name.replace("_", "-")
-                raise ConfigError(f"{flag} is a {' and '.join(families)} option and {provider} does not use it; "
-                                  "drop it")
-
-    def use(self, provider: str | None = None, **options: Any) -> None:
+    def use(self, provider: str | None = None, *, any_provider: bool = False, **options: Any) -> None:
         """Validate, then set the provider and options together (one round of notifications)."""
-        self.validate(provider, **options)
+        self.validate(provider, any_provider=any_provider, **options)
         merged = self._merged(provider, options)
         with self.hold_trait_notifications():
             for name, value in merged.items():
-                if name == "partial_images" and value is None:
-                    value = 0
-                if name == "response_modalities" and value is not None:
-                    value = [str(v).upper() for v in value]
+                if value is None and name != "provider" and name != "emulator":
+                    value = option(name).default
                 if getattr(self, name) != value:
                     setattr(self, name, value)
 
@@ -242,11 +235,9 @@ class ImagineSession(HasTraits):
         self._registered[name] = _Registered(config, tuple(tools))
 
     def _tool(self, merged: dict[str, Any]) -> ImageGenerationTool:
-        # The ImageGenerationTool constructor is the single source of truth for OpenAI option rules.
-        params = {field_: merged[opt] for opt, field_ in OPENAI_OPTIONS.items() if merged.get(opt) is not None}
-        if params.get("partial_images") == 0:
-            del params["partial_images"]
-        return ImageGenerationTool(**params)
+        # The ImageGenerationTool constructor is the single source of truth for the tool's combined rules
+        # (a transparent JPEG, compression without jpeg/webp...).
+        return ImageGenerationTool(**_sent(merged, "ImageGenerationTool"))
 
     def build_agent(self, **overrides: Any) -> Agent:
         """An ``Agent`` for the session's provider with these overrides (same names as the options).
@@ -262,7 +253,6 @@ class ImagineSession(HasTraits):
         merged = self._merged(provider, overrides)
         name = merged["provider"]
         kind = self.kind(name)
-        self._check_applies(name, kind, overrides)
         model = self.effective_model(name, merged["model"])
         routed = merged["emulator"]
         registered = self._registered.get(name)
@@ -276,7 +266,7 @@ class ImagineSession(HasTraits):
             tools = []
         elif kind == "foundry":
             config, tools = self._foundry(merged, registered)
-        elif kind in ("openai", "azure"):
+        elif kind in IMAGE_TOOL:
             tool = self._tool(merged)
             if registered is not None:
                 config = registered.config.replace(model=model)
@@ -287,11 +277,9 @@ class ImagineSession(HasTraits):
                 cls = AzureOpenAIResponsesConfig if kind == "azure" else OpenAIResponsesConfig
                 config = cls(model=model, tool_choice="image_generation")
                 tools = [tool]
-            if kind == "azure" and merged["image_deployment"] and isinstance(config, AzureOpenAIResponsesConfig):
-                config = config.replace(image_deployment=merged["image_deployment"])
         else:
-            image_config = _gemini_image_config(merged) or None
-            modalities = list(merged["response_modalities"] or ["TEXT", "IMAGE"])
+            image_config = _sent(merged, "ImageConfig") or None
+            modalities = list(merged["response_modalities"] or option("response_modalities").default)
             if registered is not None:
                 changes: dict[str, Any] = {"model": model}
                 if image_config:
@@ -304,8 +292,7 @@ class ImagineSession(HasTraits):
                 cls = VertexAIConfig if kind == "vertex" else GeminiConfig
                 config = cls(model=model, response_modalities=modalities, image_config=image_config)
                 tools = []
-        if merged["background_mode"] and isinstance(config, OpenAIResponsesConfig):
-            config = config.replace(background=True)
+        config = _with_config_options(config, merged, kind)
         if routed:
             config = _route_to_emulator(config)
         return Agent(f"imagine-{name}", config=config, tools=tools)
@@ -317,7 +304,7 @@ class ImagineSession(HasTraits):
         base = registered.config if registered is not None else None
         model = (merged["model"] or (base.model if base is not None else None)
                  or os.environ.get("AZURE_AI_MODEL_DEPLOYMENT_NAME") or None)
-        fields = {name: merged[name] for name in FOUNDRY_OPTIONS if merged[name] is not None}
+        fields = _sent(merged, "config", "foundry")
         if not (fields.get("agent_name") or (base is not None and getattr(base, "agent_name", None))):
             raise ConfigError("Foundry needs the agent's name: %imagine use foundry --project-endpoint URL "
                               "--agent NAME [--image-deployment D] [-m DEPLOYMENT]")
@@ -399,19 +386,28 @@ def _merge_image_tool(tools: Sequence[object], session_tool: ImageGenerationTool
     return out
 
 
-def _gemini_image_config(merged: dict[str, Any]) -> dict[str, Any]:
-    image_config = {}
-    ratio, size = merged.get("aspect_ratio"), merged.get("image_size")
-    if ratio is not None:
-        if ratio not in GEMINI_ASPECT_RATIOS:
-            raise ConfigError(f"aspect ratio must be one of {', '.join(GEMINI_ASPECT_RATIOS)}, not {ratio!r}")
-        image_config["aspect_ratio"] = ratio
-    if size is not None:
-        if size not in GEMINI_IMAGE_SIZES:
-            hint = " (use an uppercase K)" if str(size).upper() in GEMINI_IMAGE_SIZES else ""
-            raise ConfigError(f"image size must be one of {', '.join(GEMINI_IMAGE_SIZES)}{hint}, not {size!r}")
-        image_config["image_size"] = size
-    return image_config
+def _sent(merged: dict[str, Any], target: str, family: str | None = None) -> dict[str, Any]:
+    """The options whose table ``target`` is ``target.<field>`` (those ``family`` takes, when given), by
+    field, leaving out unset ones."""
+    out = {}
+    for opt in TABLE:
+        owner, _, field_name = opt.target.partition(".")
+        value = merged.get(opt.name)
+        # None is "the provider decides"; a number or switch at its default (0 partial images) is not sent.
+        unset = value is None or (opt.kind in (int, bool) and value == opt.default)
+        if owner == target and not unset and (family is None or opt.applies(family)):
+            out[field_name] = value
+    return out
+
+
+def _with_config_options(config: ProviderConfig, merged: dict[str, Any], family: str) -> ProviderConfig:
+    """``config`` with the session's config-level options (``max_retries``, ``background``...) that this
+    provider takes and this config has as fields (a registered config of another class keeps its own)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config)}
+    fields = {k: v for k, v in _sent(merged, "config", family).items() if k in names and k != "model"}
+    return config.replace(**fields) if fields else config
 
 
 def _route_to_emulator(config: ProviderConfig) -> ProviderConfig:

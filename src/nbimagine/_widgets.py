@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,26 +31,11 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as w
 
 from ._images import sniff_media_type
-from ._session import (
-    DEFAULT_MODELS,
-    KEY_ENV,
-    OPENAI_OPTIONS,
-    RESPONSES_KINDS,
-    ImagineSession,
-    foundry_credential_sources,
-    get_session,
-)
-from .config import GEMINI_ASPECT_RATIOS, GEMINI_IMAGE_SIZES
+from ._options import EVERY_PROVIDER, IMAGE_CONFIG, IMAGE_TOOL, Option, option, options_for
+from ._options import OPTIONS as TABLE
+from ._session import DEFAULT_MODELS, KEY_ENV, ImagineSession, foundry_credential_sources, get_session
+from .config import GEMINI_NEWEST_ONLY_RATIOS, GEMINI_NEWEST_ONLY_SIZES
 from .errors import ConfigError, ContentPolicyError, HistoryError, ImagineError, InputError, ProviderError, redact
-from .tools import (
-    BACKGROUNDS,
-    INPUT_FIDELITIES,
-    MODERATIONS,
-    OUTPUT_FORMATS,
-    QUALITIES,
-    STANDARD_SIZES,
-    validate_size,
-)
 
 if TYPE_CHECKING:
     from ._generate import Generation
@@ -68,15 +54,15 @@ PROVIDER_LABELS = {
 DEFAULT = ""  # the "provider default" choice of a dropdown (the session's None)
 CUSTOM = "custom"  # the size dropdown's "custom WxH" choice
 COMPRESSIBLE = ("jpeg", "webp")
-MODALITIES = ("TEXT", "IMAGE")
-# Aspect ratios and the image size tier that only Gemini 3.1 Flash Image documents.
-NEWEST_ONLY_RATIOS = ("1:4", "4:1", "1:8", "8:1")
-NEWEST_ONLY_SIZES = ("512",)
 THUMB_SIDE = 192
 PREVIEW_SIDE = 768
 
 def _choices(values: Sequence[str], default_label: str = "default") -> list[tuple[str, str]]:
     return [(default_label, DEFAULT), *((v, v) for v in values)]
+
+
+def _wide() -> w.Layout:  # one Layout per control: hiding one must not hide the others
+    return w.Layout(width="360px")
 
 
 def _opt(value: str) -> str | None:
@@ -148,10 +134,17 @@ class _UIThread:
 class ProviderPanel:
     """Provider, model and image options of the session, with per-provider controls.
 
-    Attributes are the controls themselves (``provider``, ``model``, ``quality``, ``size``,
-    ``custom_size``, ``background``, ``output_format``, ``compression_on``, ``compression``,
-    ``partial_images``, ``moderation``, ``input_fidelity``, ``aspect_ratio``, ``image_size``,
-    ``modalities``), the inline messages (``errors[name]``) and ``keys`` (key status).
+    The controls are made from the option table (:data:`nbimagine._options.OPTIONS`): one per row,
+    with the row's allowed values and its help as tooltip. ``controls[name]`` is the control of option
+    ``name``, also an attribute (``quality``, ``size``, ``aspect_ratio``...); besides them:
+    ``provider``, ``emulator``, ``custom_size`` (the size's WxH field), ``compression_on``, ``compression``
+    (= ``controls["output_compression"]``), ``modalities`` (a checkbox per response modality),
+    ``errors[name]`` (the inline message under each option, and ``"apply"``), ``keys`` (key status),
+    ``in_effect`` (what the next ``%%imagine`` sends) and ``inactive`` (values kept for other providers).
+
+    The panel never shows a value that is not in effect: a choice the session refuses (a transparent
+    JPEG, no response modality) is put back with the reason beside it; a custom size that is not valid
+    yet is explained as "not applied" while it is typed, and the size in effect is named.
     """
 
     def __init__(self, session: ImagineSession | None = None) -> None:
@@ -159,106 +152,109 @@ class ProviderPanel:
         self._ui = _UIThread(lambda exc: setattr(self.errors["apply"], "value", _error_html(str(exc))))
         self._applying = False  # True while the panel itself writes the session
         self._loading = False  # True while the panel loads the session into its controls
-        style = {"description_width": "110px"}
+        self._style = {"description_width": "110px"}
 
-        def wide() -> w.Layout:  # one Layout per control: hiding one must not hide the others
-            return w.Layout(width="360px")
-
-        self.provider = w.Dropdown(description="Provider", options=self._provider_options(), style=style,
-                                   layout=wide())
+        self.provider = w.Dropdown(description="Provider", options=self._provider_options(), style=self._style,
+                                   layout=_wide())
         self.emulator = w.Checkbox(description="Offline emulator (no key needed)", indent=False)
-        self.model = w.Text(description="Model", style=style, layout=wide(), continuous_update=False)
         self.keys = w.HTML()
         self.refresh_keys = w.Button(description="Check keys", icon="refresh", tooltip="Read the environment again",
-                                     layout=w.Layout(width="120px"))
-
-        # OpenAI / Azure image tool
-        self.quality = w.Dropdown(description="Quality", options=_choices(QUALITIES), style=style, layout=wide())
-        self.size = w.Dropdown(description="Size", style=style, layout=wide(),
-                               options=[*_choices(STANDARD_SIZES), ("custom WxH", CUSTOM)])
-        self.custom_size = w.Text(description="Custom size", placeholder="e.g. 2048x1152", style=style,
-                                  layout=wide(), continuous_update=False)
-        self.background = w.Dropdown(description="Background", options=_choices(BACKGROUNDS), style=style,
-                                     layout=wide())
-        self.output_format = w.Dropdown(description="Format", options=_choices(OUTPUT_FORMATS), style=style,
-                                        layout=wide())
-        self.compression_on = w.Checkbox(description="Set compression", indent=False,
-                                         layout=w.Layout(width="140px"))
-        self.compression = w.IntSlider(description="Compression", min=0, max=100, value=80, style=style,
-                                       layout=w.Layout(width="360px"), continuous_update=False)
-        self.partial_images = w.IntSlider(description="Partial images", min=0, max=3, value=0, style=style,
-                                          layout=wide(), continuous_update=False)
-        self.moderation = w.Dropdown(description="Moderation", options=_choices(MODERATIONS), style=style,
-                                     layout=wide())
-        self.input_fidelity = w.Dropdown(description="Input fidelity", options=_choices(INPUT_FIDELITIES),
-                                         style=style, layout=wide())
-        self.background_mode = w.Checkbox(description="Background response (polled; Ctrl-C cancels it)",
-                                          indent=False, layout=wide())
-        # Microsoft Foundry agent (and Azure's image deployment)
-        self.project_endpoint = w.Text(description="Project endpoint", style=style, layout=wide(),
-                                       placeholder="https://<resource>.services.ai.azure.com/api/projects/<p>",
-                                       continuous_update=False)
-        self.agent_name = w.Text(description="Agent", style=style, layout=wide(), continuous_update=False,
-                                 placeholder="agent name (Model set: nbimagine makes its version)")
-        self.agent_version = w.Text(description="Agent version", style=style, layout=wide(),
-                                    placeholder="latest", continuous_update=False)
-        self.image_deployment = w.Text(description="Image deployment", style=style, layout=wide(),
-                                       placeholder="e.g. gpt-image-1", continuous_update=False)
-        # Gemini / Vertex
-        self.aspect_ratio = w.Dropdown(description="Aspect ratio", options=_choices(GEMINI_ASPECT_RATIOS),
-                                       style=style, layout=wide())
-        self.image_size = w.Dropdown(description="Image size", options=_choices(GEMINI_IMAGE_SIZES),
-                                     style=style, layout=wide())
-        self.modalities = {m: w.Checkbox(description=m, indent=False, layout=w.Layout(width="90px"))
-                           for m in MODALITIES}
-
-        names = ("model", "size", "output_format", "compression", "aspect_ratio", "modalities", "foundry", "apply")
-        self.errors: dict[str, w.HTML] = {n: w.HTML() for n in names}
+                                     layout=w.Layout(width="120px", min_width="120px"))
+        self.in_effect = w.HTML()
+        self.inactive = w.HTML()
+        self.errors: dict[str, w.HTML] = {name: w.HTML() for name in (*(opt.name for opt in TABLE), "apply")}
         for name, box in self.errors.items():
             box.add_class(f"nbi-error-{name}")
 
-        self.openai_box = w.VBox([
-            self.quality,
-            w.HBox([self.size, self.custom_size]), self.errors["size"],
-            self.background, self.output_format, self.errors["output_format"],
-            w.HBox([self.compression, self.compression_on]), self.errors["compression"],
-            self.partial_images, self.moderation, self.input_fidelity, self.background_mode,
-        ])
-        self.foundry_box = w.VBox([self.project_endpoint, self.agent_name, self.agent_version,
-                                   self.errors["foundry"]])
-        self.gemini_box = w.VBox([
-            self.aspect_ratio, self.errors["aspect_ratio"], self.image_size,
-            w.HBox([w.Label("Response", layout=w.Layout(width="110px")), *self.modalities.values()]),
-            self.errors["modalities"],
-        ])
+        self.custom_size = w.Text(description="Custom size", placeholder="e.g. 2048x1152", style=self._style,
+                                  layout=_wide())  # continuous: its message follows the typing
+        self.compression_on = w.Checkbox(description="Set compression", indent=False,
+                                         layout=w.Layout(width="140px"))
+        self.modalities = {m: w.Checkbox(description=m, indent=False, layout=w.Layout(width="90px"))
+                           for m in option("response_modalities").choices}
+        self.controls: dict[str, w.ValueWidget] = {opt.name: self._make_control(opt) for opt in TABLE}
+        for name, control in self.controls.items():
+            setattr(self, name, control)
+            control.add_class(f"nbi-{name.replace('_', '-')}")
+        self.compression = self.controls["output_compression"]
+
+        rows: dict[tuple[str, ...], list[w.Widget]] = {}
+        for opt in TABLE:
+            rows.setdefault(opt.families, []).extend([self._row(opt), self.errors[opt.name]])
+        # One box per provider family; options every provider takes sit outside them.
+        self.family_boxes = {families: w.VBox(children) for families, children in rows.items() if families}
+        self.openai_box = self.family_boxes[IMAGE_TOOL]
+        self.foundry_box = self.family_boxes[("foundry",)]
+        self.gemini_box = self.family_boxes[IMAGE_CONFIG]
+        common = rows.get(EVERY_PROVIDER, [])
         self.widget = w.VBox([
             w.HTML("<b>nbimagine provider settings</b>"),
             w.HBox([self.provider, self.emulator]),
-            self.model, self.errors["model"],
-            self.foundry_box, self.image_deployment,
-            self.openai_box, self.gemini_box,
+            *common[:2],  # the model first, the rest of the common options after the provider's own
+            *self.family_boxes.values(),
+            *common[2:],
             self.errors["apply"],
+            self.in_effect, self.inactive,
             w.HBox([self.keys, self.refresh_keys]),
         ])
         self.widget.add_class("nbi-panel")
-        for name in ("provider", "emulator", "model", "quality", "size", "custom_size", "background",
-                     "output_format", "compression_on", "compression", "partial_images", "moderation",
-                     "input_fidelity", "background_mode", "project_endpoint", "agent_name", "agent_version",
-                     "image_deployment", "aspect_ratio", "image_size"):
+        for name in ("provider", "emulator", "custom_size", "compression_on", "in_effect", "inactive"):
             getattr(self, name).add_class(f"nbi-{name.replace('_', '-')}")
         for name, box in self.modalities.items():
             box.add_class(f"nbi-modality-{name.lower()}")
 
         self._load()
-        for control in self._controls():
+        for control in self._inputs():
             control.observe(self._on_control, names="value")
         self.refresh_keys.on_click(lambda _: self._render_keys())
         self.session.observe(self._on_session, names=list(self.session.trait_names()))
 
+    # --- building ------------------------------------------------------------------------------------
+
+    def _make_control(self, opt: Option) -> w.ValueWidget:
+        common: dict[str, Any] = {"description": opt.title, "style": self._style, "layout": _wide(),
+                                  "tooltip": opt.help_text()}
+        if opt.kind is bool:
+            return w.Checkbox(indent=False, **common)
+        if opt.name == "size":
+            return w.Dropdown(options=[*_choices(opt.choices), ("custom WxH", CUSTOM)], **common)
+        if opt.kind is list:
+            return w.HBox(list(self.modalities.values()))  # read and written through the checkboxes
+        if opt.kind is int and opt.default is not None:
+            low, high = opt.bounds or (0, 0)
+            return w.IntSlider(min=low, max=high, value=opt.default, continuous_update=False, **common)
+        if opt.kind is int and opt.name == "output_compression":
+            low, high = opt.bounds or (0, 100)
+            common["layout"] = w.Layout(width="360px")
+            return w.IntSlider(min=low, max=high, value=80, continuous_update=False, **common)
+        if opt.kind is int:
+            low, high = opt.bounds or (0, 0)
+            return w.Dropdown(options=[(opt.unset, DEFAULT), *((str(i), i) for i in range(low, high + 1))], **common)
+        if opt.choices:
+            return w.Dropdown(options=_choices(opt.choices), **common)
+        return w.Text(continuous_update=False, placeholder=opt.example, **common)
+
+    def _row(self, opt: Option) -> w.Widget:
+        control = self.controls[opt.name]
+        if opt.name == "size":
+            return w.HBox([control, self.custom_size])
+        if opt.name == "output_compression":
+            return w.HBox([control, self.compression_on])
+        if opt.kind is list:
+            return w.HBox([w.Label(opt.title, layout=w.Layout(width="150px")), control])
+        return control
+
+    def _inputs(self) -> list[w.ValueWidget]:
+        controls = [c for name, c in self.controls.items() if option(name).kind is not list]
+        return [self.provider, self.emulator, *controls, self.custom_size, self.compression_on,
+                *self.modalities.values()]
+
     # --- the panel as a displayable object ---------------------------------------------------------
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = repr(self)
+        return bundle
 
     def close(self) -> None:
         """Stop following the session and close the widgets."""
@@ -266,16 +262,9 @@ class ProviderPanel:
         _close_tree(self.widget)
 
     def __repr__(self) -> str:
-        return f"<ProviderPanel provider={self.session.provider!r} model={self.session.effective_model()!r}>"
+        return f"<nbimagine settings panel: {self.session.summary()}>"
 
     # --- reading the controls ----------------------------------------------------------------------
-
-    def _controls(self) -> list[w.ValueWidget]:
-        return [self.provider, self.emulator, self.model, self.quality, self.size, self.custom_size,
-                self.background, self.output_format, self.compression_on, self.compression,
-                self.partial_images, self.moderation, self.input_fidelity, self.background_mode,
-                self.project_endpoint, self.agent_name, self.agent_version, self.image_deployment,
-                self.aspect_ratio, self.image_size, *self.modalities.values()]
 
     def _provider_options(self) -> list[tuple[str, str]]:
         out = []
@@ -306,66 +295,92 @@ class ProviderPanel:
         except ConfigError:
             return model or ""
 
+    def _read(self, name: str) -> Any:
+        """The session value a control asks for (valid or not)."""
+        control = self.controls[name]
+        if name == "size":
+            return (self.custom_size.value.strip() or None) if control.value == CUSTOM else _opt(control.value)
+        if name == "output_compression":
+            on = self.controls["output_format"].value in COMPRESSIBLE and self.compression_on.value
+            return control.value if on else None
+        if name == "response_modalities":
+            return [m for m, box in self.modalities.items() if box.value]
+        if isinstance(control, w.Text):
+            return control.value.strip() or None
+        if isinstance(control, (w.IntSlider, w.Checkbox)):
+            return control.value
+        return None if control.value == DEFAULT else control.value
+
+    def _write(self, name: str, value: Any) -> None:
+        """Show a session value in its control (and its companions)."""
+        control = self.controls[name]
+        if name == "size":
+            if value is None or value in option("size").choices:
+                control.value = value or DEFAULT
+                self.custom_size.value = ""
+            else:
+                control.value = CUSTOM
+                self.custom_size.value = value
+        elif name == "output_compression":
+            self.compression_on.value = value is not None
+            if value is not None:
+                control.value = value
+        elif name == "response_modalities":
+            chosen = [str(m).upper() for m in (value or [])]
+            for modality, box in self.modalities.items():
+                box.value = modality in chosen
+        elif isinstance(control, w.Text):
+            control.value = value or ""
+        elif isinstance(control, w.Checkbox):
+            control.value = bool(value)
+        elif isinstance(control, w.IntSlider):
+            control.value = value if value is not None else option(name).default
+        else:
+            known = [v for _, v in control.options]
+            control.value = value if value in known else DEFAULT
+
     def wanted(self) -> dict[str, Any]:
-        """What the controls ask for, as session options (``provider`` included), valid or not."""
-        size = self.custom_size.value.strip() if self.size.value == CUSTOM else _opt(self.size.value)
-        compressible = self.output_format.value in COMPRESSIBLE
-        return {
-            "provider": self.provider.value,
-            "emulator": self.emulator.value,
-            "model": self.model.value.strip() or None,
-            "quality": _opt(self.quality.value),
-            "size": size or None,
-            "background": _opt(self.background.value),
-            "output_format": _opt(self.output_format.value),
-            "output_compression": self.compression.value if compressible and self.compression_on.value else None,
-            "partial_images": self.partial_images.value,
-            "moderation": _opt(self.moderation.value),
-            "input_fidelity": _opt(self.input_fidelity.value),
-            "background_mode": self.background_mode.value,
-            "project_endpoint": self.project_endpoint.value.strip() or None,
-            "agent_name": self.agent_name.value.strip() or None,
-            "agent_version": self.agent_version.value.strip() or None,
-            "image_deployment": self.image_deployment.value.strip() or None,
-            "aspect_ratio": _opt(self.aspect_ratio.value),
-            "image_size": _opt(self.image_size.value),
-            "response_modalities": [m for m, box in self.modalities.items() if box.value],
-        }
+        """What the controls ask for, valid or not: ``provider``, ``emulator`` and every option the chosen
+        provider takes (the hidden controls of other providers hold the session's kept values)."""
+        out: dict[str, Any] = {"provider": self.provider.value, "emulator": self.emulator.value}
+        out.update({opt.name: self._read(opt.name) for opt in options_for(self.kind)})
+        return out
 
     def problems(self, wanted: dict[str, Any] | None = None) -> dict[str, str]:
-        """Inline errors for the wanted values: control name -> reason (empty when all is valid)."""
+        """Why wanted values cannot be applied: option name -> reason (empty when all can be)."""
         wanted = wanted or self.wanted()
         found: dict[str, str] = {}
-        if self.size.value == CUSTOM:
+        if "size" in wanted and self.size.value == CUSTOM:
             text = self.custom_size.value.strip()
-            if not text:
-                found["size"] = "Type a custom size such as 2048x1152, or choose a standard size."
-            else:
-                try:
-                    validate_size(text)
-                except ConfigError as exc:
-                    found["size"] = str(exc)
-        if wanted["background"] == "transparent" and wanted["output_format"] == "jpeg":
-            found["output_format"] = ("JPEG has no transparency: choose png or webp, "
-                                      "or a background other than transparent.")
-        if not wanted["response_modalities"]:
-            found["modalities"] = "Choose at least one response modality (IMAGE to get images)."
+            try:
+                option("size").validate(text or "")
+            except ConfigError as exc:
+                reason = (re.sub(r"^--size: size '.*?' is not allowed: ", "", str(exc)) if text
+                          else "type a size such as 2048x1152")
+                found["size"] = f"{text or 'The custom size'} is not applied yet: {reason}"
+        if wanted.get("background") == "transparent" and wanted.get("output_format") == "jpeg":
+            found["output_format"] = "JPEG has no transparency: choose png or webp, or a background other than " \
+                                     "transparent first"
+        if "response_modalities" in wanted and not wanted["response_modalities"]:
+            found["response_modalities"] = "Choose at least one response modality (IMAGE to get images)"
         return found
 
     def notes(self, wanted: dict[str, Any] | None = None) -> dict[str, str]:
         """Warnings that do not block the change (shown inline)."""
         wanted = wanted or self.wanted()
         found: dict[str, str] = {}
-        model = self._model_for(wanted["provider"], wanted["model"])
+        model = self._model_for(wanted["provider"], wanted.get("model"))
         newest = "3.1-flash-image" in model
-        if not newest and (wanted["aspect_ratio"] in NEWEST_ONLY_RATIOS or wanted["image_size"] in NEWEST_ONLY_SIZES):
-            found["aspect_ratio"] = (f"{wanted['aspect_ratio'] or ''} {wanted['image_size'] or ''}".strip()
+        ratio, tier = wanted.get("aspect_ratio"), wanted.get("image_size")
+        if not newest and (ratio in GEMINI_NEWEST_ONLY_RATIOS or tier in GEMINI_NEWEST_ONLY_SIZES):
+            found["aspect_ratio"] = (f"{ratio or ''} {tier or ''}".strip()
                                      + f" is documented for Gemini 3.1 Flash Image only; {model} may refuse it.")
-        modalities = wanted["response_modalities"]
+        modalities = wanted.get("response_modalities")
         if modalities and "IMAGE" not in modalities:
-            found["modalities"] = "Without IMAGE the model answers in text only."
-        if self.output_format.value not in COMPRESSIBLE and self.compression_on.value:
-            found["compression"] = "Compression applies to jpeg and webp only, so it is not sent."
+            found["response_modalities"] = "Without IMAGE the model answers in text only."
+        if "output_compression" in wanted and self.compression_on.value and \
+                self.output_format.value not in COMPRESSIBLE:
+            found["output_compression"] = "Compression applies to jpeg and webp only, so it is not sent."
         return found
 
     # --- writing the session -----------------------------------------------------------------------
@@ -373,39 +388,56 @@ class ProviderPanel:
     def _on_control(self, change: dict[str, Any]) -> None:
         if self._loading:
             return
-        if change["owner"] is self.provider and change["old"] != change["new"]:
+        owner = change["owner"]
+        if owner is self.provider and change["old"] != change["new"]:
             # A model name belongs to its provider: switching goes back to the new provider's default.
             with self._hold():
                 self.model.value = ""
         self._update_rules()
-        self.apply()
+        self.apply(changed=self._option_of(owner))
 
-    def apply(self) -> bool:
-        """Write every valid wanted value to the session; flag the invalid ones. True if all applied."""
+    def _option_of(self, control: w.Widget) -> str | None:
+        if control is self.custom_size:
+            return "size"
+        if control is self.compression_on:
+            return "output_compression"
+        if control in self.modalities.values():
+            return "response_modalities"
+        return next((name for name, c in self.controls.items() if c is control), None)
+
+    def apply(self, changed: str | None = None) -> bool:
+        """Write the wanted values to the session; True if all were applied.
+
+        A value that cannot be applied is not kept in its control: the control shows the session's
+        value again and the reason is shown beside it. Only a custom size being typed stays, marked
+        "not applied yet" with the size in effect.
+        """
         wanted = self.wanted()
         problems = self.problems(wanted)
         options = dict(wanted)
         provider = options.pop("provider")
-        # Invalid values stay in their controls but are not sent: the session keeps its own.
-        if "size" in problems:
-            options["size"] = self.session.size
-        if "output_format" in problems:
-            options["output_format"] = self.session.output_format
-            options["background"] = self.session.background
-            if options["output_compression"] is not None and options["output_format"] not in COMPRESSIBLE:
-                options["output_compression"] = None
-        if "modalities" in problems:
-            options["response_modalities"] = list(self.session.response_modalities)
+        for name in problems:
+            options.pop(name, None)
+            if name == "output_format" and changed in ("background", "output_format"):
+                options.pop("background", None)
         self._applying = True
         try:
             self.session.use(provider, **options)
-            problems.pop("apply", None)
         except ConfigError as exc:
             problems["apply"] = str(exc)
         finally:
             self._applying = False
-        self._show_messages(problems, self.notes(wanted))
-        self._render_keys()
+        blocked = [name for name in problems if name != "size"] + (["apply"] if "apply" in problems else [])
+        if blocked:
+            # Put back what the session has, so that nothing on display is out of effect.
+            self._load(messages=False)
+            if changed in ("background", "output_format") and "output_format" in problems:
+                shown = self.session.background if changed == "background" else self.session.output_format
+                problems["output_format"] += f"; {changed.replace('_', ' ')} stays {shown or 'default'}"
+        if "size" in problems:
+            problems["size"] += f"; the size in effect is {self.session.size or 'the default'}"
+        self._show_messages(problems, self.notes())
+        self._render_state()
         return not problems
 
     def _show_messages(self, problems: dict[str, str], notes: dict[str, str]) -> None:
@@ -425,8 +457,8 @@ class ProviderPanel:
             return
         self._ui.call(self._load)
 
-    def _load(self) -> None:
-        """Show the session's values in the controls (and clear the inline errors: they are valid)."""
+    def _load(self, messages: bool = True) -> None:
+        """Show the session's values in the controls (and clear the inline messages: they are valid)."""
         s = self.session
         with self._hold():
             options = self._provider_options()
@@ -434,43 +466,18 @@ class ProviderPanel:
                 self.provider.options = options
             self.provider.value = s.provider
             self.emulator.value = bool(s.emulator)
-            self.model.value = s.model or ""
-            self.quality.value = s.quality or DEFAULT
-            if s.size is None or s.size in STANDARD_SIZES:
-                self.size.value = s.size or DEFAULT
-                self.custom_size.value = ""
-            else:
-                self.size.value = CUSTOM
-                self.custom_size.value = s.size
-            self.background.value = s.background or DEFAULT
-            self.output_format.value = s.output_format or DEFAULT
-            self.compression_on.value = s.output_compression is not None
-            if s.output_compression is not None:
-                self.compression.value = s.output_compression
-            self.partial_images.value = s.partial_images or 0
-            self.moderation.value = s.moderation or DEFAULT
-            self.input_fidelity.value = s.input_fidelity or DEFAULT
-            self.background_mode.value = bool(s.background_mode)
-            self.project_endpoint.value = s.project_endpoint or ""
-            self.agent_name.value = s.agent_name or ""
-            self.agent_version.value = s.agent_version or ""
-            self.image_deployment.value = s.image_deployment or ""
-            self.aspect_ratio.value = s.aspect_ratio if s.aspect_ratio in GEMINI_ASPECT_RATIOS else DEFAULT
-            self.image_size.value = s.image_size if s.image_size in GEMINI_IMAGE_SIZES else DEFAULT
-            modalities = [m.upper() for m in (s.response_modalities or [])]
-            for name, box in self.modalities.items():
-                box.value = name in modalities
+            for opt in TABLE:
+                self._write(opt.name, getattr(s, opt.name))
         self._update_rules()
-        self._show_messages({}, self.notes())
-        self._render_keys()
+        if messages:
+            self._show_messages({}, self.notes())
+        self._render_state()
 
     def _update_rules(self) -> None:
         """Show only the chosen provider's controls; enable only what applies."""
         kind = self.kind
-        _show(self.openai_box, kind in RESPONSES_KINDS)
-        _show(self.foundry_box, kind == "foundry")
-        _show(self.image_deployment, kind in ("azure", "foundry"))
-        _show(self.gemini_box, kind in ("gemini", "vertex"))
+        for families, box in self.family_boxes.items():
+            _show(box, kind in families)
         name = self.provider.value
         registered = self.session._registered.get(name)
         self.model.placeholder = registered.config.model if registered else DEFAULT_MODELS.get(kind, "")
@@ -480,7 +487,27 @@ class ProviderPanel:
         compressible = self.output_format.value in COMPRESSIBLE
         self.compression_on.disabled = not compressible
         self.compression.disabled = not (compressible and self.compression_on.value)
-        self.compression.tooltip = None if compressible else "jpeg and webp only"
+
+    def _render_state(self) -> None:
+        self.in_effect.value = (f'<span class="nbi-in-effect-text" style="color:#555">In effect: '
+                                f"{html.escape(self.session.summary())}</span>")
+        kept = self.session.inactive_options() if self._known() else {}
+        if kept:
+            owners = " and ".join(sorted({option(n).owner for n in kept}))
+            label = PROVIDER_LABELS.get(self.kind, self.kind)
+            values = ", ".join(f"{n}={option(n).show(v)}" for n, v in kept.items())
+            self.inactive.value = (f'<span class="nbi-inactive-text" style="color:#8a8a8a">Kept for {owners}, '
+                                   f"not used with {html.escape(label)}: {html.escape(values)}</span>")
+        else:
+            self.inactive.value = ""
+        self._render_keys()
+
+    def _known(self) -> bool:
+        try:
+            self.session.kind()
+        except ConfigError:
+            return False
+        return True
 
     def _render_keys(self) -> None:
         status = self.session.key_status()
@@ -635,7 +662,6 @@ class Studio:
         self._ui = _UIThread(lambda exc: self._set_error(plain_error(exc)))
         self._lock = self._ui.lock
         self._what = "Generating"
-        self._job_status = ""  # a background response's status, e.g. " · queued"
         self._running = False
         self._idle = threading.Event()  # set when no generation runs and its results are shown
         self._idle.set()
@@ -781,7 +807,6 @@ class Studio:
             _show(self.partial, False)
             self._update_buttons()
             self._what = f"Editing {', '.join(f'#{i}' for i in self.selected)}" if edit else "Generating"
-            self._job_status = ""
             self._tick()
             self._ticker = threading.Thread(target=self._tick_loop, args=(generation,), daemon=True,
                                             name="nbimagine-studio-ticker")
@@ -805,17 +830,14 @@ class Studio:
     def _tick(self) -> None:
         if self.running:
             elapsed = time.perf_counter() - self._started_at
-            what = html.escape(self._what + self._job_status)
-            self.status.value = f'<span class="nbi-running">{what}… {elapsed:.1f} s</span>'
+            self.status.value = f'<span class="nbi-running">{self._what}… {elapsed:.1f} s</span>'
 
     def _on_event(self, index: int, event: StreamEvent) -> None:
         # Called on the background loop's thread: hand over, never touch widgets here.
-        from .events import PartialImageEvent, StatusEvent
+        from .events import PartialImageEvent
 
         if isinstance(event, PartialImageEvent):
             self._dispatch(self._show_partial, event.index, event.image)
-        elif isinstance(event, StatusEvent):
-            self._job_status = f" · background response {event.status.replace('_', ' ')}"
 
     def _show_partial(self, index: int, image: BinaryResult) -> None:
         if not self.running:
@@ -990,23 +1012,7 @@ class Studio:
         self._dispatch(self._render_summary)
 
     def _render_summary(self) -> None:
-        s = self.session
-        name = PROVIDER_LABELS.get(s.provider, s.provider)
-        try:
-            kind, model = s.kind(), s.effective_model()
-        except ConfigError as exc:  # set behind the session's back; Generate will say so too
-            self.summary.value = _error_html(str(exc))
-            return
-        options = {k: getattr(s, k) for k in (OPENAI_OPTIONS if kind in RESPONSES_KINDS
-                                               else ("aspect_ratio", "image_size"))}
-        if kind == "foundry":
-            options = {"agent": s.agent_name, **options}
-        shown = ", ".join(f"{k}={v}" for k, v in options.items() if v not in (None, 0))
-        route = " · <b>offline emulator</b>" if s.emulator else ""
-        self.summary.value = (f'<span class="nbi-summary-text">{html.escape(name)} · '
-                              f"{html.escape(model)}{route}"
-                              f"{' · ' + html.escape(shown) if shown else ''}</span>")
-
+        self.summary.value = f'<span class="nbi-summary-text">{html.escape(self.session.summary())}</span>'
 
 def _preview(image: BinaryResult, max_side: int) -> tuple[bytes, str]:
     """Bytes small enough to send to the browser, and their media type."""

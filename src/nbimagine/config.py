@@ -441,6 +441,9 @@ GEMINI_ASPECT_RATIOS = (
     "1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9", "1:4", "4:1", "1:8", "8:1",
 )
 GEMINI_IMAGE_SIZES = ("512", "1K", "2K", "4K")
+# Documented for Gemini 3.1 Flash Image only (https://ai.google.dev/gemini-api/docs/image-generation).
+GEMINI_NEWEST_ONLY_RATIOS = ("1:4", "4:1", "1:8", "8:1")
+GEMINI_NEWEST_ONLY_SIZES = ("512",)
 GEMINI_VERTEX_ONLY_IMAGE_FIELDS = (
     "person_generation", "prominent_people", "output_mime_type", "output_compression_quality",
     "image_output_options",

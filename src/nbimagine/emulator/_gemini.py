@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .._images import b64decode_any, image_size, sniff_media_type
+from ..config import GEMINI_NEWEST_ONLY_RATIOS
 from ._hostile import HOSTILE_IMAGES, hostile_image
 from ._server import Answer, Fault, Request, State
 
@@ -79,7 +80,7 @@ ASPECT_RATIOS_25 = {  # Gemini 2.5 Flash Image (1K only)
     "4:5": (896, 1152), "5:4": (1152, 896), "9:16": (768, 1344), "16:9": (1344, 768), "21:9": (1536, 672),
 }
 SIZE_TIERS = {"512": 0.5, "1K": 1, "2K": 2, "4K": 4}
-_ONLY_31 = {"1:4", "4:1", "1:8", "8:1"}
+_ONLY_31 = set(GEMINI_NEWEST_ONLY_RATIOS)
 _FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 _SAFETY_FAULTS = {
     "image_safety": "IMAGE_SAFETY", "safety": "SAFETY", "prohibited_content": "PROHIBITED_CONTENT",

@@ -18,15 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._images import b64decode_any
+from ..tools import BACKGROUNDS, QUALITIES
+from ..tools import OUTPUT_FORMATS as FORMATS
 from ._hostile import HOSTILE_IMAGES, hostile_image
 from ._server import Answer, Fault, Request, State
 
 __all__ = ["handle", "handle_chat"]
 
 STANDARD_SIZES = ("1024x1024", "1024x1536", "1536x1024")
-QUALITIES = ("low", "medium", "high", "xhigh", "max", "auto")
-BACKGROUNDS = ("transparent", "opaque", "auto")
-FORMATS = ("png", "jpeg", "webp")
 AZURE_IMAGE_HEADER = "x-ms-oai-image-generation-deployment"
 _IMAGES_TOKEN = re.compile(r"\[images:(\d+)\]")
 _ANY_TOKEN = re.compile(r"\[(?:images|fault|error):[^\]]*\]")

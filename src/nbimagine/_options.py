@@ -1,0 +1,328 @@
+"""Every image option of the notebook layer, in one table.
+
+The ``%%imagine`` parser and its help (``%imagine?``, ``--help``), ``%imagine use``, the session's
+traits, ``%config ImagineMagics``, the settings panel and validation all read :data:`OPTIONS`, so
+that they cannot drift apart. A row names the option once: its session name (the provider's own
+parameter name), its magic flag, the provider families it belongs to, its allowed values (taken
+from :mod:`nbimagine.tools` and :mod:`nbimagine.config`, whose constants the emulator also checks
+against, and which a test compares with the SDKs' own ``Literal`` types), its default and its help.
+
+Adding an option (e.g. ``--background`` for background responses) is one row here; the parser,
+help, session trait, ``%config`` trait and ``%imagine use`` listing follow.
+
+Importing this module stays cheap: no SDK, no IPython, no widgets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .config import GEMINI_ASPECT_RATIOS, GEMINI_IMAGE_SIZES, GEMINI_MODALITIES
+from .errors import ConfigError
+from .tools import BACKGROUNDS, INPUT_FIDELITIES, MODERATIONS, OUTPUT_FORMATS, QUALITIES, STANDARD_SIZES, validate_size
+
+__all__ = [
+    "EVERY_PROVIDER",
+    "FAMILY_LABELS",
+    "IMAGE_CONFIG",
+    "IMAGE_TOOL",
+    "OPTIONS",
+    "Option",
+    "active",
+    "family_label",
+    "option",
+    "options_for",
+]
+
+# Provider families (``ProviderConfig.provider``) grouped by how they take image options.
+IMAGE_TOOL = ("openai", "azure", "foundry")  # the Responses API's image_generation tool (ImageGenerationTool)
+IMAGE_CONFIG = ("gemini", "vertex")  # GenerateContentConfig.response_modalities + ImageConfig
+EVERY_PROVIDER: tuple[str, ...] = ()  # an option every provider takes
+FAMILY_LABELS = {"openai": "OpenAI", "azure": "Azure OpenAI", "foundry": "Microsoft Foundry", "gemini": "Gemini",
+                 "vertex": "Vertex AI"}
+
+Hint = Callable[[Any, str], str]  # (value, family it was given for) -> what to use there instead
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option. ``name`` is the session trait, the override key and the provider's parameter name."""
+
+    name: str
+    flags: tuple[str, ...]  # magic flags, e.g. ("-m", "--model"); the last one is the long form
+    families: tuple[str, ...]  # provider families that take it; EVERY_PROVIDER = all
+    target: str  # where the value is sent, e.g. "ImageGenerationTool.quality"
+    help: str  # one phrase, without the allowed values (they are appended from ``choices``)
+    choices: tuple[str, ...] = ()
+    free_form: str = ""  # what else is accepted besides ``choices``, e.g. "WxH"
+    bounds: tuple[int, int] | None = None  # inclusive, for integer options
+    kind: type = str  # str, int, bool (on|off on the magic line) or list (comma-separated on the magic line)
+    default: Any = None  # the session's value when unset; None = the provider decides
+    metavar: str | None = None
+    check: Callable[[Any], Any] | None = None  # extra validation of one value; returns it normalised
+    instead: Hint | None = None  # advice when given for a family it does not belong to
+    source: str = ""  # where the rule comes from
+    unset: str = "default"  # how an unset value (None) is shown
+    label: str = ""  # the panel's label (default: the name in words)
+    example: str = ""  # a placeholder for free text
+
+    @property
+    def flag(self) -> str:
+        return self.flags[-1]
+
+    def applies(self, family: str) -> bool:
+        """Whether a provider of this family takes the option."""
+        return not self.families or family in self.families
+
+    @property
+    def owner(self) -> str:
+        """Who the option belongs to, for messages: "OpenAI", "Gemini", "every provider"."""
+        if not self.families:
+            return "every provider"
+        return family_label(self.families)
+
+    @property
+    def title(self) -> str:
+        """The panel's label: ``label``, else the name in words ("Output format")."""
+        return self.label or self.name.replace("_", " ").capitalize()
+
+    def values_text(self) -> str:
+        """The allowed values in words: ``low, medium, high, xhigh, max, auto``."""
+        parts = ["on", "off"] if self.kind is bool else list(self.choices)
+        if self.free_form:
+            parts.append(self.free_form)
+        if self.bounds:
+            parts.append(f"{self.bounds[0]}-{self.bounds[1]}")
+        return ", ".join(parts)
+
+    def help_text(self) -> str:
+        """The line shown by ``%imagine?`` and as the panel control's tooltip."""
+        owner = "" if not self.families else f"{self.owner}: "
+        values = self.values_text()
+        return f"{owner}{self.help}" + (f" ({values})" if values else "")
+
+    def validate(self, value: Any) -> Any:
+        """``value`` normalised, or ``ConfigError`` saying what is allowed. ``None`` is always allowed."""
+        if value is None:
+            return None
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("on", "off"):
+                return value.lower() == "on"
+            raise ConfigError(f"{self.flag} is on or off, not {value!r}")
+        if self.kind is int:
+            if not isinstance(value, int) or isinstance(value, bool) or (
+                    self.bounds and not self.bounds[0] <= value <= self.bounds[1]):
+                low, high = self.bounds or (0, 0)
+                raise ConfigError(f"{self.flag} takes a whole number from {low} to {high}, not {value!r}")
+            return value
+        if self.kind is list:
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)):
+                raise ConfigError(f"{self.flag} takes a list such as {','.join(self.choices)}, not {value!r}")
+            normalised = [str(item).strip().upper() for item in items if str(item).strip()]
+            unknown = [item for item in normalised if item not in self.choices]
+            if unknown or not normalised:
+                raise ConfigError(f"{self.flag} takes one or more of {', '.join(self.choices)}, "
+                                  f"not {','.join(unknown) or 'nothing'}")
+            return list(dict.fromkeys(normalised))
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.flag} takes a text value such as {self.values_text()}, not {value!r}")
+        if self.check is not None:
+            return self.check(value)
+        if self.choices and value not in self.choices:
+            raise ConfigError(f"{self.flag} must be one of {self.values_text()}, not {value!r}")
+        if not value.strip():
+            raise ConfigError(f"{self.flag} needs a value" + (f" such as {self.example}" if self.example else ""))
+        return value
+
+    def show(self, value: Any) -> str:
+        """A value as ``%imagine use`` and the panel show it."""
+        if value is None:
+            return self.unset
+        if isinstance(value, list):
+            return ",".join(map(str, value))
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return str(value)
+
+    def misplaced(self, value: Any, family: str, provider: str) -> str:
+        """The one-line message for this option given to a provider that does not take it."""
+        where = provider if provider == family else f"{provider} ({family_label((family,))})"
+        text = f"{self.flag} is {_article(self.owner)} {self.owner} option and {where} does not use it"
+        advice = self.instead(value, family) if self.instead else ""
+        return f"{text}: {advice}" if advice else f"{text}; drop it"
+
+
+def family_label(families: Sequence[str]) -> str:
+    """Who takes an option, in words: ``IMAGE_TOOL`` -> "OpenAI", ``IMAGE_CONFIG`` -> "Gemini" (each group is
+    named after its first vendor), ``("azure", "foundry")`` -> "Azure OpenAI / Microsoft Foundry"."""
+    if not families:
+        return "any provider"
+    if tuple(families) in (IMAGE_TOOL, IMAGE_CONFIG):
+        return FAMILY_LABELS[families[0]]
+    return " / ".join(FAMILY_LABELS.get(f, f) for f in families)
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+# --- checks and hints ------------------------------------------------------------------------------
+
+
+def _check_size(value: str) -> str:
+    try:
+        return validate_size(value)
+    except ConfigError as exc:
+        raise ConfigError(f"--size: {exc}") from None
+
+
+def _check_format(value: str) -> str:
+    value = "jpeg" if value == "jpg" else value
+    if value not in OUTPUT_FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, not {value!r}")
+    return value
+
+
+def _check_image_size(value: str) -> str:
+    if value not in GEMINI_IMAGE_SIZES:
+        hint = " (use an uppercase K)" if value.upper() in GEMINI_IMAGE_SIZES else ""
+        raise ConfigError(f"--image-size must be one of {', '.join(GEMINI_IMAGE_SIZES)}{hint}, not {value!r}")
+    return value
+
+
+def _ratio(text: str) -> float | None:
+    try:
+        left, _, right = text.partition(":") if ":" in text else text.partition("x")
+        return int(left) / int(right)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def openai_size_for(aspect_ratio: str | None) -> str:
+    """The standard OpenAI size closest in shape to a Gemini aspect ratio."""
+    ratio = _ratio(aspect_ratio or "") or 1.0
+    if ratio > 1.15:
+        return "1536x1024"
+    if ratio < 0.87:
+        return "1024x1536"
+    return "1024x1024"
+
+
+def gemini_shape_for(size: str | None) -> str:
+    """The Gemini ``--aspect``/``--image-size`` closest to an OpenAI size."""
+    if not size or size == "auto":
+        return "--aspect 1:1 (or leave it out: the model chooses)"
+    ratio = _ratio(size) or 1.0
+    aspect = min(GEMINI_ASPECT_RATIOS, key=lambda r: abs(math.log((_ratio(r) or 1.0) / ratio)))
+    longest = max(int(side) for side in size.split("x"))
+    tier = "512" if longest <= 640 else "1K" if longest <= 1536 else "2K" if longest <= 3072 else "4K"
+    return f"--aspect {aspect} --image-size {tier}"
+
+
+def _none_for(what: str) -> Hint:
+    def hint(value: Any, family: str) -> str:
+        return f"{FAMILY_LABELS.get(family, family)} has no {what} option; drop it"
+    return hint
+
+
+def _size_instead(value: Any, family: str) -> str:
+    return f"for {FAMILY_LABELS.get(family, family)} use {gemini_shape_for(value)}"
+
+
+def _aspect_instead(value: Any, family: str) -> str:
+    return f"for {FAMILY_LABELS.get(family, family)} use --size {openai_size_for(value)}"
+
+
+def _image_size_instead(value: Any, family: str) -> str:
+    return (f"for {FAMILY_LABELS.get(family, family)} use --size (1024x1024, 1536x1024, 1024x1536, or WxH such "
+            "as 2048x2048 on newer models)")
+
+
+def _quality_instead(value: Any, family: str) -> str:
+    return f"{FAMILY_LABELS.get(family, family)} has no quality option; for more pixels use --image-size 2K or 4K"
+
+
+def _modalities_instead(value: Any, family: str) -> str:
+    return f"{FAMILY_LABELS.get(family, family)} always answers with text and the image tool; drop it"
+
+
+_TOOL_DOCS = "https://platform.openai.com/docs/guides/tools-image-generation"
+_BACKGROUND_DOCS = "https://platform.openai.com/docs/guides/background"
+_FOUNDRY_DOCS = "https://learn.microsoft.com/azure/ai-foundry/agents/how-to/tools/image-generation"
+_GEMINI_DOCS = "https://ai.google.dev/gemini-api/docs/image-generation"
+
+OPTIONS: tuple[Option, ...] = (
+    Option("model", ("-m", "--model"), EVERY_PROVIDER, "config.model",
+           "model or deployment name (default: the provider's default)", metavar="MODEL"),
+    Option("project_endpoint", ("--project-endpoint",), ("foundry",), "config.project_endpoint",
+           "the project endpoint", metavar="URL", example="https://<resource>.services.ai.azure.com/api/projects/<p>",
+           source=_FOUNDRY_DOCS),
+    Option("agent_name", ("--agent",), ("foundry",), "config.agent_name",
+           "the agent's name (with -m DEPLOYMENT nbimagine creates or reuses a version with the image options; "
+           "without -m the agent is used as it is)", metavar="NAME", label="Agent", example="agent name",
+           source=_FOUNDRY_DOCS),
+    Option("agent_version", ("--agent-version",), ("foundry",), "config.agent_version",
+           "use this version of the agent (default: the latest)", metavar="V", example="latest",
+           source=_FOUNDRY_DOCS),
+    Option("image_deployment", ("--image-deployment",), ("azure", "foundry"), "config.image_deployment",
+           "the gpt-image deployment", metavar="D", example="gpt-image-1", source=_FOUNDRY_DOCS),
+    Option("size", ("--size",), IMAGE_TOOL, "ImageGenerationTool.size", "image size",
+           choices=STANDARD_SIZES, free_form="WxH (multiples of 16, up to 3840, at most 3:1)", check=_check_size,
+           instead=_size_instead, source=_TOOL_DOCS),
+    Option("quality", ("--quality",), IMAGE_TOOL, "ImageGenerationTool.quality", "rendering quality",
+           choices=QUALITIES, instead=_quality_instead, source=_TOOL_DOCS),
+    Option("background", ("--background",), IMAGE_TOOL, "ImageGenerationTool.background", "background",
+           choices=BACKGROUNDS, instead=_none_for("background"), source=_TOOL_DOCS),
+    Option("output_format", ("--format",), IMAGE_TOOL, "ImageGenerationTool.output_format", "file format",
+           choices=OUTPUT_FORMATS, check=_check_format, instead=_none_for("output format"), source=_TOOL_DOCS),
+    Option("output_compression", ("--compression",), IMAGE_TOOL, "ImageGenerationTool.output_compression",
+           "jpeg/webp compression", bounds=(0, 100), kind=int, metavar="0-100",
+           instead=_none_for("compression"), source=_TOOL_DOCS),
+    Option("partial_images", ("--partial",), IMAGE_TOOL, "ImageGenerationTool.partial_images",
+           "stream N partial images while the image renders", bounds=(0, 3), kind=int, default=0, metavar="N",
+           instead=_none_for("partial-images"), source=_TOOL_DOCS),
+    Option("moderation", ("--moderation",), IMAGE_TOOL, "ImageGenerationTool.moderation", "moderation strictness",
+           choices=MODERATIONS, instead=_none_for("moderation"), source=_TOOL_DOCS),
+    Option("input_fidelity", ("--fidelity",), IMAGE_TOOL, "ImageGenerationTool.input_fidelity",
+           "how closely an edit keeps its input", choices=INPUT_FIDELITIES, instead=_none_for("input fidelity"),
+           source=_TOOL_DOCS),
+    Option("background_mode", ("--background-mode",), IMAGE_TOOL, "config.background",
+           "run as a background response: its status is shown while queued and in progress, Ctrl-C cancels it "
+           "on the server", kind=bool, default=False, metavar="on|off", label="Background response",
+           instead=_none_for("background-response"), source=_BACKGROUND_DOCS),
+    Option("aspect_ratio", ("--aspect",), IMAGE_CONFIG, "ImageConfig.aspect_ratio", "aspect ratio",
+           choices=GEMINI_ASPECT_RATIOS, instead=_aspect_instead, source=_GEMINI_DOCS),
+    Option("image_size", ("--image-size",), IMAGE_CONFIG, "ImageConfig.image_size", "resolution tier",
+           choices=GEMINI_IMAGE_SIZES, check=_check_image_size, instead=_image_size_instead, source=_GEMINI_DOCS),
+    Option("response_modalities", ("--modalities",), IMAGE_CONFIG, "GenerateContentConfig.response_modalities",
+           "what the model may answer with, comma-separated", choices=tuple(m for m in GEMINI_MODALITIES
+                                                                           if m != "AUDIO"),
+           kind=list, default=["TEXT", "IMAGE"], metavar="TEXT,IMAGE", instead=_modalities_instead,
+           source=_GEMINI_DOCS),
+    Option("max_retries", ("--retries",), EVERY_PROVIDER, "config.max_retries",
+           "how often the SDK retries a rate limit (429) or server error (5xx) before giving up (default 2)",
+           bounds=(0, 10), kind=int, metavar="N", unset="default (2)"),
+)
+
+_BY_NAME = {opt.name: opt for opt in OPTIONS}
+
+
+def option(name: str) -> Option:
+    """The row of ``name`` (``KeyError`` if there is none)."""
+    return _BY_NAME[name]
+
+
+def options_for(family: str) -> tuple[Option, ...]:
+    """The options a provider of this family takes, in table order."""
+    return tuple(opt for opt in OPTIONS if opt.applies(family))
+
+
+def active(values: dict[str, Any], family: str) -> dict[str, Any]:
+    """The subset of ``values`` (option name -> value) that a provider of ``family`` takes."""
+    return {name: value for name, value in values.items() if name in _BY_NAME and _BY_NAME[name].applies(family)}
