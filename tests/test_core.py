@@ -207,6 +207,22 @@ def test_binary_result_save_picks_names_and_converts(tmp_path: Path) -> None:
     assert result.to_pil().size == (32, 24)
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparency_saved_as_jpeg_is_flattened_onto_white(tmp_path: Path, mode: str) -> None:
+    from PIL import Image
+
+    image = Image.new("RGBA", (40, 20), (0, 0, 0, 0))  # fully transparent, colour black underneath
+    image.paste((200, 30, 30, 255), (0, 0, 20, 20))  # left half: opaque red
+    if mode != "RGBA":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    saved = Image.open(BinaryResult(buffer.getvalue()).save(tmp_path / "out.jpg"))
+    assert saved.format == "JPEG"
+    assert min(saved.convert("RGB").getpixel((35, 10))) > 245  # white, not black
+    assert min(saved.convert("RGB").getpixel((5, 10))) < 150  # the opaque part is kept
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 def test_provider_errors_mask_secrets_and_keep_files() -> None:

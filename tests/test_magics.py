@@ -375,9 +375,26 @@ def test_reply_text_shows_above_the_image(ip):
 
 
 def test_variants_run_concurrently_and_show_as_a_grid(ip, emu):
+    import _thread
+
     from nbimagine._history import history
 
-    imagine(ip, "--no-history", "warm-up")  # SDK imports and connections: not what this measures
+    # Concurrent: all four requests reach the emulator while none has been answered (a long latency; the
+    # watcher presses Ctrl-C once it has seen four, or after 20 s: sequential variants would show one).
+    emu.latency = 60.0
+    seen: list[int] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 20
+        while len([r for r in emu.requests if r.method == "POST"]) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(len([r for r in emu.requests if r.method == "POST"]))
+        _thread.interrupt_main()
+
+    threading.Thread(target=watch, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        imagine(ip, "-n 4 --no-history", "four moons")
+    assert seen == [4]
     emu.reset()
     emu.latency = 1.0
     from nbimagine._generate import Generation

@@ -137,8 +137,9 @@ def clip(text: str, limit: int, *, where: str = "") -> str:
 
 
 def caption_for(result: BinaryResult, *, history_id: int | None = None, elapsed: float | None = None,
-                provider: str | None = None, model: str | None = None) -> str:
-    """``#17 · openai/gpt-image-1 · 1024x1024 · PNG · 1.4 MB · 8.2 s`` (+ a clipped revised-prompt line)."""
+                provider: str | None = None, model: str | None = None, parents: Sequence[int] = ()) -> str:
+    """``#17 · openai/gpt-image-1 · 1024x1024 · PNG · 1.4 MB · 8.2 s · edited from #16`` (+ a clipped
+    revised-prompt line)."""
     meta = result.metadata
     history_id = history_id if history_id is not None else meta.get("history_id")
     provider = provider or meta.get("provider")
@@ -155,6 +156,8 @@ def caption_for(result: BinaryResult, *, history_id: int | None = None, elapsed:
     parts.append(human_bytes(len(result.data)))
     if elapsed is not None:
         parts.append(f"{elapsed:.1f} s")
+    if parents:
+        parts.append("edited from " + ", ".join(f"#{p}" for p in parents))
     caption = " · ".join(parts)
     revised = meta.get("revised_prompt")
     if isinstance(revised, str) and revised.strip():
@@ -227,10 +230,10 @@ def warning_output(lines: Sequence[str]) -> dict[str, Any]:
 
 
 def _figure(data: bytes, media_type: str, caption: str, *, width: int | None = None) -> str:
-    head, _, revised = caption.partition("\n")
+    head, *more = caption.split("\n")
     caption_html = html.escape(head)
-    if revised:
-        caption_html += f'<br/><span style="opacity:0.8">{html.escape(revised)}</span>'
+    for line in more:  # each its own line: "revised prompt: ...", "prompt: ..."
+        caption_html += f'<br/><span style="opacity:0.8">{html.escape(line)}</span>'
     style = "max-width:100%;height:auto;display:block"
     width_attr = f' width="{width}"' if width else ""
     return (
@@ -323,14 +326,15 @@ def progress_preview(partial: BinaryResult) -> bytes:
 
 
 def progress_bundle(elapsed: float | None, *, label: str = "Generating", partials: Sequence[Any] = (),
-                    status: Sequence[str] = ()) -> dict[str, Any]:
+                    status: Sequence[str] = (), note: str | None = None) -> dict[str, Any]:
     """The live progress slot: elapsed time, and the latest partial image of each variant when any.
 
     ``elapsed`` None: the first state, which is all that frontends without display updates ever
     show, so it names no time. ``partials`` holds one image (``BinaryResult``, or bytes from
-    :func:`progress_preview`) or ``None`` per variant; ``status`` one short word per variant.
+    :func:`progress_preview`) or ``None`` per variant; ``status`` one short word per variant; ``note``
+    what is happening now (``retrying (1/2) after HTTP 503``).
     """
-    line = f"{label}…" if elapsed is None else f"{label}… {elapsed:.1f} s"
+    line = (f"{label}…" if elapsed is None else f"{label}… {elapsed:.1f} s") + (f" · {note}" if note else "")
     cells = []
     for index, partial in enumerate(partials):
         note = status[index] if index < len(status) else ""

@@ -26,6 +26,7 @@ import asyncio
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._options import active
@@ -38,10 +39,26 @@ if TYPE_CHECKING:
     from ._agent import Agent, Reply
     from ._history import History, HistoryEntry
 
-__all__ = ["MAX_VARIANTS", "EventCallback", "Generation"]
+__all__ = ["MAX_VARIANTS", "EventCallback", "Generation", "Retrying"]
 
-EventCallback = Callable[[int, StreamEvent], None]
 MAX_VARIANTS = 8
+# Where a notebook user raises the retry count (the Python API's advice names max_retries).
+MAGIC_RETRY_ADVICE = "add --retries 5 to the cell (or %imagine use --retries 5)"
+
+
+@dataclass(frozen=True)
+class Retrying:
+    """Progress event: the SDK got HTTP ``status`` and retries, ``attempt`` of ``limit`` (after a back-off)."""
+
+    status: int
+    attempt: int
+    limit: int
+
+    def __str__(self) -> str:
+        return f"retrying ({self.attempt}/{self.limit}) after HTTP {self.status}"
+
+
+EventCallback = Callable[[int, "StreamEvent | Retrying"], None]
 
 
 class Generation:
@@ -71,6 +88,7 @@ class Generation:
         record: bool = True,
         session: ImagineSession | None = None,
         history: History | None = None,
+        retry_advice: str = MAGIC_RETRY_ADVICE,
     ) -> None:
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_VARIANTS:
             raise ConfigError(f"the number of variants must be an integer from 1 to {MAX_VARIANTS}, not {n!r}")
@@ -87,6 +105,7 @@ class Generation:
         self.parents = list(dict.fromkeys(i for i in ids if isinstance(i, int)))
         self.overrides = dict(overrides or {})
         self.record = record
+        self.retry_advice = retry_advice
         self.session = session or get_session()
         self._history = history
         self.provider = self.overrides.get("provider") or self.session.provider
@@ -191,6 +210,10 @@ class Generation:
             self.parents.append(mask_id)
         self._params = {**self.params, "mask": mask_id}
 
+    def check_credentials(self) -> None:
+        """Raise ``ConfigError`` naming what to set when the provider has no credentials (no network)."""
+        self.build_agent()._provider.check_credentials()
+
     def start(self, on_event: EventCallback | None = None) -> Job[list[Reply | None]]:
         """Start all variants on the background loop and return the ``Job`` (non-blocking)."""
         if self.job is not None:
@@ -276,8 +299,14 @@ class Generation:
         return self.replies
 
     async def _one(self, agent: Agent, index: int, on_event: EventCallback | None) -> None:
+        from ._providers._base import ON_RETRYABLE, RETRY_ADVICE
+
         inputs: list[Any] = [self.prompt, *self.edits]
         extra = {"refs": self.refs, "mask": self.mask}
+        # Each variant runs in its own task, so these context variables are this variant's alone.
+        RETRY_ADVICE.set(self.retry_advice)
+        if on_event is not None:
+            ON_RETRYABLE.set(_retry_reporter(on_event, index, agent.config.max_retries))
         try:
             if on_event is None:
                 self.replies[index] = await agent.ask(*inputs, **extra)
@@ -368,11 +397,23 @@ def _history_warning(missing: int, total: int, problem: BaseException) -> str:
             "they are shown and returned as usual: keep them with -o / .save(), or retry with the history fixed")
 
 
+def _retry_reporter(on_event: EventCallback, index: int, limit: int) -> Callable[[int], None]:
+    seen = 0
+
+    def report(status: int) -> None:
+        nonlocal seen
+        seen += 1
+        if seen <= limit:  # the last failed attempt is not retried: its error follows instead
+            _safe_call(on_event, index, Retrying(status, seen, limit))
+
+    return report
+
+
 def _with_history_id(image: BinaryResult, history_id: int) -> BinaryResult:
     return BinaryResult(image.data, {**image.metadata, "history_id": history_id})
 
 
-def _safe_call(callback: EventCallback, index: int, event: StreamEvent) -> None:
+def _safe_call(callback: EventCallback, index: int, event: StreamEvent | Retrying) -> None:
     # A broken progress display must not fail (or hang) the generation itself.
     try:
         callback(index, event)

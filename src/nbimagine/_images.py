@@ -350,3 +350,19 @@ def _png_in_bands(data: bytes, width: int, height: int, max_side: int, band_byte
         y += rows
     out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return out
+
+
+def flattened(image: Any, background: tuple[int, int, int] = (255, 255, 255)) -> Any:
+    """A Pillow image for a format without alpha (JPEG): transparent pixels composited onto ``background``.
+
+    A plain ``convert("RGB")`` drops the alpha channel and keeps whatever colour the transparent pixels
+    happen to hold, usually black.
+    """
+    if not has_alpha(image):
+        return image if image.mode in ("RGB", "L") else image.convert("RGB")
+    from PIL import Image
+
+    rgba = image.convert("RGBA")
+    base = Image.new("RGB", rgba.size, background)
+    base.paste(rgba, mask=rgba.getchannel("A"))
+    return base

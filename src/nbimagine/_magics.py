@@ -23,7 +23,7 @@ from traitlets import Bool, HasTraits, TraitError, Unicode, dlink, observe, vali
 
 from ._options import FAMILY_LABELS, option
 from ._options import OPTIONS as TABLE
-from ._session import OPTIONS, ImagineSession, get_session, option_trait
+from ._session import KEY_ENV, OPTIONS, ImagineSession, get_session, option_trait
 from .errors import ConfigError, ImagineError, InputError
 
 if TYPE_CHECKING:
@@ -37,9 +37,6 @@ SUBCOMMANDS = ("use", "history", "show", "lineage", "export", "providers", "emul
 _SESSION_TRAITS = ("provider", *OPTIONS)
 _HELP_FLAGS = {"-h", "--help"}
 _NAME_RE = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_FIX_KEYS = ("Set the key in the environment before starting Jupyter, or in a cell with "
-             "os.environ[...] = getpass.getpass() (never %env, which echoes it into the notebook); "
-             "or run %imagine emulator on to work offline.")
 _PROGRESS_EVERY = 0.25  # seconds between elapsed-time refreshes of the progress slot
 
 
@@ -66,6 +63,21 @@ def interpolate(text: str, namespace: dict[str, Any]) -> str:
         return match.group(0)
 
     return _NAME_RE.sub(substitute, text)
+
+
+def credentials_advice(session: ImagineSession, provider: str, exc: ConfigError,
+                       offline: str = "run %imagine emulator on to work offline") -> str:
+    """One line for missing credentials: the variables to set, how to set a secret safely in a
+    notebook, and the offline way out (``offline`` says how, where the user is)."""
+    groups = KEY_ENV.get(provider, ())  # built-in names only: a registered config says for itself
+    missing = [group for group in groups if not any(os.environ.get(name) for name in group)]
+    if not missing:
+        return f"{exc}; or {offline}"
+    names = " and ".join(" or ".join(group) for group in missing)
+    secret = next((name for group in missing for name in group if "KEY" in name or "TOKEN" in name), None)
+    how = (f"os.environ[{secret!r}] = getpass.getpass() (not %env, which prints it into the notebook)" if secret
+           else f"os.environ[{missing[0][0]!r}] = '...'")
+    return f"No credentials for {provider}: set {names} before starting Jupyter, or in a cell with {how}; or {offline}"
 
 
 def _short_traceback(exc: BaseException) -> BaseException:
@@ -261,6 +273,10 @@ class ImagineMagics(Magics, _ConfigTraits):
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:  # before any request: nothing to stop, nothing recorded; one line
             raise _short_traceback(KeyboardInterrupt("Cancelled before the request was sent")) from None
+        try:  # before the progress slot: a missing key is a one-line UsageError and nothing else
+            gen.check_credentials()
+        except ConfigError as exc:
+            raise UsageError(credentials_advice(self.session, gen.provider, exc)) from None
         self._run_with_progress(gen, full=args.full, out=args.out)
 
     def _run_with_progress(self, gen: Generation, *, full: bool, out: str | None = None) -> list[Any]:
@@ -317,6 +333,11 @@ class ImagineMagics(Magics, _ConfigTraits):
                     status[index] = event.status.replace("_", " ")
                 elif kind == "ReplyEvent":
                     status[index] = "done"
+                elif kind == "Retrying":  # the SDK backs off before trying again: say so, not "Generating…"
+                    status[index] = str(event)
+                    refresh()  # shown even when the retry succeeds before the next poll
+                    changed = False
+                    continue
                 changed = True
             if changed or time.perf_counter() - last_refresh >= _PROGRESS_EVERY:
                 refresh()
@@ -327,7 +348,8 @@ class ImagineMagics(Magics, _ConfigTraits):
             shown = partials if (gen.n > 1 or partials[0] is not None) else ()
             states = [s for s in job_status if s]
             line = label + (f" · background response {', '.join(dict.fromkeys(states))}" if states else "")
-            bundle = progress_bundle(gen.elapsed, label=line, partials=shown, status=status)
+            retrying = next((s for s in status if s.startswith("retrying")), None)
+            bundle = progress_bundle(gen.elapsed, label=line, partials=shown, status=status, note=retrying)
             if texts[0] and gen.n == 1:
                 from ._display import _text_html, clip
 
@@ -377,9 +399,7 @@ class ImagineMagics(Magics, _ConfigTraits):
                 f"Cancelled after {gen.elapsed:.1f} s (Ctrl-C): {stopped} request(s) stopped{kept}"))
         if error is not None:
             if isinstance(error, (ConfigError, InputError)):
-                text = str(error).lower()
-                hint = f" {_FIX_KEYS}" if "key" in text or "credential" in text else ""
-                raise UsageError(f"{error}{hint}") from None
+                raise UsageError(str(error)) from None
             raise _short_traceback(error) from None
         return replies
 
@@ -419,7 +439,8 @@ class ImagineMagics(Magics, _ConfigTraits):
         if texts:
             outputs.append((text_output("\n\n".join(texts), where="the reply's .body"), {}))
         def one(image: BinaryResult) -> tuple[dict[str, Any], dict[str, Any], Any]:
-            caption = caption_for(image, elapsed=gen.elapsed, provider=gen.provider, model=gen.model)
+            caption = caption_for(image, elapsed=gen.elapsed, provider=gen.provider, model=gen.model,
+                                  parents=gen.parents)
             return image_output(image, caption, full=full, max_side=side, width=width)
 
         if len(items) > 1:  # Pillow releases the GIL while decoding and encoding: previews in parallel

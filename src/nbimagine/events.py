@@ -119,7 +119,8 @@ class BinaryResult:
         folder, and never replaces a file (``-2``, ``-3``... is added; a file that already holds
         these bytes is reused). ``path`` may also be a file name, without an extension (the right
         one is added) or with one that asks for another format (the image is converted, so a
-        ``.png`` file always holds PNG bytes); an existing file of that name is replaced when
+        ``.png`` file always holds PNG bytes; transparency saved as ``.jpg`` is flattened onto white,
+        since JPEG has no alpha channel); an existing file of that name is replaced when
         ``overwrite`` (by a rename: a symlink there is replaced, never written through), else
         ``FileExistsError``.
         """
@@ -139,8 +140,10 @@ class BinaryResult:
         data = self.data
         if wanted is not None and wanted != self.media_type:
             image = self.to_pil()
-            if wanted == "image/jpeg" and image.mode not in ("RGB", "L"):
-                image = image.convert("RGB")
+            if wanted == "image/jpeg":  # no alpha channel: transparency becomes white, not black
+                from ._images import flattened
+
+                image = flattened(image)
             buffer = io.BytesIO()
             image.save(buffer, format=EXTENSIONS[wanted].replace("jpg", "jpeg").upper())
             data = buffer.getvalue()

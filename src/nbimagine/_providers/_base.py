@@ -11,7 +11,8 @@ import asyncio
 import inspect
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -104,3 +105,65 @@ async def _close_at_loop_shutdown(client: Any) -> AsyncIterator[None]:
 def result(data: bytes, **metadata: Any) -> BinaryResult:
     """A BinaryResult with ``None`` metadata values dropped."""
     return BinaryResult(data, {k: v for k, v in metadata.items() if v is not None})
+
+
+# httpx exception names (httpx and httpx2 share them) by what they mean for the user.
+_NEVER_REACHED = ("ConnectError", "ConnectTimeout", "ProxyError", "UnsupportedProtocol", "InvalidURL")
+_DROPPED = ("RemoteProtocolError", "ReadError", "WriteError", "CloseError", "ReadTimeout", "WriteTimeout")
+
+
+def transport_failure(exc: BaseException) -> str | None:
+    """What a transport error means, in words, or None when ``exc`` is not one.
+
+    The SDKs wrap httpx's errors (openai's ``APIConnectionError`` says "Connection error." for all of
+    them), so the chain is searched for the httpx error that tells "never reached" from "dropped
+    mid-answer": a broken stream reached the API, and saying otherwise sends the user after the network.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        name = type(current).__name__
+        if name in _NEVER_REACHED:
+            return f"Could not reach the API ({current}); check base_url, the proxy and the network"
+        if name in _DROPPED:
+            return f"The connection dropped mid-answer ({current}); run it again"
+        current = current.__cause__ or current.__context__
+    return None
+
+
+# How the user changes the retry count from where they are: the Python API's words by default; the
+# notebook layer sets its own (a cell option, a panel control) around the requests it makes.
+RETRY_ADVICE: ContextVar[str] = ContextVar("nbimagine_retry_advice", default="raise max_retries in the config")
+
+
+def status_hint(status: int | None) -> str | None:
+    """Advice for an HTTP status the SDK has already retried (429, 5xx), or None."""
+    if status == 429:
+        return ("rate limited or out of quota, even after retrying: wait a minute and try again, "
+                f"or {RETRY_ADVICE.get()}")
+    if status is not None and status >= 500:
+        return "the provider failed on its side, even after retrying: try again in a moment"
+    return None
+
+
+# Told the HTTP status of every response the SDK may retry (429, 5xx...); set by the notebook layer around
+# its requests, so that a progress display can say "retrying (1/2) after HTTP 503" instead of waiting in
+# silence through the SDK's back-off.
+ON_RETRYABLE: ContextVar[Callable[[int], None] | None] = ContextVar("nbimagine_on_retryable", default=None)
+
+
+def retryable(status: int) -> bool:
+    """The statuses both SDKs retry (openai: 408, 409, 429, >= 500; google-genai: 408, 429, 5xx)."""
+    return status in (408, 409, 429) or status >= 500
+
+
+async def _report_retryable(response: Any) -> None:
+    callback = ON_RETRYABLE.get()
+    if callback is not None and retryable(response.status_code):
+        callback(response.status_code)
+
+
+def http_event_hooks() -> dict[str, list[Any]]:
+    """httpx ``event_hooks`` for an SDK's async client (see :data:`ON_RETRYABLE`)."""
+    return {"response": [_report_retryable]}

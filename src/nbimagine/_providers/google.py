@@ -31,7 +31,7 @@ from ..errors import (
     register_secret,
 )
 from ..events import BinaryResult, ImageEvent, ImageInput, PartialImageEvent, ReplyEvent, StreamEvent, TextDeltaEvent
-from ._base import Provider, Turn, result
+from ._base import Provider, Turn, http_event_hooks, result, status_hint, transport_failure
 
 if TYPE_CHECKING:
     from google.genai import types
@@ -107,6 +107,7 @@ class GeminiProvider(Provider[GeminiConfig]):
             headers=dict(self.config.headers) if self.config.headers else None,
             timeout=int(self.config.timeout * 1000),  # HttpOptions.timeout is in milliseconds
             retry_options=retry,
+            async_client_args={"event_hooks": http_event_hooks()},
         )
 
     def new_client(self) -> Any:
@@ -382,8 +383,8 @@ class GeminiProvider(Provider[GeminiConfig]):
             hint = ""
             if exc.code in (401, 403):
                 hint = " Check the API key / credentials and that the API is enabled for the project."
-            elif exc.code == 429:
-                hint = " Rate limit or quota: wait and retry, or raise max_retries."
+            elif status_hint(exc.code):
+                hint = f" ({status_hint(exc.code)})"
             return ProviderError(
                 f"{exc.message or exc.status or 'request failed'}{hint}",
                 provider=self.name, status=exc.code, code=exc.status, files=files,
@@ -399,6 +400,9 @@ class GeminiProvider(Provider[GeminiConfig]):
             )
         if isinstance(exc, ValueError) and "only supported in" in str(exc):
             return ConfigError(f"{exc} Use VertexAIConfig for this field.")
+        dropped = transport_failure(exc)
+        if dropped is not None:
+            return ProviderError(dropped, provider=self.name, files=files, request_id=state.response_id)
         return ProviderError(
             f"The Gemini request failed before a complete answer arrived ({name}: {exc})",
             provider=self.name, code=name, files=files, request_id=state.response_id,

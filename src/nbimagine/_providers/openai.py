@@ -36,7 +36,7 @@ from ..events import (
 )
 from ..tools import ImageGenerationTool
 from ._background import RESULT_MISSING, BackgroundRun
-from ._base import Input, Provider, Turn, result
+from ._base import Input, Provider, Turn, http_event_hooks, result, status_hint, transport_failure
 
 # Error codes OpenAI and Azure use when a safety system blocked a prompt or an image.
 _POLICY_CODES = frozenset({
@@ -89,6 +89,7 @@ class _OpenAIClientMixin:
             timeout=self.config.timeout,
             max_retries=self.config.max_retries,
             default_headers=dict(self.config.headers or {}),
+            http_client=_http_client(),
         )
 
 
@@ -231,6 +232,7 @@ class _AzureClientMixin(_OpenAIClientMixin):
             "timeout": self.config.timeout,
             "max_retries": self.config.max_retries,
             "default_headers": dict(self.config.headers or {}),
+            "http_client": _http_client(),
         }
         if self.config.base_url:
             return AsyncAzureOpenAI(base_url=self.config.base_url, api_version=version or "preview", **common)
@@ -516,13 +518,19 @@ def mask_param(mask: ImageInput) -> dict[str, str]:
     return {"image_url": mask.url or data_url(mask.data or b"", mask.media_type or "")}
 
 
+def _http_client() -> Any:
+    from openai import DefaultAsyncHttpxClient
+
+    # The SDK's own defaults (timeouts, connection limits), plus the hook that reports retries.
+    return DefaultAsyncHttpxClient(event_hooks=http_event_hooks())
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 _HINTS = {
     401: "check the API key",
     403: "the key has no access to this model or resource",
     404: "check the model (or deployment) name and the base URL",
-    429: "rate limited or out of quota, even after retries; raise max_retries or wait",
 }
 
 
@@ -532,7 +540,7 @@ def _api_error(exc: Any, provider: str, files: Sequence[BinaryResult]) -> Provid
     code = body.get("code") or getattr(exc, "code", None)
     message = body.get("message") or (exc.body if isinstance(exc.body, str) else "") or exc.message
     status = getattr(exc, "status_code", None)
-    hint = _HINTS.get(status)
+    hint = _HINTS.get(status) or status_hint(status)
     if hint and code not in _POLICY_CODES:
         message = f"{message} ({hint})"
     kwargs = {"provider": provider, "status": status, "code": code, "request_id": getattr(exc, "request_id", None),
@@ -552,12 +560,12 @@ def sdk_error(exc: BaseException, provider: str, files: Sequence[BinaryResult], 
         return ProviderError(f"No answer within {timeout:g} s; raise timeout= in the config or try again",
                              provider=provider, files=files)
     if isinstance(exc, openai.APIConnectionError):
-        return ProviderError(f"Could not reach the API ({exc.__cause__ or exc}); check base_url and the network",
-                             provider=provider, files=files)
+        message = transport_failure(exc) or f"Could not reach the API ({exc}); check base_url and the network"
+        return ProviderError(message, provider=provider, files=files)
     if isinstance(exc, openai.APIError):  # e.g. an error event inside a stream
         return _api_error(exc, provider, files)
-    return ProviderError(f"The connection broke while the answer was arriving: {exc!r}", provider=provider,
-                         files=files)
+    message = transport_failure(exc) or f"The connection dropped mid-answer ({exc}); run it again"
+    return ProviderError(message, provider=provider, files=files)
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

@@ -1,0 +1,110 @@
+"""The wording of what the notebook says: one line, what happened and what to do, the error type once,
+true causes, retries visible. Real shell, real SDKs, the real emulator over HTTP."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from IPython.core.error import UsageError
+
+from nbimagine._session import get_session
+from nbimagine.errors import ProviderError
+
+
+def texts(shell) -> list[str]:
+    return [out["data"].get("text/plain", "") for out in shell.display_pub.outputs]
+
+
+def shown_lines(capsys) -> list[str]:
+    printed = capsys.readouterr()
+    return [line for line in (printed.out + printed.err).splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("family", ["openai", "gemini"])
+def test_a_retried_server_error_is_visible_in_the_progress_slot(ip, emu, family):
+    emu.inject(f"{family}:http", status=503, times=1, retry_after=0.01)
+    ip.run_cell_magic("imagine", f"-p {family} --no-history -o r", "a cat")
+    assert ip.user_ns["r"].files  # the retry succeeded
+    progress = [t for t in texts(ip) if "retrying" in t]
+    assert progress and "retrying (1/2) after HTTP 503" in progress[0]
+
+
+def test_rate_limit_advice_names_what_the_cell_can_change(ip, emu, capsys):
+    emu.inject("http", status=429, times=3, retry_after=0.01)
+    result = ip.run_cell("%%imagine --no-history\na cat")
+    error = result.error_in_exec
+    assert isinstance(error, ProviderError) and error.status == 429
+    assert "--retries" in str(error) and "max_retries" not in str(error)
+    lines = shown_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith("ProviderError: [openai, HTTP 429")
+    # The retries happened and were shown.
+    assert any("retrying (2/2) after HTTP 429" in t for t in texts(ip))
+
+
+def test_the_error_type_appears_once(ip, emu, capsys):
+    emu.inject("http", status=500, times=3, retry_after=0.01)
+    result = ip.run_cell("%%imagine --no-history\na cat")
+    assert isinstance(result.error_in_exec, ProviderError)
+    final = texts(ip)[-1]
+    assert "Failed after" in final and "ProviderError" not in final
+    lines = shown_lines(capsys)
+    assert len(lines) == 1 and lines[0].count("ProviderError") == 1
+    assert "try again" in lines[0]
+
+
+@pytest.mark.parametrize("family", ["openai", "gemini"])
+def test_a_broken_stream_is_a_dropped_connection_not_an_unreachable_api(ip, emu, family):
+    get_session().use(max_retries=0)
+    emu.inject(f"{family}:broken_stream", times=1)
+    with pytest.raises(ProviderError) as info:
+        ip.run_cell_magic("imagine", f"-p {family} --no-history", "a cat")
+    message = str(info.value)
+    assert "dropped mid-answer" in message and "Could not reach" not in message
+
+
+def test_an_unreachable_api_says_so(ip):
+    from nbimagine._session import set_emulator
+    from nbimagine.emulator import Emulator
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+
+    class Nowhere:
+        openai_base_url = f"http://127.0.0.1:{port}/v1"
+
+    set_emulator(Nowhere())  # type: ignore[arg-type]
+    try:
+        get_session().use(max_retries=0)
+        with pytest.raises(ProviderError, match="Could not reach the API"):
+            ip.run_cell_magic("imagine", "--no-history", "a cat")
+    finally:
+        set_emulator(None)
+    assert Emulator  # the real one is restored by the fixture
+
+
+def test_missing_key_is_one_usage_error_with_the_advice_once(ip, emu, capsys):
+    get_session().use(emulator=False)
+    result = ip.run_cell("%%imagine\na cat")
+    error = result.error_in_exec
+    assert isinstance(error, UsageError)
+    message = str(error)
+    assert message.count("getpass.getpass()") == 1 and "OPENAI_API_KEY" in message and "emulator on" in message
+    assert "%env" not in message.replace("not %env", "")
+    assert ip.display_pub.outputs == []  # no progress slot, no "ConfigError" header above it
+    assert shown_lines(capsys) == [f"UsageError: {message}"]
+    assert not emu.requests
+
+
+def test_show_last_puts_each_caption_line_on_its_own_line(ip):
+    ip.run_cell_magic("imagine", "", "a cat")
+    html = ip.run_line_magic("imagine", "show last")._repr_mimebundle_()["text/html"]
+    assert '<br/><span style="opacity:0.8">prompt: a cat</span>' in html
+
+
+def test_an_edit_caption_names_its_source(ip):
+    ip.run_cell_magic("imagine", "-o first", "a cat")
+    first = ip.user_ns["first"].files[0].metadata["history_id"]
+    ip.run_cell_magic("imagine", "-e last", "give it a hat")
+    assert f"edited from #{first}" in texts(ip)[-1]
