@@ -98,13 +98,20 @@ def test_missing_key_is_one_usage_error_with_the_advice_once(ip, emu, capsys):
 
 
 def test_show_last_puts_each_caption_line_on_its_own_line(ip):
+    from IPython.display import display
+
     ip.run_cell_magic("imagine", "", "a cat")
-    html = ip.run_line_magic("imagine", "show last")._repr_mimebundle_()["text/html"]
-    assert '<br/><span style="opacity:0.8">prompt: a cat</span>' in html
+    before = len(ip.display_pub.outputs)
+    display(ip.run_line_magic("imagine", "show last"))
+    image, caption = ip.display_pub.outputs[before:]
+    assert "image/jpeg" in image["data"] or "image/png" in image["data"]
+    html = caption["data"]["text/html"]
+    assert "<br/>revised prompt: a cat" in html and "<br/>prompt: a cat" in html
 
 
 def test_an_edit_caption_names_its_source(ip):
     ip.run_cell_magic("imagine", "-o first", "a cat")
     first = ip.user_ns["first"].files[0].metadata["history_id"]
     ip.run_cell_magic("imagine", "-e last", "give it a hat")
-    assert f"edited from #{first}" in texts(ip)[-1]
+    captions = [out["data"].get("text/html", "") for out in ip.display_pub.outputs[-3:]]
+    assert any(f"edited from #{first}" in caption for caption in captions)

@@ -889,15 +889,32 @@ class _Shown:
     def __repr__(self) -> str:
         return self.entry.caption
 
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
-        from ._display import caption_for, image_bundle
+    def _caption(self) -> str:
+        from ._display import caption_for
+
+        caption = caption_for(self.entry.image, provider=self.entry.provider, model=self.entry.model,
+                              parents=self.entry.parents)
+        return caption + f"\nprompt: {_clip(self.entry.prompt, 200)}"
+
+    def _ids(self) -> dict[str, Any]:
         from ._history import output_ids
 
-        image = self.entry.image
-        caption = caption_for(image, provider=self.entry.provider, model=self.entry.model)
-        caption += f"\nprompt: {_clip(self.entry.prompt, 200)}"
-        return image_bundle(image, caption=caption, full=self.full), {
-            "nbimagine": output_ids(self.entry.id, self.entry.sha256, self.entry.ext)}
+        return {"nbimagine": output_ids(self.entry.id, self.entry.sha256, self.entry.ext)}
+
+    def _ipython_display_(self) -> None:
+        # Like a fresh result: the image, then its caption (one line each) as an output of its own.
+        from IPython.display import display
+
+        from ._display import caption_output, image_output
+
+        data, _, _ = image_output(self.entry.image, self._caption(), full=self.full)
+        display(data, metadata=self._ids(), raw=True)
+        display(caption_output(self._caption()), raw=True)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        from ._display import image_bundle
+
+        return image_bundle(self.entry.image, caption=self._caption(), full=self.full), self._ids()
 
 
 class _Providers:
