@@ -907,8 +907,8 @@ class _Shown:
 
         from ._display import caption_output, image_output
 
-        data, _, _ = image_output(self.entry.image, self._caption(), full=self.full)
-        display(data, metadata=self._ids(), raw=True)
+        data, metadata, _ = image_output(self.entry.image, self._caption(), full=self.full)
+        display(data, metadata={**metadata, **self._ids()}, raw=True)
         display(caption_output(self._caption()), raw=True)
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
