@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from histories import make_image
+from IPython.core.error import UsageError
 from PIL import Image
 
 from nbimagine import _history
@@ -496,3 +497,15 @@ def test_unknown_notebooks_never_share_a_history_and_the_cell_says_which_it_uses
     assert names[0] != names[1]
     with History(tmp_path, all_notebooks=True) as everything:
         assert everything.notebooks() == {names[0]: 1, names[1]: 1}
+
+
+def test_history_root_names_another_folder(ip, tmp_path: Path) -> None:
+    # E.g. when the notebook's own folder is read-only: %imagine history --root DIR keeps the history there.
+    elsewhere = tmp_path / "elsewhere"
+    gallery = ip.run_line_magic("imagine", f"history --root {elsewhere} --notebook nb")
+    assert gallery.total == 0 and history().path == elsewhere / ".nbimagine"
+    history().add(make_image(1), prompt="kept elsewhere")
+    assert not (tmp_path / ".nbimagine" / "index.sqlite").exists()
+    assert [e.prompt for e in History(elsewhere, "nb")] == ["kept elsewhere"]
+    with pytest.raises(UsageError, match="--root DIR: give a folder"):
+        ip.run_line_magic("imagine", "history --root")

@@ -577,9 +577,9 @@ class ImagineMagics(Magics, _ConfigTraits):
                 options[word] = True
             elif word in ("--notebook", "--root"):
                 if not words or words[0].startswith("--"):
-                    example = "02_editing" if word == "--notebook" else "~/images"
-                    what = "the notebook's name" if word == "--notebook" else "a folder"
-                    raise UsageError(f"%imagine history {word} NAME: give {what}, e.g. {example}")
+                    example, what, arg = (("02_editing", "the notebook's name", "NAME") if word == "--notebook"
+                                          else ("~/images", "a folder", "DIR"))
+                    raise UsageError(f"%imagine history {word} {arg}: give {what}, e.g. {example}")
                 options[word] = words.pop(0)
             elif word.isdigit() and count is None:
                 count = int(word)
