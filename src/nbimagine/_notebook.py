@@ -212,10 +212,6 @@ class _ServerLookup:
         self.asked_in: object = None  # the cell (IPython execution count) of the last answer
         self.no_scan_until = float("-inf")
 
-    def reset(self) -> None:
-        with self.lock:
-            self.__init__()  # type: ignore[misc]
-
     def notebook_path(self, kernel_id: str) -> str | None:
         with self.lock:
             now = time.monotonic()
