@@ -79,8 +79,8 @@ def _write_json(path: Path, data: object) -> None:
 
 
 @contextlib.contextmanager
-def _jupyterlab(tmp: Path) -> Iterator[tuple[str, str, Path]]:
-    """A JupyterLab server whose kernel is this interpreter with NBIMAGINE_EMULATOR=1."""
+def _jupyterlab(tmp: Path, cells: list[str] = CELLS) -> Iterator[tuple[str, str, Path]]:
+    """A JupyterLab server whose kernel is this interpreter with NBIMAGINE_EMULATOR=1; ``e2e.ipynb`` holds ``cells``."""
     jupyter_path = tmp / "jupyter"
     _write_json(jupyter_path / "kernels" / KERNEL / "kernel.json", {
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
@@ -97,7 +97,7 @@ def _jupyterlab(tmp: Path) -> Iterator[tuple[str, str, Path]]:
     root.mkdir()
     notebook = {
         "cells": [{"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {}, "outputs": [],
-                   "source": src} for i, src in enumerate(CELLS)],
+                   "source": src} for i, src in enumerate(cells)],
         "metadata": {"kernelspec": {"name": KERNEL, "display_name": "nbimagine e2e", "language": "python"}},
         "nbformat": 4, "nbformat_minor": 5,
     }

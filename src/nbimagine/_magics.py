@@ -668,6 +668,34 @@ class ImagineMagics(Magics, _ConfigTraits):
 
         return panel()
 
+    def _cmd_mask(self, rest: str) -> Any:
+        """``%imagine mask REF [-o NAME]``: a painter over image REF, bound to NAME (default ``mask``)."""
+        words = _split(rest)
+        name = "mask"
+        if "-o" in words:
+            at = words.index("-o")
+            if at + 1 >= len(words):
+                raise UsageError("%imagine mask REF -o NAME: give the variable name after -o")
+            name = words[at + 1]
+            del words[at : at + 2]
+        if len(words) != 1:
+            raise UsageError("%imagine mask takes one image: last, -2, #17, a variable or a file path "
+                             "(then %%imagine -e REF --mask mask)")
+        if not (name.isidentifier() and not keyword.iskeyword(name)):
+            raise UsageError(f"-o needs a variable name, not {name!r}")
+        from ._painter import MaskPainter
+
+        image, history_id = self._resolve_ref(words[0], None)
+        if history_id is not None and image.metadata.get("history_id") is None:
+            from .events import BinaryResult
+
+            image = BinaryResult(image.data, {**image.metadata, "history_id": history_id})
+        painter = MaskPainter(image, label=f"#{history_id}" if history_id else words[0])
+        if self.shell is not None:
+            self.shell.user_ns[name] = painter
+        print(f"Paint the region to change, then: %%imagine -e {words[0]} --mask {name}")
+        return painter
+
     def _cmd_studio(self, rest: str) -> Any:
         from ._widgets import studio
 
@@ -722,6 +750,10 @@ def _to_image(value: Any, name: str) -> BinaryResult:
     kind = type(value).__name__
     if kind == "HistoryEntry":
         return value.image
+    if kind == "MaskPainter":
+        if value.mask is None:
+            raise UsageError(f"{name} is a mask painter with nothing painted yet: paint the region to change first")
+        return value.mask
     if kind == "Reply":
         if not value.files:
             raise UsageError(f"{name} is a Reply without images; use one that has files")
