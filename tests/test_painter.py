@@ -9,7 +9,7 @@ import pytest
 import traitlets
 from IPython.core.error import UsageError
 from PIL import Image, ImageChops, ImageDraw
-from test_magics import imagine, ip  # noqa: F401  (the shell fixture)
+from test_magics import imagine
 
 from nbimagine._images import data_url
 from nbimagine._painter import MaskPainter
@@ -59,7 +59,7 @@ def test_an_initial_mask_is_handed_to_the_front_end() -> None:
     assert painter.initial_mask.startswith("data:image/png;base64,")
 
 
-def test_imagine_mask_opens_a_painter_and_edits_with_what_is_painted(ip, emu) -> None:  # noqa: F811
+def test_imagine_mask_opens_a_painter_and_edits_with_what_is_painted(ip, emu) -> None:
     import nbimagine
 
     imagine(ip, "--size 1024x1024 -o first", "a boat at sea")
@@ -78,7 +78,7 @@ def test_imagine_mask_opens_a_painter_and_edits_with_what_is_painted(ip, emu) ->
     assert h.get(2).prompt == "mask for #1"
 
 
-def test_imagine_mask_usage_errors(ip) -> None:  # noqa: F811
+def test_imagine_mask_usage_errors(ip) -> None:
     with pytest.raises(UsageError, match="takes one image"):
         ip.run_line_magic("imagine", "mask")
     with pytest.raises(UsageError, match="variable name"):
