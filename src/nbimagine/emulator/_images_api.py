@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._image_models import MASK_MAX_BYTES, ImageModelRules, rules_for
-from ._openai import _IMAGE_TOKENS, _authorised, _clean, _error, _frame, _http_fault, _Reject
+from ._openai import _IMAGE_TOKENS, _clean, _error, _frame, _http_fault, _Reject, refused_post
 from ._server import Answer, Request, State
 
 __all__ = ["check_mask", "form_summary", "handle", "parse_form"]
@@ -59,12 +59,9 @@ class _Call:
 
 
 def handle(req: Request, state: State) -> Answer:
-    if req.method != "POST":
-        return _error(405, f"Method {req.method} is not supported by the emulator on {req.path}.")
-    if not _authorised(req):
-        return _error(401, "You didn't provide an API key. You need to provide your API key in an Authorization "
-                           "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the api-key "
-                           "header for Azure.", code="invalid_api_key")
+    refused = refused_post(req)
+    if refused is not None:
+        return refused
     action = "edit" if req.path.rstrip("/").endswith("/edits") else "generate"
     try:
         fields, files = _form(req) if action == "edit" else (_json_fields(req), {})

@@ -616,13 +616,21 @@ def _authorised(req: Request) -> bool:
     return bool(req.headers.get("api-key", "").strip())
 
 
-def handle(req: Request, state: State) -> Answer:
+def refused_post(req: Request) -> Answer | None:
+    """The answer to a request that is not an authorised POST (405, 401), else ``None``."""
     if req.method != "POST":
         return _error(405, f"Method {req.method} is not supported by the emulator on {req.path}.")
     if not _authorised(req):
         return _error(401, "You didn't provide an API key. You need to provide your API key in an Authorization "
                            "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the api-key "
                            "header for Azure.", code="invalid_api_key")
+    return None
+
+
+def handle(req: Request, state: State) -> Answer:
+    refused = refused_post(req)
+    if refused is not None:
+        return refused
     body = req.json if isinstance(req.json, dict) else {}
     # The fault is read before validation so that an injected HTTP error wins over everything else.
     fault = state.fault("openai", _peek_prompt(body.get("input")))

@@ -7,6 +7,7 @@
 // and fully transparent where it should change (OpenAI's mask form), or "" when nothing is painted.
 
 const UNDO_LIMIT = 30;
+const PAINT = "#ff2d78";
 
 function h(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -19,6 +20,20 @@ function h(tag, attrs = {}, ...children) {
   }
   for (const child of children) if (child) node.append(child);
   return node;
+}
+
+// A new canvas of the image's size filled with `fill`, with `source` cut out of it (its opaque pixels
+// become transparent): the mask from the paint layer, the inverse of the paint layer, paint from a mask.
+function cutout(width, height, fill, source) {
+  const canvas = document.createElement("canvas");
+  canvas.width = width;
+  canvas.height = height;
+  const c = canvas.getContext("2d");
+  c.fillStyle = fill;
+  c.fillRect(0, 0, width, height);
+  c.globalCompositeOperation = "destination-out";
+  c.drawImage(source, 0, 0, width, height);
+  return canvas;
 }
 
 function render({ model, el }) {
@@ -79,18 +94,7 @@ function render({ model, el }) {
     const count = painted();
     status.textContent = count ? `${(100 * count / (width * height)).toFixed(1)}% of the image will change` : "Nothing painted yet";
     undo.disabled = history.length === 0;
-    let url = "";
-    if (count) {
-      const out = document.createElement("canvas");
-      out.width = width;
-      out.height = height;
-      const o = out.getContext("2d");
-      o.fillStyle = "#000";
-      o.fillRect(0, 0, width, height);
-      o.globalCompositeOperation = "destination-out";
-      o.drawImage(paint, 0, 0);
-      url = out.toDataURL("image/png");
-    }
+    const url = count ? cutout(width, height, "#000", paint).toDataURL("image/png") : "";
     model.set("mask_url", url);
     model.set("painted", count);
     model.save_changes();
@@ -112,8 +116,8 @@ function render({ model, el }) {
   function stroke(from, to) {
     ctx.save();
     ctx.globalCompositeOperation = tool === "eraser" ? "destination-out" : "source-over";
-    ctx.strokeStyle = "#ff2d78";
-    ctx.fillStyle = "#ff2d78";
+    ctx.strokeStyle = PAINT;
+    ctx.fillStyle = PAINT;
     ctx.lineWidth = model.get("brush");
     ctx.lineCap = "round";
     ctx.lineJoin = "round";
@@ -173,14 +177,7 @@ function render({ model, el }) {
   });
   invert.addEventListener("click", () => {
     remember();
-    const inverse = document.createElement("canvas");
-    inverse.width = width;
-    inverse.height = height;
-    const i = inverse.getContext("2d");
-    i.fillStyle = "#ff2d78";
-    i.fillRect(0, 0, width, height);
-    i.globalCompositeOperation = "destination-out";
-    i.drawImage(paint, 0, 0);
+    const inverse = cutout(width, height, PAINT, paint);
     ctx.clearRect(0, 0, width, height);
     ctx.drawImage(inverse, 0, 0);
     publish();
@@ -202,16 +199,10 @@ function render({ model, el }) {
     if (!url) return;
     const source = new Image();
     source.onload = () => {
-      const tmp = document.createElement("canvas");
-      tmp.width = width;
-      tmp.height = height;
-      const t = tmp.getContext("2d");
-      t.fillStyle = "#ff2d78";
-      t.fillRect(0, 0, width, height);
-      t.globalCompositeOperation = "destination-out";
-      t.drawImage(source, 0, 0, width, height);  // opaque mask pixels remove paint: transparent ones stay painted
+      // The mask's opaque pixels remove paint; its transparent ones (the region to change) stay painted.
+      const layer = cutout(width, height, PAINT, source);
       ctx.clearRect(0, 0, width, height);
-      ctx.drawImage(tmp, 0, 0);
+      ctx.drawImage(layer, 0, 0);
       publish();
     };
     source.src = url;
