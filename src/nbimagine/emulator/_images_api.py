@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._image_models import MASK_MAX_BYTES, ImageModelRules, rules_for
-from ._openai import _IMAGE_TOKENS, _clean, _error, _frame, _http_fault, _Reject, refused_post
+from ._openai import (
+    _IMAGE_TOKENS,
+    _clean,
+    _frame,
+    _http_fault,
+    _Reject,
+    moderation_blocked,
+    refused_post,
+)
 from ._server import Answer, Request, State
 
 __all__ = ["check_mask", "form_summary", "handle", "parse_form"]
@@ -72,10 +80,7 @@ def handle(req: Request, state: State) -> Answer:
     except _Reject as exc:
         return exc.answer
     if fault and fault.name == "moderation":
-        return _error(400, fault.message or "Your request was rejected by the safety system. If you believe this "
-                      f"is an error, contact us at help.openai.com and include the request ID {req.request_id}.",
-                      type_="image_generation_user_error", code="moderation_blocked",
-                      extra={"moderation_details": {"moderation_stage": "input", "categories": ["violence"]}})
+        return moderation_blocked(fault, req)
     broken = bool(fault and fault.name == "broken_stream")
     if call.stream:
         return Answer(sse=_events(call), break_after=1 if broken else None)

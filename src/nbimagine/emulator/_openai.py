@@ -627,6 +627,14 @@ def refused_post(req: Request) -> Answer | None:
     return None
 
 
+def moderation_blocked(fault: Fault, req: Request) -> Answer:
+    """The input moderation refusal (HTTP 400 ``moderation_blocked``), as image requests get it."""
+    return _error(400, fault.message or "Your request was rejected by the safety system. If you believe this "
+                  f"is an error, contact us at help.openai.com and include the request ID {req.request_id}.",
+                  type_="image_generation_user_error", code="moderation_blocked",
+                  extra={"moderation_details": {"moderation_stage": "input", "categories": ["violence"]}})
+
+
 def handle(req: Request, state: State) -> Answer:
     refused = refused_post(req)
     if refused is not None:
@@ -645,10 +653,7 @@ def handle(req: Request, state: State) -> Answer:
     except _Reject as exc:
         return exc.answer
     if fault and fault.name == "moderation":
-        return _error(400, fault.message or "Your request was rejected by the safety system. If you believe this "
-                      f"is an error, contact us at help.openai.com and include the request ID {req.request_id}.",
-                      type_="image_generation_user_error", code="moderation_blocked",
-                      extra={"moderation_details": {"moderation_stage": "input", "categories": ["violence"]}})
+        return moderation_blocked(fault, req)
     plan = _plan(parsed, fault)
     if body.get("background") is True:
         from . import _background
