@@ -430,7 +430,7 @@ async def test_instructions_for_an_existing_agent_go_with_each_request(emu) -> N
 async def test_an_unknown_agent_is_a_clear_provider_error(emu) -> None:
     with pytest.raises(ProviderError, match="Agent 'painter' not found") as caught:
         await Agent("designer", config=config(emu, model=None)).ask("A fox")
-    assert caught.value.status == 404
+    assert caught.value.status == 404 and "check the agent name and version" in str(caught.value)
 
 
 # --- the Responses behaviour, as on Azure ----------------------------------------------------------------
@@ -487,6 +487,17 @@ async def test_background_responses_on_the_project_route(emu) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert requests_to(emu, "/cancel", "POST")
+
+
+async def test_a_dropped_background_stream_resumes_on_the_project_route(emu) -> None:
+    emu.background_duration = 0.3
+    emu.inject("broken_stream", family="openai")  # the Responses stream drops after the first partial image
+    agent = Agent("designer", config=config(emu, background=True, poll_interval=0.05), tools=[tool(partial_images=2)])
+    events = [e async for e in agent.stream("A fox")]
+    assert [e.index for e in events if isinstance(e, PartialImageEvent)] == [0, 1]
+    assert len(events[-1].reply.files) == 1
+    resumed = [r for r in requests_to(emu, "/openai/v1/responses/", "GET") if r.query.get("stream") == "true"]
+    assert resumed and resumed[0].query["starting_after"] == "6"
 
 
 # --- credentials and secrets ---------------------------------------------------------------------------

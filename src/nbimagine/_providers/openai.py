@@ -532,6 +532,12 @@ _HINTS = {
     403: "the key has no access to this model or resource",
     404: "check the model (or deployment) name and the base URL",
 }
+# Foundry signs in with Microsoft Entra ID and names agents, not deployments.
+_FOUNDRY_HINTS = {
+    401: "check the credential: az login, or credential= / api_key= in FoundryAgentConfig",
+    403: "the identity needs the Foundry User role on the project",
+    404: "check the agent name and version, and the project endpoint",
+}
 
 
 def _api_error(exc: Any, provider: str, files: Sequence[BinaryResult]) -> ProviderError:
@@ -540,7 +546,7 @@ def _api_error(exc: Any, provider: str, files: Sequence[BinaryResult]) -> Provid
     code = body.get("code") or getattr(exc, "code", None)
     message = body.get("message") or (exc.body if isinstance(exc.body, str) else "") or exc.message
     status = getattr(exc, "status_code", None)
-    hint = _HINTS.get(status) or status_hint(status)
+    hint = (_FOUNDRY_HINTS if provider == "foundry" else _HINTS).get(status) or status_hint(status)
     if hint and code not in _POLICY_CODES:
         message = f"{message} ({hint})"
     kwargs = {"provider": provider, "status": status, "code": code, "request_id": getattr(exc, "request_id", None),

@@ -1,4 +1,4 @@
-"""``python -m nbimagine.emulator --port N [--latency S] [--close]``: serve until Ctrl-C."""
+"""``python -m nbimagine.emulator --port N [--latency S] [--background-duration S] [--close]``: serve until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
     parser.add_argument("--stream-delay", type=float, default=0.0,
                         help="seconds between streamed events (makes partial images visible one by one)")
+    parser.add_argument("--background-duration", type=float, default=1.0,
+                        help="seconds a background response takes from queued to completed (default 1)")
     parser.add_argument("--close", action="store_true",
                         help="answer 'Connection: close' (helps async clients used across event loops)")
     args = parser.parse_args(argv)
@@ -25,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nbimagine emulator listening on {emu.url}")
         print(f"  OpenAI:  {emu.openai_base_url}")
         print(f"  Azure:   {emu.azure_endpoint}   (AzureOpenAI(base_url=... + '/openai/v1/'))")
+        print(f"  Foundry: {emu.foundry_endpoint}   (AIProjectClient(endpoint=...); any bearer token)")
         print(f"  Gemini:  {emu.gemini_base_url}  (HttpOptions(base_url=..., api_version='v1beta'))")
         print(f"  Vertex:  {emu.vertex_base_url}")
         print("Point the SDKs at it:")
@@ -33,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  export OPENAI_API_KEY=emulator")
         print(f"  export AZURE_OPENAI_ENDPOINT={emu.azure_endpoint}")
         print("  export AZURE_OPENAI_API_KEY=emulator")
+        print(f"  export AZURE_AI_PROJECT_ENDPOINT={emu.foundry_endpoint}   # with credential=EmulatorCredential()")
         print(f"  export GOOGLE_GEMINI_BASE_URL={emu.gemini_base_url}")
         print(f"  export GOOGLE_VERTEX_BASE_URL={emu.vertex_base_url}")
         print("  export GEMINI_API_KEY=emulator")
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     emu = Emulator(args.host, args.port, latency=args.latency, close_connections=args.close,
-                   stream_delay=args.stream_delay)
+                   stream_delay=args.stream_delay, background_duration=args.background_duration)
     try:
         emu.serve_forever(on_ready=ready)
     except KeyboardInterrupt:
