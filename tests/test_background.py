@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 import warnings
 
 import pytest
@@ -181,6 +182,44 @@ def test_ctrl_c_in_ask_sync_cancels_the_job(emu, ctrl_c_when_in_flight) -> None:
     with pytest.raises(KeyboardInterrupt):
         agent.ask_sync("A lighthouse")
 
+    # Ctrl-C returns within Job.cancel's bound; under load the cancel may still be on its way (an exiting
+    # interpreter waits for it), so wait for the emulator to see it rather than for a fixed time.
+    deadline = time.monotonic() + 30
+    while not calls(emu, "POST", "/cancel") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(calls(emu, "POST", "/cancel")) == 1
+
+
+def test_a_script_interrupted_during_the_create_still_cancels_the_job_before_it_exits(emu, tmp_path) -> None:
+    # Ctrl-C stops waiting after Job.cancel's bound (5 s); the create answers later (6 s here), and the
+    # exiting interpreter waits for the cancel that follows instead of leaving the job running.
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from nbimagine import Agent\n"
+        "from nbimagine.config import OpenAIResponsesConfig\n"
+        "from nbimagine.tools import ImageGenerationTool\n"
+        f"config = OpenAIResponsesConfig('gpt-4.1', api_key='{KEY}', base_url='{emu.openai_base_url}', "
+        "background=True, max_retries=0)\n"
+        "Agent('a', config=config, tools=[ImageGenerationTool(size='256x256')]).ask_sync('A lighthouse')\n"
+    )
+    emu.background_duration = 60
+    emu.latency = 6.0
+    process = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not calls(emu, "POST") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert calls(emu, "POST"), "the script never sent its request"
+        emu.latency = 0.0  # the create already waits its 6 s; the cancel must not
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert "KeyboardInterrupt" in stderr
     assert len(calls(emu, "POST", "/cancel")) == 1
 
 

@@ -23,9 +23,12 @@ with a :class:`~nbimagine.errors.BackgroundResponseError` naming the response id
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
+import threading
 import time
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from ..errors import BackgroundResponseError, ProviderError
@@ -68,8 +71,9 @@ class BackgroundRun:
             async for event in follow:
                 yield event
         except (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt):
-            await self._learn_id_if_created()
-            await self.cancel_on_server()
+            with _cancelling():
+                await self._learn_id_if_created()
+                await self.cancel_on_server()
             raise
         finally:
             await follow.aclose()
@@ -108,11 +112,10 @@ class BackgroundRun:
             return opened, first
 
         self._creating = asyncio.ensure_future(create())
-        try:
-            return await asyncio.shield(self._creating)
-        finally:
-            if self._creating.done():
-                self._creating = None
+        # Kept when the await is cancelled, even if the create has just finished: its answer names the job.
+        created = await asyncio.shield(self._creating)
+        self._creating = None
+        return created
 
     async def _learn_id_if_created(self) -> None:
         creating, self._creating = self._creating, None
@@ -255,6 +258,39 @@ class BackgroundRun:
                 f"image bytes of {', '.join(map(str, missing))}; the service keeps background results only for "
                 "a while. Ask again (streaming, or partial_images, receives the bytes as they are made)",
                 response_status=self.status, code=RESULT_MISSING, **common)
+
+
+# Cancels still on their way when the interpreter exits (a script's Ctrl-C ends the process while the
+# background loop unwinds): the exit waits for them, up to _EXIT_WAIT seconds in all.
+_EXIT_WAIT = 15.0
+_pending: set[threading.Event] = set()
+_pending_lock = threading.Lock()
+_exit_hook = False
+
+
+@contextlib.contextmanager
+def _cancelling() -> Iterator[None]:
+    global _exit_hook
+    done = threading.Event()
+    with _pending_lock:
+        _pending.add(done)
+        if not _exit_hook:
+            atexit.register(_wait_for_cancels)
+            _exit_hook = True
+    try:
+        yield
+    finally:
+        done.set()
+        with _pending_lock:
+            _pending.discard(done)
+
+
+def _wait_for_cancels() -> None:
+    deadline = time.monotonic() + _EXIT_WAIT
+    with _pending_lock:
+        waiting = list(_pending)
+    for done in waiting:
+        done.wait(max(0.0, deadline - time.monotonic()))
 
 
 async def _chain(first: list[Any], stream: Any) -> AsyncIterator[Any]:
