@@ -80,7 +80,7 @@ def handle(req: Request, state: State) -> Answer:
                       .get(status, "InternalServerError" if status >= 500 else "BadRequest"),
                       fault.message or f"Injected HTTP {status} (emulated).")
     if not req.query.get("api-version"):
-        return _error(400, "BadRequest", "Missing required query parameter 'api-version' (use api-version=v1).",
+        return _error(400, "BadRequest", "Missing required query parameter: api-version (use api-version=v1).",
                       param="api-version")
     parts = [p for p in rest.split("/") if p]
     if not parts or parts[0] != "agents":
