@@ -109,11 +109,8 @@ def bench_huge_png() -> dict[str, float]:
 
 
 def bench_output_bytes() -> dict[str, float]:
-    from PIL import Image, ImageDraw, ImageFilter
-
     sys.path.insert(0, str(ROOT / "src"))
-    import io
-
+    sys.path.insert(0, str(Path(__file__).parent))
     from nbimagine._display import caption_for, caption_output, image_output, text_output
     from nbimagine.events import BinaryResult
 
@@ -124,22 +121,14 @@ def bench_output_bytes() -> dict[str, float]:
                    {"output_type": "display_data", "data": caption_output(data["text/plain"]), "metadata": {}}]
         return len(json.dumps(outputs, indent=1))
 
-    size = 1024  # a detailed photo-like image: noise, gradients, outlines (deterministic)
-    photo = Image.merge("RGB", (
-        Image.linear_gradient("L").resize((size, size)),
-        Image.effect_noise((size, size), 64).convert("L"),
-        Image.radial_gradient("L").resize((size, size)),
-    )).filter(ImageFilter.GaussianBlur(0.6))
-    draw = ImageDraw.Draw(photo)
-    for i in range(0, size, 37):
-        draw.ellipse((i, i // 2, i + 90, i // 2 + 60), outline=(255, 255 - i % 255, i % 255), width=3)
-    buffer = io.BytesIO()
-    photo.save(buffer, format="PNG")
+    from bench_notebook import photo_png
+
+    png = photo_png()
     meta = {"provider": "openai", "model": "gpt-image-1", "history_id": 1}
-    photo_bytes = saved(BinaryResult(buffer.getvalue(), {**meta, "revised_prompt": "a detailed photo"}),
+    photo_bytes = saved(BinaryResult(png, {**meta, "revised_prompt": "a detailed photo"}),
                         "Here is the image.")
     long = ("a very long revised prompt, " * 40_000)[:1_048_576]
-    long_bytes = saved(BinaryResult(buffer.getvalue(), {**meta, "revised_prompt": long}), long)
+    long_bytes = saved(BinaryResult(png, {**meta, "revised_prompt": long}), long)
     return {"photo_output_bytes": photo_bytes, "revised_prompt_1mb_output_bytes": long_bytes}
 
 

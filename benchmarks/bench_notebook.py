@@ -101,14 +101,10 @@ def bench_notebook_bytes(images: int = 4) -> dict[str, float]:
     return {"notebook_images": made, "notebook_bytes_per_image": round(growth / max(made, 1))}
 
 
-def bench_photo_bundle() -> dict[str, float]:
+def photo_png(size: int = 1024) -> bytes:
+    """A detailed photo-like image (noise, gradients, outlines) as PNG, the same on every run."""
     from PIL import Image, ImageDraw, ImageFilter
 
-    from nbimagine._agent import Reply
-    from nbimagine._display import reply_bundle
-    from nbimagine.events import BinaryResult
-
-    size = 1024
     image = Image.merge("RGB", (
         Image.linear_gradient("L").resize((size, size)),
         Image.effect_noise((size, size), 64).convert("L"),
@@ -119,7 +115,15 @@ def bench_photo_bundle() -> dict[str, float]:
         draw.ellipse((i, i // 2, i + 90, i // 2 + 60), outline=(255, 255 - i % 255, i % 255), width=3)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    result = BinaryResult(buffer.getvalue(), {"provider": "openai", "model": "gpt-image-1", "history_id": 1})
+    return buffer.getvalue()
+
+
+def bench_photo_bundle() -> dict[str, float]:
+    from nbimagine._agent import Reply
+    from nbimagine._display import reply_bundle
+    from nbimagine.events import BinaryResult
+
+    result = BinaryResult(photo_png(), {"provider": "openai", "model": "gpt-image-1", "history_id": 1})
     bundle = reply_bundle(Reply(body="Here is the image.", files=[result]))
     saved = len(json.dumps({"output_type": "display_data", "data": bundle, "metadata": {}}, indent=1))
     naive = len(base64.b64encode(result.data))

@@ -464,10 +464,15 @@ class ImagineMagics(Magics, _ConfigTraits):
                             "stopped and the images are all here")
         if problems:
             outputs.append((warning_output(list(dict.fromkeys(problems))), {}))
-        if _applies_updates(self.shell):
-            handle.update(_note(_summary(gen, len(items), interrupted)), raw=True)
-        for data, metadata in outputs:
-            display(data, metadata=metadata, raw=True)
+        try:
+            if _applies_updates(self.shell):
+                handle.update(_note(_summary(gen, len(items), interrupted)), raw=True)
+            for data, metadata in outputs:
+                display(data, metadata=metadata, raw=True)
+        except Exception as exc:  # a frontend or publisher failure: -o is bound, say where the images are
+            names = f" in {out}" if out and replies else ""
+            print(f"ImagineWarning: the images could not be displayed ({type(exc).__name__}: {exc}); "
+                  f"they are{names} and in the history.")
         return replies
 
     @staticmethod

@@ -10,7 +10,8 @@ run without keys or network::
         project = AIProjectClient(emu.foundry_endpoint, credential=EmulatorCredential())
 
 Images are deterministic drawings of the prompt, marked "nbimagine emulator". Prompt tokens steer it:
-``[images:N]`` (N image calls), ``[error:NNN]`` (HTTP error), ``[fault:NAME]`` (see ``Emulator.inject``).
+``[images:N]`` (N image calls), ``[error:NNN]`` (HTTP error), ``[fault:NAME]`` (see ``Emulator.inject``;
+hostile images such as ``truncated_png`` or ``bomb_png`` are listed in ``_hostile.HOSTILE_IMAGES``).
 Standalone: ``python -m nbimagine.emulator --port 8765``.
 """
 
