@@ -305,6 +305,16 @@ class ImagineMagics(Magics, _ConfigTraits):
         last_refresh = time.perf_counter()
 
         def on_poll() -> None:
+            # Progress is a courtesy: whatever goes wrong in it (a malformed event, a frontend error)
+            # is one warning line at the end, and the request goes on to its final images.
+            try:
+                poll()
+            except Exception as exc:
+                problem = f"the progress display failed ({type(exc).__name__}: {exc})"
+                if problem not in problems:
+                    problems.append(problem)
+
+        def poll() -> None:
             changed = False
             # The callback runs on the loop thread; the display is only touched here, on the main thread.
             while True:
