@@ -246,3 +246,19 @@ def test_sqlite_lock_holder_helper_really_locks(tmp_path):
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         b.execute("BEGIN IMMEDIATE")
     a.execute("ROLLBACK")
+
+
+def test_a_failing_progress_display_is_a_warning_and_the_request_goes_on(ip, emu, monkeypatch):
+    publisher = ip.display_pub
+    original = publisher.publish
+
+    def publish(data, metadata=None, source=None, *, transient=None, update=False, **kwargs):
+        if update and "Generating" in data.get("text/plain", ""):  # a frontend that breaks on progress
+            raise RuntimeError("the frontend went away")
+        return original(data, metadata=metadata, source=source, transient=transient, update=update, **kwargs)
+
+    monkeypatch.setattr(publisher, "publish", publish)
+    imagine(ip, "--partial 2 -o r", "a kite")
+    assert ip.user_ns["r"].files and image_outputs(ip)
+    [line] = warning_lines(ip)
+    assert "progress display failed" in line and "the frontend went away" in line
