@@ -509,3 +509,23 @@ def test_history_root_names_another_folder(ip, tmp_path: Path) -> None:
     assert [e.prompt for e in History(elsewhere, "nb")] == ["kept elsewhere"]
     with pytest.raises(UsageError, match="--root DIR: give a folder"):
         ip.run_line_magic("imagine", "history --root")
+
+
+def test_merge_moves_another_notebooks_images_here_and_survives_a_repair(ip, tmp_path: Path, capsys) -> None:
+    # E.g. images made while the notebook could not be told, or before a rename in the file browser.
+    from nbimagine._history import repair_history
+
+    with History(tmp_path, "untitled-1a2b3c4d") as lost, History(tmp_path, "cafe") as cafe:
+        a = lost.add(make_image(1), prompt="made before the name was known")
+        b = cafe.add(make_image(2), prompt="made in cafe", parents=[a.id])
+    set_notebook("cafe")
+    empty = ip.run_line_magic("imagine", "history")
+    assert "'untitled-1a2b3c4d' (1)" not in empty.note  # cafe has images: no hint needed
+    gallery = ip.run_line_magic("imagine", "history --merge untitled-1a2b3c4d")
+    assert "Moved 1 image(s) of 'untitled-1a2b3c4d' into the history of 'cafe'" in capsys.readouterr().out
+    assert [e.id for e in gallery.entries] == [b.id, a.id]
+    with pytest.raises(UsageError, match="no notebook 'nope'"):
+        ip.run_line_magic("imagine", "history --merge nope")
+    repair_history(tmp_path)
+    with History(tmp_path, "cafe") as cafe, History(tmp_path, all_notebooks=True) as everything:
+        assert [e.id for e in cafe] == [a.id, b.id] and everything.notebooks() == {"cafe": 2}

@@ -847,29 +847,30 @@ class _Store:
         with self.transaction("Cannot record the notebook's name in the image history") as conn:
             row = conn.execute("SELECT n.id, n.uid, n.name, n.created_at FROM kernels k JOIN notebooks n "
                                "ON n.id = k.notebook_id WHERE k.kernel_id = ?", (kernel_id,)).fetchone()
-            target = conn.execute("SELECT id FROM notebooks WHERE name = ?", (name,)).fetchone()
-            moved = None
-            if row is not None and row[2] != name:
-                old_id, old_uid, old_name, created = row
-                had = conn.execute("SELECT EXISTS (SELECT 1 FROM entries WHERE notebook_id = ?)",
-                                   (old_id,)).fetchone()[0]
-                if target is None:
-                    conn.execute("UPDATE notebooks SET name = ? WHERE id = ?", (name, old_id))
-                    self._write_notebook_record(old_uid, name, created)
-                    target = (old_id,)
-                else:  # renamed onto a name that has images already: one notebook now
-                    uid = conn.execute("SELECT uid FROM notebooks WHERE id = ?", target).fetchone()[0]
-                    conn.execute("UPDATE entries SET notebook_id = ? WHERE notebook_id = ?", (target[0], old_id))
-                    conn.execute("UPDATE kernels SET notebook_id = ? WHERE notebook_id = ?", (target[0], old_id))
-                    conn.execute("DELETE FROM notebooks WHERE id = ?", (old_id,))
-                    self._write_notebook_record(old_uid, old_name, created, merged_into=uid)
-                moved = old_name if had else None
-            if target is None:
-                target = (self.notebook_row(conn, name, create=True)[0],)  # type: ignore[index]
+            moved = row[2] if row is not None and row[2] != name and self.move(conn, row, name) else None
+            target = self.notebook_row(conn, name, create=True)
+            assert target is not None
             conn.execute("INSERT INTO kernels (kernel_id, notebook_id, seen_at) VALUES (?, ?, ?) "
                          "ON CONFLICT(kernel_id) DO UPDATE SET notebook_id = excluded.notebook_id, "
                          "seen_at = excluded.seen_at", (kernel_id, target[0], _now()))
         return moved
+
+    def move(self, conn: sqlite3.Connection, old: tuple[int, str, str, str], name: str) -> int:
+        """Give notebook ``old`` (id, uid, name, created_at) the name ``name``: a rename, or, when ``name``
+        exists already, a merge into it. Its notebook record says so, for a repair. Returns how many
+        images it had."""
+        old_id, old_uid, old_name, created = old
+        count = conn.execute("SELECT COUNT(*) FROM entries WHERE notebook_id = ?", (old_id,)).fetchone()[0]
+        target = conn.execute("SELECT id, uid FROM notebooks WHERE name = ?", (name,)).fetchone()
+        if target is None:
+            conn.execute("UPDATE notebooks SET name = ? WHERE id = ?", (name, old_id))
+            self._write_notebook_record(old_uid, name, created)
+        elif target[0] != old_id:
+            conn.execute("UPDATE entries SET notebook_id = ? WHERE notebook_id = ?", (target[0], old_id))
+            conn.execute("UPDATE kernels SET notebook_id = ? WHERE notebook_id = ?", (target[0], old_id))
+            conn.execute("DELETE FROM notebooks WHERE id = ?", (old_id,))
+            self._write_notebook_record(old_uid, old_name, created, merged_into=target[1])
+        return count
 
     # -- files -----------------------------------------------------------------------------------
 
@@ -1633,6 +1634,24 @@ class History:
             path=store.image_path(sha, ext), metadata=FrozenDict(meta), text=text, notebook=self.notebook,
             _store=store,
         )
+
+    def merge(self, notebook: str) -> int:
+        """Move every image of notebook ``notebook`` into this one; returns how many moved.
+
+        For images that ended up under another name: made while the notebook could not be told
+        (``untitled-…``), or before a rename done outside Jupyter (the file browser, a shell), which
+        nothing can follow. ``KeyError`` when the folder has no such notebook.
+        """
+        if self.notebook is None:
+            raise ValueError("this view shows every notebook; merge into one: nbimagine.history(NAME).merge(...)")
+        name = normalize_name(notebook)
+        with self._store.transaction("Cannot merge the notebooks' images") as conn:
+            row = conn.execute("SELECT id, uid, name, created_at FROM notebooks WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise KeyError(f"no notebook {name!r} in the image history of {self.path}")
+            if name == self.notebook:
+                return 0
+            return self._store.move(conn, row, self.notebook)
 
     def cleanup(self) -> dict[str, int]:
         """Remove leftovers of interrupted writes: temp files, image files and thumbnails no row refers to.

@@ -182,6 +182,7 @@ class ImagineMagics(Magics, _ConfigTraits):
             %imagine history [N]              gallery of this notebook's last N images with their ids
             %imagine history --all [N]        the same across every notebook of the folder
             %imagine history --notebook NAME  name this notebook's history (when it cannot be detected)
+            %imagine history --merge NAME     move notebook NAME's images into this notebook's history
             %imagine history --repair         rebuild a lost or damaged history index from its records
             %imagine history --root DIR       keep the history in DIR/.nbimagine (e.g. a read-only folder)
             %imagine show ID [--full]         one image from the history (ID: last, -2, #17)
@@ -584,23 +585,24 @@ class ImagineMagics(Magics, _ConfigTraits):
         from .errors import HistoryError
 
         words = _split(rest)
-        options: dict[str, Any] = {"--all": False, "--repair": False, "--notebook": None, "--root": None}
+        options: dict[str, Any] = {"--all": False, "--repair": False, "--notebook": None, "--root": None,
+                                   "--merge": None}
         count = None
         while words:
             word = words.pop(0)
             if word in ("--all", "--repair"):
                 options[word] = True
-            elif word in ("--notebook", "--root"):
+            elif word in ("--notebook", "--root", "--merge"):
                 if not words or words[0].startswith("--"):
-                    example, what, arg = (("02_editing", "the notebook's name", "NAME") if word == "--notebook"
-                                          else ("~/images", "a folder", "DIR"))
+                    example, what, arg = (("~/images", "a folder", "DIR") if word == "--root"
+                                          else ("02_editing", "the notebook's name", "NAME"))
                     raise UsageError(f"%imagine history {word} {arg}: give {what}, e.g. {example}")
                 options[word] = words.pop(0)
             elif word.isdigit() and count is None:
                 count = int(word)
             else:
-                raise UsageError(f"%imagine history takes a number of images, --all, --notebook NAME, --repair or "
-                                 f"--root DIR, not {word!r}")
+                raise UsageError(f"%imagine history takes a number of images, --all, --notebook NAME, --merge NAME, "
+                                 f"--repair or --root DIR, not {word!r}")
         try:
             if options["--root"]:
                 # Name the folder where the kernel's working directory does not suit (read-only, shared).
@@ -611,10 +613,17 @@ class ImagineMagics(Magics, _ConfigTraits):
             if options["--repair"]:
                 print(repair_history())
             h = history(all_notebooks=True) if options["--all"] else self._history()
+            if options["--merge"]:
+                if h.notebook is None:
+                    raise UsageError("%imagine history --merge NAME moves images into this notebook, not into --all")
+                moved = h.merge(options["--merge"])
+                print(f"Moved {moved} image(s) of {options['--merge']!r} into the history of {h.notebook!r}.")
             entries = h.latest(12 if count is None else count)
             total = len(h)
         except ValueError as exc:
             raise UsageError(f"%imagine history --notebook: {exc}") from None
+        except KeyError as exc:
+            raise UsageError(f"%imagine history --merge: {exc.args[0]}; %imagine history --all lists them") from None
         except HistoryError as exc:
             raise UsageError(str(exc)) from None
         note = _elsewhere(h) if not total and h.notebook is not None else ""
@@ -728,8 +737,8 @@ def _elsewhere(history: History) -> str:
     if not others:
         return ""
     listed = ", ".join(f"{n!r} ({c})" for n, c in list(others.items())[:5]) + (", …" if len(others) > 5 else "")
-    return (f" Other notebooks in this folder have images: {listed}; %imagine history --all shows them, "
-            "%imagine history --notebook NAME uses one.")
+    return (f" Other notebooks in this folder have images: {listed}; %imagine history --all shows them; "
+            "--merge NAME moves one's images into this notebook; --notebook NAME uses its history instead.")
 
 
 def _split(text: str) -> list[str]:
