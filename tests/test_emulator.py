@@ -20,6 +20,7 @@ import pytest
 from openai import AsyncOpenAI, AzureOpenAI, OpenAI
 from PIL import Image
 
+from nbimagine._cost import openai_image_tokens
 from nbimagine._images import image_size, sniff_media_type
 from nbimagine.emulator import Emulator, _draw
 
@@ -77,7 +78,10 @@ def test_generate_png_json(client: OpenAI, emu: Emulator) -> None:
     data = _image(ig)
     assert sniff_media_type(data) == "image/png" and image_size(data) == (1024, 1536)
     assert r.output_text and r.usage and r.usage.total_tokens > 0
-    assert r.tool_usage and r.tool_usage.image_gen.output_tokens == 1584  # medium 1056 x 1.5 (area)
+    # The tool's default model (no model sent) is echoed, and its image tokens for 1024x1536 medium reported.
+    [tool] = r.tools
+    assert r.tool_usage and r.tool_usage.image_gen.output_tokens == openai_image_tokens(
+        tool.model, "medium", "1024x1536")[0]
     assert r.tools[0].size == "1024x1536"  # echoed with defaults filled in
     rec = emu.requests[-1]
     assert (rec.method, rec.path) == ("POST", "/v1/responses")

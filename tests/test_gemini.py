@@ -101,7 +101,7 @@ def test_seed_generate_example_and_reading_images(emu: Any, tmp_path: Any, monke
     assert meta["finish_reason"] == "STOP" and meta["response_id"] == reply.response_id
     assert "friendly robot" in reply.body
     assert reply.finish_reason == "STOP" and reply.provider == "gemini"
-    assert reply.usage["prompt_token_count"] > 0 and reply.usage["total_token_count"] > 1000
+    assert reply.usage.input_tokens > 0 and reply.usage.raw["totalTokenCount"] > 1000
 
     [request] = emu.requests
     assert request.path == f"/v1/models/{MODEL}:generateContent"
@@ -282,7 +282,10 @@ def test_stream_delivers_thought_images_as_partials(emu: Any) -> None:
     assert partial.image.media_type == "image/jpeg" and partial.image.width == 1024
     assert "castle at dusk" in text.text
     reply = done.reply
-    assert reply.files == [final.image] and partial.image not in reply.files
+    # The reply's image is the streamed one, priced: the same bytes and metadata plus its cost_usd.
+    [priced] = reply.files
+    assert priced.data == final.image.data and priced.data != partial.image.data
+    assert dict(priced.metadata) == {**final.image.metadata, "cost_usd": reply.cost.usd, "cost_simulated": True}
     assert reply.body == text.text and reply.finish_reason == "STOP"
     assert emu.requests[0].path == f"/v1/models/{MODEL}:streamGenerateContent"
     assert emu.requests[0].query == {"alt": "sse"}

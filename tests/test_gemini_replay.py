@@ -44,7 +44,7 @@ def test_gemini_3_image_with_text_and_thought_signatures(emu: Any) -> None:
     assert reply.body == recorded_parts[0]["text"]
     assert reply.body.startswith("A little axolotl named Archie")
     assert reply.finish_reason == "STOP" and reply.response_id == "QV8oae6ZGKGnmtkPoanu6A0"
-    assert reply.usage["thoughts_token_count"] == 174 and reply.usage["total_token_count"] == 1471
+    assert reply.usage.reasoning_tokens == 174 and reply.usage.raw["totalTokenCount"] == 1471
     [image] = reply.files
     assert image.media_type == "image/jpeg" and image.data[:3] == b"\xff\xd8\xff"
     assert (image.width, image.height) == (1408, 768)
@@ -98,7 +98,7 @@ def test_vertex_jpeg_output_format() -> None:
     assert reply.body == "" and reply.finish_reason == "STOP"  # image only, no text part
     assert reply.provider == "vertex" and reply.model == "gemini-2.5-flash-image"
     assert reply.response_id == answer["responseId"]
-    assert reply.usage["candidates_token_count"] == 1290
+    assert reply.usage.raw["candidatesTokenCount"] == 1290 == reply.usage.output_image_tokens
     [image] = reply.files
     assert image.media_type == "image/jpeg" and (image.width, image.height) == (1024, 1024)
     assert image.metadata["provider"] == "vertex" and image.metadata["finish_reason"] == "STOP"

@@ -65,7 +65,8 @@ def test_n_images_come_from_one_call_with_their_metadata_and_usage(emu) -> None:
         assert (meta["provider"], meta["model"], meta["quality"], meta["size"]) == (
             "openai", "gpt-image-2", "low", "1536x1024")
         assert meta["media_type"] == "image/png" and isinstance(meta["created"], int)
-    assert reply.usage["output_tokens_details"]["image_tokens"] == reply.usage["output_tokens"] > 0
+    assert reply.usage.raw["output_tokens_details"]["image_tokens"] == reply.usage.output_image_tokens > 0
+    assert reply.usage.images == 4 and reply.cost is not None
     assert reply.finish_reason == "completed"
 
 
@@ -92,8 +93,12 @@ async def test_stream_yields_partials_then_each_image_then_the_reply(emu) -> Non
     assert [p.index for p in partials] == [0, 1, 2, 3]
     assert all(p.image.metadata["partial"] for p in partials)
     reply = events[-1].reply
-    assert [e.image for e in events if isinstance(e, ImageEvent)] == reply.files
-    assert reply.usage["input_tokens"] > 0 and reply.files[0].metadata["usage"]["output_tokens"] > 0
+    # The reply's images are the streamed ones, each priced (cost_usd) once the last usage arrived.
+    streamed = [e.image for e in events if isinstance(e, ImageEvent)]
+    assert [f.data for f in streamed] == [f.data for f in reply.files]
+    assert all(dict(f.metadata) == {**s.metadata, "cost_usd": reply.cost.usd / 2, "cost_simulated": True}
+               for s, f in zip(streamed, reply.files, strict=True))
+    assert reply.usage.input_tokens > 0 and reply.files[0].metadata["usage"]["output_tokens"] > 0
     assert image_calls(emu)[0].json["stream"] is True
 
 

@@ -104,7 +104,7 @@ def test_formats_and_metadata(emu, fmt: str, media_type: str, magic: bytes) -> N
     assert meta["output_format"] == fmt and meta["size"] == "1536x1024" and meta["quality"] == "low"
     assert meta["action"] == "generate" and meta["revised_prompt"] and meta["call_id"].startswith("ig_")
     assert meta["response_id"] == reply.response_id
-    assert reply.body and reply.finish_reason == "completed" and reply.usage["total_tokens"] > 0
+    assert reply.body and reply.finish_reason == "completed" and reply.usage.total_tokens > 0
 
 
 def test_several_images_in_order(emu) -> None:
@@ -200,7 +200,10 @@ async def test_stream_delivers_every_partial_then_the_image_then_the_reply(emu) 
     text = "".join(e.text for e in events if isinstance(e, TextDeltaEvent))
     assert isinstance(events[-1], ReplyEvent)
     reply = events[-1].reply
-    assert reply.files == [images[0].image] and reply.body == text
+    # The reply's image is the streamed one, priced once the usage arrived (the last event).
+    [priced] = reply.files
+    assert priced.data == images[0].image.data and reply.body == text
+    assert dict(priced.metadata) == {**images[0].image.metadata, "cost_usd": reply.cost.usd, "cost_simulated": True}
     assert responses(emu)[-1].json["stream"] is True
 
 

@@ -32,7 +32,7 @@ def test_jpeg_cassette_gives_a_jpeg_with_its_metadata() -> None:
     assert reply.body == ""
     assert reply.finish_reason == "completed"
     assert reply.response_id.startswith("resp_08acbdf1")
-    assert reply.usage["total_tokens"] == 3323
+    assert reply.usage.raw["total_tokens"] == 3323 == reply.usage.input_tokens + 1434
     [image] = reply.files
     assert image.media_type == "image/jpeg"
     assert image.data[:3] == b"\xff\xd8\xff"

@@ -13,15 +13,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Agent", "Reply", "__version__", "history", "load_ipython_extension", "panel", "repair_history",
-           "studio", "unload_ipython_extension"]
+__all__ = ["Agent", "Cost", "Estimate", "Reply", "Usage", "__version__", "estimate", "history",
+           "load_ipython_extension", "panel", "repair_history", "studio", "unload_ipython_extension"]
 
 if TYPE_CHECKING:
     from ._agent import Agent, Reply
+    from ._cost import Cost, Estimate, Usage, estimate
 
 _LAZY = {
     "Agent": ("._agent", "Agent"),
     "Reply": ("._agent", "Reply"),
+    "Usage": ("._cost", "Usage"),
+    "Cost": ("._cost", "Cost"),
+    "Estimate": ("._cost", "Estimate"),
+    "estimate": ("._cost", "estimate"),
     "history": ("._history", "history"),
     "repair_history": ("._history", "repair_history"),
     "panel": ("._widgets", "panel"),

@@ -13,20 +13,27 @@ from .errors import ConfigError, InputError
 from .events import BinaryResult, ImageInput, ReplyEvent, StreamEvent, check_text
 
 if TYPE_CHECKING:
-    from ._providers._base import Input, Provider
+    from ._cost import Cost, Usage
+    from ._providers._base import Input, Provider, Turn
 
 __all__ = ["Agent", "Reply"]
 
 
 class Reply:
-    """What an agent answered: ``body`` (text) and ``files`` (images, in order)."""
+    """What an agent answered: ``body`` (text) and ``files`` (images, in order).
+
+    ``usage`` is what the provider reported (:class:`~nbimagine.Usage`, ``None`` if it reported nothing);
+    ``cost`` is its price (:class:`~nbimagine.Cost`: US dollars, source, simulated) or ``None`` when no price
+    list knows the model. Each image's ``metadata["cost_usd"]`` is its share of ``cost``.
+    """
 
     def __init__(
         self,
         *,
         body: str = "",
         files: Sequence[BinaryResult] = (),
-        usage: dict[str, Any] | None = None,
+        usage: Usage | None = None,
+        cost: Cost | None = None,
         finish_reason: str | None = None,
         response_id: str | None = None,
         provider: str | None = None,
@@ -36,6 +43,7 @@ class Reply:
         self.body = body
         self.files = list(files)
         self.usage = usage
+        self.cost = cost
         self.finish_reason = finish_reason
         self.response_id = response_id
         self.provider = provider
@@ -60,7 +68,8 @@ class Reply:
 
     def __repr__(self) -> str:
         body = self.body if len(self.body) <= 60 else self.body[:57] + "..."
-        return f"Reply(body={body!r}, files={self.files!r}, finish_reason={self.finish_reason!r})"
+        cost = f", cost={self.cost}" if self.cost else ""
+        return f"Reply(body={body!r}, files={self.files!r}, finish_reason={self.finish_reason!r}{cost})"
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         from ._display import reply_bundle
@@ -93,6 +102,9 @@ class Agent:
         self.tools = list(tools)
         self.instructions = instructions
         self._provider = _load_provider(config, self.tools)
+        from ._cost import warm_up
+
+        warm_up()
 
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, config={self.config!r}, tools={self.tools!r})"
@@ -136,6 +148,16 @@ class Agent:
 
     async def _events(self, inputs: tuple[Any, ...], refs: Sequence[Any], mask: Any, history: Any, *,
                       stream: bool) -> AsyncIterator[StreamEvent]:
+        turn = self._turn(inputs, refs, mask, history, stream=stream)
+        self._provider.check_credentials()
+        async with aclosing(self._provider.run(turn)) as events:
+            async for event in events:
+                if isinstance(event, ReplyEvent):
+                    event.reply._agent = self
+                    _attach_cost(event.reply, self._provider)
+                yield event
+
+    def _turn(self, inputs: Sequence[Any], refs: Sequence[Any], mask: Any, history: Any, *, stream: bool) -> Turn:
         from ._providers._base import Turn
 
         if isinstance(refs, (str, bytes)) or not isinstance(refs, Sequence):
@@ -145,13 +167,62 @@ class Agent:
             from ._masks import as_mask_input
 
             mask = as_mask_input(mask)
-        turn = Turn(inputs=normalized, history=history, instructions=self.instructions, stream=stream, mask=mask)
+        return Turn(inputs=normalized, history=history, instructions=self.instructions, stream=stream, mask=mask)
+
+    def dry_run(self, *inputs: Any, mask: Any = None, refs: Sequence[Any] = (), n: int = 1, stream: bool = False,
+                _history: Any = None) -> DryRun:
+        """What ``ask(*inputs, mask=, refs=)`` (``stream`` for ``stream()``) would send, and what ``n`` such
+        requests would cost (:func:`~nbimagine.estimate`). Nothing is sent.
+
+        The request is the one the provider's own code builds through the SDK, captured before it leaves
+        (credentials masked, image data shortened). A missing key raises ``ConfigError`` as ``ask`` would.
+        """
+        from ._cost import estimate
+
+        turn = self._turn(inputs, refs, mask, _history, stream=stream)
         self._provider.check_credentials()
-        async with aclosing(self._provider.run(turn)) as events:
-            async for event in events:
-                if isinstance(event, ReplyEvent):
-                    event.reply._agent = self
-                yield event
+        request = self._provider.describe_request(turn)
+        images = [*turn.inputs, *([turn.mask] if turn.mask is not None else [])]
+        return DryRun(request, estimate(self.config, tools=self.tools, inputs=images, n=n))
+
+
+class DryRun:
+    """``Agent.dry_run``'s answer: ``request`` (method, url, headers, json; secrets masked) and ``estimate``."""
+
+    def __init__(self, request: dict[str, Any], estimate: Any) -> None:
+        self.request = request
+        self.estimate = estimate
+
+    def __repr__(self) -> str:
+        return f"DryRun({self.request.get('method')} {self.request.get('url')}, estimate={self.estimate})"
+
+    def _repr_markdown_(self) -> str:
+        import json
+
+        body = json.dumps(self.request, indent=2, ensure_ascii=False)
+        return f"{self.estimate._repr_markdown_()}\n\n**Request (not sent)**\n\n```json\n{body}\n```"
+
+
+def _attach_cost(reply: Reply, provider: Provider[Any]) -> None:
+    """Price the reply and stamp each image with its share. A pricing failure never costs the images."""
+    try:
+        reply.cost = provider.cost(reply)
+    except Exception as exc:  # a price list problem must not lose a paid answer
+        import warnings
+
+        from .errors import ImagineWarning
+
+        warnings.warn(f"nbimagine could not price this reply (its images are fine): {exc!r}", ImagineWarning,
+                      stacklevel=3)
+        return
+    cost = reply.cost
+    if cost is not None and reply.files:
+        stamp = {"cost_usd": cost.usd / len(reply.files)}
+        if cost.simulated:
+            stamp["cost_simulated"] = True
+        if cost.estimated:
+            stamp["cost_estimated"] = True
+        reply.files = [BinaryResult(f.data, {**f.metadata, **stamp}) for f in reply.files]
 
 
 def _load_provider(config: ProviderConfig, tools: list[object]) -> Provider[Any]:

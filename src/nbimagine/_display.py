@@ -138,7 +138,7 @@ def clip(text: str, limit: int, *, where: str = "") -> str:
 
 def caption_for(result: BinaryResult, *, history_id: int | None = None, elapsed: float | None = None,
                 provider: str | None = None, model: str | None = None, parents: Sequence[int] = ()) -> str:
-    """``#17 · openai/gpt-image-1 · 1024x1024 · PNG · 1.4 MB · 8.2 s · edited from #16`` (+ a clipped
+    """``#17 · openai/gpt-image-1 · 1024x1024 · PNG · 1.4 MB · 8.2 s · edited from #16 · $0.042`` (+ a clipped
     revised-prompt line)."""
     meta = result.metadata
     history_id = history_id if history_id is not None else meta.get("history_id")
@@ -158,12 +158,26 @@ def caption_for(result: BinaryResult, *, history_id: int | None = None, elapsed:
         parts.append(f"{elapsed:.1f} s")
     if parents:
         parts.append("edited from " + ", ".join(f"#{p}" for p in parents))
+    cost = cost_label(meta)
+    if cost:
+        parts.append(cost)
     caption = " · ".join(parts)
     revised = meta.get("revised_prompt")
     if isinstance(revised, str) and revised.strip():
         where = "the history" if history_id is not None else "metadata['revised_prompt']"
         caption += f"\nrevised prompt: {clip(' '.join(revised.split()), CAPTION_TEXT_LIMIT, where=where)}"
     return caption
+
+
+def cost_label(meta: Any) -> str | None:
+    """``$0.042``, ``~$0.042`` (estimated), ``$0.042 simulated`` (the emulator's figure for the real call)."""
+    from ._cost import format_usd
+
+    usd = meta.get("cost_usd")
+    if not isinstance(usd, (int, float)) or isinstance(usd, bool):
+        return None
+    label = ("~" if meta.get("cost_estimated") else "") + format_usd(usd)
+    return f"{label} simulated" if meta.get("cost_simulated") else label
 
 
 # --- outputs -------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ thread, or use ``ipywidgets.Output.append_display_data``).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,11 +33,12 @@ from typing import TYPE_CHECKING, Any
 from ._options import active
 from ._session import ImagineSession, get_session
 from ._sync import Job
-from .errors import ConfigError, ImagineWarning, ProviderError
+from .errors import BudgetError, ConfigError, ImagineWarning, ProviderError
 from .events import BinaryResult, ImageEvent, ReplyEvent, StreamEvent
 
 if TYPE_CHECKING:
     from ._agent import Agent, Reply
+    from ._cost import Estimate
     from ._history import History, HistoryEntry
 
 __all__ = ["MAX_VARIANTS", "EventCallback", "Generation", "Retrying"]
@@ -125,6 +127,8 @@ class Generation:
         self._ended_at: float | None = None
         self._agent: Agent | None = None
         self._params: dict[str, Any] | None = None
+        self._spent: set[int] = set()
+        self._budget_checked = False
 
     # --- public ----------------------------------------------------------------------------------
 
@@ -214,11 +218,57 @@ class Generation:
         """Raise ``ConfigError`` naming what to set when the provider has no credentials (no network)."""
         self.build_agent()._provider.check_credentials()
 
+    def _inputs(self) -> list[Any]:
+        return [self.prompt, *self.edits]
+
+    def estimate(self) -> Estimate:
+        """What this generation could cost (all its requests), before anything is sent."""
+        from ._cost import estimate
+
+        agent = self.build_agent()
+        mask = [self.mask] if self.mask is not None else []
+        return estimate(agent.config, tools=agent.tools, n=self.n, inputs=[*self._inputs(), *self.refs, *mask])
+
+    def budgets(self) -> list[tuple[str, float, float]]:
+        """``(scope, budget, spent)`` for each budget set: the session's, and the notebook's (in its history)."""
+        limits = []
+        if self.session.budget_usd is not None:
+            limits.append(("session", self.session.budget_usd, self.session.spent_usd))
+        try:
+            history = self.history
+            budget = history.budget_usd
+        except Exception:
+            if self.record:
+                raise  # the history is needed anyway: its error says what is wrong
+            budget = None  # --no-history on a broken history folder: no notebook budget can be read
+        if budget is not None:
+            limits.append(("notebook", budget, history.cost().total_usd))
+        return limits
+
+    def check_budget(self) -> Estimate | None:
+        """Raise :class:`~nbimagine.errors.BudgetError`, before any request, when this generation could take
+        spending past a budget (spent + the estimate's high end); return the estimate when one was needed."""
+        self._budget_checked = True
+        limits = self.budgets()
+        if not limits:
+            return None
+        estimate = self.estimate()
+        for scope, budget, spent in limits:
+            problem = budget_problem(scope, budget, spent, estimate)
+            if problem:
+                raise BudgetError(problem, scope=scope, spent_usd=spent, estimate_usd=estimate.high_usd,
+                                  budget_usd=budget)
+        return estimate
+
     def start(self, on_event: EventCallback | None = None) -> Job[list[Reply | None]]:
-        """Start all variants on the background loop and return the ``Job`` (non-blocking)."""
+        """Start all variants on the background loop and return the ``Job`` (non-blocking).
+
+        Raises ``BudgetError`` first when a budget is set and this could pass it."""
         if self.job is not None:
             raise RuntimeError("this Generation was already started; make a new one")
         agent = self.build_agent()
+        if not self._budget_checked:
+            self.check_budget()
         if self.record:
             self._check_parents(self.history)  # opened here: a bad history folder fails on the caller's thread
             self._record_mask()
@@ -301,7 +351,7 @@ class Generation:
     async def _one(self, agent: Agent, index: int, on_event: EventCallback | None) -> None:
         from ._providers._base import ON_RETRYABLE, RETRY_ADVICE
 
-        inputs: list[Any] = [self.prompt, *self.edits]
+        inputs = self._inputs()
         extra = {"refs": self.refs, "mask": self.mask}
         # Each variant runs in its own task, so these context variables are this variant's alone.
         RETRY_ADVICE.set(self.retry_advice)
@@ -326,9 +376,11 @@ class Generation:
                 if self.replies[index] is None:
                     raise ProviderError("The stream ended without a reply", provider=self.provider,
                                         files=self.arrived[index])
+            self._spend(index)
         except asyncio.CancelledError:
             # Stopped: whatever had already arrived is paid for, so it is still recorded.
             reply = self.replies[index]
+            self._spend(index)
             if reply is not None:
                 await self._record(index, reply.files, reply.body, reply)
             else:
@@ -345,6 +397,13 @@ class Generation:
         await self._record(index, reply.files, reply.body, reply)
         if on_event is not None:
             _safe_call(on_event, index, ReplyEvent(reply))
+
+    def _spend(self, index: int) -> None:
+        """Count variant ``index``'s priced reply against the session budget, once."""
+        reply = self.replies[index]
+        if reply is not None and reply.cost is not None and index not in self._spent:
+            self._spent.add(index)
+            self.session.add_spending(reply.cost.usd)
 
     async def _record(self, index: int, files: list[BinaryResult], text: str | None, reply: Reply | None) -> None:
         """Record ``files``; never raises (failures become ``warnings``), and a cancellation that lands
@@ -407,6 +466,46 @@ def _retry_reporter(on_event: EventCallback, index: int, limit: int) -> Callable
             _safe_call(on_event, index, Retrying(status, seen, limit))
 
     return report
+
+
+def budget_problem(scope: str, budget: float, spent: float, estimate: Estimate) -> str | None:
+    """The one-line refusal when ``estimate`` could take ``spent`` past ``budget``, else None."""
+    from ._cost import format_usd
+
+    whose = "this session" if scope == "session" else "this notebook"
+    flag = " --session" if scope == "session" else ""
+    if not estimate.known:
+        return (f"Not sent: {whose} has a budget of {format_usd(budget)}, and the cost of this request cannot be "
+                f"estimated ({estimate.assumptions[-1]}). Use a model with a known price, or lift the budget "
+                f"with %imagine budget off{flag}.")
+    high = estimate.high_usd or 0.0
+    if spent + high <= budget + 1e-9:
+        return None
+    raise_to = math.ceil((spent + high) * 20) / 20  # the next 5 cents that lets this request through
+    return (f"Not sent: {whose} has spent {format_usd(spent)} of its {format_usd(budget)} budget and this request "
+            f"could cost up to {format_usd(high)}{' (simulated)' if estimate.simulated else ''}. Raise the budget "
+            f"with %imagine budget {raise_to:.2f}{flag}, or lift it with %imagine budget off{flag}.")
+
+
+def budget_lines(session: ImagineSession, history: History) -> list[str]:
+    """One line per budget scope (also shown by the studio)."""
+    from ._cost import format_usd
+
+    report = history.cost()
+    lines = []
+    for scope, budget, spent in (("notebook", report.budget_usd, report.total_usd),
+                                 ("session", session.budget_usd, session.spent_usd)):
+        if budget is None:
+            continue
+        left = budget - spent
+        lines.append(f"{scope.capitalize()} budget {format_usd(budget)}: {format_usd(spent)} spent, "
+                     + (f"{format_usd(left)} left" if left >= 0 else f"{format_usd(-left)} over"))
+    if not lines:
+        lines.append(f"No budget set; this notebook has spent {format_usd(report.total_usd)}. "
+                     "%imagine budget 2.00 sets one (--session for this kernel session only).")
+    elif report.simulated_usd:
+        lines.append("Simulated (emulator) figures count too: they are what the real calls would cost.")
+    return lines
 
 
 def _with_history_id(image: BinaryResult, history_id: int) -> BinaryResult:

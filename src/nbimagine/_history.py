@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from . import _notebook
 from ._files import Folder
@@ -66,10 +66,13 @@ from ._notebook import NotebookIdentity, normalize_name, notebook_name, set_note
 from .errors import HistoryError
 from .events import BinaryResult, FrozenDict
 
+if TYPE_CHECKING:
+    from ._cost import CostReport
+
 __all__ = ["History", "HistoryEntry", "RepairReport", "history", "notebook_name", "repair_history",
            "set_history_root", "set_notebook"]
 
-SCHEMA_VERSION = 2  # 1 was the per-notebook index of nbimagine <= 0.1 (imported by _import_legacy)
+SCHEMA_VERSION = 3  # 1 was the per-notebook index of nbimagine <= 0.1 (imported by _import_legacy)
 RECORD_VERSION = 1
 APPLICATION_ID = 0x6E62696D  # "nbim": tells our index from any other SQLite file
 _DIRNAME = ".nbimagine"
@@ -154,14 +157,29 @@ def _schema_v2(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
 
 
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _schema_v2}
-_REQUIRED_COLUMNS = {"notebooks": {"id", "uid", "name"},
+def _schema_v3(conn: sqlite3.Connection) -> None:
+    # The notebook's spending budget (%imagine budget), on its row so that it follows renames.
+    conn.execute("ALTER TABLE notebooks ADD COLUMN budget_usd REAL")
+
+
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _schema_v2, 3: _schema_v3}
+_REQUIRED_COLUMNS = {"notebooks": {"id", "uid", "name", "budget_usd"},
                      "entries": {"id", "notebook_id", "prompt", "params", "parents", "sha256", "ext", "metadata"},
                      "edges": {"child", "parent"}, "kernels": {"kernel_id", "notebook_id"}}
 
 _COLUMNS = ("e.id, e.created_at, e.prompt, e.provider, e.model, e.params, e.parents, e.sha256, e.ext, "
             "e.width, e.height, e.size_bytes, e.metadata, e.text, n.name")
 _FROM = "FROM entries e JOIN notebooks n ON n.id = e.notebook_id"
+# Spending per local day, provider and billed model(s), from each image's metadata: cost_usd is its share of
+# its reply's cost, cost_simulated marks the emulator's figures. Masks painted in a notebook are inputs.
+_COST_SQL = """
+SELECT date(e.created_at, 'localtime'), coalesce(e.provider, '?'),
+       coalesce(e.model, '?') || coalesce(' + ' || json_extract(e.metadata, '$.image_model'), ''),
+       count(*), sum(json_extract(e.metadata, '$.cost_usd')),
+       sum(CASE WHEN json_extract(e.metadata, '$.cost_simulated') THEN json_extract(e.metadata, '$.cost_usd') END),
+       sum(json_extract(e.metadata, '$.cost_usd') IS NULL)
+FROM entries e {where} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+"""
 _IN_NOTEBOOK = "e.notebook_id = (SELECT id FROM notebooks WHERE name = ?)"
 
 
@@ -1807,6 +1825,40 @@ class History:
 
     def _name(self) -> str:
         return f"notebook {self.notebook!r}" if self.notebook is not None else "the folder"
+
+    # -- cost and budget ---------------------------------------------------------------------------
+
+    def cost(self) -> CostReport:
+        """What this notebook's images cost (every notebook's, for ``all_notebooks=True``), by local day,
+        provider and model: see :class:`~nbimagine._cost.CostReport`. An OpenAI Responses image is listed under
+        its chat model and its image model (``gpt-4.1 + gpt-image-1``): both are billed."""
+        from ._cost import CostReport, CostRow
+
+        clause, values = self._where("coalesce(e.provider, '') != 'nbimagine'")
+        rows = self._store.query(_COST_SQL.format(where=clause), values)
+        return CostReport(self.notebook or "(all notebooks)",
+                          tuple(CostRow(day, provider, model, images, usd or 0.0, simulated or 0.0, unpriced)
+                                for day, provider, model, images, usd, simulated, unpriced in rows),
+                          budget_usd=self.budget_usd)
+
+    @property
+    def budget_usd(self) -> float | None:
+        """The notebook's spending budget in US dollars (``%imagine budget``), None when there is none. It is
+        kept in the history's index, so it survives restarts and follows renames (a repair forgets it)."""
+        if self.notebook is None:
+            return None
+        rows = self._store.query("SELECT budget_usd FROM notebooks WHERE name = ?", (self.notebook,))
+        return rows[0][0] if rows else None
+
+    def set_budget(self, usd: float | None) -> None:
+        """Set (None: lift) the notebook's budget; it is checked before each request."""
+        if self.notebook is None:
+            raise HistoryError("A budget belongs to one notebook", path=self._store.index,
+                               cause="this is the view of every notebook (all_notebooks=True)",
+                               fix="open the notebook's history: nbimagine.history() or history(notebook=...)")
+        with self._store.transaction("Cannot keep the notebook's budget in the image history") as conn:
+            notebook_id = self._store.notebook_row(conn, self.notebook, create=True)[0]  # type: ignore[index]
+            conn.execute("UPDATE notebooks SET budget_usd = ? WHERE id = ?", (usd, notebook_id))
 
     def latest(self, n: int = 50) -> list[HistoryEntry]:
         """The ``n`` newest entries, newest first."""

@@ -8,6 +8,7 @@ the history and the generation runner load on first use.
 from __future__ import annotations
 
 import keyword
+import math
 import os
 import queue
 import re
@@ -21,10 +22,11 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class, output_can
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, HasTraits, TraitError, Unicode, dlink, observe, validate
 
+from ._cost import format_usd
 from ._options import FAMILY_LABELS, option
 from ._options import OPTIONS as TABLE
 from ._session import KEY_ENV, OPTIONS, ImagineSession, get_session, option_trait
-from .errors import ConfigError, ImagineError, InputError
+from .errors import BudgetError, ConfigError, ImagineError, InputError
 
 if TYPE_CHECKING:
     from ._generate import Generation
@@ -33,7 +35,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ImagineMagics", "interpolate", "load_ipython_extension", "unload_ipython_extension"]
 
-SUBCOMMANDS = ("use", "history", "show", "lineage", "export", "providers", "emulator", "panel", "studio", "mask")
+SUBCOMMANDS = ("use", "history", "show", "lineage", "export", "providers", "emulator", "panel", "studio", "mask",
+               "budget", "cost")
 _SESSION_TRAITS = ("provider", *OPTIONS)
 _HELP_FLAGS = {"-h", "--help"}
 _NAME_RE = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -166,6 +169,8 @@ class ImagineMagics(Magics, _ConfigTraits):
     @argument("-o", "--out", metavar="NAME", help="store the Reply (a list of Replies with -n) in NAME")
     @argument("--full", action="store_true", help="embed the full-resolution image instead of a preview")
     @argument("--no-history", action="store_true", help="do not record the images in the notebook history")
+    @argument("--dry-run", action="store_true",
+              help="show the cost estimate and the exact request (keys masked) without sending it")
     @argument("words", nargs="*", help="subcommand and its arguments, or a one-line prompt")
     @output_can_be_silenced
     @line_cell_magic
@@ -190,6 +195,8 @@ class ImagineMagics(Magics, _ConfigTraits):
             %imagine export DIR [N] [--force] copy full-resolution images + history.json to DIR
             %imagine providers                which providers are configured, which keys are set
             %imagine emulator on|off          route every provider to the offline emulator
+            %imagine budget [USD|off] [--session]  this notebook's (or session's) spending limit
+            %imagine cost                     this notebook's spending by day, provider and model
             %imagine mask REF [-o NAME]       paint a mask over an image (then %%imagine -e REF --mask NAME)
             %imagine panel | studio           widget panels
             %imagine PROMPT...                generate from a one-line prompt
@@ -270,7 +277,9 @@ class ImagineMagics(Magics, _ConfigTraits):
             gen = Generation(prompt, edits=edits, refs=refs, mask=mask, parents=parents, n=args.n,
                              overrides=overrides, record=record, session=self.session, history=history)
             gen.build_agent()
-        except (ConfigError, InputError) as exc:
+            if not args.dry_run:
+                gen.check_budget()  # refused here, before the progress slot and any request
+        except (ConfigError, InputError, BudgetError) as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:  # before any request: nothing to stop, nothing recorded; one line
             raise _short_traceback(KeyboardInterrupt("Cancelled before the request was sent")) from None
@@ -278,7 +287,27 @@ class ImagineMagics(Magics, _ConfigTraits):
             gen.check_credentials()
         except ConfigError as exc:
             raise UsageError(credentials_advice(self.session, gen.provider, exc)) from None
+        if args.dry_run:
+            try:
+                self._dry_run(gen)
+            except (ConfigError, InputError) as exc:
+                raise UsageError(str(exc)) from None
+            return
         self._run_with_progress(gen, full=args.full, out=args.out)
+
+    def _dry_run(self, gen: Generation) -> None:
+        """``--dry-run``: the estimate, the budgets and the exact first request; nothing is sent or recorded."""
+        from IPython.display import display
+
+        from ._generate import budget_problem
+
+        agent = gen.build_agent()
+        mask = {"mask": gen.mask} if gen.mask is not None else {}
+        dry = agent.dry_run(*gen._inputs(), refs=gen.refs, n=gen.n, stream=True, **mask)
+        notes = [budget_problem(scope, budget, spent, dry.estimate)
+                 or f"Within the {scope} budget of {format_usd(budget)} ({format_usd(spent)} spent)."
+                 for scope, budget, spent in gen.budgets()]
+        display(_DryRunView(dry, gen.n, notes))
 
     def _run_with_progress(self, gen: Generation, *, full: bool, out: str | None = None) -> list[Any]:
         """Run ``gen`` with a live progress slot, then show every image it has, whatever happened.
@@ -571,7 +600,8 @@ class ImagineMagics(Magics, _ConfigTraits):
             raise UsageError(f"%imagine use takes one provider name, not {' '.join(given)!r}")
         extras = [flag for flag, given in (("-e", args.edit), ("-r", args.ref), ("--mask", args.mask),
                                             ("-n", args.n != 1), ("-o", args.out),
-                                            ("--full", args.full), ("--no-history", args.no_history)) if given]
+                                            ("--full", args.full), ("--no-history", args.no_history),
+                                            ("--dry-run", args.dry_run)) if given]
         if extras:
             raise UsageError(f"{', '.join(extras)} apply to one generation, not to %imagine use")
         overrides = self._overrides(args)
@@ -686,6 +716,25 @@ class ImagineMagics(Magics, _ConfigTraits):
         else:
             print("nbimagine emulator off: requests go to the real provider APIs.")
         return None
+
+    def _cmd_budget(self, rest: str) -> Any:
+        words = _split(rest)
+        session = "--session" in words
+        words = [w for w in words if w != "--session"]
+        if len(words) > 1:
+            raise UsageError("%imagine budget [USD|off] [--session]: e.g. %imagine budget 2.00")
+        if words:
+            usd = None if words[0].lower() in ("off", "none") else _amount(words[0])
+            if session:
+                self.session.budget_usd = usd
+            else:
+                self._history().set_budget(usd)
+        return _BudgetView(self.session, self._history())
+
+    def _cmd_cost(self, rest: str) -> Any:
+        if rest.strip():
+            raise UsageError("%imagine cost takes no arguments (nbimagine.history().cost() gives the data)")
+        return self._history().cost()
 
     def _cmd_panel(self, rest: str) -> Any:
         from ._widgets import panel
@@ -821,6 +870,55 @@ def _summary(gen: Generation, count: int, interrupted: bool) -> str:
     return f"{verb} after {gen.elapsed:.1f} s with {gen.provider}/{gen.model}: {images}."
 
 
+def _amount(text: str) -> float:
+    try:
+        usd = float(text.removeprefix("$"))
+    except ValueError:
+        raise UsageError(f"%imagine budget takes an amount in US dollars such as 2.00, or off; not {text!r}") from None
+    if not math.isfinite(usd) or usd < 0:
+        raise UsageError(f"A budget is an amount of US dollars, 0 or more; not {text!r}")
+    return usd
+
+
+class _BudgetView:
+    """``%imagine budget``: the notebook's and the session's budget, spending and what is left."""
+
+    def __init__(self, session: ImagineSession, history: History) -> None:
+        from ._generate import budget_lines
+
+        self.lines = budget_lines(session, history)
+
+    def __repr__(self) -> str:
+        return "\n".join(self.lines)
+
+
+class _DryRunView:
+    """``%%imagine --dry-run``: estimate, budget notes and the request, as text and HTML."""
+
+    def __init__(self, dry: Any, n: int, notes: list[str]) -> None:
+        self.dry, self.n, self.notes = dry, n, notes
+
+    def __repr__(self) -> str:
+        import json
+
+        request = json.dumps(self.dry.request, indent=2, ensure_ascii=False)
+        times = f" (x{self.n}, one per variant)" if self.n > 1 else ""
+        lines = [f"Dry run, nothing sent. Estimate: {self.dry.estimate}",
+                 *(f"  - {a}" for a in self.dry.estimate.assumptions), *self.notes,
+                 f"Request{times}:", request]
+        return "\n".join(lines)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        import html
+
+        text = repr(self)
+        head, _, request = text.partition("\nRequest")
+        return {"text/plain": text,
+                "text/html": f"<pre style='white-space:pre-wrap'>{html.escape(head)}</pre>"
+                             f"<details><summary>Request{html.escape(request.splitlines()[0])}</summary>"
+                             f"<pre>{html.escape(chr(10).join(request.splitlines()[1:]))}</pre></details>"}
+
+
 def _note(text: str) -> dict[str, Any]:
     import html
 
@@ -831,7 +929,8 @@ def _emulator_banner() -> None:
     from IPython.display import display
 
     detail = ("every provider is answered by an offline emulator on 127.0.0.1. "
-              "Images are placeholders drawn from the prompt; no API key is used and nothing is billed.")
+              "Images are placeholders drawn from the prompt; no API key is used and nothing is billed. "
+              "Costs shown are what the real service would charge, marked simulated.")
     text = f"nbimagine emulator ON: {detail}"
     display({"text/plain": "⚠ " + text,
              "text/html": '<div style="background:#fff3cd;color:#664d03;border:1px solid #ffda6a;'

@@ -884,6 +884,7 @@ class Studio:
         self._running = False
         try:
             self._update_buttons()
+            self._render_summary()  # the budget left
             self.show_page(0)
         finally:
             self._idle.set()
@@ -1012,7 +1013,18 @@ class Studio:
         self._dispatch(self._render_summary)
 
     def _render_summary(self) -> None:
-        self.summary.value = f'<span class="nbi-summary-text">{html.escape(self.session.summary())}</span>'
+        summary = f'<span class="nbi-summary-text">{html.escape(self.session.summary())}</span>'
+        self.summary.value = summary + self._budget_html()
+
+    def _budget_html(self) -> str:
+        """What is left of the notebook's and the session's budgets (%imagine budget), when set."""
+        from ._generate import budget_lines
+
+        if self.session.budget_usd is None and self.history.budget_usd is None:
+            return ""
+        lines = budget_lines(self.session, self.history)
+        return f'<div class="nbi-budget">{"<br/>".join(html.escape(line) for line in lines)}</div>'
+
 
 def _preview(image: BinaryResult, max_side: int) -> tuple[bytes, str]:
     """Bytes small enough to send to the browser, and their media type."""

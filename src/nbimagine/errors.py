@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BackgroundResponseError",
+    "BudgetError",
     "ConfigError",
     "ContentPolicyError",
     "HistoryError",
@@ -130,6 +131,22 @@ class ProviderError(ImagineError):
         tail = f" (request id {self.request_id})" if self.request_id else ""
         kept = f" {len(self.files)} image(s) made before the failure are in .files." if self.files else ""
         return f"{head}{self.message}{tail}{kept}"
+
+
+class BudgetError(ImagineError):
+    """A request was refused before it was sent: it could take spending past a budget.
+
+    ``scope`` is ``"notebook"`` or ``"session"``; ``spent_usd``, ``estimate_usd`` (the estimate's high end,
+    None when it cannot be estimated) and ``budget_usd`` are the figures the message gives.
+    """
+
+    def __init__(self, message: str, *, scope: str, spent_usd: float, estimate_usd: float | None,
+                 budget_usd: float) -> None:
+        super().__init__(message)
+        self.scope = scope
+        self.spent_usd = spent_usd
+        self.estimate_usd = estimate_usd
+        self.budget_usd = budget_usd
 
 
 class ContentPolicyError(ProviderError):

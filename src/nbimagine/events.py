@@ -331,7 +331,8 @@ class TextDeltaEvent:
 
 @dataclass(frozen=True)
 class ImageEvent:
-    """A finished image; it is also in the final reply's ``files``."""
+    """A finished image; it is also in the final reply's ``files``, where its metadata adds ``cost_usd``
+    (a stream's usage, and so its price, arrives with its last event)."""
 
     image: BinaryResult
 

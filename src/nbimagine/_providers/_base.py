@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -22,6 +23,8 @@ from ..events import BinaryResult, ImageInput, StreamEvent
 
 Input = str | ImageInput
 ConfigT = TypeVar("ConfigT", bound=ProviderConfig)
+# Set while a dry run builds its request: the client whose transport records instead of sending.
+_client_override: ContextVar[Any] = ContextVar("nbimagine_client_override", default=None)
 
 
 @dataclass(frozen=True)
@@ -69,10 +72,13 @@ class Provider(ABC, Generic[ConfigT]):
         """Raise ``ConfigError`` naming what to set when credentials are missing. No network."""
 
     @abstractmethod
-    def new_client(self) -> Any:
-        """A fresh async SDK client for the running event loop."""
+    def new_client(self, transport: Any = None) -> Any:
+        """A fresh async SDK client for the running event loop (``transport``: an ``httpx2`` transport)."""
 
     def client(self) -> Any:
+        override = _client_override.get()
+        if override is not None:
+            return override
         # Async SDK clients hold connections bound to the loop that created them, so keep one per loop,
         # and close it while that loop still runs: asyncio.run() finalizes async generators before it
         # closes the loop, which is the last moment the client's connections can be shut cleanly.
@@ -88,6 +94,64 @@ class Provider(ABC, Generic[ConfigT]):
     @abstractmethod
     def run(self, turn: Turn) -> AsyncIterator[StreamEvent]:
         """Make the request; yield events; end with one ``ReplyEvent`` whose reply has ``history`` set."""
+
+    @abstractmethod
+    def endpoint(self) -> str:
+        """The base URL requests go to (from the config or the SDK's environment variables). No network."""
+
+    def describe_request(self, turn: Turn) -> dict[str, Any]:
+        """The HTTP request ``run(turn)`` would send (method, url, headers, json; secrets masked), not sent.
+
+        ``run`` itself builds it, through the SDK, against a transport that records the request and answers
+        400: so the description is the real request, not a copy of the code that makes one.
+        """
+        import json
+
+        import httpx2
+
+        from .._sync import run_sync
+        from ..errors import ImagineError
+
+        seen: list[Any] = []
+
+        def record(request: Any) -> Any:
+            seen.append(request)
+            return httpx2.Response(400, json={"error": {
+                "code": 400, "status": "INVALID_ARGUMENT", "type": "invalid_request_error",
+                "message": "nbimagine dry run: this request was not sent"}})
+
+        async def capture() -> None:
+            client = self.new_client(transport=httpx2.MockTransport(record))
+            token = _client_override.set(client)
+            try:
+                async for _ in self.run(turn):
+                    pass
+            except ImagineError:
+                pass
+            finally:
+                _client_override.reset(token)
+                target = getattr(client, "aio", client)
+                close = getattr(target, "aclose", None) or getattr(target, "close", None)
+                outcome = close() if close else None
+                if inspect.isawaitable(outcome):
+                    await outcome
+
+        run_sync(capture())
+        if not seen:
+            raise RuntimeError(f"{type(self).__name__} sent no request to describe")
+        request = seen[0]
+        kind = request.headers.get("content-type", "")
+        if kind.startswith("multipart/"):
+            body: Any = _form_fields(kind, request.content)
+        else:
+            body = json.loads(request.content) if request.content else None
+        return masked_request(request.method, str(request.url), dict(request.headers), body)
+
+    def cost(self, reply: Any) -> Any:
+        """The reply's :class:`~nbimagine.Cost` from its usage (None when no price list knows the model)."""
+        from .._cost import is_emulated, price
+
+        return price(reply.usage, self.name, simulated=is_emulated(self.endpoint()))
 
 
 async def _close_at_loop_shutdown(client: Any) -> AsyncIterator[None]:
@@ -167,3 +231,54 @@ async def _report_retryable(response: Any) -> None:
 def http_event_hooks() -> dict[str, list[Any]]:
     """httpx ``event_hooks`` for an SDK's async client (see :data:`ON_RETRYABLE`)."""
     return {"response": [_report_retryable]}
+
+
+def masked_request(method: str, url: str, headers: dict[str, str], body: Any) -> dict[str, Any]:
+    """A request for display: credential headers masked, base64 image data shortened, keys redacted."""
+    import json
+
+    from ..errors import redact
+
+    secret = re.compile(r"(?i)(authorization|api[-_]?key|token|secret|cookie)")
+    shown_headers = {k: ("***" if secret.search(k) else redact(str(v))) for k, v in headers.items()}
+    return {"method": method, "url": redact(url), "headers": shown_headers,
+            "json": json.loads(redact(json.dumps(_shorten(body), ensure_ascii=False)))}
+
+
+def _form_fields(content_type: str, content: bytes) -> dict[str, Any]:
+    """A multipart body (Images API edits) as its fields; files as ``<name, type, N bytes>``."""
+    import email.parser
+    import email.policy
+
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + content)
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition") or "?"
+        data = part.get_payload(decode=True) or b""
+        filename = part.get_filename()
+        value: Any = (f"<file {filename}, {part.get_content_type()}, {len(data):,} bytes>" if filename
+                      else data.decode("utf-8", "replace"))
+        if name in fields:  # repeated fields (image[]) become a list
+            previous = fields[name]
+            fields[name] = [*previous, value] if isinstance(previous, list) else [previous, value]
+        else:
+            fields[name] = value
+    return {"multipart/form-data": fields}
+
+
+_DATA_URL = re.compile(r"^data:([\w/+.-]+);base64,(.{48}).+$", re.S)
+
+
+def _shorten(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _shorten(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_shorten(v) for v in value]
+    if isinstance(value, str) and len(value) > 200:
+        match = _DATA_URL.match(value)
+        if match:
+            return f"data:{match[1]};base64,{match[2]}... ({len(value):,} characters)"
+        if re.fullmatch(r"[A-Za-z0-9+/=_-]+", value[:2000]):
+            return f"{value[:48]}... ({len(value):,} characters of base64)"
+    return value

@@ -39,7 +39,7 @@ from ..errors import ConfigError, ProviderError, register_secret
 from ..events import StreamEvent
 from ..tools import ImageGenerationTool
 from ._base import Turn
-from .openai import _DEPLOYMENT_HEADER, OpenAIResponsesProvider, mask_param
+from .openai import _DEPLOYMENT_HEADER, OpenAIResponsesProvider, _http_client, mask_param
 
 # The Entra ID scope of Foundry projects (AIProjectClient's own default, and get_openai_client's).
 SCOPE = "https://ai.azure.com/.default"
@@ -77,6 +77,7 @@ class FoundryAgentProvider(OpenAIResponsesProvider):
         self._versions: dict[str, str] = {}  # definition fingerprint -> agent version made or found
         self._reference: dict[str, str] | None = None
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+        self._describing = False  # a dry run: no agent version is looked up or made
 
     # --- checks (no network) -------------------------------------------------------------------
 
@@ -100,6 +101,20 @@ class FoundryAgentProvider(OpenAIResponsesProvider):
 
     def _model(self) -> str | None:
         return self.config.model or os.environ.get(_ENV_MODEL) or None
+
+    def endpoint(self) -> str:
+        return self._endpoint() or self.config.base_url or ""
+
+    def _image_model(self) -> str | None:
+        # Deployments are usually named after their model (the emulator's are).
+        return super()._image_model() or self._image_deployment()
+
+    def describe_request(self, turn: Turn) -> dict[str, Any]:
+        self._describing = True
+        try:
+            return super().describe_request(turn)
+        finally:
+            self._describing = False
 
     def _image_deployment(self) -> str | None:
         tool = self._image_tool
@@ -126,15 +141,15 @@ class FoundryAgentProvider(OpenAIResponsesProvider):
 
     # --- clients -------------------------------------------------------------------------------
 
-    def new_client(self) -> _FoundryClients:
+    def new_client(self, transport: Any = None) -> _FoundryClients:
         from azure.ai.projects.aio import AIProjectClient
 
         credential = _AsyncCredential(self.config.credential)
         options: dict[str, Any] = {"retry_total": self.config.max_retries, "connection_timeout": self.config.timeout,
                                    "read_timeout": self.config.timeout}
-        transport = _transport()
-        if transport is not None:
-            options["transport"] = transport
+        project_transport = _transport()
+        if project_transport is not None:
+            options["transport"] = project_transport
         endpoint = self._endpoint() or (self.config.base_url or "").rstrip("/").removesuffix("/openai/v1")
         project = AIProjectClient(endpoint=endpoint, credential=credential, **options)
         # A key travels as the bearer token, as on Azure OpenAI's v1 route (OpenAI(base_url=.../openai/v1/,
@@ -143,6 +158,7 @@ class FoundryAgentProvider(OpenAIResponsesProvider):
             api_key=self.config.api_key or credential.bearer, timeout=self.config.timeout,
             max_retries=self.config.max_retries, default_headers=dict(self.config.headers or {}),
             **({"base_url": self.config.base_url} if self.config.base_url else {}),
+            **({"http_client": _http_client(transport)} if transport is not None else {}),  # a dry run's
         )
         return _FoundryClients(openai_client, project, credential)
 
@@ -165,6 +181,9 @@ class FoundryAgentProvider(OpenAIResponsesProvider):
             return reference
         definition = self._definition(turn)
         fingerprint = _fingerprint(definition)
+        if self._describing and fingerprint not in self._versions:
+            reference["version"] = "(the version with these tools, made or reused when sent)"
+            return reference
         if fingerprint not in self._versions:
             loop = asyncio.get_running_loop()
             lock = self._locks.setdefault(loop, asyncio.Lock())

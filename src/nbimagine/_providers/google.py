@@ -18,6 +18,7 @@ import warnings
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .._cost import Usage, gemini_usage
 from .._images import sniff_media_type
 from ..config import GeminiConfig, VertexAIConfig, image_config_fields
 from ..errors import (
@@ -96,7 +97,7 @@ class GeminiProvider(Provider[GeminiConfig]):
             )
         register_secret(key)
 
-    def _http_options(self) -> types.HttpOptions:
+    def _http_options(self, transport: Any = None) -> types.HttpOptions:
         from google.genai import types
 
         retries = self.config.max_retries
@@ -107,14 +108,19 @@ class GeminiProvider(Provider[GeminiConfig]):
             headers=dict(self.config.headers) if self.config.headers else None,
             timeout=int(self.config.timeout * 1000),  # HttpOptions.timeout is in milliseconds
             retry_options=retry,
-            async_client_args={"event_hooks": http_event_hooks()},
+            async_client_args={"event_hooks": http_event_hooks(),
+                               **({"transport": transport} if transport is not None else {})},
         )
 
-    def new_client(self) -> Any:
+    def endpoint(self) -> str:
+        return (self.config.base_url or os.environ.get("GOOGLE_GEMINI_BASE_URL")
+                or "https://generativelanguage.googleapis.com/")
+
+    def new_client(self, transport: Any = None) -> Any:
         from google import genai
 
         try:
-            return genai.Client(api_key=self._api_key(), http_options=self._http_options())
+            return genai.Client(api_key=self._api_key(), http_options=self._http_options(transport))
         except ValueError as exc:
             raise ConfigError(f"Cannot create the Gemini client: {exc}") from None
 
@@ -325,7 +331,7 @@ class GeminiProvider(Provider[GeminiConfig]):
         yield ReplyEvent(Reply(
             body="".join(state.text),
             files=files,
-            usage=state.usage,
+            usage=_usage(state, len(files)),
             finish_reason=state.finish_reason,
             response_id=state.response_id,
             provider=self.name,
@@ -338,8 +344,8 @@ class GeminiProvider(Provider[GeminiConfig]):
         events: list[StreamEvent] = []
         state.response_id = response.response_id or state.response_id
         state.model = response.model_version or state.model
-        if response.usage_metadata is not None:
-            state.usage = response.usage_metadata.model_dump(mode="json", exclude_none=True)
+        if response.usage_metadata is not None:  # a stream's last chunk carries the final figures
+            state.usage = response.usage_metadata.model_dump(mode="json", by_alias=True, exclude_none=True)
         feedback = response.prompt_feedback
         if feedback is not None and feedback.block_reason is not None:
             state.block_reason = _enum(feedback.block_reason)
@@ -439,15 +445,22 @@ class VertexAIProvider(GeminiProvider):
             )
         register_secret(key)
 
-    def new_client(self) -> Any:
+    def endpoint(self) -> str:
+        _, _, location = self._mode()
+        region = "" if location in (None, "global") else f"{location}-"
+        return (self.config.base_url or os.environ.get("GOOGLE_VERTEX_BASE_URL")
+                or f"https://{region}aiplatform.googleapis.com/")
+
+    def new_client(self, transport: Any = None) -> Any:
         from google import genai
 
         key, project, location = self._mode()
+        options = self._http_options(transport)
         try:
             if key:
-                return genai.Client(vertexai=True, api_key=key, http_options=self._http_options())
+                return genai.Client(vertexai=True, api_key=key, http_options=options)
             return genai.Client(vertexai=True, project=project, location=location,
-                                credentials=self.config.credentials, http_options=self._http_options())
+                                credentials=self.config.credentials, http_options=options)
         except ValueError as exc:
             raise ConfigError(f"Cannot create the Vertex AI client: {exc}") from None
         except Exception as exc:  # google.auth errors while looking for credentials
@@ -485,6 +498,11 @@ class _Collected:
             return self.final_files(provider)
         except ProviderError:
             return []
+
+
+def _usage(state: _Collected, images: int) -> Usage | None:
+    usage = gemini_usage(state.usage, state.model)
+    return None if usage is None else Usage.combine([usage], images=images)
 
 
 async def _read_in_task(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._agent import Reply
+from .._cost import Usage, openai_usage
 from .._images import b64decode_any, data_url, sniff_media_type
 from .._masks import prepare_mask
 from ..config import AzureOpenAIResponsesConfig, OpenAIConfig, OpenAIResponsesConfig
@@ -78,7 +80,10 @@ class _OpenAIClientMixin:
             )
         register_secret(key)
 
-    def new_client(self) -> Any:
+    def endpoint(self) -> str:
+        return self.config.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+
+    def new_client(self, transport: Any = None) -> Any:
         from openai import AsyncOpenAI
 
         return AsyncOpenAI(
@@ -89,7 +94,7 @@ class _OpenAIClientMixin:
             timeout=self.config.timeout,
             max_retries=self.config.max_retries,
             default_headers=dict(self.config.headers or {}),
-            http_client=_http_client(),
+            http_client=_http_client(transport),
         )
 
 
@@ -109,6 +114,29 @@ class OpenAIResponsesProvider(_OpenAIClientMixin, Provider[OpenAIResponsesConfig
 
     def extra_headers(self) -> dict[str, str]:
         return {}
+
+    def _image_model(self) -> str | None:
+        """The image model as configured (the answer's echo of the tool, when present, wins)."""
+        tool = self._image_tool
+        return tool.model if tool else None
+
+    def cost(self, reply: Any) -> Any:
+        """Like every provider's, plus: when an answer does not report the image tool's tokens (``tool_usage``
+        came in 2026), each image's tokens come from OpenAI's documented table for its size and quality."""
+        from .._cost import is_emulated, price
+
+        usage: Usage | None = reply.usage
+        reported = usage is not None and usage.output_image_tokens is not None
+        estimated = [] if reported or not reply.files else _documented_image_usage(reply.files, self._image_tool)
+        if estimated is None:
+            return None
+        cost = price(usage, self.name, simulated=is_emulated(self.endpoint()), estimated_parts=estimated)
+        unnamed = [f for f in reply.files if not f.metadata.get("image_model")]
+        if cost is not None and estimated and unnamed:
+            assumed = estimated[reply.files.index(unnamed[0])].model
+            cost = dataclasses.replace(cost, note=f"{cost.note}; the answer does not name its image model: "
+                                                  f"{assumed} assumed")
+        return cost
 
     # --- request ------------------------------------------------------------------------------
 
@@ -165,7 +193,7 @@ class OpenAIResponsesProvider(_OpenAIClientMixin, Provider[OpenAIResponsesConfig
         # Partial images only exist on a stream, so a plain ask() streams too when they were requested.
         streaming = turn.stream or bool(tool and tool.partial_images)
         masked = any("input_image_mask" in t for t in request.get("tools", []))
-        parser = _ResponseParser(self.name, self.config.model, mask="native" if masked else None)
+        parser = _ResponseParser(self.name, self.config.model, self._image_model(), mask="native" if masked else None)
         client = self.client()
         background = None
         try:
@@ -221,7 +249,10 @@ class _AzureClientMixin(_OpenAIClientMixin):
                 "or pass azure_endpoint=... (or base_url=.../openai/v1/)"
             )
 
-    def new_client(self) -> Any:
+    def endpoint(self) -> str:
+        return self._endpoint() or ""
+
+    def new_client(self, transport: Any = None) -> Any:
         from openai import AsyncAzureOpenAI
 
         version = self.config.api_version or os.environ.get("OPENAI_API_VERSION") or self.default_api_version
@@ -232,7 +263,7 @@ class _AzureClientMixin(_OpenAIClientMixin):
             "timeout": self.config.timeout,
             "max_retries": self.config.max_retries,
             "default_headers": dict(self.config.headers or {}),
-            "http_client": _http_client(),
+            "http_client": _http_client(transport),
         }
         if self.config.base_url:
             return AsyncAzureOpenAI(base_url=self.config.base_url, api_version=version or "preview", **common)
@@ -250,6 +281,10 @@ class AzureOpenAIResponsesProvider(_AzureClientMixin, OpenAIResponsesProvider):
 
     def _image_deployment(self) -> str | None:
         return self.config.image_deployment or os.environ.get("AZURE_OPENAI_IMAGE_DEPLOYMENT") or None
+
+    def _image_model(self) -> str | None:
+        # Azure names deployments freely; the usual practice, and the emulator's, is the model's own name.
+        return super()._image_model() or self._image_deployment()
 
     def check_credentials(self) -> None:
         super().check_credentials()
@@ -289,23 +324,26 @@ class ChatCompletionsProvider(_OpenAIClientMixin, Provider[OpenAIConfig]):
             if turn.stream:
                 parts: list[str] = []
                 finish = response_id = model = None
+                raw_usage = None
                 stream = await client.chat.completions.create(
-                    model=self.config.model, messages=messages, stream=True
+                    model=self.config.model, messages=messages, stream=True, stream_options={"include_usage": True}
                 )
                 async for chunk in stream:
                     response_id, model = chunk.id, chunk.model
+                    if chunk.usage is not None:  # the last chunk, with no choices
+                        raw_usage = chunk.usage.model_dump(exclude_none=True)
                     for choice in chunk.choices:
                         if choice.delta and choice.delta.content:
                             parts.append(choice.delta.content)
                             yield TextDeltaEvent(choice.delta.content)
                         finish = choice.finish_reason or finish
-                body, usage = "".join(parts), None
+                body, usage = "".join(parts), openai_usage(raw_usage, model)
             else:
                 completion = await client.chat.completions.create(model=self.config.model, messages=messages)
                 choice = completion.choices[0]
                 body, finish = choice.message.content or "", choice.finish_reason
                 response_id, model = completion.id, completion.model
-                usage = completion.usage.model_dump() if completion.usage else None
+                usage = openai_usage(_dump(completion.usage), model)
         except openai.APIError as exc:
             raise _api_error(exc, self.name, ()) from None
         history = [*messages, {"role": "assistant", "content": body}]
@@ -319,9 +357,10 @@ class ChatCompletionsProvider(_OpenAIClientMixin, Provider[OpenAIConfig]):
 class _ResponseParser:
     """Turns Responses output items (whole or streamed) into events, keeping every image made."""
 
-    def __init__(self, provider: str, model: str, *, mask: str | None = None) -> None:
+    def __init__(self, provider: str, model: str, image_model: str | None = None, *, mask: str | None = None) -> None:
         self.provider = provider
         self.model = model
+        self.image_model = image_model
         self.mask = mask
         self.response_id: str | None = None
         self.files: list[BinaryResult] = []
@@ -334,6 +373,9 @@ class _ResponseParser:
     def begin(self, response: Any) -> None:
         self.response_id = response.id
         self.model = response.model or self.model
+        # The answer echoes the image tool with its defaults filled in, the model included (2026 on).
+        echoed = next((_get(t, "model") for t in response.tools or () if _get(t, "type") == "image_generation"), None)
+        self.image_model = echoed or self.image_model
 
     # Non-streaming: the whole output at once.
     def parse_output(self, output: Sequence[Any]) -> list[StreamEvent]:
@@ -375,8 +417,8 @@ class _ResponseParser:
                                   item.id))
             return None
         image = result(
-            data, provider=self.provider, model=self.model, call_id=item.id, response_id=self.response_id,
-            mask=self.mask, **{name: getattr(item, name, None) for name in _IMAGE_FIELDS},
+            data, provider=self.provider, model=self.model, image_model=self.image_model, call_id=item.id,
+            response_id=self.response_id, mask=self.mask, **{name: getattr(item, name, None) for name in _IMAGE_FIELDS},
         )
         self.files.append(image)
         return image
@@ -435,11 +477,24 @@ class _ResponseParser:
                 raise ContentPolicyError("The response was stopped by the content filter", reason="content_filter",
                                          provider=self.provider, files=self.files)
         body = "".join(self.text)
-        usage = response.usage.model_dump(exclude_none=True) if getattr(response, "usage", None) else None
+        usage = self.usage(response)
         history_items = [*items, {"role": "assistant", "content": body}] if body else list(items)
         history = _History(self.response_id if store else None, [] if store else history_items, list(self.files))
         return Reply(body=body, files=list(self.files), usage=usage, finish_reason=finish,
                      response_id=self.response_id, provider=self.provider, model=self.model, history=history)
+
+    def usage(self, response: Any) -> Usage | None:
+        """``usage`` (the chat model) and ``tool_usage.image_gen`` (the image model), as one record."""
+        main_raw = _dump(getattr(response, "usage", None))
+        tool_raw = _dump(_get(getattr(response, "tool_usage", None), "image_gen"))
+        parts = [openai_usage(main_raw, self.model)]
+        if tool_raw:
+            from .._cost import default_image_model
+
+            parts.append(openai_usage(tool_raw, self.image_model or default_image_model(), image_model=True))
+        raw = {"usage": main_raw, "tool_usage": {"image_gen": tool_raw}} if tool_raw else (main_raw or {})
+        found = [p for p in parts if p is not None]
+        return Usage.combine(found, images=len(self.files), raw=raw) if found else None
 
     def _failure_error(self) -> ProviderError:
         code, message, call_id = self.failures[0]
@@ -449,6 +504,33 @@ class _ResponseParser:
                                       provider=self.provider, code=code, files=self.files)
         return ProviderError(f"Image generation failed{where}: {message}", provider=self.provider, code=code,
                              files=self.files)
+
+
+def _dump(obj: Any) -> dict[str, Any] | None:
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj
+    return obj.model_dump(exclude_none=True)
+
+
+def _documented_image_usage(files: Sequence[BinaryResult], tool: ImageGenerationTool | None) -> list[Usage] | None:
+    """Per-image usage from OpenAI's documented tokens per size and quality (answers without ``tool_usage``)."""
+    from .._cost import PARTIAL_IMAGE_TOKENS, default_image_model, openai_image_tokens
+
+    usages = []
+    partial = (tool.partial_images or 0) * PARTIAL_IMAGE_TOKENS if tool else 0
+    for image in files:
+        meta = image.metadata
+        model = meta.get("image_model") or default_image_model()
+        rule = openai_image_tokens(model, meta.get("quality") or "", meta.get("size") or "")
+        if rule is None:
+            return None  # one image that cannot be priced makes the whole reply's cost unknown
+        prompt = meta.get("revised_prompt") or ""
+        text = max(1, len(prompt) // 4)
+        usages.append(Usage(model, text, rule[0] + partial, input_text_tokens=text,
+                            output_image_tokens=rule[0] + partial))
+    return usages
 
 
 def _decode_image(text: str | None) -> bytes | None:
@@ -518,11 +600,13 @@ def mask_param(mask: ImageInput) -> dict[str, str]:
     return {"image_url": mask.url or data_url(mask.data or b"", mask.media_type or "")}
 
 
-def _http_client() -> Any:
+def _http_client(transport: Any = None) -> Any:
     from openai import DefaultAsyncHttpxClient
 
-    # The SDK's own defaults (timeouts, connection limits), plus the hook that reports retries.
-    return DefaultAsyncHttpxClient(event_hooks=http_event_hooks())
+    # The SDK's own defaults (timeouts, connection limits), plus the hook that reports retries; a dry run's
+    # recording transport (Provider.describe_request) when given.
+    extra = {"transport": transport} if transport is not None else {}
+    return DefaultAsyncHttpxClient(event_hooks=http_event_hooks(), **extra)
 
 
 # --- errors -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from .._agent import Reply
+from .._cost import Usage, openai_usage
 from .._image_models import ImageModelRules, rules_for
 from .._images import EXTENSIONS, human_bytes
 from .._masks import PreparedMask, prepare_mask
@@ -151,7 +152,10 @@ class OpenAIImagesProvider(_OpenAIClientMixin, Provider[OpenAIImagesConfig]):
         if stream and not parser.completed:
             raise ProviderError("The stream ended before any image was complete", provider=self.name,
                                 files=parser.files)
-        yield ReplyEvent(Reply(files=list(parser.files), usage=parser.usage, finish_reason="completed",
+        usage = openai_usage(parser.usage, self.config.model, image_model=True)
+        if usage is not None:
+            usage = Usage.combine([usage], images=len(parser.files))
+        yield ReplyEvent(Reply(files=list(parser.files), usage=usage, finish_reason="completed",
                                provider=self.name, model=self.config.model, history=list(parser.files)[:1]))
 
 

@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from .._cost import gemini_image_tokens, gemini_input_image_tokens
 from .._images import b64decode_any, image_size, sniff_media_type
 from ..config import GEMINI_NEWEST_ONLY_RATIOS
 from ._hostile import HOSTILE_IMAGES, hostile_image
@@ -92,7 +93,6 @@ _FINISH_MESSAGES = {
                     "Google's Generative AI Prohibited Use policy. You will not be charged for blocked images.",
     "NO_IMAGE": "Unable to generate an image for this request. Try rephrasing it.",
 }
-_IMAGE_TOKENS_3 = {"512": 560, "1K": 1120, "2K": 1120, "4K": 2000}
 
 
 class _Invalid(Exception):
@@ -381,9 +381,13 @@ def _answer(turn: _Turn, state: State, *, model: str, vertex: bool, fault: Fault
     """The answer as the chunks a stream would carry (a JSON answer merges them)."""
     gemini3 = "gemini-3" in model
     name = fault.name if fault is not None else ""
-    prompt_tokens = max(1, len(turn.prompt.split())) + 258 * turn.input_images
-    usage: dict[str, Any] = {"promptTokenCount": prompt_tokens,
-                             "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt_tokens}]}
+    # Usage as the real API counts it, per model and size tier (figures and sources in nbimagine._cost).
+    text_in = max(1, len(turn.prompt.split()))
+    dims = image_size(turn.base) if turn.base is not None else None
+    image_in = turn.input_images * (gemini_input_image_tokens(model, *(dims or (1024, 1024))) or 258)
+    prompt_tokens = text_in + image_in
+    details = [{"modality": m, "tokenCount": n} for m, n in (("TEXT", text_in), ("IMAGE", image_in)) if n]
+    usage: dict[str, Any] = {"promptTokenCount": prompt_tokens, "promptTokensDetails": details}
     common: dict[str, Any] = {"modelVersion": model, "responseId": response_id}
     if vertex:
         common["createTime"] = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
@@ -435,7 +439,9 @@ def _answer(turn: _Turn, state: State, *, model: str, vertex: bool, fault: Fault
     width, height = _pixels(turn, model)
     fmt = _FORMATS.get(turn.mime_type or "", "jpeg" if gemini3 else "png")
     mime = f"image/{fmt}"
-    thoughts_tokens = 0
+    # Gemini 3 image models always think (174 to 529 thought tokens in recorded answers); the thought parts
+    # themselves are only sent with includeThoughts.
+    thoughts_tokens = 180 if gemini3 else 0
 
     if turn.thoughts:
         thoughts_tokens = 180
@@ -468,7 +474,7 @@ def _answer(turn: _Turn, state: State, *, model: str, vertex: bool, fault: Fault
             mime = f"image/{'jpeg' if name == 'truncated_jpeg' else 'png'}"
         else:
             data = state.draw(turn.prompt, width, height, fmt=fmt, base=turn.base, quality=turn.quality)
-        image_tokens = _IMAGE_TOKENS_3[turn.image_size] if gemini3 else 1290
+        image_tokens = gemini_image_tokens(model, turn.image_size) or 1290
         encoded = base64.urlsafe_b64encode(data).decode() if name == "urlsafe_base64" else _b64(data)
         part = {"inlineData": {"mimeType": mime, "data": encoded}}
         if gemini3:

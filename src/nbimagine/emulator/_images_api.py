@@ -26,11 +26,11 @@ from typing import Any
 
 from .._image_models import MASK_MAX_BYTES, ImageModelRules, rules_for
 from ._openai import (
-    _IMAGE_TOKENS,
     _clean,
     _frame,
     _http_fault,
     _Reject,
+    image_usage,
     moderation_blocked,
     refused_post,
 )
@@ -298,15 +298,8 @@ def _echo(call: _Call) -> dict[str, Any]:
 
 
 def _usage(call: _Call, images: int) -> dict[str, Any]:
-    """Token usage as the GPT image models report it; output tokens scale with quality and area."""
-    per_image = round(_IMAGE_TOKENS.get(call.quality, 1056) * call.width * call.height / (1024 * 1024))
-    text = 10 + len(call.prompt) // 4
-    image_in = 194 * len(call.images) + (194 if call.mask else 0)
-    out = per_image * images
-    return {"input_tokens": text + image_in,
-            "input_tokens_details": {"image_tokens": image_in, "text_tokens": text},
-            "output_tokens": out, "output_tokens_details": {"image_tokens": out, "text_tokens": 0},
-            "total_tokens": text + image_in + out}
+    inputs = [*call.images, *([call.mask] if call.mask else [])]
+    return image_usage(call.model, call.quality, call.size, call.prompt, inputs, call.partial_images, images)
 
 
 def _events(call: _Call) -> Iterator[bytes]:

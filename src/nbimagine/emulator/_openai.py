@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import re
 import time
@@ -17,7 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._images import b64decode_any
+from .._cost import PARTIAL_IMAGE_TOKENS, default_image_model, openai_image_tokens, openai_input_image_tokens
+from .._images import b64decode_any, image_size
 from ..tools import BACKGROUNDS, QUALITIES
 from ..tools import OUTPUT_FORMATS as FORMATS
 from ._hostile import HOSTILE_IMAGES, hostile_image
@@ -95,6 +97,7 @@ class _ImageTool:
     compression: int
     partial_images: int
     action: str
+    model: str = ""
     mask: bytes | None = None  # input_image_mask, decoded (a file_id mask cannot be read offline)
 
     @property
@@ -107,7 +110,7 @@ class _ImageTool:
                 "moderation": self.raw.get("moderation", "auto"), "n": 1,
                 "output_compression": self.compression, "output_format": self.output_format,
                 "quality": self.raw.get("quality", "auto"), "size": self.raw.get("size", "auto"),
-                **{k: v for k, v in self.raw.items() if k not in ("type",)}}
+                "model": self.model, **{k: v for k, v in self.raw.items() if k not in ("type",)}}
 
 
 @dataclass
@@ -182,7 +185,7 @@ def _image_tool(tools: Any) -> _ImageTool | None:
             quality="medium" if quality == "auto" else quality,
             background="opaque" if background == "auto" else background,
             output_format=fmt, compression=compression, partial_images=partials,
-            action=tool.get("action") or "auto",
+            action=tool.get("action") or "auto", model=str(tool.get("model") or default_image_model()),
         )
     return None
 
@@ -338,23 +341,31 @@ def _usage(prompt: str, text: str) -> dict[str, Any]:
             "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": inp + out}
 
 
-# Output image tokens of a 1024x1024 image per quality (gpt-image-1 price sheet); scaled by area.
-_IMAGE_TOKENS = {"low": 272, "medium": 1056, "high": 4160, "xhigh": 4160, "max": 4160}
+def image_usage(model: str, quality: str, size: str, prompt: str, inputs: list[bytes], partial_images: int,
+                images: int) -> dict[str, Any]:
+    """A GPT image model's usage as the real APIs report it (Images API ``usage``, Responses
+    ``tool_usage.image_gen``): the documented output image tokens for the model, size and quality (see
+    ``nbimagine._cost``), 100 more per partial image, vision tokens per input image. A model or quality with no
+    documented figures (``xhigh``, ``max``) is counted as GPT Image 2 at high."""
+    rule = (openai_image_tokens(model, quality, size)
+            or openai_image_tokens("gpt-image-2", "high" if quality in ("xhigh", "max") else quality, size))
+    per_image = (rule[0] if rule else 0) + PARTIAL_IMAGE_TOKENS * partial_images
+    text = 10 + len(prompt) // 4
+    image_in = sum(openai_input_image_tokens(*(image_size(data) or (1024, 1024))) for data in inputs)
+    out = per_image * images
+    return {"input_tokens": text + image_in, "input_tokens_details": {"image_tokens": image_in, "text_tokens": text},
+            "output_tokens": out, "output_tokens_details": {"image_tokens": out, "text_tokens": 0},
+            "total_tokens": text + image_in + out}
 
 
 def _tool_usage(plan: _Plan, images: int) -> dict[str, Any] | None:
-    """``tool_usage.image_gen``: what cost accounting needs, deterministic for a given request."""
+    """``tool_usage.image_gen``; none when no image was made."""
     if not images:
         return None
     tool = plan.tool
-    per_image = round(_IMAGE_TOKENS.get(tool.quality, 1056) * tool.width * tool.height / (1024 * 1024))
-    text_tokens = 10 + len(plan.parsed.prompt) // 4
-    image_in = 194 if plan.parsed.base is not None else 0
-    out = per_image * images
-    return {"image_gen": {"input_tokens": text_tokens + image_in,
-                          "input_tokens_details": {"image_tokens": image_in, "text_tokens": text_tokens},
-                          "output_tokens": out, "output_tokens_details": {"image_tokens": out, "text_tokens": 0},
-                          "total_tokens": text_tokens + image_in + out},
+    base = [plan.parsed.base] if plan.parsed.base is not None else []
+    return {"image_gen": image_usage(tool.model, tool.quality, tool.size, plan.parsed.prompt, base,
+                                     tool.partial_images, images),
             "web_search": {"num_requests": 0}}
 
 
@@ -652,6 +663,10 @@ def handle(req: Request, state: State) -> Answer:
                           code="invalid_request")
     except _Reject as exc:
         return exc.answer
+    deployment = req.headers.get(AZURE_IMAGE_HEADER)
+    if parsed.tool is not None and deployment and not parsed.tool.raw.get("model"):
+        # Azure runs the image tool on that deployment; deployments are usually named after their model.
+        parsed.tool = dataclasses.replace(parsed.tool, model=deployment)
     if fault and fault.name == "moderation":
         return moderation_blocked(fault, req)
     plan = _plan(parsed, fault)

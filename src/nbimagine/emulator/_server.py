@@ -24,6 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from .._cost import register_emulator
+
 __all__ = ["Answer", "Emulator", "Fault", "RecordedRequest", "Request", "State"]
 
 # Header values that must never be kept in the request log (they are recorded as "***").
@@ -450,12 +452,14 @@ class Emulator:
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name=f"nbimagine-emulator-{self.port}", daemon=True)
         self._thread.start()
+        register_emulator(self.url)  # its answers are priced as simulated
         return self
 
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is None:
             return
+        register_emulator(self.url, live=False)
         server.shutdown()
         server.server_close()
         # Pooled keep-alive connections would otherwise keep being served by their threads.
