@@ -315,7 +315,7 @@ def _png_in_bands(data: bytes, width: int, height: int, max_side: int, band_byte
     out = Image.new(mode, (math.ceil(width / factor), math.ceil(height / factor)))
     head = data[:8]
     extra_chunks = b"".join(_chunk(kind, body) for kind, body in extra)
-    inflater = zlib.decompressobj()
+    inflater, inflate_error = _inflater()
     pending = bytearray()
     chunks = iter(idat)
     previous: bytes | None = None
@@ -323,15 +323,18 @@ def _png_in_bands(data: bytes, width: int, height: int, max_side: int, band_byte
     while y < height:
         rows = min(rows_per_band, height - y)
         need = rows * stride
-        while len(pending) < need:
-            if inflater.unconsumed_tail:
-                pending += inflater.decompress(inflater.unconsumed_tail, need - len(pending))
-                continue
-            body = next(chunks, None)
-            if body is None:
-                ended = y + len(pending) // stride
-                raise decode_error(data, f"truncated or corrupt data: the pixels end at row {ended} of {height}")
-            pending += inflater.decompress(body, need - len(pending))
+        try:
+            while len(pending) < need:
+                if inflater.unconsumed_tail:
+                    pending += inflater.decompress(inflater.unconsumed_tail, need - len(pending))
+                    continue
+                body = next(chunks, None)
+                if body is None:
+                    ended = y + len(pending) // stride
+                    raise decode_error(data, f"truncated or corrupt data: the pixels end at row {ended} of {height}")
+                pending += inflater.decompress(body, need - len(pending))
+        except inflate_error as exc:
+            raise decode_error(data, f"truncated or corrupt data: {exc}") from None
         # The band's first row is the previous band's last row, unfiltered (filter type 0), so that
         # the filters of this band's rows (which refer to the row above) decode.
         above = b"\x00" + previous if previous is not None else b""
@@ -350,6 +353,16 @@ def _png_in_bands(data: bytes, width: int, height: int, max_side: int, band_byte
         y += rows
     out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return out
+
+
+def _inflater() -> tuple[Any, type[Exception]]:
+    """``(decompressor, its error class)``: zlib-ng's when installed (inflating the rows is most of
+    the work of a huge PNG's preview, and zlib-ng does it 3-10x faster), else the stdlib's zlib."""
+    try:
+        from zlib_ng import zlib_ng
+    except ImportError:  # a platform without a zlib-ng wheel: slower, same results
+        return zlib.decompressobj(), zlib.error
+    return zlib_ng.decompressobj(), zlib_ng.error
 
 
 def flattened(image: Any, background: tuple[int, int, int] = (255, 255, 255)) -> Any:
