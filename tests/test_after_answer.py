@@ -22,7 +22,7 @@ from test_magics import _break_image_folder, final_outputs, image_outputs, imagi
 
 from nbimagine._images import FULL_DECODE_PIXELS, MAX_PIXELS, image_size, open_reduced
 from nbimagine.emulator._hostile import HOSTILE_IMAGES, huge_png
-from nbimagine.errors import ImageDecodeError, ImagineWarning, InputError
+from nbimagine.errors import ImageDecodeError, ImagineWarning, InputError, ProviderError
 from nbimagine.events import BinaryResult, ImageInput, read_image_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,29 +35,74 @@ def warning_lines(shell) -> list[str]:
 
 # --- hostile images from a provider -----------------------------------------------------------------
 
-# fault -> (the provider's bytes still come back, a preview can be made)
-_HOSTILE = {"truncated_png": False, "truncated_jpeg": False, "bomb_png": False}
+# fault -> what the warning beside the image says (the preview cannot be made; the bytes are kept)
+_HOSTILE = {"truncated_png": "truncated", "truncated_jpeg": "truncated", "bomb_png": "megapixels",
+            "undecodable": "not a PNG, JPEG, WebP or GIF"}
+# Every route the emulator serves: the Responses API (OpenAI, Azure), generateContent (Gemini, Vertex)
+# and the Images API (one request for -n images).
+_PROVIDERS = ["openai", "azure", "gemini", "vertex", "images"]
 
 
-@pytest.mark.parametrize("provider", ["openai", "gemini"])
+@pytest.fixture
+def images_api():
+    from nbimagine._session import get_session
+    from nbimagine.config import OpenAIImagesConfig
+
+    get_session().register("images", OpenAIImagesConfig(model="gpt-image-1"))
+    yield
+    get_session()._registered.pop("images", None)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("provider", _PROVIDERS)
 @pytest.mark.parametrize("fault", sorted(_HOSTILE))
-def test_a_hostile_image_is_kept_named_and_warned_about(ip, emu, provider, fault):
+def test_a_hostile_image_is_kept_named_and_warned_about(ip, emu, images_api, provider, fault, n):
     from nbimagine._history import history
 
-    imagine(ip, f"-p {provider} -o r", f"a lighthouse [fault:{fault}]")  # no exception: the image is paid for
-    [image] = ip.user_ns["r"].files
-    assert image.media_type == ("image/jpeg" if fault == "truncated_jpeg" else "image/png")
-    [entry] = history()
-    assert entry.sha256 == image.sha256  # recorded as it came
-    [output] = [o for o in final_outputs(ip) if "nbimagine" in o["metadata"]]
-    assert "no preview" in output["data"]["text/plain"] and f"#{entry.id}" in output["data"]["text/plain"]
-    [line] = [w for w in warning_lines(ip) if "no preview" in w]
-    assert f"#{entry.id}" in line and ("truncated" in line or "megapixels" in line)
-    assert output["metadata"]["nbimagine"]["sha256"] == image.sha256
+    if fault == "undecodable":  # no image at all: a typed error, raised after the images are shown
+        with pytest.raises(ProviderError, match=r"not a PNG, JPEG, WebP or GIF image.*\.files\[\d\] \(text"):
+            imagine(ip, f"-p {provider} -n {n} -o r", f"a lighthouse [fault:{fault}]")
+    else:
+        imagine(ip, f"-p {provider} -n {n} -o r", f"a lighthouse [fault:{fault}]")  # no exception: paid for
+    replies = ip.user_ns["r"] if n > 1 and provider != "images" else [ip.user_ns["r"]]
+    images = [image for reply in replies for image in reply.files]
+    entries = {entry.id: entry for entry in history()}
+    assert len(images) == len(entries) == n  # every image bound to -o and recorded, as it came
+    assert {image.sha256 for image in images} == {entry.sha256 for entry in entries.values()}
+    # Each request carries the fault; the Images API's one request spoils its last image only.
+    for image in images[-1:] if provider == "images" else images:
+        entry = entries[image.metadata["history_id"]]
+        [output] = [o for o in final_outputs(ip) if o["metadata"].get("nbimagine", {}).get("history_id") == entry.id]
+        assert "no preview" in output["data"]["text/plain"] and f"#{entry.id}" in output["data"]["text/plain"]
+        assert output["metadata"]["nbimagine"]["sha256"] == image.sha256
+        # named by its own id (two images may hold the same bytes) with the file that keeps it
+        [line] = [w for w in warning_lines(ip) if f"no preview of #{entry.id}:" in w]
+        assert _HOSTILE[fault] in line and f"Kept as #{entry.id} ({entry.path})" in line
+        assert entry.path.read_bytes() == image.data
+
+
+@pytest.mark.parametrize("provider", _PROVIDERS)
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_bytes_that_are_not_an_image_reach_the_python_api_on_a_typed_error(ip, emu, images_api, provider, stream):
+    from nbimagine._generate import Generation
+
+    gen = Generation("a lighthouse [fault:undecodable]", overrides={"provider": provider})
+    with pytest.raises(ProviderError) as info:
+        gen.run(on_event=(lambda i, e: None) if stream else None)
+    error = info.value
+    assert error.code == "undecodable_image" and gen.errors == [error]
+    [kept] = [f for f in error.files if f.metadata.get("undecodable")]
+    assert kept.data.startswith((b"nbimagine emulator", b"this is not an image"))
+    assert kept.media_type == "application/octet-stream" and kept.extension == "bin"
+    assert f".files[{error.files.index(kept)}] (text (not an image), {len(kept.data)} B)" in str(error)
+    [entry] = [e for e in gen.entries if e.id == kept.metadata["history_id"]]
+    assert entry.path.suffix == ".bin" and entry.path.read_bytes() == kept.data
+    with pytest.raises(ImageDecodeError, match="not a PNG"):
+        kept.to_pil()
 
 
 def test_every_hostile_image_fault_is_listed_with_a_description():
-    assert set(HOSTILE_IMAGES) == {*_HOSTILE, "huge_png"}
+    assert set(HOSTILE_IMAGES) == {*_HOSTILE, "huge_png"} - {"undecodable"}
     assert all(len(text) > 20 for text in HOSTILE_IMAGES.values())
 
 

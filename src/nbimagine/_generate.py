@@ -382,19 +382,19 @@ class Generation:
             reply = self.replies[index]
             self._spend(index)
             if reply is not None:
-                await self._record(index, reply.files, reply.body, reply)
+                await self._record(index, reply.files, reply.body)
             else:
-                await self._record(index, self.arrived[index], None, None)
+                await self._record(index, self.arrived[index], None)
             raise
         except Exception as exc:
             self.errors[index] = exc
             if isinstance(exc, ProviderError) and exc.files:
                 # Images made before a failure are kept in the history (and on exc.files).
-                await self._record(index, exc.files, None, None)
+                await self._record(index, exc.files, None)
             return
         reply = self.replies[index]
         assert reply is not None
-        await self._record(index, reply.files, reply.body, reply)
+        await self._record(index, reply.files, reply.body)
         if on_event is not None:
             _safe_call(on_event, index, ReplyEvent(reply))
 
@@ -405,7 +405,7 @@ class Generation:
             self._spent.add(index)
             self.session.add_spending(reply.cost.usd)
 
-    async def _record(self, index: int, files: list[BinaryResult], text: str | None, reply: Reply | None) -> None:
+    async def _record(self, index: int, files: list[BinaryResult], text: str | None) -> None:
         """Record ``files``; never raises (failures become ``warnings``), and a cancellation that lands
         meanwhile waits for the recording to end, then is re-raised."""
         if not self.record or not files:
@@ -427,9 +427,9 @@ class Generation:
         else:
             entries, problem = task.result()
         self.variant_entries[index].extend(entries)
-        if reply is not None:
-            recorded = {id(image): entry.id for image, entry in zip(files, entries, strict=False)}
-            reply.files[:] = [_with_history_id(f, recorded[id(f)]) if id(f) in recorded else f for f in reply.files]
+        # ``files`` is the list the images live on (the reply's, the error's or ``arrived``): each recorded
+        # one now carries its history id, so it is named by id (never by its bytes, which may repeat).
+        files[: len(entries)] = [_with_history_id(f, entry.id) for f, entry in zip(files, entries, strict=False)]
         if problem is not None:
             self.warnings.append(_history_warning(len(files) - len(entries), len(files), problem))
         if cancelled:

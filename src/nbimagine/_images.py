@@ -161,11 +161,34 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib
 
 
 def describe(data: bytes) -> str:
-    """``PNG, 1024x1024, 1.4 MB`` (what the bytes are, as far as the header tells)."""
+    """``PNG, 1024x1024, 1.4 MB`` (what the bytes are, as far as the header tells); for bytes that are
+    not an image, what they look like: ``HTML (not an image), 1.2 KB``."""
     media_type = sniff_media_type(data)
-    kind = EXTENSIONS[media_type].upper().replace("JPG", "JPEG") if media_type else "unknown type"
+    if media_type:
+        kind = EXTENSIONS[media_type].upper().replace("JPG", "JPEG")
+    else:
+        kind = f"{_looks_like(data)} (not an image)"
     size = image_size(data, media_type) if media_type else None
     return ", ".join([kind, *([f"{size[0]}x{size[1]}"] if size else []), human_bytes(len(data))])
+
+
+def _looks_like(data: bytes) -> str:
+    """A guess at what non-image bytes are (a proxy's error page, a JSON error, text), from their start."""
+    head = data[:256].lstrip().lower()
+    if not data:
+        return "no bytes"
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "HTML"
+    if head.startswith((b"<?xml", b"<svg")):
+        return "XML"
+    if head[:1] in (b"{", b"["):
+        return "JSON?"
+    try:
+        data[:4096].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < 4092:  # not merely a character cut at the end of the sample
+            return "binary data"
+    return "text"
 
 
 def decode_error(data: bytes, reason: str) -> ImageDecodeError:

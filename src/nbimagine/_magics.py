@@ -517,7 +517,7 @@ class ImagineMagics(Magics, _ConfigTraits):
 
     @staticmethod
     def _where(gen: Generation, image: BinaryResult) -> str:
-        entry = next((e for e in gen.entries if e.sha256 == image.sha256), None)
+        entry = next((e for e in gen.entries if e.id == image.metadata.get("history_id")), None)
         path = getattr(entry, "path", None)
         if entry is not None:
             return f"Kept as #{entry.id}" + (f" ({path})" if path else "") + "."

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 from ..config import ProviderConfig
-from ..errors import UnsupportedToolError
+from ..errors import ProviderError, UnsupportedToolError
 from ..events import BinaryResult, ImageInput, StreamEvent
 
 Input = str | ImageInput
@@ -169,6 +169,35 @@ async def _close_at_loop_shutdown(client: Any) -> AsyncIterator[None]:
 def result(data: bytes, **metadata: Any) -> BinaryResult:
     """A BinaryResult with ``None`` metadata values dropped."""
     return BinaryResult(data, {k: v for k, v in metadata.items() if v is not None})
+
+
+UNDECODABLE = "undecodable_image"
+
+
+def kept(data: bytes, **metadata: Any) -> BinaryResult:
+    """Bytes a provider answered as an image that are not one (not PNG, JPEG, WebP or GIF: an error page
+    from a proxy, text, a format nbimagine does not read), kept as they came with ``undecodable=True``.
+
+    Once a provider has answered, nothing it sent is dropped: such bytes go on ``files`` with the
+    images, and :func:`undecodable_error` names them in the error that carries them.
+    """
+    return result(data, undecodable=True, **metadata)
+
+
+def undecodable_error(files: Sequence[BinaryResult], *, provider: str, **kwargs: Any) -> ProviderError | None:
+    """``ProviderError`` (code ``undecodable_image``) naming each kept non-image of ``files`` (its place,
+    what it looks like, its size), with every file on ``.files``; None when all are images."""
+    from .._images import describe
+
+    bad = [f".files[{i}] ({describe(f.data)})" for i, f in enumerate(files) if f.metadata.get("undecodable")]
+    if not bad:
+        return None
+    declared = {f.metadata.get("declared_media_type") for f in files if f.metadata.get("undecodable")} - {None}
+    said = f" although declared {', '.join(sorted(map(str, declared)))}" if declared else ""
+    return ProviderError(
+        f"The answer held {len(bad)} image(s) whose bytes are not a PNG, JPEG, WebP or GIF image{said}: "
+        f"{'; '.join(bad)}. They are kept as they came (write them out with .save())",
+        provider=provider, code=UNDECODABLE, files=files, **kwargs)
 
 
 # httpx exception names (httpx and httpx2 share them) by what they mean for the user.

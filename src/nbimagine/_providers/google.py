@@ -32,7 +32,16 @@ from ..errors import (
     register_secret,
 )
 from ..events import BinaryResult, ImageEvent, ImageInput, PartialImageEvent, ReplyEvent, StreamEvent, TextDeltaEvent
-from ._base import Provider, Turn, http_event_hooks, result, status_hint, transport_failure
+from ._base import (
+    Provider,
+    Turn,
+    http_event_hooks,
+    kept,
+    result,
+    status_hint,
+    transport_failure,
+    undecodable_error,
+)
 
 if TYPE_CHECKING:
     from google.genai import types
@@ -251,15 +260,12 @@ class GeminiProvider(Provider[GeminiConfig]):
         if not data:
             return None
         declared = blob.mime_type
+        make = result
         if sniff_media_type(data) is None:
-            if declared and not declared.startswith("image/"):
-                return None  # audio or another non-image payload
-            raise ProviderError(
-                f"Gemini returned image data ({declared or 'no media type'}, {len(data)} bytes) "
-                "that is not a PNG, JPEG, WebP or GIF image",
-                provider=self.name, code="undecodable_image", request_id=response_id,
-            )
-        return result(
+            if (declared and not declared.startswith("image/")) or thought:
+                return None  # audio or another non-image payload; a draft is only a progress picture
+            make = kept  # an answer's image that is not one is kept as it came, and named by run()'s error
+        return make(
             data,
             provider=self.name,
             model=model,
@@ -321,6 +327,9 @@ class GeminiProvider(Provider[GeminiConfig]):
         files = state.final_files(self)
         for image in files:
             yield ImageEvent(image)
+        undecodable = undecodable_error(files, provider=self.name, request_id=state.response_id)
+        if undecodable is not None:
+            raise undecodable
         from google.genai import types
 
         history = [*(turn.history or []), user]

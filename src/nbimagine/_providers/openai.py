@@ -38,7 +38,17 @@ from ..events import (
 )
 from ..tools import ImageGenerationTool
 from ._background import RESULT_MISSING, BackgroundRun
-from ._base import Input, Provider, Turn, http_event_hooks, result, status_hint, transport_failure
+from ._base import (
+    Input,
+    Provider,
+    Turn,
+    http_event_hooks,
+    kept,
+    result,
+    status_hint,
+    transport_failure,
+    undecodable_error,
+)
 
 # Error codes OpenAI and Azure use when a safety system blocked a prompt or an image.
 _POLICY_CODES = frozenset({
@@ -411,15 +421,12 @@ class _ResponseParser:
             message = _get(error, "message") or f"the image call ended with status {item.status!r} and no image"
             self.failures.append((code, message, item.id))
             return None
-        data = _decode_image(item.result)
-        if data is None:
-            self.failures.append(("undecodable_image", "the image data is not a PNG, JPEG, WebP or GIF image",
-                                  item.id))
-            return None
-        image = result(
-            data, provider=self.provider, model=self.model, image_model=self.image_model, call_id=item.id,
-            response_id=self.response_id, mask=self.mask, **{name: getattr(item, name, None) for name in _IMAGE_FIELDS},
-        )
+        data = answered_bytes(item.result)
+        meta = {"provider": self.provider, "model": self.model, "image_model": self.image_model, "call_id": item.id,
+                "response_id": self.response_id, "mask": self.mask,
+                **{name: getattr(item, name, None) for name in _IMAGE_FIELDS}}
+        # Bytes that are not an image are still what was paid for: kept, and named by reply()'s error.
+        image = result(data, **meta) if sniff_media_type(data) else kept(data, **meta)
         self.files.append(image)
         return image
 
@@ -468,6 +475,9 @@ class _ResponseParser:
     def reply(self, response: Any, items: list[dict[str, Any]], *, store: bool) -> Reply:
         if self.failures:
             raise self._failure_error()
+        undecodable = undecodable_error(self.files, provider=self.provider, request_id=self.response_id)
+        if undecodable is not None:
+            raise undecodable
         status = getattr(response, "status", None)
         finish = status
         incomplete = getattr(response, "incomplete_details", None)
@@ -533,16 +543,25 @@ def _documented_image_usage(files: Sequence[BinaryResult], tool: ImageGeneration
     return usages
 
 
-def _decode_image(text: str | None) -> bytes | None:
-    if not text:
-        return None
+def answered_bytes(text: Any) -> bytes:
+    """The bytes of a base64 image field (either alphabet); text that is not base64 at all is kept as
+    its own UTF-8 bytes (what the provider sent, to be named, never dropped)."""
+    if not isinstance(text, str):  # the SDK builds stream events unvalidated: any JSON value may be here
+        text = str(text)
     try:
-        data = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         try:
-            data = b64decode_any(text)
+            return b64decode_any(text)
         except (binascii.Error, ValueError):
-            return None
+            return text.encode("utf-8", "backslashreplace")
+
+
+def _decode_image(text: str | None) -> bytes | None:
+    """An image's bytes, or None for an empty field or bytes that are not an image (partial images)."""
+    if not text:
+        return None
+    data = answered_bytes(text)
     return data if sniff_media_type(data) else None
 
 

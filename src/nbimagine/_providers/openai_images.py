@@ -23,8 +23,15 @@ from .._masks import PreparedMask, prepare_mask
 from ..config import AzureOpenAIImagesConfig, OpenAIImagesConfig
 from ..errors import ConfigError, InputError, InputWarning, ProviderError, UnsupportedToolError
 from ..events import BinaryResult, ImageEvent, ImageInput, PartialImageEvent, ReplyEvent, StreamEvent
-from ._base import Provider, Turn, result
-from .openai import _AzureClientMixin, _decode_image, _OpenAIClientMixin, _transport_errors, sdk_error
+from ._base import Provider, Turn, kept, result, undecodable_error
+from .openai import (
+    _AzureClientMixin,
+    _decode_image,
+    _OpenAIClientMixin,
+    _transport_errors,
+    answered_bytes,
+    sdk_error,
+)
 
 __all__ = ["AzureOpenAIImagesProvider", "OpenAIImagesProvider"]
 
@@ -152,6 +159,9 @@ class OpenAIImagesProvider(_OpenAIClientMixin, Provider[OpenAIImagesConfig]):
         if stream and not parser.completed:
             raise ProviderError("The stream ended before any image was complete", provider=self.name,
                                 files=parser.files)
+        undecodable = undecodable_error(parser.files, provider=self.name)
+        if undecodable is not None:
+            raise undecodable
         usage = openai_usage(parser.usage, self.config.model, image_model=True)
         if usage is not None:
             usage = Usage.combine([usage], images=len(parser.files))
@@ -178,16 +188,19 @@ class _ImagesParser:
         self.completed = 0
         self._partials = 0
 
-    def _result(self, b64: str | None, meta: dict[str, Any], **extra: Any) -> BinaryResult | None:
+    def _result(self, b64: str | None, meta: dict[str, Any], *, partial: bool = False,
+                **extra: Any) -> BinaryResult | None:
+        """The image of ``b64``; None for none (or a partial image that is not one, which is only skipped).
+        A final image whose bytes are not an image is kept as it came and named at the end of the answer."""
         data = _decode_image(b64)
-        if data is None:
-            if b64:
-                raise ProviderError("The Images API returned image data that is not a PNG, JPEG, WebP or GIF image",
-                                    provider=self.provider, code="undecodable_image", files=self.files)
+        if data is None and (partial or not b64):
             return None
         mask = {"mask": "native"} if self.mask is not None else {}
-        return result(data, provider=self.provider, model=self.model, api="images", action=self.action,
-                      **mask, **meta, **extra)
+        fields = {"provider": self.provider, "model": self.model, "api": "images", "action": self.action,
+                  **mask, **meta, **extra, **({"partial": True} if partial else {})}
+        if data is None:
+            return kept(answered_bytes(b64), declared_media_type=_declared(meta.get("output_format")), **fields)
+        return result(data, **fields)
 
     def whole(self, response: Any) -> list[StreamEvent]:
         meta = {name: getattr(response, name, None) for name in _RESPONSE_FIELDS}
@@ -228,6 +241,10 @@ class _ImagesParser:
             self.files.append(image)
             return [ImageEvent(image)]
         return []
+
+
+def _declared(output_format: Any) -> str | None:
+    return f"image/{output_format}" if isinstance(output_format, str) and output_format else None
 
 
 def _add_usage(total: dict[str, Any] | None, more: dict[str, Any]) -> dict[str, Any]:

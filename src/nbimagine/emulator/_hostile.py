@@ -1,5 +1,5 @@
 """Hostile images: what a provider (or a broken proxy) may hand back, to test that nothing downstream
-breaks on it. Each is a fault family of both the OpenAI and the Gemini routes.
+breaks on it. Each is a fault family of the OpenAI (Responses and Images API) and the Gemini routes.
 
 The huge images are built as PNG streams directly (rows are repeated bands, compressed once, the
 deflate blocks repeated), so the emulator never holds their pixels: a 30000x30000 bomb costs a few

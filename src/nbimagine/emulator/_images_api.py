@@ -21,10 +21,11 @@ import io
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .._image_models import MASK_MAX_BYTES, ImageModelRules, rules_for
+from ._hostile import HOSTILE_IMAGES, hostile_image
 from ._openai import (
     _clean,
     _frame,
@@ -82,10 +83,11 @@ def handle(req: Request, state: State) -> Answer:
     if fault and fault.name == "moderation":
         return moderation_blocked(fault, req)
     broken = bool(fault and fault.name == "broken_stream")
+    name = fault.name if fault else None
     if call.stream:
-        return Answer(sse=_events(call), break_after=1 if broken else None)
+        return Answer(sse=_events(call, name), break_after=1 if broken else None)
     created = int(time.time())
-    data = [{"b64_json": base64.b64encode(_draw(call, k)).decode("ascii")} for k in range(call.n)]
+    data = [{"b64_json": _final(call, k, name)} for k in range(call.n)]
     return Answer(json={"created": created, "data": data, **_echo(call), "usage": _usage(call, call.n)},
                   break_after=1 if broken else None)
 
@@ -292,6 +294,19 @@ def _draw(call: _Call, k: int, stage: float = 1.0) -> bytes:
                        mask=call.mask)
 
 
+def _final(call: _Call, k: int, fault: str | None) -> str:
+    """Image ``k``'s base64; a hostile-image or ``undecodable`` fault replaces the last one only, so that
+    the images before it survive (as in the Responses route)."""
+    if k == call.n - 1 and (fault == "undecodable" or fault in HOSTILE_IMAGES):
+        if fault == "undecodable":
+            data = b"nbimagine emulator: these bytes are deliberately not an image"
+        else:
+            data = hostile_image(fault, lambda fmt: _draw(replace(call, output_format=fmt), k))
+    else:
+        data = _draw(call, k)
+    return base64.b64encode(data).decode("ascii")
+
+
 def _echo(call: _Call) -> dict[str, Any]:
     return {"background": call.background, "output_format": call.output_format, "quality": call.quality,
             "size": call.size}
@@ -302,16 +317,17 @@ def _usage(call: _Call, images: int) -> dict[str, Any]:
     return image_usage(call.model, call.quality, call.size, call.prompt, inputs, call.partial_images, images)
 
 
-def _events(call: _Call) -> Iterator[bytes]:
+def _events(call: _Call, fault: str | None = None) -> Iterator[bytes]:
     kind = "image_edit" if call.action == "edit" else "image_generation"
     for k in range(call.n):
         for p in range(call.partial_images):
             stage = (p + 1) / (call.partial_images + 1)
             yield _frame(f"{kind}.partial_image", {
                 "type": f"{kind}.partial_image", "b64_json": base64.b64encode(_draw(call, k, stage)).decode("ascii"),
-                "partial_image_index": p, "created_at": int(time.time()), **_echo(call)})
+                "partial_image_index": f"#{p}" if fault == "partial_index_not_int" else p,
+                "created_at": int(time.time()), **_echo(call)})
         usage = _usage(call, 1)
         usage.pop("output_tokens_details")  # the completed event's usage has no output details (SDK type)
         yield _frame(f"{kind}.completed", {
-            "type": f"{kind}.completed", "b64_json": base64.b64encode(_draw(call, k)).decode("ascii"),
+            "type": f"{kind}.completed", "b64_json": _final(call, k, fault),
             "created_at": int(time.time()), **_echo(call), "usage": usage})
