@@ -1008,7 +1008,7 @@ class _Gallery:
 
         from ._history import output_ids
         from ._images import sniff_media_type
-        from .errors import HistoryError
+        from .errors import HistoryError, ImageDecodeError
 
         cells = []
         for e in self.entries:
@@ -1017,6 +1017,8 @@ class _Gallery:
                 media = sniff_media_type(thumb)
                 img = (f'<img src="data:{media};base64,{base64.b64encode(thumb).decode()}" '
                        'style="max-width:160px;max-height:160px;display:block"/>')
+            except ImageDecodeError:  # kept bytes that cannot be previewed (truncated, a bomb, not an image)
+                img = '<div style="width:160px;height:40px">(no preview)</div>'
             except (OSError, ValueError, HistoryError):  # a missing or unreadable file still lists the entry
                 img = '<div style="width:160px;height:40px">(file missing)</div>'
             parents = f" ← {', '.join(f'#{p}' for p in e.parents)}" if e.parents else ""
