@@ -17,6 +17,8 @@ serialisation):
   generation do). Target <= 200 ms.
 - ``gallery_page_uncached``: a page whose thumbnails were never made (Pillow runs 24 times);
   informational.
+- ``static_copy``: the static HTML copy of the gallery displayed after the live studio (what a saved
+  notebook shows without its kernel), and its size in the notebook; informational.
 """
 
 from __future__ import annotations
@@ -97,11 +99,11 @@ def main(root: str | os.PathLike[str] | None = None, entries: int = 1000, runs: 
             t0 = time.perf_counter()
             studio = Studio(session, h, per_page=PER_PAGE)
             opens.append(time.perf_counter() - t0)
-            assert [t.entry_id for t in studio.tiles] == list(range(entries, entries - PER_PAGE, -1))
+            assert [i["id"] for i in studio.view.items] == list(range(entries, entries - PER_PAGE, -1))
             t0 = time.perf_counter()
             studio.show_page(0)
             refreshes.append(time.perf_counter() - t0)
-            thumb_bytes = sum(len(t.image.value) for t in studio.tiles)
+            thumb_bytes = sum(len(i["thumb"] or "") for i in studio.view.items)  # as sent: data URLs
             studio.close()
             h.close()
 
@@ -110,6 +112,12 @@ def main(root: str | os.PathLike[str] | None = None, entries: int = 1000, runs: 
         t0 = time.perf_counter()
         studio.show_page(5)  # never displayed: 24 thumbnails made now
         uncached = time.perf_counter() - t0
+        snapshots = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            copy = studio.snapshot()  # the static copy a saved notebook keeps (12 thumbnails of 96 px)
+            snapshots.append(time.perf_counter() - t0)
+        copy_bytes = len(copy["text/html"]) + len(copy["text/plain"])
         studio.close()
         h.close()
     finally:
@@ -119,9 +127,10 @@ def main(root: str | os.PathLike[str] | None = None, entries: int = 1000, runs: 
         "studio_open_first_page": (_median_ms(opens), TARGET_MS),
         "gallery_first_page": (_median_ms(refreshes), TARGET_MS),
         "gallery_page_uncached": (uncached * 1000, None),
+        "static_copy": (_median_ms(snapshots), None),
     }
     out: dict[str, Any] = {"entries": entries, "build_seconds": round(build_s, 2),
-                           "first_page_thumbnail_bytes": thumb_bytes}
+                           "first_page_thumbnail_bytes": thumb_bytes, "static_copy_bytes": copy_bytes}
     for name, (value, target) in results.items():
         if target is None:
             print(f"{name}: {value:.1f} ms (informational)")
@@ -129,7 +138,8 @@ def main(root: str | os.PathLike[str] | None = None, entries: int = 1000, runs: 
             print(f"{name}: {value:.1f} ms (target <= {target:.0f} ms) {'OK' if value <= target else 'OVER'}")
         out[name] = {"ms": round(value, 2), "target_ms": target,
                      "ok": None if target is None else value <= target}
-    print(f"first page sends {thumb_bytes / 1024:.0f} KB of thumbnails ({PER_PAGE} tiles)")
+    print(f"first page sends {thumb_bytes / 1024:.0f} KB of thumbnails ({PER_PAGE} tiles); the static copy a saved "
+          f"notebook keeps is {copy_bytes / 1024:.0f} KB")
     return out
 
 

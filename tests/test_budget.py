@@ -190,16 +190,16 @@ def test_studio_shows_the_budget_left_and_refuses_over_it(emu: Any, tmp_path: Pa
     try:
         history.set_budget(1.0)
         studio = Studio(session, history, settings=False)
-        assert "Notebook budget $1.00: $0.00 spent, $1.00 left" in studio.summary.value
-        studio.prompt.value = "a boat"
-        studio.generate.click()
+        assert "Notebook budget $1.00: $0.00 spent, $1.00 left" in studio.view.budget
+        studio.view.prompt = "a boat"
+        studio.view._handle_custom_msg({"action": "generate"}, [])  # what the page's Generate sends
         assert studio.wait(30)
         spent = history.cost().total_usd
-        assert spent > 0 and f"{format_usd(spent)} spent" in studio.summary.value
+        assert spent > 0 and f"{format_usd(spent)} spent" in studio.view.budget
         history.set_budget(spent)
         sent = len(emu.requests)
         assert studio.start() is None
-        assert "Not sent" in studio.error.value and len(emu.requests) == sent
+        assert "Not sent" in studio.view.error and len(emu.requests) == sent
         studio.close()
     finally:
         set_emulator(None)

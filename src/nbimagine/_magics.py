@@ -25,7 +25,7 @@ from traitlets import Bool, HasTraits, TraitError, Unicode, dlink, observe, vali
 from ._cost import format_usd
 from ._options import FAMILY_LABELS, option
 from ._options import OPTIONS as TABLE
-from ._session import KEY_ENV, OPTIONS, ImagineSession, get_session, option_trait
+from ._session import OPTIONS, ImagineSession, credentials_advice, get_session, option_trait
 from .errors import BudgetError, ConfigError, ImagineError, InputError
 
 if TYPE_CHECKING:
@@ -66,21 +66,6 @@ def interpolate(text: str, namespace: dict[str, Any]) -> str:
         return match.group(0)
 
     return _NAME_RE.sub(substitute, text)
-
-
-def credentials_advice(session: ImagineSession, provider: str, exc: ConfigError,
-                       offline: str = "run %imagine emulator on to work offline") -> str:
-    """One line for missing credentials: the variables to set, how to set a secret safely in a
-    notebook, and the offline way out (``offline`` says how, where the user is)."""
-    groups = KEY_ENV.get(provider, ())  # built-in names only: a registered config says for itself
-    missing = [group for group in groups if not any(os.environ.get(name) for name in group)]
-    if not missing:
-        return f"{exc}; or {offline}"
-    names = " and ".join(" or ".join(group) for group in missing)
-    secret = next((name for group in missing for name in group if "KEY" in name or "TOKEN" in name), None)
-    how = (f"os.environ[{secret!r}] = getpass.getpass() (not %env, which prints it into the notebook)" if secret
-           else f"os.environ[{missing[0][0]!r}] = '...'")
-    return f"No credentials for {provider}: set {names} before starting Jupyter, or in a cell with {how}; or {offline}"
 
 
 def _short_traceback(exc: BaseException) -> BaseException:
@@ -972,10 +957,11 @@ class _Settings:
         import html
 
         head, rows, kept = self.lines()
-        cells = "".join(f'<tr><td style="text-align:left">{html.escape(name)}</td>'
-                        f'<td style="text-align:left">{html.escape(value)}</td></tr>' for name, value in rows)
+        cells = "".join(f'<div><span style="opacity:0.7">{html.escape(name)}</span> {html.escape(value)}</div>'
+                        for name, value in rows)
         body = (f'<div class="nbi-settings-view"><b>{html.escape(head)}</b>'
-                f'<table style="margin:4px 0">{cells}</table>')
+                '<div style="display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:2px 16px;'
+                f'margin:4px 0">{cells}</div>')
         if kept:
             body += f'<div class="nbi-inactive" style="color:#777">{html.escape(kept)}</div>'
         return {"text/plain": repr(self), "text/html": body + "</div>"}

@@ -363,6 +363,21 @@ class ImagineSession(_OptionTraits):
         return out
 
 
+def credentials_advice(session: ImagineSession, provider: str, exc: ConfigError,
+                       offline: str = "run %imagine emulator on to work offline") -> str:
+    """One line for missing credentials: the variables to set, how to set a secret safely in a
+    notebook, and the offline way out (``offline`` says how, where the user is)."""
+    groups = KEY_ENV.get(provider, ())  # built-in names only: a registered config says for itself
+    missing = [group for group in groups if not any(os.environ.get(name) for name in group)]
+    if not missing:
+        return f"{exc}; or {offline}"
+    names = " and ".join(" or ".join(group) for group in missing)
+    secret = next((name for group in missing for name in group if "KEY" in name or "TOKEN" in name), None)
+    how = (f"os.environ[{secret!r}] = getpass.getpass() (not %env, which prints it into the notebook)" if secret
+           else f"os.environ[{missing[0][0]!r}] = '...'")
+    return f"No credentials for {provider}: set {names} before starting Jupyter, or in a cell with {how}; or {offline}"
+
+
 def foundry_credential_sources() -> list[str]:
     """Where ``DefaultAzureCredential`` may find a Microsoft Entra ID identity here (names, never values)."""
     import shutil

@@ -20,29 +20,35 @@ calling thread under a lock.
 from __future__ import annotations
 
 import asyncio
+import errno
 import html
+import io
+import os
 import re
+import secrets
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anywidget
 import ipywidgets as w
+import traitlets as t
 
-from ._images import sniff_media_type
+from ._images import human_bytes, sniff_media_type
 from ._options import EVERY_PROVIDER, IMAGE_CONFIG, IMAGE_TOOL, Option, option, options_for
 from ._options import OPTIONS as TABLE
 from ._session import DEFAULT_MODELS, KEY_ENV, ImagineSession, foundry_credential_sources, get_session
 from .config import GEMINI_NEWEST_ONLY_RATIOS, GEMINI_NEWEST_ONLY_SIZES
-from .errors import ConfigError, ContentPolicyError, HistoryError, ImagineError, InputError, ProviderError, redact
+from .errors import ConfigError, ContentPolicyError, ImagineError, InputError, ProviderError, redact
+from .events import _media_type_for_suffix as media_type_for_suffix
 
 if TYPE_CHECKING:
     from ._generate import Generation
     from ._history import History, HistoryEntry
-    from .events import BinaryResult, StreamEvent
+    from .events import BinaryResult
 
-__all__ = ["PROVIDER_LABELS", "ProviderPanel", "Studio", "panel", "plain_error", "studio"]
+__all__ = ["PROVIDER_LABELS", "STATIC", "ProviderPanel", "Studio", "StudioView", "panel", "plain_error", "studio"]
 
 PROVIDER_LABELS = {
     "openai": "OpenAI",
@@ -56,6 +62,7 @@ CUSTOM = "custom"  # the size dropdown's "custom WxH" choice
 COMPRESSIBLE = ("jpeg", "webp")
 THUMB_SIDE = 192
 PREVIEW_SIDE = 768
+STATIC = Path(__file__).parent / "static"  # the studio's ES module and CSS, shipped in the package
 
 def _choices(values: Sequence[str], default_label: str = "default") -> list[tuple[str, str]]:
     return [(default_label, DEFAULT), *((v, v) for v in values)]
@@ -162,6 +169,8 @@ class ProviderPanel:
                                      layout=w.Layout(width="120px", min_width="120px"))
         self.in_effect = w.HTML()
         self.inactive = w.HTML()
+        self._snapshot_id = secrets.token_hex(8)
+        self._snapshot: Any = None  # the display handle of the static copy, once displayed
         self.errors: dict[str, w.HTML] = {name: w.HTML() for name in (*(opt.name for opt in TABLE), "apply")}
         for name, box in self.errors.items():
             box.add_class(f"nbi-error-{name}")
@@ -196,9 +205,10 @@ class ProviderPanel:
             self.errors["apply"],
             self.in_effect, self.inactive,
             w.HBox([self.keys, self.refresh_keys]),
+            _live_style(self._snapshot_id),
         ])
         self.widget.add_class("nbi-panel")
-        for name in ("provider", "emulator", "custom_size", "compression_on", "in_effect", "inactive"):
+        for name in ("provider", "emulator", "custom_size", "compression_on", "in_effect", "inactive", "refresh_keys"):
             getattr(self, name).add_class(f"nbi-{name.replace('_', '-')}")
         for name, box in self.modalities.items():
             box.add_class(f"nbi-modality-{name.lower()}")
@@ -251,10 +261,22 @@ class ProviderPanel:
 
     # --- the panel as a displayable object ---------------------------------------------------------
 
+    def _ipython_display_(self) -> None:
+        self._snapshot = _display_live(self.widget, repr(self), self.snapshot())
+
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         bundle = self.widget._repr_mimebundle_(**kwargs)
         bundle["text/plain"] = repr(self)
         return bundle
+
+    def snapshot(self) -> dict[str, Any]:
+        """The static copy shown after the live panel: the settings in effect (see :func:`_display_live`)."""
+        kept = self.session.inactive_options() if self._known() else {}
+        text = f"nbimagine provider settings: {self.session.summary()}"
+        if kept:
+            text += " (kept, not in effect: " + ", ".join(f"{n}={option(n).show(v)}" for n, v in kept.items()) + ")"
+        text += ". A saved copy: run the cell to change them."
+        return {"text/plain": text, "text/html": _static_copy(self._snapshot_id, html.escape(text))}
 
     def close(self) -> None:
         """Stop following the session and close the widgets."""
@@ -489,6 +511,8 @@ class ProviderPanel:
         self.compression.disabled = not (compressible and self.compression_on.value)
 
     def _render_state(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.update(self.snapshot(), raw=True)
         self.in_effect.value = (f'<span class="nbi-in-effect-text" style="color:#555">In effect: '
                                 f"{html.escape(self.session.summary())}</span>")
         kept = self.session.inactive_options() if self._known() else {}
@@ -520,7 +544,7 @@ class ProviderPanel:
             chosen = name == self.provider.value
             weight = "bold" if chosen else "normal"
             rows.append(f'<span class="nbi-key nbi-key-{html.escape(name)}" data-set="{str(ok).lower()}" '
-                        f'style="margin-right:12px;font-weight:{weight};color:{colour}">'
+                        f'style="margin-right:12px;font-weight:{weight};color:{colour};white-space:nowrap">'
                         f'{html.escape(label)}: {"●" if ok else "○"} {mark}</span>')
         chosen = self.provider.value
         hint = ""
@@ -554,6 +578,39 @@ class _Flag:
         setattr(self.owner, self.attr, self.old)
 
 
+def _live_style(sid: str) -> w.HTML:
+    """An invisible part of a live widget: while it is on the page, the static copy displayed after the
+    widget (``data-nbi-snapshot=sid``) is hidden; when the widget is gone, the copy shows."""
+    css = (f'[data-nbi-snapshot="{sid}"]{{display:none!important}}'
+           f'.jp-OutputArea-child:has([data-nbi-snapshot="{sid}"]){{display:none!important}}')
+    return w.HTML(f"<style>{css}</style>", layout=w.Layout(height="0px", margin="0px", overflow="hidden"))
+
+
+def _static_copy(sid: str, inner: str) -> str:
+    """The HTML of a static copy. A notebook saved with live widgets keeps only their ids; reopened
+    without their kernel, JupyterLab writes "Error displaying widget: model not found" in their
+    place. The copy's own style hides that line (the output just before it, once it is an error)."""
+    hide = (f'.jp-OutputArea-child:has(> .jp-OutputArea-output.jupyter-widgets)'
+            f':has(+ .jp-OutputArea-child [data-nbi-snapshot="{sid}"]){{display:none}}')
+    return f'<div class="nbi-snapshot" data-nbi-snapshot="{sid}"><style>{hide}</style>{inner}</div>'
+
+
+def _display_live(widget: w.Widget, text: str, copy: dict[str, Any]) -> Any:
+    """Display ``widget`` (with ``text`` as its plain-text form, never a ``VBox(children=...`` repr), then
+    its static ``copy``, and return the copy's display handle (for updates).
+
+    Two outputs because a frontend renders one representation per output, and the widget one wins
+    wherever widgets are installed: the copy is what a saved notebook shows once the widget is gone
+    (reopened without its kernel, on GitHub, in nbconvert), while the live widget hides it.
+    """
+    from IPython.display import display
+
+    data = widget._repr_mimebundle_()
+    data["text/plain"] = text
+    display(data, raw=True)
+    return display(copy, raw=True, display_id=True)
+
+
 def _close_tree(widget: w.Widget) -> None:
     for child in getattr(widget, "children", ()):
         _close_tree(child)
@@ -566,83 +623,107 @@ def _close_tree(widget: w.Widget) -> None:
 
 
 def plain_error(exc: BaseException) -> str:
-    """An error as one or two sentences for the panel (no traceback; secrets masked)."""
+    """An error as one line for the studio: what happened and what to do (no traceback, no type name,
+    secrets masked)."""
     if isinstance(exc, ContentPolicyError):
         reason = f" ({exc.reason})" if exc.reason else ""
-        text = f"The provider's safety system refused this request{reason}. Rephrase the prompt and try again."
-    elif isinstance(exc, ProviderError):
-        text = f"The provider could not make the image: {exc}"
-    elif isinstance(exc, ConfigError):
-        text = f"Settings problem: {exc}"
-    elif isinstance(exc, InputError):
-        text = f"Input problem: {exc}"
+        text = f"The provider's safety system refused this request{reason}: rephrase the prompt and try again."
+    elif isinstance(exc, (ProviderError, ConfigError, InputError, ImagineError)):
+        text = str(exc)
     elif isinstance(exc, KeyError):
         text = str(exc.args[0]) if exc.args else "Not found."
     elif isinstance(exc, OSError):
-        text = f"File problem: {exc}"
-    elif isinstance(exc, ImagineError):
-        text = str(exc)
+        text = _file_problem(exc)
     else:
         text = f"Something went wrong ({type(exc).__name__}): {exc}"
     return redact(text)
 
 
-class _Tile:
-    """One gallery cell: thumbnail, a select toggle labelled with the id, and the prompt."""
+def _file_problem(exc: OSError, path: str | os.PathLike[str] | None = None) -> str:
+    """An OSError in words (``[Errno 17] File exists`` is not a message)."""
+    where = str(path or exc.filename or "the file")
+    if isinstance(exc, FileExistsError):
+        return f"{where} already exists: tick overwrite, or choose another name"
+    if isinstance(exc, PermissionError):
+        return f"Cannot write {where}: permission denied; choose a folder you can write to"
+    if isinstance(exc, IsADirectoryError):
+        return f"{where} is a folder: end the name with / to save into it"
+    if isinstance(exc, NotADirectoryError):
+        return f"Part of {where} is a file, not a folder: choose another path"
+    reason = exc.strerror or str(exc)
+    return f"Cannot write {where}: {reason[:1].lower() + reason[1:]}"
 
-    def __init__(self, on_toggle: Callable[[_Tile, bool], None]) -> None:
-        self.entry_id: int | None = None
-        self.image = w.Image(format="jpeg", layout=w.Layout(width="128px", height="128px",
-                                                              object_fit="contain"))
-        self.select = w.ToggleButton(description="", layout=w.Layout(width="128px"), tooltip="Select")
-        self.label = w.HTML(layout=w.Layout(width="128px", height="36px", overflow="hidden"))
-        self.box = w.VBox([self.image, self.select, self.label],
-                          layout=w.Layout(width="136px", margin="2px", padding="2px", border="1px solid #ddd"))
-        self.box.add_class("nbi-tile")
-        self.select.add_class("nbi-tile-select")
-        self._on_toggle = on_toggle
-        self._loading = False
-        self.select.observe(self._changed, names="value")
 
-    def show(self, entry: HistoryEntry | None, selected: bool) -> None:
-        self._loading = True
-        try:
-            if entry is None:
-                self.entry_id = None
-                _show(self.box, False)
-                self.select.value = False
-                return
-            self.entry_id = entry.id
-            try:
-                thumb = entry.thumbnail(THUMB_SIDE)
-            except (OSError, ValueError, HistoryError):  # file deleted or unreadable: the entry is still listed
-                thumb, missing = b"", "(file missing) "
-            else:
-                self.image.format = "png" if sniff_media_type(thumb) == "image/png" else "jpeg"
-                missing = ""
-            self.image.value = thumb
-            self.select.description = entry.ref
-            self.select.tooltip = f"Select {entry.ref}: {entry.prompt[:200]}"
-            self.select.value = selected
-            self.select.button_style = "info" if selected else ""
-            prompt = " ".join(entry.prompt.split())
-            short = prompt if len(prompt) <= 60 else prompt[:59] + "…"
-            self.label.value = (f'<span title="{html.escape(prompt)}" style="font-size:11px;line-height:1.2">'
-                                f"{missing}{html.escape(short)}</span>")
-            _show(self.box, True)
-        finally:
-            self._loading = False
+def _data_url(data: bytes, media_type: str) -> str:
+    import base64
 
-    def _changed(self, change: dict[str, Any]) -> None:
-        self.select.button_style = "info" if change["new"] else ""
-        if not self._loading and self.entry_id is not None:
-            self._on_toggle(self, bool(change["new"]))
+    return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _thumb_url(entry: HistoryEntry, side: int) -> str | None:
+    """A history thumbnail as a data URL; None when the file is gone or unreadable (the entry stays listed)."""
+    try:
+        thumb = entry.thumbnail(side)
+    except (OSError, ValueError, ImagineError):
+        return None
+    return _data_url(thumb, sniff_media_type(thumb) or "image/jpeg")
+
+
+def _preview_url(image: BinaryResult | HistoryEntry, max_side: int) -> str | None:
+    """A reduced copy as a data URL; None when it cannot be made (a history file gone, undecodable bytes)."""
+    from ._display import preview
+
+    try:
+        data, media_type = preview(getattr(image, "image", image), max_side=max_side)  # an entry reads its file
+    except (OSError, ValueError, ImagineError):
+        return None
+    return _data_url(data, media_type)
+
+
+class StudioView(anywidget.AnyWidget):
+    """The studio's front end: ``static/studio.js`` and ``static/studio.css`` (anywidget; no build step).
+
+    Every trait is state the page shows; the page sends actions back as custom messages
+    ``{"action": ...}`` (generate, edit, cancel, page, refresh, open, close, compare, save), which
+    :class:`Studio` handles. Tests send the same messages with ``_handle_custom_msg``.
+    """
+
+    _esm = STATIC / "studio.js"
+    _css = STATIC / "studio.css"
+
+    summary = t.Unicode("").tag(sync=True)
+    budget = t.Unicode("").tag(sync=True)  # what is left of the budgets (%imagine budget), one line each
+    prompt = t.Unicode("").tag(sync=True)
+    save_path = t.Unicode("").tag(sync=True)
+    overwrite = t.Bool(False).tag(sync=True)
+    running = t.Bool(False).tag(sync=True)
+    activity = t.Dict().tag(sync=True)  # label, elapsed, note, partials (data URLs), partial_label
+    status = t.Dict().tag(sync=True)  # kind (done, failed, cancelled), text: how the last run ended
+    error = t.Unicode("").tag(sync=True)
+    result = t.Dict().tag(sync=True)  # id, src, lines, prompt: the last result, shown on the stage
+    items = t.List(t.Dict()).tag(sync=True)  # the gallery page: id, thumb, prompt, parents
+    page = t.Int(0).tag(sync=True)
+    pages = t.Int(1).tag(sync=True)
+    total = t.Int(0).tag(sync=True)
+    selected = t.List(t.Int()).tag(sync=True)
+    save_feedback = t.Dict().tag(sync=True)  # kind (ok, error), text: shown beside Save
+    detail = t.Dict().tag(sync=True)  # the open image: id, src, prompt, meta rows, lineage, parents
+    compare = t.Dict().tag(sync=True)  # left, right: id, src, lines
 
 
 class Studio:
-    """Prompt, Generate / Edit selected / Cancel, progress, the result, and the history gallery.
+    """Prompt, Generate / Edit selected / Cancel, progress in place, the result, and the history gallery
+    (select by click or keyboard, details with lineage, side-by-side compare, Save).
 
-    ``session`` defaults to the shared session and ``history`` to the notebook's history.
+    ``session`` defaults to the shared session and ``history`` to the notebook's history. The page
+    is :class:`StudioView` (``view``); ``widget`` is what is displayed (the settings panel, when
+    ``settings``, above the view). Every action of the page is a method here as well (``start``,
+    ``stop``, ``show_page``, ``set_selection``, ``open``, ``compare``, ``close_panels``,
+    ``save_selected``), which is how scripts and tests drive it.
+
+    Displayed in a notebook, the studio leaves a static copy of its gallery (thumbnails and captions
+    as HTML) after the live widget: hidden while the widget lives, it is what a saved notebook shows
+    when it is reopened without its kernel, or on GitHub and in nbconvert.
     """
 
     def __init__(self, session: ImagineSession | None = None, history: History | None = None, *,
@@ -654,95 +735,95 @@ class Studio:
             history = current_history()
         self.history = history
         self.per_page = per_page
-        self.page = 0
-        self.selected: list[int] = []  # history ids, in the order they were selected
         self.generation: Generation | None = None
         self.last_entries: list[HistoryEntry] = []
-        self.last_error: str | None = None
         self._ui = _UIThread(lambda exc: self._set_error(plain_error(exc)))
         self._lock = self._ui.lock
-        self._what = "Generating"
-        self._running = False
         self._idle = threading.Event()  # set when no generation runs and its results are shown
         self._idle.set()
-        self._started_at = 0.0
-        self._ticker: threading.Thread | None = None
+        self._what = "Generating"
+        self._snapshot: Any = None  # the display handle of the static copy, once displayed
 
-        self.summary = w.HTML()
-        self.prompt = w.Textarea(placeholder="Describe the image to make, or the edit to apply to the selected ones",
-                                 layout=w.Layout(width="100%", height="70px"))
-        self.generate = w.Button(description="Generate", button_style="primary", icon="magic")
-        self.edit = w.Button(description="Edit selected", icon="pencil", disabled=True,
-                             layout=w.Layout(width="170px"),
-                             tooltip="Send the selected image(s) as edit inputs with the prompt")
-        self.cancel = w.Button(description="Cancel", icon="stop", button_style="warning", disabled=True)
-        self.status = w.HTML()
-        self.error = w.HTML()
-        self.partial = w.Image(format="png", layout=w.Layout(max_width="384px", display="none"))
-        self.result = w.Image(format="png", layout=w.Layout(max_width="512px", display="none"))
-        self.caption = w.HTML()
-        self.gallery_title = w.HTML()
-        self.refresh = w.Button(description="", icon="refresh", tooltip="Reload the history",
-                                layout=w.Layout(width="40px"))
-        self.prev_page = w.Button(description="", icon="chevron-left", tooltip="Newer", layout=w.Layout(width="40px"))
-        self.next_page = w.Button(description="", icon="chevron-right", tooltip="Older",
-                                  layout=w.Layout(width="40px"))
-        self.page_label = w.Label()
-        self.clear_selection = w.Button(description="Clear selection", layout=w.Layout(width="130px"))
-        self.selection_label = w.Label()
-        self.tiles = [_Tile(self._on_tile) for _ in range(per_page)]
-        self.grid = w.GridBox([t.box for t in self.tiles],
-                              layout=w.Layout(grid_template_columns="repeat(auto-fill, 144px)", width="100%"))
-        self.save_path = w.Text(placeholder="path/to/file.png or a folder/", description="Save to",
-                                layout=w.Layout(width="420px"))
-        self.save = w.Button(description="Save", icon="save",
-                             tooltip="Write the full image (the selected ones, else the last result)")
-
-        for name in ("prompt", "generate", "edit", "cancel", "status", "error", "partial", "result", "caption",
-                     "gallery_title", "refresh", "prev_page", "next_page", "page_label", "clear_selection",
-                     "selection_label", "grid", "save_path", "save", "summary"):
-            getattr(self, name).add_class(f"nbi-{name.replace('_', '-')}")
-
+        self.snapshot_id = secrets.token_hex(8)  # pairs the live widget with its static copy
+        self.view = StudioView()
+        self.view.on_msg(self._on_msg)
         self.settings: ProviderPanel | None = ProviderPanel(self.session) if settings else None
-        parts: list[w.Widget] = [w.HTML("<b>nbimagine studio</b>"), self.summary]
+        parts: list[w.Widget] = []
         if self.settings is not None:
             accordion = w.Accordion(children=[self.settings.widget], selected_index=None)
             accordion.set_title(0, "Provider settings")
             accordion.add_class("nbi-settings")
             parts.append(accordion)
-        parts += [
-            self.prompt,
-            w.HBox([self.generate, self.edit, self.cancel, self.status]),
-            self.error,
-            w.HBox([self.partial, self.result]),
-            self.caption,
-            w.HBox([self.gallery_title, self.refresh, self.prev_page, self.page_label, self.next_page,
-                    self.clear_selection, self.selection_label]),
-            self.grid,
-            w.HBox([self.save_path, self.save]),
-        ]
+        parts += [self.view, _live_style(self.snapshot_id)]
         self.widget = w.VBox(parts)
         self.widget.add_class("nbi-studio")
-
-        self.generate.on_click(lambda _: self.start())
-        self.edit.on_click(lambda _: self.start(edit=True))
-        self.cancel.on_click(lambda _: self.stop())
-        self.refresh.on_click(lambda _: self.show_page(self.page))
-        self.prev_page.on_click(lambda _: self.show_page(self.page - 1))
-        self.next_page.on_click(lambda _: self.show_page(self.page + 1))
-        self.clear_selection.on_click(lambda _: self.set_selection([]))
-        self.save.on_click(lambda _: self.save_selected())
         self.session.observe(self._on_session, names=list(self.session.trait_names()))
         self._render_summary()
         self.show_page(0)
 
+    # --- state, as the page shows it ---------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True from Generate until the result (or error) is shown."""
+        return self.view.running
+
+    @property
+    def selected(self) -> list[int]:
+        """The selected history ids, in the order they were selected."""
+        return list(self.view.selected)
+
+    @property
+    def page(self) -> int:
+        return self.view.page
+
+    @property
+    def last_error(self) -> str | None:
+        return self.view.error or None
+
     # --- display -----------------------------------------------------------------------------------
 
+    def _ipython_display_(self) -> None:
+        self._snapshot = _display_live(self.widget, repr(self), self.snapshot())
+
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = repr(self)
+        bundle["text/html"] = self.snapshot()["text/html"]
+        return bundle
 
     def __repr__(self) -> str:
-        return f"<Studio history={self.history!r} running={self.running}>"
+        return f"<nbimagine studio: {self.session.summary()}; {len(self.history)} image(s) in the history>"
+
+    def snapshot(self, limit: int = 12, side: int = 96) -> dict[str, Any]:
+        """The static copy: the newest ``limit`` images as ``side`` px thumbnails with id and prompt.
+
+        See :func:`_display_live` for how it and the live widget take turns.
+        """
+        sid = self.snapshot_id
+        entries = self.history.page(0, limit)
+        total = len(self.history)
+        cells = []
+        for entry in entries:
+            url = _thumb_url(entry, side)
+            img = (f'<img src="{url}" alt="{entry.ref}" style="width:{side}px;height:{side}px;object-fit:contain;'
+                   'display:block"/>' if url else
+                   f'<div style="width:{side}px;height:{side}px;border:1px dashed #999">file missing</div>')
+            prompt = html.escape(" ".join(entry.prompt.split()))
+            cells.append(f'<figure style="margin:0;width:{side}px" title="{prompt}">{img}'
+                         f'<figcaption style="font-size:11px;white-space:nowrap;overflow:hidden;'
+                         f'text-overflow:ellipsis"><b>{entry.ref}</b> {prompt}</figcaption></figure>')
+        more = f" (the newest {len(entries)} shown)" if total > len(entries) else ""
+        head = (f"nbimagine studio: {total} image{'s' if total != 1 else ''} in the history of "
+                f"{self.history.notebook!r}{more}. A saved copy: run the cell to use the studio.")
+        body = _static_copy(sid, f'<div style="margin-bottom:4px">{html.escape(head)}</div>'
+                                 '<div style="display:flex;flex-wrap:wrap;gap:8px">' + "".join(cells) + "</div>")
+        plain = [head] + [f"  {e.ref}  {' '.join(e.prompt.split())[:70]}" for e in entries]
+        return {"text/plain": "\n".join(plain), "text/html": body}
+
+    def _update_snapshot(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.update(self.snapshot(), raw=True)
 
     def close(self) -> None:
         """Cancel a running generation, stop following the session, close the widgets."""
@@ -752,11 +833,6 @@ class Studio:
             self.settings.close()
         _close_tree(self.widget)
 
-    @property
-    def running(self) -> bool:
-        """True from Generate until the result (or error) is shown."""
-        return self._running
-
     def wait(self, timeout: float | None = None) -> bool:
         """Block until no generation runs (True) or ``timeout`` passes (False).
 
@@ -765,7 +841,34 @@ class Studio:
         """
         return self._idle.wait(timeout)
 
-    # --- thread hand-off ---------------------------------------------------------------------------
+    # --- actions from the page -----------------------------------------------------------------------
+
+    def _on_msg(self, _widget: Any, content: Any, _buffers: Any) -> None:
+        if not isinstance(content, dict):
+            return
+        action = content.get("action")
+        try:
+            if action == "generate":
+                self.start()
+            elif action == "edit":
+                self.start(edit=True)
+            elif action == "cancel":
+                self.stop()
+            elif action == "page":
+                self.show_page(int(content.get("page", 0)))
+            elif action == "refresh":
+                self.show_page(self.page)
+            elif action == "open":
+                self.open(int(content["id"]))
+            elif action == "close":
+                self.close_panels()
+            elif action == "compare":
+                first, second = (int(i) for i in content.get("ids", [])[:2])
+                self.compare(first, second)
+            elif action == "save":
+                self.save_selected()
+        except (KeyError, TypeError, ValueError) as exc:  # a malformed message: say so, never raise in the comm
+            self._set_error(f"The studio could not do {action!r}: {exc}")
 
     def _dispatch(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn(*args)`` on the studio's own thread (see :class:`_UIThread`)."""
@@ -776,41 +879,47 @@ class Studio:
     def start(self, edit: bool = False) -> Generation | None:
         """What Generate (``edit=False``) and Edit selected (``edit=True``) do. None if refused."""
         from ._generate import Generation
+        from ._session import credentials_advice
 
         with self._lock:
             if self.running:
                 return None
-            prompt = self.prompt.value.strip()
+            prompt = self.view.prompt.strip()
+            self.view.status = {}  # a refusal is the only message: no stale "Done in" / "Failed after"
             if not prompt:
-                self._set_error("Write a prompt first: describe the image"
-                                + (" edit." if edit else "."))
+                self._set_error("Write a prompt first" + (": describe the edit." if edit else "."))
                 return None
-            edits: list[BinaryResult] = []
+            selected = self.selected
+            if edit and not selected:
+                self._set_error("Select one or more images in the gallery first, then Edit selected.")
+                return None
             try:
-                if edit:
-                    if not self.selected:
-                        self._set_error("Select one or more images in the gallery first, then Edit selected.")
-                        return None
-                    edits = [self.history.get(i).image for i in self.selected]
-                generation = Generation(prompt, edits=edits, session=self.session, history=self.history)
+                edits = [self.history.get(i).image for i in selected] if edit else []
+                generation = Generation(prompt, edits=edits, session=self.session, history=self.history,
+                                        retry_advice=STUDIO_RETRY_ADVICE)
+                generation.build_agent()
+            except Exception as exc:
+                self._set_error(plain_error(exc))
+                return None
+            try:
+                generation.check_credentials()
+            except ConfigError as exc:
+                self._set_error(credentials_advice(self.session, generation.provider, exc, offline=STUDIO_OFFLINE))
+                return None
+            try:
                 generation.start(on_event=self._on_event)
             except Exception as exc:
                 self._set_error(plain_error(exc))
                 return None
             self.generation = generation
-            self._running = True
             self._idle.clear()
-            self._started_at = time.perf_counter()
+            self._what = f"Editing {', '.join(f'#{i}' for i in selected)}" if edit else "Generating"
             self._set_error("")
-            self.last_error = None
-            self.partial.value = b""
-            _show(self.partial, False)
-            self._update_buttons()
-            self._what = f"Editing {', '.join(f'#{i}' for i in self.selected)}" if edit else "Generating"
-            self._tick()
-            self._ticker = threading.Thread(target=self._tick_loop, args=(generation,), daemon=True,
-                                            name="nbimagine-studio-ticker")
-            self._ticker.start()
+            self.view.save_feedback = {}
+            # The stage shows the result being made, never the previous one beside it.
+            self.view.result = {}
+            self.view.activity = {"label": self._what, "elapsed": 0.0, "partials": []}
+            self.view.running = True
             assert generation.job is not None
             generation.job.future.add_done_callback(lambda _f: self._dispatch(self._finish, generation))
             return generation
@@ -821,114 +930,95 @@ class Studio:
         if generation is not None and self.running:
             generation.cancel()
 
-    def _tick_loop(self, generation: Generation) -> None:
-        while self.generation is generation and self.running:
-            time.sleep(0.2)
-            if self.generation is generation and self.running:
-                self._dispatch(self._tick)
-
-    def _tick(self) -> None:
-        if self.running:
-            elapsed = time.perf_counter() - self._started_at
-            self.status.value = f'<span class="nbi-running">{self._what}… {elapsed:.1f} s</span>'
-
-    def _on_event(self, index: int, event: StreamEvent) -> None:
+    def _on_event(self, index: int, event: Any) -> None:
         # Called on the background loop's thread: hand over, never touch widgets here.
-        from .events import PartialImageEvent
+        from ._generate import Retrying
+        from .events import PartialImageEvent, StatusEvent
 
         if isinstance(event, PartialImageEvent):
             self._dispatch(self._show_partial, event.index, event.image)
+        elif isinstance(event, Retrying):
+            self._dispatch(self._show_note, str(event))
+        elif isinstance(event, StatusEvent):  # a background response: queued, in progress...
+            self._dispatch(self._show_note, f"background response {event.status.replace('_', ' ')}")
 
     def _show_partial(self, index: int, image: BinaryResult) -> None:
-        if not self.running:
+        if not self.running or self.generation is None:
             return
-        try:
-            data, media_type = _preview(image, PREVIEW_SIDE // 2)
-        except ImagineError:  # a broken partial image: the final one may still be fine
+        url = _preview_url(image, PREVIEW_SIDE // 2)
+        if url is None:  # a broken partial: the final image may still be fine
             return
-        self.partial.format = media_type.split("/")[-1]
-        self.partial.value = data
-        _show(self.partial, True)
-        self.caption.value = f'<span class="nbi-partial-note">partial image {index + 1}</span>'
+        self.view.activity = {**self.view.activity, "elapsed": self.generation.elapsed, "partials": [url],
+                              "partial_label": f"partial image {index + 1}", "note": ""}
+
+    def _show_note(self, note: str) -> None:
+        if self.running and self.generation is not None:
+            self.view.activity = {**self.view.activity, "elapsed": self.generation.elapsed, "note": note}
 
     def _finish(self, generation: Generation) -> None:
         if generation is not self.generation:
             return
-        elapsed = generation.elapsed or (time.perf_counter() - self._started_at)
-        job = generation.job
-        cancelled = job is not None and job.future.cancelled()
-        errors = [e for e in generation.errors if e is not None]
-        entries = generation.entries
-        _show(self.partial, False)
-        self.partial.value = b""
-        if cancelled:
-            self.status.value = f'<span class="nbi-cancelled">Cancelled after {elapsed:.1f} s.</span>'
-            self.caption.value = ""
-        elif errors:
-            self.status.value = f'<span class="nbi-failed">Failed after {elapsed:.1f} s.</span>'
-            self._set_error(plain_error(errors[0]))
-        else:
-            self.status.value = f'<span class="nbi-done">Done in {elapsed:.1f} s.</span>'
-        images = [image for index in range(generation.n) for image in generation.images(index)]
-        if entries:
-            self.last_entries = entries
-            self._show_result(entries[0].image, elapsed, len(images), entry=entries[0])
-        elif images:  # not recorded (the history failed, or no history): still the user's images
-            self._show_result(images[0], elapsed, len(images))
-        if generation.warnings:
-            self._set_error(" ".join(generation.warnings))
-        elif not images and not cancelled and not errors:
-            texts = [r.body for r in generation.replies if r is not None and r.body]
-            message = "The model answered without an image"
-            self._set_error(message + (f": {texts[0][:300]}" if texts else "."))
-        self._running = False
         try:
-            self._update_buttons()
+            elapsed = generation.elapsed
+            cancelled = bool(generation.stopped)
+            errors = [e for e in generation.errors if e is not None]
+            entries = generation.entries
+            # Every image the provider returned, recorded or not (a failed history write loses none).
+            images = [image for index in range(generation.n) for image in generation.images(index)]
+            if cancelled:
+                kept = (f"; the {len(images)} image(s) that had arrived are kept" if images
+                        else "; nothing was recorded")
+                self.view.status = {"kind": "cancelled", "text": f"Cancelled after {elapsed:.1f} s{kept}."}
+            elif errors:
+                self.view.status = {"kind": "failed", "text": f"Failed after {elapsed:.1f} s."}
+                self._set_error(plain_error(errors[0]))
+            else:
+                self.view.status = {"kind": "done", "text": f"Done in {elapsed:.1f} s."}
+            result: dict[str, Any] = {}
+            if images and not cancelled:
+                result = self._result(images[0], elapsed, len(images), entries[0] if entries else None)
+            if generation.warnings:
+                self._set_error(" ".join(generation.warnings))
+            elif images and not cancelled and not result.get("src"):
+                self._set_error(f"No preview of {result['lines'][0].split(' · ')[0]}: {result.get('problem')}")
+            elif not images and not cancelled and not errors:
+                texts = [r.body for r in generation.replies if r is not None and r.body]
+                self._set_error("The model answered without an image" + (f": {texts[0][:300]}" if texts else "."))
+            self.view.result = {k: v for k, v in result.items() if k != "problem"}
+            if entries:
+                # The new image is what the next Save or Edit selected works on.
+                self.view.selected = [e.id for e in entries]
+            self.view.activity = {}
+            self.view.running = False
             self._render_summary()  # the budget left
             self.show_page(0)
+            self._update_snapshot()
         finally:
             self._idle.set()
 
-    def _show_result(self, image: BinaryResult, elapsed: float, count: int, entry: HistoryEntry | None = None
-                     ) -> None:
-        from ._display import caption_for
+    def _result(self, image: BinaryResult, elapsed: float, count: int, entry: HistoryEntry | None
+                ) -> dict[str, Any]:
+        """The stage's result: preview, caption lines (id, provider, size..., then the prompt)."""
+        from ._display import caption_for, preview
 
+        problem = None
         try:
-            data, media_type = _preview(image, PREVIEW_SIDE)
+            data, media_type = preview(image, max_side=PREVIEW_SIDE)
+            src: str | None = _data_url(data, media_type)
         except ImagineError as exc:  # kept and named, not previewed
-            _show(self.result, False)
-            self._set_error(f"No preview: {exc}")
-        else:
-            self.result.format = media_type.split("/")[-1]
-            self.result.value = data
-            _show(self.result, True)
+            src, problem = None, str(exc)
         caption = caption_for(image, history_id=entry.id if entry else None, elapsed=elapsed,
-                              provider=entry.provider if entry else None, model=entry.model if entry else None)
-        lines = caption.split("\n")
-        extra = []
-        if entry is not None and entry.parents:
-            extra.append("edited from " + ", ".join(f"#{p}" for p in entry.parents))
+                              provider=entry.provider if entry else None, model=entry.model if entry else None,
+                              parents=entry.parents if entry else ())
+        head, *more = caption.split("\n")
         if count > 1:
-            extra.append(f"+{count - 1} more in the gallery")
-        head = " · ".join([lines[0], *extra])
-        prompt = " ".join((entry.prompt if entry else self.generation.prompt if self.generation else "").split())
-        self.caption.value = (
-            f'<div class="nbi-result-caption"><div>{html.escape(head)}</div>'
-            f'<div style="color:#555">{html.escape(prompt[:300])}</div>'
-            + "".join(f'<div style="color:#555">{html.escape(line)}</div>' for line in lines[1:])
-            + "</div>"
-        )
+            head += f" · +{count - 1} more in the gallery"
+        prompt = entry.prompt if entry else (self.generation.prompt if self.generation else "")
+        return {"id": entry.id if entry else None, "src": src, "prompt": prompt, "problem": problem,
+                "lines": [head, " ".join(prompt.split())[:300], *more]}
 
     def _set_error(self, message: str) -> None:
-        self.last_error = message or None
-        self.error.value = _error_html(message)
-
-    def _update_buttons(self) -> None:
-        running = self.running
-        self.generate.disabled = running
-        self.cancel.disabled = not running
-        self.edit.disabled = running or not self.selected
-        self.edit.description = f"Edit selected ({len(self.selected)})" if self.selected else "Edit selected"
+        self.view.error = message
 
     # --- gallery -------------------------------------------------------------------------------------
 
@@ -938,74 +1028,103 @@ class Studio:
         pages = max(1, -(-total // self.per_page))
         page = min(max(page, 0), pages - 1)
         entries = self.history.page(page, self.per_page)
-        self.page = page
-        chosen = set(self.selected)
-        for i, tile in enumerate(self.tiles):
-            tile.show(entries[i] if i < len(entries) else None, entries[i].id in chosen if i < len(entries)
-                      else False)
-        self.gallery_title.value = f"<b>History</b>&nbsp;({total:,} image{'s' if total != 1 else ''})"
-        self.page_label.value = f"page {page + 1} of {pages}"
-        self.prev_page.disabled = page == 0
-        self.next_page.disabled = page >= pages - 1
-        self._render_selection()
+        items = [{"id": e.id, "prompt": " ".join(e.prompt.split()), "thumb": _thumb_url(e, THUMB_SIDE),
+                  "parents": list(e.parents)} for e in entries]
+        with self.view.hold_sync():
+            self.view.total, self.view.pages, self.view.page = total, pages, page
+            self.view.items = items
 
     def set_selection(self, ids: Sequence[int]) -> None:
         """Select these history ids (replacing the selection)."""
-        self.selected = list(dict.fromkeys(int(i) for i in ids))
-        chosen = set(self.selected)
-        for tile in self.tiles:
-            if tile.entry_id is not None:
-                tile._loading = True
-                try:
-                    tile.select.value = tile.entry_id in chosen
-                    tile.select.button_style = "info" if tile.entry_id in chosen else ""
-                finally:
-                    tile._loading = False
-        self._render_selection()
+        self.view.selected = list(dict.fromkeys(int(i) for i in ids))
 
-    def _on_tile(self, tile: _Tile, selected: bool) -> None:
-        assert tile.entry_id is not None
-        if selected and tile.entry_id not in self.selected:
-            self.selected.append(tile.entry_id)
-        elif not selected and tile.entry_id in self.selected:
-            self.selected.remove(tile.entry_id)
-        self._render_selection()
+    def open(self, entry_id: int) -> None:
+        """What clicking ⤢, double-clicking or Enter on a tile does: the image with all its metadata and lineage."""
+        try:
+            entry = self.history.get(entry_id)
+        except KeyError as exc:
+            self._set_error(plain_error(exc))
+            return
+        try:
+            chain = self.history.lineage(entry.id)
+        except (KeyError, ImagineError):
+            chain = [entry]
+        self.view.compare = {}
+        self.view.detail = {
+            "id": entry.id, "src": _preview_url(entry, PREVIEW_SIDE), "prompt": entry.prompt,
+            "parents": list(entry.parents), "meta": _metadata_rows(entry),
+            "lineage": [{"id": e.id, "thumb": _thumb_url(e, THUMB_SIDE // 2), "prompt": e.prompt} for e in chain],
+        }
 
-    def _render_selection(self) -> None:
-        ids = ", ".join(f"#{i}" for i in self.selected)
-        self.selection_label.value = f"selected: {ids}" if ids else "nothing selected"
-        self.clear_selection.disabled = not self.selected
-        self._update_buttons()
+    def compare(self, first: int, second: int) -> None:
+        """Two images side by side (an edit and its source, or any two selected)."""
+        sides = []
+        for entry_id in (first, second):
+            try:
+                entry = self.history.get(entry_id)
+            except KeyError as exc:
+                self._set_error(plain_error(exc))
+                return
+            edited = ["edited from " + ", ".join(f"#{p}" for p in entry.parents)] if entry.parents else []
+            head = " · ".join([entry.ref, f"{entry.provider}/{entry.model}", f"{entry.width}x{entry.height}", *edited])
+            sides.append({"id": entry.id, "src": _preview_url(entry, PREVIEW_SIDE // 3 * 2),
+                          "lines": [head, " ".join(entry.prompt.split())[:200]]})
+        self.view.detail = {}
+        self.view.compare = {"left": sides[0], "right": sides[1]}
+
+    def close_panels(self) -> None:
+        """Back from the details or the comparison to the gallery."""
+        self.view.detail = {}
+        self.view.compare = {}
 
     # --- saving ------------------------------------------------------------------------------------
 
-    def save_selected(self, path: str | None = None) -> list[Path]:
-        """What Save does: write the full selected image(s), else the last result, to ``path``."""
-        target = (path if path is not None else self.save_path.value).strip()
-        ids = list(self.selected) or [e.id for e in self.last_entries[:1]]
+    def save_selected(self, path: str | None = None, *, overwrite: bool | None = None) -> list[Path]:
+        """What Save does: write the selected images at full resolution.
+
+        ``path`` (default: the Save field) is a folder (ending in ``/``, or an existing folder), where
+        each image gets the name ``%imagine export`` gives it (``16-put-a-tiny-beret-on-the-cat.png``),
+        a taken name getting ``-2``; or a file name, for one image, whose extension may ask for another
+        format (transparency saved as JPEG is flattened onto white). An existing file is never replaced
+        unless ``overwrite`` (default: the overwrite box). The outcome is one line beside Save.
+        """
+        target = (path if path is not None else self.view.save_path).strip()
+        overwrite = self.view.overwrite if overwrite is None else overwrite
+        ids = self.selected
+        self.view.save_feedback = {}  # never a stale success line above a new error
         if not ids:
-            self._set_error("Nothing to save: select an image in the gallery (or generate one) first.")
-            return []
+            return self._save_failed("Select the image(s) to save in the gallery first")
         if not target:
-            self._set_error("Type where to save: a file such as out/cat.png, or a folder ending in /.")
-            return []
-        if len(ids) > 1 and not (target.endswith(("/", "\\")) or Path(target).expanduser().is_dir()):
-            self._set_error(f"{len(ids)} images are selected: give a folder (ending in /) to save them all, "
-                            "or select one image.")
-            return []
+            return self._save_failed("Type where to save: a folder/ (readable names) or a file such as out/fox.png")
+        folder = target.endswith(("/", os.sep)) or Path(target).expanduser().is_dir()
+        if len(ids) > 1 and not folder:
+            return self._save_failed(f"{len(ids)} images are selected: give a folder (ending in /) to save them all")
         written: list[Path] = []
-        try:
-            for entry_id in ids:
-                # Never replaces a file: a taken name is an error shown here (a folder gets a free name).
-                written.append(self.history.get(entry_id).image.save(target, overwrite=False).resolve())
-        except Exception as exc:
-            self._set_error(plain_error(exc))
-            return written
-        self._set_error("")
-        self.status.value = ('<span class="nbi-saved">Saved '
-                             + html.escape(", ".join(f"#{i} to {p}" for i, p in zip(ids, written, strict=True)))
-                             + "</span>")
+        notes: list[str] = []
+        for entry_id in ids:
+            try:
+                entry = self.history.get(entry_id)
+                destination, note = _save_entry(entry, target, folder=folder, overwrite=overwrite)
+            except KeyError as exc:
+                return self._save_failed(plain_error(exc), written)
+            except OSError as exc:
+                return self._save_failed(_file_problem(exc), written)
+            except ImagineError as exc:
+                return self._save_failed(plain_error(exc), written)
+            written.append(destination)
+            if note:
+                notes.append(note)
+        where = written[0].parent if folder else written[0]
+        names = ", ".join(f"#{i}" for i in ids)
+        shown = f"{len(written)} images to {where}" if len(written) > 1 else f"#{ids[0]} to {where}"
+        text = f"Saved {shown}" + (f" ({'; '.join(notes)})" if notes else "")
+        self.view.save_feedback = {"kind": "ok", "text": text, "ids": names}
         return written
+
+    def _save_failed(self, message: str, written: Sequence[Path] = ()) -> list[Path]:
+        done = f" (saved before it: {', '.join(p.name for p in written)})" if written else ""
+        self.view.save_feedback = {"kind": "error", "text": redact(message) + done}
+        return list(written)
 
     # --- session -----------------------------------------------------------------------------------
 
@@ -1013,24 +1132,92 @@ class Studio:
         self._dispatch(self._render_summary)
 
     def _render_summary(self) -> None:
-        summary = f'<span class="nbi-summary-text">{html.escape(self.session.summary())}</span>'
-        self.summary.value = summary + self._budget_html()
+        self.view.summary = self.session.summary()
+        self.view.budget = self._budget_text()
 
-    def _budget_html(self) -> str:
+    def _budget_text(self) -> str:
         """What is left of the notebook's and the session's budgets (%imagine budget), when set."""
         from ._generate import budget_lines
 
         if self.session.budget_usd is None and self.history.budget_usd is None:
             return ""
-        lines = budget_lines(self.session, self.history)
-        return f'<div class="nbi-budget">{"<br/>".join(html.escape(line) for line in lines)}</div>'
+        return "\n".join(budget_lines(self.session, self.history))
 
 
-def _preview(image: BinaryResult, max_side: int) -> tuple[bytes, str]:
-    """Bytes small enough to send to the browser, and their media type."""
-    from ._display import preview
+STUDIO_RETRY_ADVICE = "raise Max retries in the studio's provider settings"
+STUDIO_OFFLINE = "tick 'Offline emulator' in the studio's provider settings to work offline"
 
-    return preview(image, max_side=max_side)
+
+def _metadata_rows(entry: HistoryEntry) -> list[list[str]]:
+    """Everything known about an entry, as (label, value) rows for the details panel."""
+    rows = [["id", entry.ref], ["created", entry.created_at.strftime("%Y-%m-%d %H:%M:%S %Z").strip()],
+            ["provider", entry.provider or ""], ["model", entry.model or ""],
+            ["size", f"{entry.width}x{entry.height}" if entry.width else ""],
+            ["format", entry.media_type], ["bytes", human_bytes(entry.size_bytes)]]
+    if entry.parents:
+        rows.append(["edited from", ", ".join(f"#{p}" for p in entry.parents)])
+    if entry.revised_prompt:
+        rows.append(["revised prompt", entry.revised_prompt])
+    rows += [[name, str(value)] for name, value in sorted(entry.params.items())]
+    if entry.text:
+        rows.append(["reply text", entry.text])
+    for name in ("finish_reason", "call_id", "response_id", "quality", "background", "output_format", "size"):
+        value = entry.metadata.get(name)
+        if value not in (None, "") and not any(row[0] == name for row in rows):
+            rows.append([name.replace("_", " "), str(value)])
+    rows.append(["sha256", entry.sha256])
+    return [row for row in rows if row[1]]
+
+
+def _save_entry(entry: HistoryEntry, target: str, *, folder: bool, overwrite: bool) -> tuple[Path, str]:
+    """Write one history image; return where it went and a note (a taken name, a conversion) or "".
+
+    Into a folder it gets the name ``%imagine export`` gives (``<id>-<slug>.<ext>``), ``-2``, ``-3``...
+    when taken by another file (the same image already there is not copied again); as a file, an
+    existing one is only replaced with ``overwrite``. Writing goes through :class:`~nbimagine._files.Folder`:
+    never outside the folder given, never through a symlink.
+    """
+    from ._files import Folder
+    from ._history import _slug
+
+    image = entry.image
+    if folder:
+        name = f"{entry.id}-{_slug(entry.prompt)}.{entry.ext}"
+        with Folder.open(Path(target).expanduser()) as out:
+            there = out.lstat(name) is not None
+            if overwrite:
+                used = out.write(name, image.data, overwrite=True, durable=False)
+            else:
+                used = out.write_unique(name, image.data, durable=False)
+            note = (f"{name} is taken: saved as {used}" if used != name
+                    else "the same image was already there" if there and not overwrite else "")
+            return out.path / used, note
+    path = Path(target).expanduser()
+    wanted = media_type_for_suffix(path.suffix)
+    if wanted is None:  # "fox" or "fox.v2": the image's own format
+        path, wanted = path.with_name(f"{path.name}.{image.extension}"), image.media_type
+    data, note = (image.data, "") if wanted == image.media_type else _converted(image, wanted)
+    try:
+        with Folder.open(path.parent) as out:
+            out.write(path.name, data, overwrite=overwrite, durable=False)
+            return out.path / path.name, note
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+
+
+def _converted(image: BinaryResult, media_type: str) -> tuple[bytes, str]:
+    from ._images import EXTENSIONS, flattened, has_alpha
+
+    pil = image.to_pil()
+    kind = EXTENSIONS[media_type].upper().replace("JPG", "JPEG")
+    note = f"converted to {kind}"
+    if media_type == "image/jpeg":
+        if has_alpha(pil):
+            note += ", transparency flattened onto white"
+        pil = flattened(pil)
+    buffer = io.BytesIO()
+    pil.save(buffer, format=kind)
+    return buffer.getvalue(), note
 
 
 # ------------------------------------------------------------------------------------------------
