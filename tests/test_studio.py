@@ -382,11 +382,16 @@ def test_a_history_of_1000_opens_on_its_first_page(routed, hist):
     st.close()
 
 
-def test_details_show_every_fact_and_the_lineage(routed, hist):
-    st = Studio(routed, hist, settings=False)
+def fox_and_its_edit(st: Studio) -> None:
+    """#1 a red fox, #2 the same with a scarf (edited from #1), then the details of #2 opened."""
     generate(st, "a red fox")
     generate(st, "give it a scarf", edit=True)
     act(st, "open", id=2)
+
+
+def test_details_show_every_fact_and_the_lineage(routed, hist):
+    st = Studio(routed, hist, settings=False)
+    fox_and_its_edit(st)
     detail = st.view.detail
     meta = dict(detail["meta"])
     assert detail["id"] == 2 and detail["prompt"] == "give it a scarf" and detail["parents"] == [1]
@@ -404,9 +409,7 @@ def test_details_show_every_fact_and_the_lineage(routed, hist):
 
 def test_compare_an_edit_and_its_source(routed, hist):
     st = Studio(routed, hist, settings=False)
-    generate(st, "a red fox")
-    generate(st, "give it a scarf", edit=True)
-    act(st, "open", id=2)
+    fox_and_its_edit(st)
     act(st, "compare", ids=[1, 2])  # "Compare with #1" in the details
     pair = st.view.compare
     assert st.view.detail == {}  # one panel at a time

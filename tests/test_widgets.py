@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import html
-import io
 import re
 import threading
-import time
 
 import pytest
-from PIL import Image
 
-from nbimagine._history import History
 from nbimagine._session import ImagineSession, get_session, set_emulator
 from nbimagine._widgets import CUSTOM, DEFAULT, ProviderPanel, Studio, panel
 from nbimagine.config import AzureOpenAIResponsesConfig
-from nbimagine.events import BinaryResult
 
 # --- fixtures --------------------------------------------------------------------------------------
 
@@ -32,43 +27,9 @@ def session() -> ImagineSession:
     return ImagineSession()
 
 
-@pytest.fixture
-def routed(emu):
-    """A session answered by the shared test emulator."""
-    set_emulator(emu)
-    yield ImagineSession(emulator=True)
-    set_emulator(None)
-
-
-@pytest.fixture
-def hist(tmp_path) -> History:
-    return History(tmp_path, "widgets")
-
-
-def png(i: int, size: tuple[int, int] = (64, 48), mode: str = "RGB") -> bytes:
-    colour = (i % 256, (i // 256) % 256, 120) if mode == "RGB" else (i % 256, 30, 90, 128)
-    buffer = io.BytesIO()
-    Image.new(mode, size, colour).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def seed(history: History, count: int) -> list[int]:
-    with history.batch():
-        return [history.add(BinaryResult(png(i)), prompt=f"seed image {i}", provider="openai",
-                            model="gpt-image-1").id for i in range(count)]
-
-
 def text(widget) -> str:
     """An HTML widget's visible text."""
     return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", widget.value)).split())
-
-
-def wait_for(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 # === Provider panel ================================================================================

@@ -80,10 +80,6 @@ def _show(widget: w.Widget, visible: bool) -> None:
     widget.layout.display = None if visible else "none"
 
 
-def _is_shown(widget: w.Widget) -> bool:
-    return widget.layout.display != "none"
-
-
 def _error_html(message: str) -> str:
     if not message:
         return ""
@@ -736,12 +732,10 @@ class Studio:
         self.history = history
         self.per_page = per_page
         self.generation: Generation | None = None
-        self.last_entries: list[HistoryEntry] = []
         self._ui = _UIThread(lambda exc: self._set_error(plain_error(exc)))
         self._lock = self._ui.lock
         self._idle = threading.Event()  # set when no generation runs and its results are shown
         self._idle.set()
-        self._what = "Generating"
         self._snapshot: Any = None  # the display handle of the static copy, once displayed
 
         self.snapshot_id = secrets.token_hex(8)  # pairs the live widget with its static copy
@@ -913,12 +907,12 @@ class Studio:
                 return None
             self.generation = generation
             self._idle.clear()
-            self._what = f"Editing {', '.join(f'#{i}' for i in selected)}" if edit else "Generating"
+            what = f"Editing {', '.join(f'#{i}' for i in selected)}" if edit else "Generating"
             self._set_error("")
             self.view.save_feedback = {}
             # The stage shows the result being made, never the previous one beside it.
             self.view.result = {}
-            self.view.activity = {"label": self._what, "elapsed": 0.0, "partials": []}
+            self.view.activity = {"label": what, "elapsed": 0.0, "partials": []}
             self.view.running = True
             assert generation.job is not None
             generation.job.future.add_done_callback(lambda _f: self._dispatch(self._finish, generation))
