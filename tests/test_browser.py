@@ -239,6 +239,12 @@ def test_panel_studio_gallery_and_saved_notebook_in_jupyterlab(tmp_path: Path) -
                 assert keys.nth(i).evaluate("n => n.getClientRects().length") == 1, keys.nth(i).inner_text()
             button = settings.locator(".nbi-refresh-keys")
             assert button.evaluate("n => n.scrollWidth <= n.clientWidth + 1"), "Check keys is cut"
+            area = cells.nth(1).locator(".jp-OutputArea").bounding_box()
+            for shown in (button, keys.last):  # nothing pushed out of the output area either
+                box = shown.bounding_box()
+                assert area and box and box["x"] + box["width"] <= area["x"] + area["width"] + 1, shown
+            for label in settings.locator(".widget-label").all():
+                assert label.evaluate("n => n.scrollWidth <= n.clientWidth + 1"), label.inner_text()
             page.screenshot(path=str(ARTIFACTS / "panel.png"))
 
             # The kernel's session has the panel's settings ...

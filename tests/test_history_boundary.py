@@ -286,7 +286,8 @@ def test_studio_save_stays_in_the_folder(tmp_path: Path, emu) -> None:
         studio = Studio(ImagineSession(emulator=True), h, settings=False)
         studio.set_selection([e.id])
         [written] = studio.save_selected(str(tmp_path / "saved") + "/")
-        assert written.parent == (tmp_path / "saved").resolve() and written.name.endswith("escaped.png")
+        # The studio names a file like %imagine export does (id and prompt): the call id never becomes a path.
+        assert written.parent == (tmp_path / "saved").resolve() and written.name == f"{e.id}-x.png"
         assert not (tmp_path.parent / "escaped.png").exists()
         # Save never replaces a file silently.
         (tmp_path / "taken.png").write_bytes(b"mine")

@@ -200,7 +200,8 @@ class ProviderPanel:
             *common[2:],
             self.errors["apply"],
             self.in_effect, self.inactive,
-            w.HBox([self.keys, self.refresh_keys]),
+            # Wraps between the providers' key states (each one unbroken), never inside one or the button.
+            w.HBox([self.keys, self.refresh_keys], layout=w.Layout(flex_flow="row wrap", align_items="center")),
             _live_style(self._snapshot_id),
         ])
         self.widget.add_class("nbi-panel")
@@ -540,7 +541,8 @@ class ProviderPanel:
             chosen = name == self.provider.value
             weight = "bold" if chosen else "normal"
             rows.append(f'<span class="nbi-key nbi-key-{html.escape(name)}" data-set="{str(ok).lower()}" '
-                        f'style="margin-right:12px;font-weight:{weight};color:{colour};white-space:nowrap">'
+                        f'style="margin-right:12px;font-weight:{weight};color:{colour};white-space:nowrap;'
+                        'display:inline-block">'
                         f'{html.escape(label)}: {"●" if ok else "○"} {mark}</span>')
         chosen = self.provider.value
         hint = ""
