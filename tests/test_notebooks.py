@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["01_quickstart.ipynb", "02_editing.ipynb", "03_providers.ipynb", "04_python_api.ipynb"]
+NAMES = ["01_quickstart.ipynb", "02_editing.ipynb", "03_providers.ipynb", "04_python_api.ipynb",
+         "05_image_sets.ipynb"]
 
 
 def test_notebooks_are_saved_clean():
@@ -41,7 +42,7 @@ def test_notebooks_run_offline_under_nbmake(tmp_path):
         cwd=work, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert "4 passed" in result.stdout
+    assert "5 passed" in result.stdout
     # The notebooks really generated and saved images (into the copy, not the repo).
     assert (work / "output" / "fox.png").is_file()
     assert (work / ".nbimagine").is_dir()

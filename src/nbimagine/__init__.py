@@ -13,12 +13,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Agent", "Cost", "Estimate", "Reply", "Usage", "__version__", "estimate", "history",
-           "load_ipython_extension", "panel", "repair_history", "studio", "unload_ipython_extension"]
+__all__ = ["Agent", "BatchJob", "BatchStatus", "Cost", "Estimate", "ImageSet", "PromptResult", "Reply", "Usage",
+           "__version__", "estimate", "generate_many", "history", "jobs", "load_ipython_extension", "panel",
+           "repair_history", "studio", "submit_batch", "unload_ipython_extension"]
 
 if TYPE_CHECKING:
     from ._agent import Agent, Reply
+    from ._batch import BatchJob, jobs, submit_batch
     from ._cost import Cost, Estimate, Usage, estimate
+    from ._many import ImageSet, PromptResult, generate_many
+    from ._providers._base import BatchStatus
 
 _LAZY = {
     "Agent": ("._agent", "Agent"),
@@ -29,6 +33,13 @@ _LAZY = {
     "estimate": ("._cost", "estimate"),
     "history": ("._history", "history"),
     "repair_history": ("._history", "repair_history"),
+    "generate_many": ("._many", "generate_many"),
+    "ImageSet": ("._many", "ImageSet"),
+    "PromptResult": ("._many", "PromptResult"),
+    "submit_batch": ("._batch", "submit_batch"),
+    "BatchJob": ("._batch", "BatchJob"),
+    "BatchStatus": ("._providers._base", "BatchStatus"),
+    "jobs": ("._batch", "jobs"),
     "panel": ("._widgets", "panel"),
     "studio": ("._widgets", "studio"),
 }

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from ._agent import Agent, Reply
     from ._cost import Estimate
     from ._history import History, HistoryEntry
+    from ._many import RateLimiter
 
 __all__ = ["MAX_VARIANTS", "EventCallback", "Generation", "Retrying"]
 
@@ -75,6 +76,9 @@ class Generation:
     is recorded in the history as an entry of its own (its parent: the image it was painted on) and
     is a parent of the results, so their lineage shows image and mask. With an Images API provider
     the ``n`` images come from one request (``n`` in the request), not from ``n`` requests.
+
+    Many prompts (:func:`nbimagine.generate_many`) share one ``agent`` (with its ``params``, what the
+    history records) and one ``limiter``, through which every request passes (rate limits, 429s).
     """
 
     def __init__(
@@ -91,6 +95,9 @@ class Generation:
         session: ImagineSession | None = None,
         history: History | None = None,
         retry_advice: str = MAGIC_RETRY_ADVICE,
+        agent: Agent | None = None,
+        params: dict[str, Any] | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_VARIANTS:
             raise ConfigError(f"the number of variants must be an integer from 1 to {MAX_VARIANTS}, not {n!r}")
@@ -110,12 +117,17 @@ class Generation:
         self.retry_advice = retry_advice
         self.session = session or get_session()
         self._history = history
-        self.provider = self.overrides.get("provider") or self.session.provider
-        self.model = self.session.effective_model(self.provider, self.overrides.get("model"))
-        # The Images API makes n images in one request; other providers make one per request.
-        self.per_call = n if self.session.is_images_api(self.provider) else 1
+        shared = agent is not None and params is not None
+        self.provider = self.overrides.get("provider") or (
+            type(agent.config).provider if shared else self.session.provider)
+        self.model = agent.config.model if shared else self.session.effective_model(
+            self.provider, self.overrides.get("model"))
+        # The Images API makes n images in one request; other providers (and a shared agent, built once
+        # for many prompts) make one per request.
+        self.per_call = n if agent is None and self.session.is_images_api(self.provider) else 1
         n = 1 if self.per_call > 1 else n
         self.n = n
+        self.limiter = limiter
         self.replies: list[Reply | None] = [None] * n
         self.errors: list[BaseException | None] = [None] * n
         self.variant_entries: list[list[HistoryEntry]] = [[] for _ in range(n)]
@@ -125,8 +137,8 @@ class Generation:
         self.job: Job[list[Reply | None]] | None = None
         self._started_at: float | None = None
         self._ended_at: float | None = None
-        self._agent: Agent | None = None
-        self._params: dict[str, Any] | None = None
+        self._agent: Agent | None = agent
+        self._params: dict[str, Any] | None = params
         self._spent: set[int] = set()
         self._budget_checked = False
 
@@ -337,6 +349,15 @@ class Generation:
         self.start(on_event)
         return self.wait(on_poll)
 
+    async def run_async(self, on_event: EventCallback | None = None) -> list[Reply | None]:
+        """Run every variant in the running event loop (many generations in one task: ``generate_many``).
+
+        Errors stay on ``errors`` (nothing is raised but cancellation), as with ``start``.
+        """
+        agent = self.build_agent()
+        self._started_at = time.perf_counter()
+        return await self._run_all(agent, on_event)
+
     # --- the coroutines --------------------------------------------------------------------------
 
     async def _run_all(self, agent: Agent, on_event: EventCallback | None) -> list[Reply | None]:
@@ -357,25 +378,29 @@ class Generation:
         RETRY_ADVICE.set(self.retry_advice)
         if on_event is not None:
             ON_RETRYABLE.set(_retry_reporter(on_event, index, agent.config.max_retries))
-        try:
+
+        async def request() -> Reply:
             if on_event is None:
                 self.replies[index] = await agent.ask(*inputs, **extra)
-            else:
-                stream = agent.stream(*inputs, **extra)
-                try:
-                    async for event in stream:
-                        if isinstance(event, ReplyEvent):
-                            self.replies[index] = event.reply  # the last event: the answer is in
-                            break
-                        if isinstance(event, ImageEvent):
-                            self.arrived[index].append(event.image)
-                        else:
-                            _safe_call(on_event, index, event)
-                finally:
-                    await stream.aclose()
-                if self.replies[index] is None:
-                    raise ProviderError("The stream ended without a reply", provider=self.provider,
-                                        files=self.arrived[index])
+                return self.replies[index]
+            stream = agent.stream(*inputs, **extra)
+            try:
+                async for event in stream:
+                    if isinstance(event, ReplyEvent):
+                        # The last event: the answer is in (kept even if Ctrl-C lands while closing).
+                        self.replies[index] = event.reply
+                        return event.reply
+                    if isinstance(event, ImageEvent):
+                        self.arrived[index].append(event.image)
+                    else:
+                        _safe_call(on_event, index, event)
+            finally:
+                await stream.aclose()
+            raise ProviderError("The stream ended without a reply", provider=self.provider, files=self.arrived[index])
+
+        try:
+            # The limiter (many prompts) paces the request and retries it after a 429.
+            await (request() if self.limiter is None else self.limiter.call(request))
             self._spend(index)
         except asyncio.CancelledError:
             # Stopped: whatever had already arrived is paid for, so it is still recorded.

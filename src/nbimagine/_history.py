@@ -7,6 +7,7 @@ One store per folder, ``<root>/.nbimagine/``::
     records/<id // 1000>/<id>.json     one small record per image, written before the row is committed:
                                        everything needed to rebuild a lost or corrupt index (repair)
     notebooks/<uid>.json               one record per notebook, holding its current name
+    jobs/<id>.json, <id>.lines.json    one record per batch job (its state, then its prompts, written once)
     thumbs/<sha256>_<side>.<jpg|png>   thumbnails, made on first use
     .v1/<notebook>/                    the per-notebook indexes of nbimagine <= 0.1, kept after migration
     .broken/                           indexes replaced by a repair, kept for inspection
@@ -69,10 +70,11 @@ from .events import BinaryResult, FrozenDict
 if TYPE_CHECKING:
     from ._cost import CostReport
 
-__all__ = ["History", "HistoryEntry", "RepairReport", "history", "notebook_name", "repair_history",
-           "set_history_root", "set_notebook"]
+__all__ = ["History", "HistoryEntry", "JobLine", "JobRecord", "RepairReport", "history", "notebook_name",
+           "repair_history", "set_history_root", "set_notebook"]
 
-SCHEMA_VERSION = 3  # 1 was the per-notebook index of nbimagine <= 0.1 (imported by _import_legacy)
+# 1 was the per-notebook index of nbimagine <= 0.1 (imported by _import_legacy); 3 adds budgets, 4 batch jobs.
+SCHEMA_VERSION = 4
 RECORD_VERSION = 1
 APPLICATION_ID = 0x6E62696D  # "nbim": tells our index from any other SQLite file
 _DIRNAME = ".nbimagine"
@@ -91,7 +93,9 @@ _THUMB_NAME = re.compile(r"([0-9a-f]{64})_[1-9][0-9]{0,5}\.(jpg|png)")
 _TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
 _LEGACY_MEMBERS = ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "index.sqlite-journal", "images",
                    "thumbs")
-_RESERVED = {"images", "thumbs", "records", "notebooks"}
+_RESERVED = {"images", "thumbs", "records", "notebooks", "jobs"}
+_JOB_NAME = re.compile(r"([0-9a-f]{12})\.json")
+_JOB_LINES_NAME = re.compile(r"([0-9a-f]{12})\.lines\.json")
 _LEGACY_PREFIX = ".legacy-"
 
 FIX_REPAIR = ("Run %imagine history --repair (nbimagine.repair_history()) to rebuild the index from the image records, "
@@ -162,10 +166,56 @@ def _schema_v3(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE notebooks ADD COLUMN budget_usd REAL")
 
 
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _schema_v2, 3: _schema_v3}
+# Version 4: batch jobs (``nbimagine.submit_batch``), stored the moment they are created so that they
+# survive a kernel restart, and their lines, whose ``outcome`` makes collecting results idempotent
+# (one row per job + custom_id, updated in the transaction that adds the line's images).
+_SCHEMA_V4 = """
+CREATE TABLE jobs (
+    id           TEXT    PRIMARY KEY,                -- nbimagine's own id, known before the provider's
+    notebook_id  INTEGER NOT NULL REFERENCES notebooks(id),
+    job_id       TEXT    UNIQUE,                     -- the provider's id (NULL while submitting)
+    provider     TEXT    NOT NULL,                   -- the name it was submitted with (openai, gemini, ...)
+    kind         TEXT    NOT NULL,                   -- provider family: openai, azure, gemini, vertex
+    model        TEXT,
+    params       TEXT    NOT NULL DEFAULT '{}',      -- JSON, as recorded on each image
+    parents      TEXT    NOT NULL DEFAULT '[]',      -- JSON list of ids
+    connection   TEXT    NOT NULL DEFAULT '{}',      -- JSON, public config fields to reconnect (no secrets)
+    state        TEXT    NOT NULL,                   -- submitting, then the provider's state, then collected
+    created_at   TEXT    NOT NULL,
+    updated_at   TEXT    NOT NULL,
+    collected_at TEXT,
+    total        INTEGER NOT NULL
+);
+CREATE INDEX jobs_by_notebook ON jobs(notebook_id, created_at);
+CREATE TABLE job_lines (
+    job       TEXT    NOT NULL REFERENCES jobs(id),
+    custom_id TEXT    NOT NULL,
+    position  INTEGER NOT NULL,
+    prompt    TEXT    NOT NULL,
+    outcome   TEXT    CHECK (outcome IN ('done', 'failed')),  -- NULL while not collected
+    entries   TEXT    NOT NULL DEFAULT '[]',                  -- JSON list of entry ids
+    error     TEXT,
+    PRIMARY KEY (job, custom_id)
+) WITHOUT ROWID;
+"""
+
+
+def _schema_v4(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_V4.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _schema_v2, 3: _schema_v3, 4: _schema_v4}
 _REQUIRED_COLUMNS = {"notebooks": {"id", "uid", "name", "budget_usd"},
                      "entries": {"id", "notebook_id", "prompt", "params", "parents", "sha256", "ext", "metadata"},
-                     "edges": {"child", "parent"}, "kernels": {"kernel_id", "notebook_id"}}
+                     "edges": {"child", "parent"}, "kernels": {"kernel_id", "notebook_id"},
+                     "jobs": {"id", "notebook_id", "job_id", "provider", "kind", "params", "connection", "state",
+                              "total"},
+                     "job_lines": {"job", "custom_id", "position", "prompt", "outcome", "entries"}}
+_JOB_COLUMNS = ("j.id, j.job_id, j.provider, j.kind, j.model, j.params, j.parents, j.connection, j.state, "
+                "j.created_at, j.updated_at, j.collected_at, j.total, n.name")
+_JOB_FROM = "FROM jobs j JOIN notebooks n ON n.id = j.notebook_id"
 
 _COLUMNS = ("e.id, e.created_at, e.prompt, e.provider, e.model, e.params, e.parents, e.sha256, e.ext, "
             "e.width, e.height, e.size_bytes, e.metadata, e.text, n.name")
@@ -558,10 +608,13 @@ class RepairReport:
     missing_images: list[int] = field(default_factory=list)
     old_index: Path | None = None
     index: Path | None = None
+    jobs: int = 0
 
     def __str__(self) -> str:
         text = (f"Rebuilt {self.index}: {self.entries} image(s) in {self.notebooks} notebook(s), "
                 f"{self.from_records} from their records")
+        if self.jobs:
+            text += f", {self.jobs} batch job(s)"
         if self.from_old_index:
             text += f", {self.from_old_index} from the old index (they had no record; one was written)"
         text += "."
@@ -710,7 +763,10 @@ class _Store:
                                        cause=f"table {table!r} lacks {missing}", fix=FIX_REPAIR)
 
     def _has_content(self) -> bool:
-        """Whether records or image files exist (so an empty index would be a lost one)."""
+        """Whether records, image files or job records exist (so an empty index would be a lost one)."""
+        with contextlib.suppress(OSError), self.dir.child("jobs") as jobs:
+            if any(_JOB_NAME.fullmatch(n) for n in jobs.names()):
+                return True
         for top, pattern in (("records", _RECORD_NAME), ("images", _IMAGE_NAME)):
             try:
                 folder = self.dir.child(top)
@@ -886,6 +942,7 @@ class _Store:
         elif target[0] != old_id:
             conn.execute("UPDATE entries SET notebook_id = ? WHERE notebook_id = ?", (target[0], old_id))
             conn.execute("UPDATE kernels SET notebook_id = ? WHERE notebook_id = ?", (target[0], old_id))
+            conn.execute("UPDATE jobs SET notebook_id = ? WHERE notebook_id = ?", (target[0], old_id))
             conn.execute("DELETE FROM notebooks WHERE id = ?", (old_id,))
             self._write_notebook_record(old_uid, old_name, created, merged_into=target[1])
         return count
@@ -983,6 +1040,43 @@ class _Store:
                 except (OSError, ValueError):
                     continue
         return ids
+
+    # -- batch job records -----------------------------------------------------------------------
+
+    def write_job_record(self, doc: Mapping[str, Any], lines: Sequence[tuple[str, str]] | None = None) -> None:
+        """``jobs/<id>.json`` (rewritten when the job changes) and, once, ``jobs/<id>.lines.json``:
+        what a repair needs to list the job again and reach it at its provider."""
+        with self.dir.descend("jobs", create=True) as folder:
+            if lines is not None:
+                folder.write(f"{doc['id']}.lines.json", _dumps([list(line) for line in lines]).encode("ascii"),
+                             overwrite=True, durable=self.durable)
+            folder.write(f"{doc['id']}.json", _dumps({"job": RECORD_VERSION, **doc}).encode("ascii"),
+                         overwrite=True, durable=self.durable)
+
+    def job_records(self) -> list[tuple[dict[str, Any], list[tuple[str, str]]]]:
+        """Every well-formed job record with its lines (those that are not are left alone)."""
+        out = []
+        try:
+            folder = self.dir.child("jobs")
+        except OSError:
+            return out
+        with folder:
+            for name in sorted(folder.names()):
+                m = _JOB_NAME.fullmatch(name)
+                if not m:
+                    continue
+                with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+                    doc = json.loads(folder.read(name, limit=1 << 20))
+                    lines = json.loads(folder.read(f"{m.group(1)}.lines.json", limit=256 << 20))
+                    pairs = [(str(custom_id), str(prompt)) for custom_id, prompt in lines]
+                    fields = ("provider", "kind", "state", "created_at", "updated_at")
+                    if (isinstance(doc, dict) and doc.get("id") == m.group(1) and isinstance(doc.get("notebook"), dict)
+                            and isinstance(doc["notebook"].get("name"), str)
+                            and all(isinstance(doc.get(k), str) for k in fields)
+                            and all(isinstance(doc.get(k), t) for k, t in (("params", dict), ("parents", list),
+                                                                           ("connection", dict)))):
+                        out.append((doc, pairs))
+        return out
 
     # -- writing entries -------------------------------------------------------------------------
 
@@ -1210,6 +1304,7 @@ class _Store:
                  "orphan_thumbnails", False),
                 ("records", None, None, True),
                 ("notebooks", None, None, False),
+                ("jobs", None, None, False),
             ):
                 try:
                     folder = self.dir.child(top)
@@ -1295,7 +1390,10 @@ class _Store:
                 if entry_id not in records:
                     records[entry_id] = row
                     report.from_old_index += 1
-            report.old_index = self._rebuild(records, max([old_seq, *records], default=0), report)
+            jobs = self.job_records()
+            for doc, _ in jobs:
+                doc["notebook"]["name"] = names.get(doc["notebook"].get("uid") or "", doc["notebook"]["name"])
+            report.old_index = self._rebuild(records, max([old_seq, *records], default=0), report, jobs)
         return report
 
     @contextlib.contextmanager
@@ -1381,7 +1479,8 @@ class _Store:
             names[uid] = docs[current]["name"]
         return names
 
-    def _rebuild(self, records: dict[int, dict[str, Any]], seq: int, report: RepairReport) -> Path | None:
+    def _rebuild(self, records: dict[int, dict[str, Any]], seq: int, report: RepairReport,
+                 jobs: Sequence[tuple[dict[str, Any], list[tuple[str, str]]]] = ()) -> Path | None:
         tmp = f"{_INDEX}.rebuild-{secrets.token_hex(4)}"
         tmp_path = self.path / tmp
         conn = sqlite3.connect(tmp_path, isolation_level=None)
@@ -1394,6 +1493,8 @@ class _Store:
             uids: dict[str, str] = {}
             for record in records.values():
                 uids.setdefault(record["notebook"], record.get("notebook_uid") or secrets.token_hex(8))
+            for doc, _ in jobs:
+                uids.setdefault(doc["notebook"]["name"], doc["notebook"].get("uid") or secrets.token_hex(8))
             notebook_ids = {}
             for name, uid in sorted(uids.items()):
                 cur = conn.execute("INSERT INTO notebooks (uid, name, created_at) VALUES (?, ?, ?)",
@@ -1403,6 +1504,7 @@ class _Store:
                 self.insert_record(conn, records[entry_id], notebook_ids=notebook_ids, edges=False)
             conn.executemany("INSERT OR IGNORE INTO edges (child, parent) VALUES (?, ?)",
                              [(i, p) for i, r in records.items() for p in r["parents"] if p in records])
+            report.jobs = _insert_jobs(conn, jobs, records, notebook_ids)
             if seq:
                 _set_seq(conn, seq)
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
@@ -1462,6 +1564,37 @@ def _record_from(record: Mapping[str, Any], notebook_uid: str) -> bytes:
         size_bytes=record["size_bytes"], metadata=_dumps(record["metadata"]), text=record.get("text"),
         legacy_folder=record.get("legacy_folder"), legacy_id=record.get("legacy_id"),
     )
+
+
+def _insert_jobs(conn: sqlite3.Connection, jobs: Sequence[tuple[dict[str, Any], list[tuple[str, str]]]],
+                 records: Mapping[int, Mapping[str, Any]], notebook_ids: Mapping[str, int]) -> int:
+    """Jobs from their records; a line is collected when images carry its job and ``custom_id``."""
+    collected: dict[tuple[str, str], list[int]] = {}
+    for entry_id, record in sorted(records.items()):
+        meta = record["metadata"]
+        if isinstance(meta.get("batch_job"), str) and isinstance(meta.get("custom_id"), str):
+            collected.setdefault((meta["batch_job"], meta["custom_id"]), []).append(entry_id)
+    count = 0
+    for doc, lines in jobs:
+        nb_id = notebook_ids.get(doc["notebook"]["name"])
+        if nb_id is None:
+            continue
+        with contextlib.suppress(sqlite3.IntegrityError):  # a provider id twice: the first record wins
+            conn.execute(
+                "INSERT INTO jobs (id, notebook_id, job_id, provider, kind, model, params, parents, connection, state, "
+                "created_at, updated_at, collected_at, total) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (doc["id"], nb_id, _str_or_none(doc.get("job_id")), doc["provider"], doc["kind"],
+                 _str_or_none(doc.get("model")), _dumps(doc["params"]), _dumps(doc["parents"]),
+                 _dumps(doc["connection"]), doc["state"], doc["created_at"], doc["updated_at"],
+                 _str_or_none(doc.get("collected_at")), len(lines)))
+            conn.executemany(
+                "INSERT OR IGNORE INTO job_lines (job, custom_id, position, prompt, outcome, entries) "
+                "VALUES (?,?,?,?,?,?)",
+                [(doc["id"], custom_id, i, prompt, "done" if (doc["id"], custom_id) in collected else None,
+                  json.dumps(collected.get((doc["id"], custom_id), [])))
+                 for i, (custom_id, prompt) in enumerate(lines)])
+            count += 1
+    return count
 
 
 def _search(prompt: str, revised: str | None) -> str:
@@ -1950,8 +2083,171 @@ class History:
             written.append(target.path / name)
         return written
 
+    # -- batch jobs ------------------------------------------------------------------------------
+
+    def add_job(self, id: str, *, provider: str, kind: str, model: str | None, params: Mapping[str, Any],
+                parents: Sequence[int], connection: Mapping[str, Any], lines: Sequence[tuple[str, str]]) -> None:
+        """Record a batch job of this notebook before it is submitted (state ``submitting``): ``lines``
+        are its ``(custom_id, prompt)`` pairs, in order. ``connection`` must hold no secret."""
+        if self.notebook is None:
+            raise ValueError("this view shows every notebook; add to one: nbimagine.history(NAME)")
+        if not re.fullmatch(r"[0-9a-f]{12}", id):
+            raise ValueError(f"a job id is 12 hex digits, not {id!r}")
+        now = _now()
+        with self._store.transaction() as conn:
+            nb_id, _ = self._store.notebook_row(conn, self.notebook, create=True)  # type: ignore[misc]
+            conn.execute(
+                "INSERT INTO jobs (id, notebook_id, job_id, provider, kind, model, params, parents, connection, state, "
+                "created_at, updated_at, collected_at, total) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (id, nb_id, None, provider, kind, model, _dumps(_scrub(dict(params))), json.dumps(list(parents)),
+                 _dumps(_scrub(dict(connection))), "submitting", now, now, None, len(lines)))
+            conn.executemany("INSERT INTO job_lines (job, custom_id, position, prompt) VALUES (?,?,?,?)",
+                             [(id, custom_id, i, _text(prompt)) for i, (custom_id, prompt) in enumerate(lines)])
+            # Before the rows commit, as for images: a lost index is rebuilt from the records.
+            self._store.write_job_record(self._job_doc(conn, id), [(c, _text(p) or "") for c, p in lines])
+
+    def update_job(self, id: str, *, state: str, job_id: str | None = None) -> None:
+        """Set a job's last known state (and its provider id, once known)."""
+        now = _now()
+        with self._store.transaction() as conn:
+            row = conn.execute("SELECT state, job_id FROM jobs WHERE id = ?", (id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no batch job {id!r} in the history")
+            if row == (state, job_id or row[1]):
+                return  # polled again, nothing new: no write
+            conn.execute("UPDATE jobs SET state = ?, updated_at = ?, job_id = COALESCE(?, job_id), "
+                         "collected_at = COALESCE(?, collected_at) WHERE id = ?",
+                         (state, now, job_id, now if state == "collected" else None, id))
+            self._store.write_job_record(self._job_doc(conn, id))
+
+    @staticmethod
+    def _job_doc(conn: sqlite3.Connection, id: str) -> dict[str, Any]:
+        (job_id, provider, kind, model, params, parents, connection, state, created, updated, collected, uid,
+         name) = conn.execute(
+            "SELECT j.job_id, j.provider, j.kind, j.model, j.params, j.parents, j.connection, j.state, j.created_at, "
+            "j.updated_at, j.collected_at, n.uid, n.name FROM jobs j JOIN notebooks n ON n.id = j.notebook_id "
+            "WHERE j.id = ?", (id,)).fetchone()
+        return {"id": id, "notebook": {"uid": uid, "name": name}, "job_id": job_id, "provider": provider,
+                "kind": kind, "model": model, "params": json.loads(params), "parents": json.loads(parents),
+                "connection": json.loads(connection), "state": state, "created_at": created, "updated_at": updated,
+                "collected_at": collected}
+
+    def jobs(self) -> list[JobRecord]:
+        """The batch jobs of this notebook (of every notebook for an ``all_notebooks`` view), newest first."""
+        where, args = ("WHERE n.name = ?", (self.notebook,)) if self.notebook is not None else ("", ())
+        return [self._job(row) for row in self._store.query(
+            f"SELECT {_JOB_COLUMNS} {_JOB_FROM} {where} ORDER BY j.created_at DESC, j.rowid DESC", args)]
+
+    def job(self, ref: str) -> JobRecord:
+        """A job by nbimagine id or provider id (a unique prefix of either will do), or ``last`` (this
+        notebook's newest); ``KeyError`` when none or several match. Ids are unique in the folder."""
+        ref = ref.strip()
+        if ref in ("last", "-1"):
+            jobs = self.jobs()[:1]
+        else:
+            rows = self._store.query(f"SELECT {_JOB_COLUMNS} {_JOB_FROM} WHERE j.id = ? OR j.job_id = ?", (ref, ref))
+            if not rows and ref:
+                pattern = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+                rows = self._store.query(f"SELECT {_JOB_COLUMNS} {_JOB_FROM} WHERE j.id LIKE ? ESCAPE '\\' "
+                                         "OR j.job_id LIKE ? ESCAPE '\\'", (pattern, pattern))
+            jobs = [self._job(row) for row in rows]
+        if len(jobs) != 1:
+            known = ", ".join(j.job_id or j.id for j in self.jobs()[:5]) or "none"
+            what = "no batch job" if not jobs else f"{len(jobs)} batch jobs"
+            raise KeyError(f"{what} matching {ref!r} in the history of notebook {self.notebook!r} "
+                           f"(recent: {known}); %imagine jobs lists them")
+        return jobs[0]
+
+    def job_lines(self, id: str) -> list[JobLine]:
+        """The lines of job ``id`` in submission order, with their outcome so far."""
+        rows = self._store.query("SELECT custom_id, position, prompt, outcome, entries, error FROM job_lines "
+                                 "WHERE job = ? ORDER BY position", (id,))
+        return [JobLine(c, p, pr, o, tuple(int(i) for i in json.loads(e)), err) for c, p, pr, o, e, err in rows]
+
+    def collect_line(self, job: JobRecord, custom_id: str, images: Sequence[BinaryResult], *,
+                     text: str | None = None, error: str | None = None) -> tuple[list[HistoryEntry], bool]:
+        """Record the result of one line of ``job`` exactly once; returns its entries and whether they
+        are new. A line already collected (by this kernel, or another) keeps its first entries.
+
+        The images go to the job's notebook, with the job's parameters and parents, in the same
+        transaction that marks the line: a crash leaves the line either collected or not.
+        """
+        target = self if self.notebook == job.notebook else History(notebook=job.notebook, _store=self._store)
+        with self._store.transaction() as conn:
+            row = conn.execute("SELECT outcome, entries, prompt FROM job_lines WHERE job = ? AND custom_id = ?",
+                               (job.id, custom_id)).fetchone()
+            if row is None:
+                raise KeyError(f"batch job {job.job_id or job.id} has no line {custom_id!r}")
+            outcome, ids, prompt = row
+            if outcome is not None:
+                return [self.get(i) for i in json.loads(ids)], False
+            known = _existing(conn, job.parents)
+            entries = [target.add(image, prompt=prompt, provider=job.provider,
+                                  model=image.metadata.get("model") or job.model, params=job.params,
+                                  parents=[p for p in job.parents if p in known], text=text)
+                       for image in images]
+            conn.execute("UPDATE job_lines SET outcome = ?, entries = ?, error = ? WHERE job = ? AND custom_id = ?",
+                         ("failed" if error is not None and not entries else "done",
+                          json.dumps([e.id for e in entries]), _text(error), job.id, custom_id))
+        return entries, True
+
+    def _job(self, row: tuple[Any, ...]) -> JobRecord:
+        (id_, job_id, provider, kind, model, params, parents, connection, state, created, updated, collected,
+         total, notebook) = row
+        counts = dict(self._store.query("SELECT COALESCE(outcome, 'pending'), COUNT(*) FROM job_lines WHERE job = ? "
+                                        "GROUP BY outcome", (id_,)))
+        try:
+            return JobRecord(
+                id=id_, job_id=job_id, provider=provider, kind=kind, model=model,
+                params=FrozenDict(json.loads(params)), parents=tuple(int(p) for p in json.loads(parents)),
+                connection=FrozenDict(json.loads(connection)), state=state,
+                created_at=datetime.fromisoformat(created), updated_at=datetime.fromisoformat(updated),
+                collected_at=datetime.fromisoformat(collected) if collected else None, total=total,
+                done=counts.get("done", 0), failed=counts.get("failed", 0), notebook=notebook)
+        except (TypeError, ValueError) as exc:
+            raise HistoryError(f"History row of batch job {id_} is malformed and was refused",
+                               path=self._store.index, cause=str(exc), fix=FIX_REPAIR) from exc
+
     def __repr__(self) -> str:
         return f"History({self.notebook!r}, {len(self)} images, {str(self.path)!r})"
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A batch job as the history knows it; ``state`` is the last one seen (``collected`` once its
+    results are in the history); ``done`` / ``failed`` count the lines collected so far."""
+
+    id: str
+    job_id: str | None
+    provider: str
+    kind: str
+    model: str | None
+    params: dict[str, Any]
+    parents: tuple[int, ...]
+    connection: dict[str, Any]
+    state: str
+    created_at: datetime
+    updated_at: datetime
+    collected_at: datetime | None
+    total: int
+    done: int
+    failed: int
+    notebook: str | None = None
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+
+@dataclass(frozen=True)
+class JobLine:
+    """One request line of a batch job: its ``custom_id``, prompt and outcome (``None`` until collected)."""
+
+    custom_id: str
+    position: int
+    prompt: str
+    outcome: str | None
+    entries: tuple[int, ...]
+    error: str | None
 
 
 def _str_or_none(value: Any) -> str | None:

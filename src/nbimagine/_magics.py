@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["ImagineMagics", "interpolate", "load_ipython_extension", "unload_ipython_extension"]
 
 SUBCOMMANDS = ("use", "history", "show", "lineage", "export", "providers", "emulator", "panel", "studio", "mask",
-               "budget", "cost")
+               "budget", "cost", "jobs")
 _SESSION_TRAITS = ("provider", *OPTIONS)
 _HELP_FLAGS = {"-h", "--help"}
 _NAME_RE = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -152,6 +152,13 @@ class ImagineMagics(Magics, _ConfigTraits):
                    "change; same forms as -e; paint one with %%imagine mask REF")
     @argument("-n", type=int, default=1, metavar="N", help="number of variants, generated concurrently")
     @argument("-o", "--out", metavar="NAME", help="store the Reply (a list of Replies with -n) in NAME")
+    @argument("--each", action="store_true",
+              help="an image set: one prompt per line of the cell, generated now, concurrently")
+    @argument("--batch", action="store_true",
+              help="send the cell's prompts (one per line) to the provider's batch engine: about half price, "
+                   "results within 24 h; %%imagine jobs follows the job, even after a restart")
+    @argument("--concurrency", type=int, metavar="N",
+              help="with --each: requests in flight at once (default 4); 429s are waited out for all")
     @argument("--full", action="store_true", help="embed the full-resolution image instead of a preview")
     @argument("--no-history", action="store_true", help="do not record the images in the notebook history")
     @argument("--dry-run", action="store_true",
@@ -183,6 +190,8 @@ class ImagineMagics(Magics, _ConfigTraits):
             %imagine budget [USD|off] [--session]  this notebook's (or session's) spending limit
             %imagine cost                     this notebook's spending by day, provider and model
             %imagine mask REF [-o NAME]       paint a mask over an image (then %%imagine -e REF --mask NAME)
+            %imagine jobs                     batch jobs of this notebook (also after a restart)
+            %imagine jobs wait|status|cancel|results [ID]   follow one job (ID: last by default)
             %imagine panel | studio           widget panels
             %imagine PROMPT...                generate from a one-line prompt
 
@@ -190,6 +199,10 @@ class ImagineMagics(Magics, _ConfigTraits):
 
             %%imagine -p gemini --aspect 16:9 -n 4
             A watercolor fox in the snow, in the style of {style}
+
+            %%imagine --each --concurrency 8 -o catalogue
+            A red teapot on white
+            A blue teapot on white
         """
         if _HELP_FLAGS & set(line.split()):
             # IPython's argument parser has no -h; %imagine? shows the same text.
@@ -213,7 +226,12 @@ class ImagineMagics(Magics, _ConfigTraits):
             # IPython has already expanded {name} on the magic line, never in the body: only the body
             # is interpolated here (a second pass over the line would undo IPython's {{ escape).
             prompt = interpolate(cell, _user_variables(self.shell))
-        self._generate(prompt.strip(), args)
+        if args.each or args.batch:
+            self._generate_set(prompt, args)
+        elif args.concurrency is not None:
+            raise UsageError("--concurrency applies to an image set: add --each (one prompt per line)")
+        else:
+            self._generate(prompt.strip(), args)
         return None
 
     # --- generation ------------------------------------------------------------------------------
@@ -243,22 +261,7 @@ class ImagineMagics(Magics, _ConfigTraits):
         try:
             self.session.validate(**overrides)
             history = self._history() if (record or args.edit or args.ref or args.mask) else None
-            parents: list[int] = []
-
-            def resolve(refs: list[str]) -> list[BinaryResult]:
-                images = []
-                for ref in refs:
-                    image, parent = self._resolve_ref(ref, history)
-                    images.append(image)
-                    if parent is not None:
-                        parents.append(parent)
-                return images
-
-            edits, refs = resolve(args.edit), resolve(args.ref)
-            if args.mask and not edits:
-                raise UsageError("--mask needs the image it applies to: add -e REF (the mask marks the region of "
-                                 "that image to change)")
-            mask = self._resolve_ref(args.mask, history)[0] if args.mask else None
+            edits, refs, mask, parents = self._inputs(args, history)
             gen = Generation(prompt, edits=edits, refs=refs, mask=mask, parents=parents, n=args.n,
                              overrides=overrides, record=record, session=self.session, history=history)
             gen.build_agent()
@@ -293,6 +296,100 @@ class ImagineMagics(Magics, _ConfigTraits):
                  or f"Within the {scope} budget of {format_usd(budget)} ({format_usd(spent)} spent)."
                  for scope, budget, spent in gen.budgets()]
         display(_DryRunView(dry, gen.n, notes))
+
+    def _inputs(self, args: Any, history: Any) -> tuple[list[BinaryResult], list[BinaryResult],
+                                                        BinaryResult | None, list[int]]:
+        """The images of ``-e``, ``-r`` and ``--mask`` (resolved in the history), and their parent ids."""
+        parents: list[int] = []
+
+        def resolve(refs: list[str]) -> list[BinaryResult]:
+            images = []
+            for ref in refs:
+                image, parent = self._resolve_ref(ref, history)
+                images.append(image)
+                if parent is not None:
+                    parents.append(parent)
+            return images
+
+        edits, refs = resolve(args.edit), resolve(args.ref)
+        if args.mask and not edits:
+            raise UsageError("--mask needs the image it applies to: add -e REF (the mask marks the region of "
+                             "that image to change)")
+        mask = self._resolve_ref(args.mask, history)[0] if args.mask else None
+        return edits, refs, mask, parents
+
+    def _generate_set(self, text: str, args: Any) -> None:
+        """``--each`` / ``--batch``: one prompt per non-blank line."""
+        from ._generate import MAX_VARIANTS
+        from ._many import DEFAULT_CONCURRENCY, ManyRun, prepare_agent, run_with_progress
+
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError("Write the prompts in the cell body, one per line")
+        if not 1 <= args.n <= MAX_VARIANTS:
+            raise UsageError(f"-n takes 1 to {MAX_VARIANTS} variants, not {args.n}")
+        if args.out and not (args.out.isidentifier() and not keyword.iskeyword(args.out)):
+            raise UsageError(f"-o needs a variable name, not {args.out!r}")
+        if args.batch and (args.edit or args.ref or args.mask or args.concurrency is not None or args.no_history):
+            given = [f for f, on in (("-e", args.edit), ("-r", args.ref), ("--mask", args.mask),
+                                     ("--concurrency", args.concurrency is not None),
+                                     ("--no-history", args.no_history)) if on]
+            raise UsageError(f"{', '.join(given)} cannot go with --batch: a batch sends text prompts and its "
+                             "results are collected into the history")
+        overrides = self._overrides(args)
+        record = not args.no_history
+        try:
+            self.session.validate(**overrides)
+            agent, params = prepare_agent(None, (), overrides, self.session, check=False)
+        except (ConfigError, InputError) as exc:
+            raise UsageError(str(exc)) from None
+        try:  # a missing key is one line before anything else, not one error per prompt
+            agent._provider.check_credentials()
+        except ConfigError as exc:
+            provider = overrides.get("provider") or self.session.provider
+            raise UsageError(credentials_advice(self.session, provider, exc)) from None
+        try:
+            if args.batch:
+                from ._batch import submit_batch
+
+                job = submit_batch(prompts, n=args.n, history=self._history(), **overrides)
+                if args.out:
+                    self.shell.user_ns[args.out] = job
+                from IPython.display import display
+
+                display(_JobSubmitted(job), raw=False)
+                return
+            history = self._history() if (record or args.edit or args.ref or args.mask) else None
+            edits, refs, mask, parents = self._inputs(args, history)
+            concurrency = DEFAULT_CONCURRENCY if args.concurrency is None else args.concurrency
+            run = ManyRun(prompts, agent=agent, params=params, n=args.n, overrides=overrides, record=record,
+                          history=history, concurrency=concurrency, rate_limit=None,
+                          edits=edits, refs=refs, mask=mask, parents=parents,
+                          retries=overrides.get("max_retries", self.session.options().get("max_retries")))
+        except (ConfigError, InputError) as exc:
+            raise UsageError(str(exc)) from None
+        except KeyboardInterrupt:  # before any request: nothing to stop, nothing recorded; one line
+            raise _short_traceback(KeyboardInterrupt("Cancelled before the request was sent")) from None
+        from IPython.display import display
+
+        try:
+            images = run_with_progress(run, progress=True)
+        except KeyboardInterrupt:
+            images = run.results()
+            display(images)
+            print(f"Cancelled (Ctrl-C) after {run.elapsed:.1f} s: {len(images.ok)} of {len(images)} prompt(s) were "
+                  "done and are in the history.")
+            raise
+        if args.out:
+            self.shell.user_ns[args.out] = images
+        display(images)
+        if images.failures:
+            from .errors import ProviderError
+
+            kept = f"; the {len(images.ok)} that worked are in the history" + (f" and in {args.out}" if args.out
+                                                                               else "")
+            raise _short_traceback(ProviderError(
+                f"{len(images.failures)} of {len(images)} prompt(s) failed (listed above){kept}", code="image_set"))
 
     def _run_with_progress(self, gen: Generation, *, full: bool, out: str | None = None) -> list[Any]:
         """Run ``gen`` with a live progress slot, then show every image it has, whatever happened.
@@ -586,7 +683,8 @@ class ImagineMagics(Magics, _ConfigTraits):
         extras = [flag for flag, given in (("-e", args.edit), ("-r", args.ref), ("--mask", args.mask),
                                             ("-n", args.n != 1), ("-o", args.out),
                                             ("--full", args.full), ("--no-history", args.no_history),
-                                            ("--dry-run", args.dry_run)) if given]
+                                            ("--dry-run", args.dry_run), ("--each", args.each), ("--batch", args.batch),
+                                            ("--concurrency", args.concurrency is not None)) if given]
         if extras:
             raise UsageError(f"{', '.join(extras)} apply to one generation, not to %imagine use")
         overrides = self._overrides(args)
@@ -720,6 +818,45 @@ class ImagineMagics(Magics, _ConfigTraits):
         if rest.strip():
             raise UsageError("%imagine cost takes no arguments (nbimagine.history().cost() gives the data)")
         return self._history().cost()
+
+    def _cmd_jobs(self, rest: str) -> Any:
+        from ._batch import BatchJob
+
+        words = _split(rest)
+        action = words.pop(0) if words and words[0] in ("list", "wait", "status", "cancel", "results") else "list"
+        history = self._history()
+        if action == "list":
+            if words:
+                raise UsageError(f"%imagine jobs takes no argument, not {' '.join(words)!r} (wait ID, status ID...)")
+            return _JobsTable(history.jobs(), notebook=history.notebook)
+        if len(words) > 1:
+            raise UsageError(f"%imagine jobs {action} takes one job id (or a unique start of one), or none for the "
+                             "last job")
+        try:
+            job = BatchJob(history.job(words[0] if words else "last"), history=history)
+        except KeyError as exc:
+            raise UsageError(str(exc.args[0])) from None
+        from .errors import BatchError, ImagineError
+
+        try:
+            if action == "status":
+                return _JobStatus(job, job.status())
+            if action == "cancel":
+                return _JobStatus(job, job.cancel())
+            images = job.wait() if action == "wait" else job.results()
+        except KeyboardInterrupt:
+            print(f"Stopped waiting; batch job {job.id} goes on at the provider: %imagine jobs wait {job.id} resumes.")
+            raise
+        except BatchError as exc:
+            from IPython.display import display
+
+            display(exc.results)
+            raise _short_traceback(exc) from None
+        except (ConfigError, InputError) as exc:
+            raise UsageError(str(exc)) from None
+        except ImagineError as exc:
+            raise _short_traceback(exc) from None
+        return images
 
     def _cmd_panel(self, rest: str) -> Any:
         from ._widgets import panel
@@ -1058,6 +1195,57 @@ class _Shown:
         from ._display import image_bundle
 
         return image_bundle(self.entry.image, caption=self._caption(), full=self.full), self._ids()
+
+
+class _JobSubmitted:
+    """What ``%%imagine --batch`` shows: the job id, at once, and how to follow it."""
+
+    def __init__(self, job: Any) -> None:
+        self.job = job
+
+    def __repr__(self) -> str:
+        job = self.job
+        return (f"Batch job {job.id} submitted: {job.record.total} request(s) to {job.record.provider}/"
+                f"{job.record.model} ({job.last or job.record.state}). It runs at the provider (up to 24 h, about "
+                f"half price); %imagine jobs wait {job.id} collects the images, also after a kernel restart.")
+
+
+class _JobStatus:
+    def __init__(self, job: Any, status: Any) -> None:
+        self.job, self.status = job, status
+
+    def __repr__(self) -> str:
+        errors = f" ({'; '.join(self.status.errors)})" if self.status.errors else ""
+        return f"Batch job {self.job.id} ({self.job.record.provider}/{self.job.record.model}): {self.status}{errors}"
+
+
+class _JobsTable:
+    """``%imagine jobs``: this notebook's batch jobs, newest first."""
+
+    def __init__(self, records: list[Any], *, notebook: str) -> None:
+        self.records, self.notebook = records, notebook
+
+    def rows(self) -> list[tuple[str, ...]]:
+        return [(r.job_id or r.id, f"{r.provider}/{r.model}", r.state, f"{r.done + r.failed}/{r.total}",
+                 str(r.failed), r.created_at.strftime("%Y-%m-%d %H:%M")) for r in self.records]
+
+    def __repr__(self) -> str:
+        if not self.records:
+            return f"No batch jobs in the history of {self.notebook!r} (%%imagine --batch submits one)."
+        head = ("job", "provider/model", "state", "collected", "failed", "created (UTC)")
+        rows = [head, *self.rows()]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        import html
+
+        if not self.records:
+            return {"text/plain": repr(self), "text/html": f"<div>{html.escape(repr(self))}</div>"}
+        head = "".join(f"<th>{h}</th>" for h in ("job", "provider/model", "state", "collected", "failed",
+                                                  "created (UTC)"))
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows())
+        return {"text/plain": repr(self), "text/html": f"<table><tr>{head}</tr>{body}</table>"}
 
 
 class _Providers:

@@ -489,11 +489,20 @@ def emulator() -> Emulator:
     global _emulator
     with _lock:
         if _emulator is None:
+            from urllib.parse import urlsplit
+
             from .emulator import Emulator
 
-            emu = Emulator().start()
-            atexit.register(emu.stop)
-            _emulator = emu
+            url = os.environ.get("NBIMAGINE_EMULATOR", "")
+            if url.startswith(("http://", "https://")):
+                # An emulator already running (python -m nbimagine.emulator prints this variable): its
+                # batch jobs outlive a kernel restart, as a real provider's do.
+                parts = urlsplit(url)
+                _emulator = Emulator(parts.hostname or "127.0.0.1", parts.port or 80)
+            else:
+                emu = Emulator().start()
+                atexit.register(emu.stop)
+                _emulator = emu
         return _emulator
 
 

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BackgroundResponseError",
+    "BatchError",
     "BudgetError",
     "ConfigError",
     "ContentPolicyError",
@@ -99,6 +100,9 @@ class ProviderError(ImagineError):
     """The provider failed, refused, or answered something that cannot be used.
 
     ``files`` holds every image the provider did make before the failure, so none is lost.
+    ``retry_after`` is the wait in seconds the provider asked for (``retry-after-ms`` / ``retry-after``
+    headers, Google's ``RetryInfo``); ``rate_limit`` the requests per minute it said apply
+    (``x-ratelimit-limit-requests``, Google's ``QuotaFailure.quotaValue``). Both ``None`` when not said.
     """
 
     def __init__(
@@ -110,6 +114,8 @@ class ProviderError(ImagineError):
         code: str | None = None,
         request_id: str | None = None,
         files: Sequence[BinaryResult] = (),
+        retry_after: float | None = None,
+        rate_limit: float | None = None,
     ) -> None:
         self.message = redact(message)
         self.provider = provider
@@ -117,6 +123,8 @@ class ProviderError(ImagineError):
         self.code = code
         self.request_id = request_id
         self.files = list(files)
+        self.retry_after = retry_after
+        self.rate_limit = rate_limit
         super().__init__(self.message)
 
     def __str__(self) -> str:
@@ -171,6 +179,22 @@ class BackgroundResponseError(ProviderError):
         self.response_id = response_id
         self.response_status = response_status
         super().__init__(message, **kwargs)
+
+
+class BatchError(ProviderError):
+    """A batch job ended without completing: ``state`` is ``"failed"``, ``"expired"`` or ``"cancelled"``.
+
+    ``job_id`` names the job; ``results`` (an :class:`~nbimagine.ImageSet`) holds every line that did
+    complete, already recorded in the history, and ``files`` their images: nothing paid for is lost.
+    """
+
+    def __init__(self, message: str, *, state: str, job_id: str, results: Any = None, **kwargs: Any) -> None:
+        self.state = state
+        self.job_id = job_id
+        self.results = results
+        if results is not None:
+            kwargs.setdefault("files", results.files)
+        super().__init__(message, code=kwargs.pop("code", f"batch_{state}"), **kwargs)
 
 
 # Keys look like sk-..., sk-proj-..., AIza..., or opaque tokens after "Bearer" / "api-key:".

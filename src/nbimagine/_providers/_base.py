@@ -15,11 +15,14 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from ..config import ProviderConfig
-from ..errors import ProviderError, UnsupportedToolError
+from ..errors import ConfigError, ProviderError, UnsupportedToolError
 from ..events import BinaryResult, ImageInput, StreamEvent
+
+if TYPE_CHECKING:
+    from .._agent import Reply
 
 Input = str | ImageInput
 ConfigT = TypeVar("ConfigT", bound=ProviderConfig)
@@ -51,6 +54,53 @@ class Turn:
     @property
     def text(self) -> str:
         return "\n".join(item for item in self.inputs if isinstance(item, str))
+
+
+BATCH_STATES = ("validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling",
+                "cancelled")
+BATCH_FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+
+
+@dataclass(frozen=True)
+class BatchStatus:
+    """Where a provider's batch job stands.
+
+    ``state`` uses OpenAI's batch vocabulary for every provider (``openai.types.Batch.status``):
+    validating, in_progress, finalizing, completed, failed, expired, cancelling, cancelled; Gemini's
+    BATCH_STATE_PENDING is validating, RUNNING in_progress, SUCCEEDED completed. ``raw`` is the
+    provider's own word. ``total`` / ``completed`` / ``failed`` count request lines (``None`` when the
+    provider does not say yet); ``errors`` are job-level messages (a rejected input file...).
+    """
+
+    job_id: str
+    state: str
+    raw: str
+    total: int | None = None
+    completed: int | None = None
+    failed: int | None = None
+    errors: tuple[str, ...] = ()
+    output: Any = None  # provider-specific handle on the results (file ids, inline responses)
+
+    @property
+    def done(self) -> bool:
+        """True once the job can change no more (completed, failed, expired or cancelled)."""
+        return self.state in BATCH_FINAL
+
+    def __str__(self) -> str:
+        counts = ""
+        if self.total is not None:
+            failed = f", {self.failed} failed" if self.failed else ""
+            counts = f": {self.completed or 0} of {self.total} done{failed}"
+        return f"{self.state}{counts}"
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    """One request line's outcome: its ``custom_id`` and a ``Reply`` or the ``ProviderError`` it met."""
+
+    custom_id: str
+    reply: Reply | None = None
+    error: ProviderError | None = None
 
 
 class Provider(ABC, Generic[ConfigT]):
@@ -90,6 +140,14 @@ class Provider(ABC, Generic[ConfigT]):
             started = loop.create_task(closer.__anext__())  # type: ignore[arg-type]
             entry = self._clients[loop] = (client, closer, started)
         return entry[0]
+
+    def warm_up(self) -> None:
+        """Import and prepare what a first request and its answer need (blocking, no I/O).
+
+        Many prompts call it once before the first request: a first request that spends a second
+        importing the SDK's modules and building its models would leave late, and its answer would
+        hold the event loop while the next requests are due.
+        """
 
     @abstractmethod
     def run(self, turn: Turn) -> AsyncIterator[StreamEvent]:
@@ -152,6 +210,28 @@ class Provider(ABC, Generic[ConfigT]):
         from .._cost import is_emulated, price
 
         return price(reply.usage, self.name, simulated=is_emulated(self.endpoint()))
+
+    # --- batch engine (optional) ----------------------------------------------------------------
+    # A provider with a batch API overrides all five. ``batch_request`` is synchronous and does no I/O,
+    # so a whole set is checked before anything is uploaded.
+
+    def batch_request(self, custom_id: str, turn: Turn) -> dict[str, Any]:
+        """One request of a batch (the JSONL line / inline request) for ``turn``."""
+        raise ConfigError(f"{type(self.config).__name__} has no batch API in nbimagine; use generate_many() "
+                          "(%%imagine --each) to run the set now")
+
+    async def batch_submit(self, requests: Sequence[dict[str, Any]], *, name: str) -> BatchStatus:
+        raise NotImplementedError
+
+    async def batch_status(self, job_id: str) -> BatchStatus:
+        raise NotImplementedError
+
+    async def batch_cancel(self, job_id: str) -> BatchStatus:
+        raise NotImplementedError
+
+    def batch_results(self, status: BatchStatus) -> AsyncIterator[BatchLine]:
+        """Every line the finished job reports (successes and per-line failures), in any order."""
+        raise NotImplementedError
 
 
 async def _close_at_loop_shutdown(client: Any) -> AsyncIterator[None]:

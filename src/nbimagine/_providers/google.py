@@ -12,6 +12,9 @@ the signatures of the final parts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import json
 import os
 import re
 import warnings
@@ -33,6 +36,8 @@ from ..errors import (
 )
 from ..events import BinaryResult, ImageEvent, ImageInput, PartialImageEvent, ReplyEvent, StreamEvent, TextDeltaEvent
 from ._base import (
+    BatchLine,
+    BatchStatus,
     Provider,
     Turn,
     http_event_hooks,
@@ -289,6 +294,14 @@ class GeminiProvider(Provider[GeminiConfig]):
             reason=reason, provider=self.name, code=reason, request_id=response_id, files=files,
         )
 
+    def warm_up(self) -> None:
+        # The SDK completes its pydantic models the first time a request is built and an answer read
+        # (most of a second); one request config and one answer of the usual shape do it here.
+        from google.genai import models, types  # noqa: F401 - models: imported by the first request
+
+        self._config()
+        types.GenerateContentResponse._from_response(response=_WARM_UP_RESPONSE, kwargs={})
+
     async def run(self, turn: Turn) -> AsyncIterator[StreamEvent]:
         contents, user = self._contents(turn)
         config = self._config()
@@ -403,7 +416,7 @@ class GeminiProvider(Provider[GeminiConfig]):
             return ProviderError(
                 f"{exc.message or exc.status or 'request failed'}{hint}",
                 provider=self.name, status=exc.code, code=exc.status, files=files,
-                request_id=state.response_id,
+                request_id=state.response_id, **_retry_info(exc),
             )
         name = type(exc).__name__
         if name in ("DefaultCredentialsError", "RefreshError", "TransportError") and "google.auth" in type(
@@ -422,6 +435,157 @@ class GeminiProvider(Provider[GeminiConfig]):
             f"The Gemini request failed before a complete answer arrived ({name}: {exc})",
             provider=self.name, code=name, files=files, request_id=state.response_id,
         )
+
+
+    # --- batch (batchGenerateContent with a JSONL file from the Files API) -----------------------
+
+    def batch_request(self, custom_id: str, turn: Turn) -> dict[str, Any]:
+        """One JSONL line: ``{"key", "request": GenerateContentRequest}`` in REST (camelCase) form.
+
+        Always a file, never inline requests: image answers make inline results huge, and Google
+        recommends the file for anything but small batches (Batch API guide, "Input file").
+        """
+        if self.vertex:
+            raise ConfigError("Vertex AI batch prediction reads and writes Cloud Storage or BigQuery, which "
+                              "nbimagine does not drive; use generate_many() (%%imagine --each), or the Gemini "
+                              "Developer API (GeminiConfig) for a batch")
+        contents, _ = self._contents(turn)
+        request: dict[str, Any] = {
+            "contents": [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in contents]}
+        config = self._config().model_dump(mode="json", by_alias=True, exclude_none=True)
+        config.pop("httpOptions", None)
+        # These GenerateContentConfig fields sit beside generationConfig in a REST request.
+        for name in ("safetySettings", "tools", "toolConfig", "cachedContent", "labels"):
+            if name in config:
+                request[name] = config.pop(name)
+        instructions = config.pop("systemInstruction", None) or turn.instructions
+        if instructions:
+            request["systemInstruction"] = ({"parts": [{"text": instructions}]} if isinstance(instructions, str)
+                                            else instructions)
+        if config:
+            request["generationConfig"] = config
+        return {"key": custom_id, "request": request}
+
+    async def batch_submit(self, requests: Sequence[dict[str, Any]], *, name: str) -> BatchStatus:
+        holder = self.client()
+        data = b"".join(json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" for r in requests)
+        try:
+            uploaded = await holder.aio.files.upload(
+                file=io.BytesIO(data), config={"mime_type": "application/jsonl", "display_name": name})
+            job = await holder.aio.batches.create(model=self.config.model, src=uploaded.name,
+                                                  config={"display_name": name})
+        except ImagineError:
+            raise
+        except Exception as exc:
+            raise self._map_error(exc, _Collected(self.config.model)) from exc
+        return _batch_status(job)
+
+    async def batch_status(self, job_id: str) -> BatchStatus:
+        try:
+            return _batch_status(await self.client().aio.batches.get(name=job_id))
+        except Exception as exc:
+            raise self._map_error(exc, _Collected(self.config.model)) from exc
+
+    async def batch_cancel(self, job_id: str) -> BatchStatus:
+        try:
+            await self.client().aio.batches.cancel(name=job_id)
+        except Exception as exc:
+            raise self._map_error(exc, _Collected(self.config.model)) from exc
+        return await self.batch_status(job_id)
+
+    async def batch_results(self, status: BatchStatus) -> AsyncIterator[BatchLine]:
+        from google.genai import types
+
+        dest = status.output
+        if dest is None:
+            return
+        if dest.file_name:
+            try:
+                data = await self.client().aio.files.download(file=dest.file_name)
+            except Exception as exc:
+                raise self._map_error(exc, _Collected(self.config.model)) from exc
+            for raw in data.splitlines():
+                if raw.strip():
+                    record = json.loads(raw)
+                    yield self._batch_line(str(record.get("key")), record.get("response"), record.get("error"),
+                                           types)
+        for index, inlined in enumerate(dest.inlined_responses or []):
+            key = (inlined.metadata or {}).get("key", str(index))
+            yield self._batch_line(str(key), inlined.response, inlined.error, types)
+
+    def _batch_line(self, key: str, response: Any, error: Any, types: Any) -> BatchLine:
+        if response is None:
+            error = error.model_dump(exclude_none=True) if hasattr(error, "model_dump") else (error or {})
+            code = error.get("code")
+            return BatchLine(key, error=ProviderError(error.get("message") or "the request failed",
+                                                      provider=self.name, status=code if isinstance(code, int)
+                                                      else None, code=str(code) if code is not None else None))
+        state = _Collected(self.config.model)
+        try:
+            if isinstance(response, dict):
+                response = types.GenerateContentResponse.model_validate(response)
+            self._absorb(response, state, streaming=False)
+            if state.block_reason:
+                raise self._policy_error(state.block_reason, state.block_message, state.final_files(self),
+                                         state.response_id, prompt=True)
+            if state.finish_reason in SAFETY_REASONS:
+                raise self._policy_error(state.finish_reason, state.finish_message, state.final_files(self),
+                                         state.response_id, prompt=False)
+            from .._agent import Reply
+
+            return BatchLine(key, reply=Reply(body="".join(state.text), files=state.final_files(self),
+                                              usage=state.usage, finish_reason=state.finish_reason,
+                                              response_id=state.response_id, provider=self.name, model=state.model))
+        except ProviderError as exc:
+            return BatchLine(key, error=exc)
+        except Exception as exc:  # a malformed line must not hide the others
+            return BatchLine(key, error=ProviderError(f"unreadable batch result line ({exc!r})", provider=self.name,
+                                                      files=state.safe_files(self)))
+
+
+_GEMINI_BATCH_STATES = {"JOB_STATE_PENDING": "validating", "JOB_STATE_QUEUED": "validating",
+                        "JOB_STATE_RUNNING": "in_progress", "JOB_STATE_SUCCEEDED": "completed",
+                        "JOB_STATE_FAILED": "failed", "JOB_STATE_CANCELLING": "cancelling",
+                        "JOB_STATE_CANCELLED": "cancelled", "JOB_STATE_EXPIRED": "expired",
+                        "JOB_STATE_PARTIALLY_SUCCEEDED": "completed"}
+
+
+def _batch_status(job: Any) -> BatchStatus:
+    raw = _enum(job.state) or "JOB_STATE_UNSPECIFIED"
+    stats = getattr(job, "completion_stats", None)
+    total = completed = failed = None
+    if stats is not None:
+        completed = stats.successful_count
+        failed = stats.failed_count
+        total = sum(n or 0 for n in (completed, failed, stats.incomplete_count)) or None
+    errors = (job.error.message,) if getattr(job, "error", None) is not None and job.error.message else ()
+    return BatchStatus(job_id=job.name, state=_GEMINI_BATCH_STATES.get(raw, "in_progress"), raw=raw, total=total,
+                       completed=completed, failed=failed, errors=errors, output=job.dest)
+
+
+def _retry_info(exc: Any) -> dict[str, float]:
+    """``retry_after`` from Google's RetryInfo (or a ``retry-after`` header) and ``rate_limit`` from a
+    per-minute QuotaFailure's ``quotaValue`` (google.rpc error details of a RESOURCE_EXHAUSTED)."""
+    out: dict[str, float] = {}
+    details = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else {}
+    for detail in details.get("details") or [] if isinstance(details, dict) else []:
+        if not isinstance(detail, dict):
+            continue
+        kind = str(detail.get("@type", ""))
+        if kind.endswith("google.rpc.RetryInfo"):
+            match = re.fullmatch(r"\s*([\d.]+)s\s*", str(detail.get("retryDelay", "")))
+            if match:
+                out["retry_after"] = float(match[1])
+        elif kind.endswith("google.rpc.QuotaFailure"):
+            for violation in detail.get("violations") or []:
+                if "PerMinute" in str(violation.get("quotaId", "")) and violation.get("quotaValue"):
+                    with contextlib.suppress(TypeError, ValueError):
+                        out["rate_limit"] = float(violation["quotaValue"])
+    if "retry_after" not in out:
+        headers = getattr(getattr(exc, "response", None), "headers", None)
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            out["retry_after"] = float(headers["retry-after"])  # type: ignore[index]
+    return out
 
 
 class VertexAIProvider(GeminiProvider):
@@ -547,6 +711,16 @@ async def _read_in_task(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 _END = object()
+
+
+# An answer of the usual shape (an image and a text part), as the Developer API sends it (recorded fixtures).
+_WARM_UP_RESPONSE: dict[str, Any] = {
+    "candidates": [{"content": {"role": "model", "parts": [
+        {"text": ""}, {"inlineData": {"mimeType": "image/png", "data": ""}}]},
+        "finishReason": "STOP", "index": 0}],
+    "usageMetadata": {"promptTokenCount": 1, "candidatesTokenCount": 1, "totalTokenCount": 2},
+    "modelVersion": "gemini-warm-up", "responseId": "warm-up",
+}
 
 
 def _first_error(exc: Any) -> str:

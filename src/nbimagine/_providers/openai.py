@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
+import json
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
@@ -39,6 +41,8 @@ from ..events import (
 from ..tools import ImageGenerationTool
 from ._background import RESULT_MISSING, BackgroundRun
 from ._base import (
+    BatchLine,
+    BatchStatus,
     Input,
     Provider,
     Turn,
@@ -108,7 +112,93 @@ class _OpenAIClientMixin:
         )
 
 
-class OpenAIResponsesProvider(_OpenAIClientMixin, Provider[OpenAIResponsesConfig]):
+class OpenAIBatchMixin:
+    """The Batch API (Files + Batches) for a provider whose request lines go to ``batch_endpoint``.
+
+    The provider builds its lines (``batch_request``) and reads one successful line's body
+    (``batch_reply``); uploading, creating, polling, cancelling and reading the output and error
+    files are the same for every endpoint (OpenAI Batch API guide).
+    """
+
+    name: str
+    config: Any
+    batch_endpoint: str
+
+    def batch_reply(self, body: dict[str, Any]) -> Reply:
+        raise NotImplementedError
+
+    async def batch_submit(self, requests: Sequence[dict[str, Any]], *, name: str) -> BatchStatus:
+        client = self.client()
+        data = b"".join(json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" for r in requests)
+        async with self._mapped_errors():
+            uploaded = await client.files.create(file=(f"{name}.jsonl", data, "application/jsonl"), purpose="batch")
+            batch = await client.batches.create(input_file_id=uploaded.id, endpoint=self.batch_endpoint,
+                                                completion_window="24h", metadata={"nbimagine": name})
+        return _batch_status(batch)
+
+    async def batch_status(self, job_id: str) -> BatchStatus:
+        async with self._mapped_errors():
+            return _batch_status(await self.client().batches.retrieve(job_id))
+
+    async def batch_cancel(self, job_id: str) -> BatchStatus:
+        async with self._mapped_errors():
+            return _batch_status(await self.client().batches.cancel(job_id))
+
+    async def batch_results(self, status: BatchStatus) -> AsyncIterator[BatchLine]:
+        client = self.client()
+        for file_id in status.output or ():
+            async with self._mapped_errors(), client.files.with_streaming_response.content(file_id) as stream:
+                async for raw in stream.iter_lines():
+                    if raw.strip():
+                        yield self._batch_line(json.loads(raw))
+
+    def _batch_line(self, record: dict[str, Any]) -> BatchLine:
+        custom_id = str(record.get("custom_id"))
+        answer = record.get("response") or {}
+        error = record.get("error")
+        if error:  # never executed: batch_expired, batch_cancelled...
+            return BatchLine(custom_id, error=ProviderError(error.get("message") or "the request was not executed",
+                                                            provider=self.name, code=error.get("code")))
+        body = answer.get("body") or {}
+        status = answer.get("status_code")
+        if status != 200:
+            detail = body.get("error") if isinstance(body, dict) else None
+            detail = detail if isinstance(detail, dict) else {}
+            code = detail.get("code")
+            message = detail.get("message") or f"the request failed with HTTP {status}"
+            kwargs: dict[str, Any] = {"provider": self.name, "status": status, "code": code,
+                                      "request_id": answer.get("request_id")}
+            if code in _POLICY_CODES:
+                return BatchLine(custom_id, error=ContentPolicyError(message, reason=code, **kwargs))
+            return BatchLine(custom_id, error=ProviderError(message, **kwargs))
+        try:
+            return BatchLine(custom_id, reply=self.batch_reply(body))
+        except ProviderError as exc:
+            return BatchLine(custom_id, error=exc)
+
+    def _mapped_errors(self) -> Any:
+        return _MappedErrors(self.name, self.config.timeout)
+
+
+class _MappedErrors:
+    """``async with``: the SDK's errors as ours (``sdk_error``, the same mapping as a generation request)."""
+
+    def __init__(self, provider: str, timeout: float) -> None:
+        self.provider = provider
+        self.timeout = timeout
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        import openai
+
+        if isinstance(exc, (openai.APIError, *_transport_errors())):
+            raise sdk_error(exc, self.provider, (), self.timeout) from None
+        return False
+
+
+class OpenAIResponsesProvider(OpenAIBatchMixin, _OpenAIClientMixin, Provider[OpenAIResponsesConfig]):
     name = "openai"
 
     def check_tools(self) -> None:
@@ -195,6 +285,20 @@ class OpenAIResponsesProvider(_OpenAIClientMixin, Provider[OpenAIResponsesConfig
 
     # --- run ----------------------------------------------------------------------------------
 
+    def warm_up(self) -> None:
+        # The SDK builds a pydantic adapter for each union it meets in an answer, the first time it meets
+        # it (about a second); one answer of the usual shape builds them all here.
+        from openai.resources.responses import AsyncResponses  # noqa: F401 - imported by the first create()
+        from openai.types.responses import Response, response_create_params
+
+        Response.construct(**_WARM_UP_RESPONSE)
+        # And the request side: the SDK reads the type hints of every parameter it sends, once.
+        with contextlib.suppress(Exception):  # best effort: openai._utils is not a public API
+            from openai._utils import maybe_transform
+
+            request, _ = self.build_request(Turn(inputs=["warm-up"], history=None, instructions=None, stream=False))
+            maybe_transform(request, response_create_params.ResponseCreateParamsNonStreaming)
+
     async def run(self, turn: Turn) -> AsyncIterator[StreamEvent]:
         import openai
 
@@ -231,9 +335,74 @@ class OpenAIResponsesProvider(_OpenAIClientMixin, Provider[OpenAIResponsesConfig
             raise sdk_error(exc, self.name, parser.files, self.config.timeout) from None
         yield ReplyEvent(parser.reply(response, items, store=self.config.store))
 
+    # --- batch (Files + Batches API, "/v1/responses" lines) ------------------------------------
+
+    batch_endpoint = "/v1/responses"
+
+    def batch_request(self, custom_id: str, turn: Turn) -> dict[str, Any]:
+        """One JSONL line: ``{"custom_id", "method": "POST", "url": "/v1/responses", "body"}`` (Batch API guide)."""
+        request, _ = self.build_request(turn)
+        if request.pop("extra_headers", None):
+            raise ConfigError(f"{type(self.config).__name__} needs a request header for the image tool, which a "
+                              "batch line cannot carry; use generate_many() (%%imagine --each) instead")
+        request.update(request.pop("extra_body", None) or {})
+        for tool in request.get("tools", []):
+            tool.pop("partial_images", None)  # partial images only exist on a stream; batch lines never stream
+        return {"custom_id": custom_id, "method": "POST", "url": self.batch_endpoint, "body": request}
+
+    def batch_reply(self, body: dict[str, Any]) -> Reply:
+        from openai.types.responses import Response
+
+        parser = _ResponseParser(self.name, self.config.model)
+        try:
+            # construct(), not model_validate(): as the SDK itself reads answers, leniently (a field the
+            # installed SDK does not know yet, or one the service left out, must not lose the image).
+            response = Response.construct(**body)
+            parser.begin(response)
+            parser.parse_output(response.output)
+            return parser.reply(response, [], store=self.config.store)
+        except ProviderError:
+            raise
+        except Exception as exc:  # a malformed line must not hide the others
+            raise ProviderError(f"unreadable batch result line ({exc!r})", provider=self.name,
+                                files=parser.files) from None
+
+
+# An answer of the usual shape (an image call and a message), as OpenAI sends it (recorded fixtures).
+_WARM_UP_RESPONSE: dict[str, Any] = {
+    "id": "resp_warm_up", "object": "response", "created_at": 0, "status": "completed", "model": "gpt-5",
+    "parallel_tool_calls": True, "tool_choice": "auto", "tools": [{"type": "image_generation"}],
+    "output": [
+        {"type": "image_generation_call", "id": "ig_warm_up", "status": "completed", "result": "",
+         "size": "1024x1024", "quality": "low", "background": "opaque", "output_format": "png"},
+        {"type": "message", "id": "msg_warm_up", "role": "assistant", "status": "completed",
+         "content": [{"type": "output_text", "text": "", "annotations": []}]},
+    ],
+    "usage": {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2,
+              "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}},
+}
+
+
+def _batch_status(batch: Any) -> BatchStatus:
+    counts = batch.request_counts
+    errors = tuple(f"line {e.line}: {e.message}" if e.line else str(e.message)
+                   for e in ((batch.errors.data or []) if batch.errors else []))
+    return BatchStatus(
+        job_id=batch.id, state=batch.status, raw=batch.status, total=counts.total if counts else None,
+        completed=counts.completed if counts else None, failed=counts.failed if counts else None, errors=errors,
+        output=tuple(f for f in (batch.output_file_id, batch.error_file_id) if f),
+    )
+
 
 class _AzureClientMixin(_OpenAIClientMixin):
     """Azure credentials, endpoint and client, shared by the Responses and the Images API providers."""
+
+    def batch_request(self, custom_id: str, turn: Turn) -> dict[str, Any]:
+        # Azure runs batches on a Global-Batch deployment of its own (Microsoft Learn, "Azure OpenAI
+        # batch"), which this config does not name.
+        raise ConfigError(f"{type(self).__name__.removesuffix('Provider')}: nbimagine does not drive Azure OpenAI "
+                          "batch jobs (they need a Global-Batch deployment); use generate_many() "
+                          "(%%imagine --each) to run the set now")
 
     key_env = "AZURE_OPENAI_API_KEY"
     # None: the v1 surface (/openai/v1/...); a dated version: the deployment routes (/openai/deployments/...).
@@ -653,7 +822,7 @@ def _api_error(exc: Any, provider: str, files: Sequence[BinaryResult]) -> Provid
     if hint and code not in _POLICY_CODES:
         message = f"{message} ({hint})"
     kwargs = {"provider": provider, "status": status, "code": code, "request_id": getattr(exc, "request_id", None),
-              "files": files}
+              "files": files, **_rate_headers(getattr(exc, "response", None))}
     if code in _POLICY_CODES:
         return ContentPolicyError(message, reason=code, **kwargs)
     return ProviderError(message, **kwargs)
@@ -675,6 +844,27 @@ def sdk_error(exc: BaseException, provider: str, files: Sequence[BinaryResult], 
         return _api_error(exc, provider, files)
     message = transport_failure(exc) or f"The connection dropped mid-answer ({exc}); run it again"
     return ProviderError(message, provider=provider, files=files)
+
+
+def _rate_headers(response: Any) -> dict[str, float]:
+    """``retry_after`` (seconds) and ``rate_limit`` (requests per minute) from a response's headers.
+
+    ``retry-after-ms`` before ``retry-after`` (seconds; an HTTP date is left to the SDK), as the SDK
+    reads them; ``x-ratelimit-limit-requests`` per OpenAI's rate-limits guide.
+    """
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return {}
+    out: dict[str, float] = {}
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            out["retry_after"] = float(headers[name]) * scale
+            break
+        except (KeyError, TypeError, ValueError):
+            continue
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        out["rate_limit"] = float(headers["x-ratelimit-limit-requests"])
+    return out
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

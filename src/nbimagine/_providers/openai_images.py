@@ -25,6 +25,7 @@ from ..errors import ConfigError, InputError, InputWarning, ProviderError, Unsup
 from ..events import BinaryResult, ImageEvent, ImageInput, PartialImageEvent, ReplyEvent, StreamEvent
 from ._base import Provider, Turn, kept, result, undecodable_error
 from .openai import (
+    OpenAIBatchMixin,
     _AzureClientMixin,
     _decode_image,
     _OpenAIClientMixin,
@@ -42,7 +43,7 @@ _EDIT_ONLY = ("input_fidelity",)
 _RESPONSE_FIELDS = ("size", "quality", "background", "output_format")
 
 
-class OpenAIImagesProvider(_OpenAIClientMixin, Provider[OpenAIImagesConfig]):
+class OpenAIImagesProvider(OpenAIBatchMixin, _OpenAIClientMixin, Provider[OpenAIImagesConfig]):
     name = "openai"
 
     def check_tools(self) -> None:
@@ -167,6 +168,35 @@ class OpenAIImagesProvider(_OpenAIClientMixin, Provider[OpenAIImagesConfig]):
             usage = Usage.combine([usage], images=len(parser.files))
         yield ReplyEvent(Reply(files=list(parser.files), usage=usage, finish_reason="completed",
                                provider=self.name, model=self.config.model, history=list(parser.files)[:1]))
+
+
+    # --- batch (Files + Batches API, "/v1/images/generations" lines) ----------------------------
+
+    batch_endpoint = "/v1/images/generations"
+
+    def batch_request(self, custom_id: str, turn: Turn) -> dict[str, Any]:
+        """One JSONL line of ``images.generate`` parameters (Batch API guide: ``/v1/images/generations``)."""
+        action, request, _ = self.build_request(turn)
+        if action != "generate":  # the set's prompts are text; edits upload their images as multipart
+            raise ConfigError("a batch of the Images API generates from text prompts; edit images with "
+                              "generate_many() (%%imagine --each -e REF) instead")
+        request.update(request.pop("extra_body", None) or {})
+        request.pop("partial_images", None)  # partial images only exist on a stream; batch lines never stream
+        return {"custom_id": custom_id, "method": "POST", "url": self.batch_endpoint, "body": request}
+
+    def batch_reply(self, body: dict[str, Any]) -> Reply:
+        from openai.types import ImagesResponse
+
+        parser = _ImagesParser(self.name, self.config.model, "generate", None)
+        try:
+            parser.whole(ImagesResponse.construct(**body))  # leniently, as the SDK reads answers
+        except ProviderError:
+            raise
+        except Exception as exc:  # a malformed line must not hide the others
+            raise ProviderError(f"unreadable batch result line ({exc!r})", provider=self.name,
+                                files=parser.files) from None
+        return Reply(files=list(parser.files), usage=parser.usage, finish_reason="completed", provider=self.name,
+                     model=self.config.model, history=list(parser.files)[:1])
 
 
 class AzureOpenAIImagesProvider(_AzureClientMixin, OpenAIImagesProvider):

@@ -1,4 +1,5 @@
-"""``python -m nbimagine.emulator --port N [--latency S] [--background-duration S] [--close]``: serve until Ctrl-C."""
+"""``python -m nbimagine.emulator --port N [--latency S] [--background-duration S] [--rate-limit RPM]
+[--batch-time S] [--close]``: serve until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -7,6 +8,20 @@ import signal
 import sys
 
 from ._server import Emulator
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds a background response takes from queued to completed (default 1)")
     parser.add_argument("--close", action="store_true",
                         help="answer 'Connection: close' (helps async clients used across event loops)")
+    parser.add_argument("--rate-limit", type=_positive, metavar="RPM",
+                        help="requests per minute the generation routes accept (evenly spaced, no burst); "
+                             "others get the provider's 429 with retry-after (default: no limit)")
+    parser.add_argument("--batch-time", type=_seconds, default=2.0, metavar="S",
+                        help="seconds a batch job takes from creation to completed (default 2)")
+    parser.add_argument("--batch-expiry", type=_positive, metavar="S",
+                        help="seconds after which an unfinished batch job expires (default: never)")
     args = parser.parse_args(argv)
 
     def ready(emu: Emulator) -> None:
@@ -48,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     emu = Emulator(args.host, args.port, latency=args.latency, close_connections=args.close,
-                   stream_delay=args.stream_delay, background_duration=args.background_duration)
+                   stream_delay=args.stream_delay, background_duration=args.background_duration,
+                   rate_limit=args.rate_limit, batch_time=args.batch_time, batch_expiry=args.batch_expiry)
     try:
         emu.serve_forever(on_ready=ready)
     except KeyboardInterrupt:

@@ -176,6 +176,21 @@ def _http_fault(fault: Fault) -> Answer:
     return error(status, message, details, headers)
 
 
+def rate_limited(wait: float, limit: float) -> Answer:
+    """The 429 of a requests-per-minute quota: QuotaFailure (with ``quotaValue``, the limit) and
+    RetryInfo (``retryDelay``, a protobuf Duration), as the Gemini API details a RESOURCE_EXHAUSTED."""
+    details = [
+        {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+         "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_requests",
+                         "quotaId": "GenerateRequestsPerMinutePerProjectPerModel",
+                         "quotaValue": f"{limit:g}"}]},
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{wait:.3f}s"},
+    ]
+    message = (f"You exceeded your current quota ({limit:g} requests per minute), please retry in {wait:.3f}s "
+               "(emulated).")
+    return error(429, message, details)
+
+
 # --- request parsing ----------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import math
 import re
 import time
 import uuid
@@ -81,6 +82,18 @@ def _http_fault(fault: Fault) -> Answer:
                                                            "request (emulated).")
     type_ = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return _error(status, message, type_=type_, code=_ERROR_CODES.get(status), headers=headers)
+
+
+def rate_limited(wait: float, limit: float) -> Answer:
+    """The 429 of a requests-per-minute limit, with the headers OpenAI sends (rate-limits guide:
+    ``x-ratelimit-limit-requests``, ``-remaining-requests``, ``-reset-requests``; the SDK reads
+    ``retry-after-ms`` before ``retry-after``)."""
+    headers = {"retry-after-ms": str(max(1, round(wait * 1000))), "retry-after": str(max(1, math.ceil(wait))),
+               "x-ratelimit-limit-requests": f"{limit:g}", "x-ratelimit-remaining-requests": "0",
+               "x-ratelimit-reset-requests": f"{round(wait * 1000)}ms"}
+    message = (f"Rate limit reached for requests per min (RPM): Limit {limit:g}, Used {limit:g}, Requested 1. "
+               f"Please try again in {round(wait * 1000)}ms (emulated).")
+    return _error(429, message, type_="requests", code="rate_limit_exceeded", headers=headers)
 
 
 # -- reading the request -------------------------------------------------------------------------------

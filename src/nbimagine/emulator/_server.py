@@ -9,6 +9,7 @@ JSON, raw and SSE answers (including the deliberately broken ones).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -99,7 +100,8 @@ class _Injected:
 class State:
     """Shared mutable emulator state. Every method is thread-safe."""
 
-    def __init__(self, latency: float = 0.0, stream_delay: float = 0.0, background_duration: float = 1.0) -> None:
+    def __init__(self, latency: float = 0.0, stream_delay: float = 0.0, background_duration: float = 1.0, *,
+                 batch_time: float = 2.0, batch_expiry: float | None = None, rate_limit: float | None = None) -> None:
         self.lock = threading.RLock()
         self.store: dict[str, Any] = {}
         self.secret: bytes = os.urandom(32)
@@ -113,6 +115,13 @@ class State:
         self._default_background_duration = float(background_duration)
         self._faults: list[_Injected] = []
         self._ids = itertools.count(1)
+        self.batch_time = float(batch_time)
+        self.batch_expiry = batch_expiry
+        self.rate_limit = rate_limit
+        self._defaults = (self.batch_time, batch_expiry, rate_limit)
+        self._tat = 0.0  # rate limiter: theoretical arrival time of the next request (GCRA)
+        self._rejected_keys: set[str] = set()
+        self.rate_stats = {"accepted": 0, "rejected": 0, "rejected_again": 0}
 
     # -- faults -------------------------------------------------------------------------------------
     def inject(self, fault: str, *, family: str | None = None, times: int = 1, status: int | None = None,
@@ -124,6 +133,47 @@ class State:
             raise ValueError("inject('http') needs status=, e.g. status=500")
         with self.lock:
             self._faults.append(_Injected(Fault(fault, status, retry_after, message), family, int(times)))
+
+    def take_fault(self, names: Iterable[str]) -> Fault | None:
+        """Consume an injected fault whose name is one of ``names`` (job-level faults such as batch ones)."""
+        wanted = set(names)
+        with self.lock:
+            for injected in self._faults:
+                if injected.remaining > 0 and injected.fault.name in wanted:
+                    injected.remaining -= 1
+                    if injected.remaining <= 0:
+                        self._faults.remove(injected)
+                    return injected.fault
+        return None
+
+    # -- rate limit ---------------------------------------------------------------------------------
+    def admit(self, key: bytes) -> float:
+        """0 when a request may go on under ``rate_limit`` (requests/minute), else the seconds to wait.
+
+        GCRA with no burst: requests are admitted at most one per ``60 / rate_limit`` seconds. OpenAI
+        says per-minute limits may be enforced over shorter periods in proportion ("quantized": 60,000
+        requests/minute may be enforced as 1,000 requests/second; rate-limits guide), so the evenly
+        spaced form is the strict and realistic one. ``key`` identifies the request body, so that a
+        request rejected again on its retry is counted (``rate_stats["rejected_again"]``).
+        """
+        digest = hashlib.sha256(key).hexdigest()
+        with self.lock:
+            limit = self.rate_limit
+            if not limit:
+                return 0.0
+            now = time.monotonic()
+            interval = 60.0 / float(limit)
+            tat = max(self._tat, now)
+            if tat - now > 1e-6:
+                self.rate_stats["rejected"] += 1
+                if digest in self._rejected_keys:
+                    self.rate_stats["rejected_again"] += 1
+                self._rejected_keys.add(digest)
+                return tat - now
+            self._tat = tat + interval
+            self.rate_stats["accepted"] += 1
+            self._rejected_keys.discard(digest)
+            return 0.0
 
     def fault(self, family: str, prompt: str) -> Fault | None:
         """Consume an injected fault for ``family``, else read ``[fault:NAME]`` / ``[error:NNN]`` tokens."""
@@ -173,15 +223,43 @@ class State:
             self.stream_delay = self._default_stream_delay
             self.background_duration = self._default_background_duration
             self.aborted = 0
+            self.batch_time, self.batch_expiry, self.rate_limit = self._defaults
+            self._tat = 0.0
+            self._rejected_keys.clear()
+            self.rate_stats = {"accepted": 0, "rejected": 0, "rejected_again": 0}
 
 
 # -- routing -----------------------------------------------------------------------------------------
+def _generation_route(path: str) -> bool:
+    """The routes a provider's request rate limit applies to (not files, batches or health)."""
+    path = path.rstrip("/")
+    return (path.endswith(("/responses", "/chat/completions", "/images/generations", "/images/edits"))
+            or bool(_GEMINI_PATH.match(path)))
+
+
+def _rate_limited(request: Request, state: State, wait: float) -> Answer:
+    limit = state.rate_limit or 0
+    if _GEMINI_PATH.match(request.path.rstrip("/")):
+        from ._gemini import rate_limited
+
+        return rate_limited(wait, limit)
+    from ._openai import rate_limited as openai_rate_limited
+
+    return openai_rate_limited(wait, limit)
+
+
 def _route(request: Request, state: State) -> Answer:
     path = request.path.rstrip("/")
     if path.startswith("/api/projects/"):
         from . import _foundry
 
         return _foundry.handle(request, state)
+    if "/files" in path or "/batches" in path or path.endswith(":batchGenerateContent"):
+        from . import _batch
+
+        answer = _batch.route(request, state)
+        if answer is not None:
+            return answer
     if path.endswith("/responses") or path == "/responses":
         from . import _openai
 
@@ -212,7 +290,10 @@ def _route(request: Request, state: State) -> Answer:
                                                "status": "UNIMPLEMENTED"}})
         return handle(request, state)
     if request.method == "GET" and path in ("", "/health"):
-        return Answer(json={"emulator": "nbimagine", "status": "ok"})
+        with state.lock:  # the rate limit's counts too, for a client in another process (benchmarks)
+            stats = dict(state.rate_stats)
+        return Answer(json={"emulator": "nbimagine", "status": "ok", "rate_limit": state.rate_limit,
+                            "rate_stats": stats})
     return Answer(404, json={"error": {"message": f"The emulator has no route {request.method} {request.path}",
                                        "type": "invalid_request_error", "param": None, "code": "not_found"}})
 
@@ -298,6 +379,10 @@ class _Handler(BaseHTTPRequestHandler):
             recorded = form_summary(headers["content-type"], body)
         state.record(RecordedRequest(self.command, parts.path, query, masked, recorded, time.monotonic()))
 
+        wait = state.admit(body) if state.rate_limit and _generation_route(parts.path) else 0.0
+        if wait > 0:  # a rate-limited request is refused at once, without the model's latency
+            self._write(_rate_limited(request, state, wait), request.request_id)
+            return
         if state.latency > 0:
             self._wait(state.latency)
         try:
@@ -434,11 +519,13 @@ class Emulator:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency: float = 0.0,
                  close_connections: bool = False, stream_delay: float = 0.0,
-                 background_duration: float = 1.0) -> None:
+                 background_duration: float = 1.0, batch_time: float = 2.0,
+                 batch_expiry: float | None = None, rate_limit: float | None = None) -> None:
         self.host = host
         self.port = port
         self.close_connections = close_connections
-        self.state = State(latency, stream_delay, background_duration)
+        self.state = State(latency, stream_delay, background_duration, batch_time=batch_time,
+                           batch_expiry=batch_expiry, rate_limit=rate_limit)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -543,6 +630,43 @@ class Emulator:
     @background_duration.setter
     def background_duration(self, seconds: float) -> None:
         self.state.background_duration = float(seconds)
+
+    @property
+    def batch_time(self) -> float:
+        """Seconds a batch takes from creation to its final state (validating 10 %, in_progress 70 %,
+        finalizing 20 %): the real service's minutes to hours, compressed."""
+        return self.state.batch_time
+
+    @batch_time.setter
+    def batch_time(self, seconds: float) -> None:
+        self.state.batch_time = float(seconds)
+
+    @property
+    def batch_expiry(self) -> float | None:
+        """Seconds after which an unfinished batch expires (the real 24 h window); None: never."""
+        return self.state.batch_expiry
+
+    @batch_expiry.setter
+    def batch_expiry(self, seconds: float | None) -> None:
+        self.state.batch_expiry = None if seconds is None else float(seconds)
+
+    @property
+    def rate_limit(self) -> float | None:
+        """Requests per minute the generation routes admit (429 with retry-after beyond); None: no limit."""
+        return self.state.rate_limit
+
+    @rate_limit.setter
+    def rate_limit(self, per_minute: float | None) -> None:
+        with self.state.lock:
+            self.state.rate_limit = None if not per_minute else float(per_minute)
+            self.state._tat = 0.0
+
+    @property
+    def rate_stats(self) -> dict[str, int]:
+        """Rate-limit counters: ``accepted``, ``rejected``, and ``rejected_again`` (a request refused
+        again on its retry: what a client with a shared limiter never causes)."""
+        with self.state.lock:
+            return dict(self.state.rate_stats)
 
     @property
     def aborted(self) -> int:
