@@ -497,7 +497,7 @@ def test_submit_batch_records_the_job_first_and_collects_exactly_once(session, e
     assert [j.id for j in nbimagine.jobs()] == [job.id]
 
 
-def test_an_index_of_schema_2_gets_the_job_tables_and_keeps_its_images(tmp_path):
+def test_an_index_of_schema_3_gets_the_job_tables_and_keeps_its_images(tmp_path):
     import sqlite3
 
     from nbimagine.events import BinaryResult
@@ -505,7 +505,7 @@ def test_an_index_of_schema_2_gets_the_job_tables_and_keeps_its_images(tmp_path)
     with History(tmp_path, "older") as history:
         history.add(BinaryResult(b"\x89PNG\r\n\x1a\n" + b"0" * 32, {}), prompt="kept")
     conn = sqlite3.connect(tmp_path / ".nbimagine" / "index.sqlite")
-    conn.executescript("DROP TABLE job_lines; DROP TABLE jobs; PRAGMA user_version=2;")
+    conn.executescript("DROP TABLE job_lines; DROP TABLE jobs; PRAGMA user_version=3;")
     conn.close()
     with History(tmp_path, "older") as history:
         assert [e.prompt for e in history] == ["kept"] and history.jobs() == []
@@ -513,7 +513,7 @@ def test_an_index_of_schema_2_gets_the_job_tables_and_keeps_its_images(tmp_path)
                         connection={"api_key": "sk-secret"}, lines=[("0", "a prompt")])
         assert history.job("0123").total == 1 and "api_key" not in history.job("last").connection
     conn = sqlite3.connect(tmp_path / ".nbimagine" / "index.sqlite")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
     conn.close()
 
 
@@ -684,3 +684,54 @@ def test_batch_magic_and_jobs_subcommands(ip, emu):
     assert len(ip.run_line_magic("imagine", f"jobs results {job.id}").entries) == 2 and len(nbimagine.history()) == 2
     with pytest.raises(UsageError, match="no batch job"):
         ip.run_line_magic("imagine", "jobs wait nope")
+
+
+# --- budgets and prices (issue 13) for sets ---------------------------------------------------------------
+
+
+@pytest.fixture
+def no_session_budget():
+    session = get_session()
+    session.budget_usd, session.spent_usd = None, 0.0
+    yield session
+    session.budget_usd, session.spent_usd = None, 0.0
+
+
+@pytest.mark.parametrize("how", ["generate_many", "submit_batch", "--each", "--batch"])
+def test_a_set_that_could_pass_the_budget_is_refused_before_any_request(ip, emu, no_session_budget, how):
+    from IPython.core.error import UsageError
+
+    from nbimagine._generate import Generation
+    from nbimagine.errors import BudgetError
+
+    prompts = ["a kite over the sea", "a boat", "a gull"]
+    one = Generation(prompts[0], overrides={"quality": "low"}, record=False).estimate()
+    nbimagine.history().set_budget(one.high_usd * 2)  # enough for one prompt, not for three
+    if how in ("generate_many", "submit_batch"):
+        with pytest.raises(BudgetError, match="Not sent"):
+            getattr(nbimagine, how)(prompts, quality="low", **({"progress": False} if how == "generate_many" else {}))
+    else:
+        with pytest.raises(UsageError, match="Not sent"):
+            ip.run_cell_magic("imagine", f"{how} --quality low", "\n".join(prompts))
+    assert emu.requests == [] and nbimagine.history().jobs() == []
+    assert nbimagine.generate_many(prompts[:1], quality="low", progress=False)[0].ok  # one fits
+
+
+def test_batch_images_cost_half_the_price_of_the_same_request_now(session, emu):
+    options = {"quality": "low", "size": "1024x1024"}
+    now = nbimagine.generate_many(["a paper lantern"], progress=False, **options).entries[0]
+    later = nbimagine.submit_batch(["a paper lantern"], **options).wait(progress=False, poll=0.02).entries[0]
+    assert now.metadata["cost_usd"] > 0
+    assert later.metadata["cost_usd"] == pytest.approx(now.metadata["cost_usd"] / 2)
+
+
+@pytest.mark.parametrize("mode", ["--each", "--batch"])
+def test_a_dry_run_of_a_set_estimates_every_prompt_and_sends_nothing(ip, emu, mode):
+    from nbimagine._generate import Generation
+
+    result = ip.run_cell_magic("imagine", f"{mode} --dry-run -n 2 --quality low", "a kite\na much longer prompt")
+    assert result is None and emu.requests == [] and nbimagine.history().jobs() == []
+    text = ip.display_pub.outputs[-1]["data"]["text/plain"]
+    whole = Generation("a much longer prompt", n=2, overrides={"quality": "low"}, record=False).estimate(count=2)
+    assert f"Estimate: {whole}" in text and "x4, one per prompt and variant" in text
+    assert ("half this" in text) is (mode == "--batch")

@@ -118,8 +118,9 @@ def test_a_version_2_index_gains_the_budget_column_and_keeps_its_images(tmp_path
         png = b"\x89PNG\r\n\x1a\n" + bytes(64)
         h.add(BinaryResult(png, {"cost_usd": 0.25}), prompt="kept")
         index = h.path / "index.sqlite"
-    conn = sqlite3.connect(index)  # what the previous nbimagine wrote: schema 2, no budget column
+    conn = sqlite3.connect(index)  # what the previous nbimagine wrote: schema 2, no budget column, no jobs
     conn.execute("ALTER TABLE notebooks DROP COLUMN budget_usd")
+    conn.executescript("DROP TABLE job_lines; DROP TABLE jobs;")
     conn.execute("PRAGMA user_version=2")
     conn.commit()
     conn.close()

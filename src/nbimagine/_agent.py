@@ -203,10 +203,15 @@ class DryRun:
         return f"{self.estimate._repr_markdown_()}\n\n**Request (not sent)**\n\n```json\n{body}\n```"
 
 
-def _attach_cost(reply: Reply, provider: Provider[Any]) -> None:
-    """Price the reply and stamp each image with its share. A pricing failure never costs the images."""
+def _attach_cost(reply: Reply, provider: Provider[Any], *, batch: bool = False) -> None:
+    """Price the reply (a batch job's line at the batch price) and stamp each image with its share. A pricing
+    failure never costs the images."""
     try:
         reply.cost = provider.cost(reply)
+        if batch and reply.cost is not None:
+            from ._cost import batch_priced
+
+            reply.cost = batch_priced(reply.cost)
     except Exception as exc:  # a price list problem must not lose a paid answer
         import warnings
 

@@ -54,7 +54,8 @@ def submit_batch(
     ``config`` + ``tools``. ``n`` variants per prompt become ``n`` lines. Every request line is built
     (and checked) before anything is uploaded; the job and its prompts are in the history before the
     provider is called. Raises ``ConfigError`` for bad input or a provider without a batch API
-    (Vertex AI, Azure), ``ProviderError`` when the upload or creation fails (the job is then marked
+    (Vertex AI, Azure), ``BudgetError`` when the set could take spending past a budget (checked at
+    the full price), ``ProviderError`` when the upload or creation fails (the job is then marked
     ``submit_failed`` in the history).
     """
     from ._agent import normalize_inputs
@@ -67,8 +68,11 @@ def submit_batch(
         raise ConfigError(f"n is the number of variants per prompt, an integer from 1 to {MAX_VARIANTS}, not {n!r}")
     session = get_session()
     agent, params = prepare_agent(config, tools, options, session)
-    label = Generation(items[0], overrides=options if config is None else {}, session=session, agent=agent,
-                       params=params)
+    # The longest prompt stands for all in the budget check, at the full price: the batch discount
+    # (about half) is the provider's to grant, not a figure to spend against.
+    label = Generation(max(items, key=len), n=n, overrides=options if config is None else {}, session=session,
+                       agent=agent, params=params, history=history)
+    label.check_budget(count=len(items))
     params = label.params
     if n > 1:
         params["n"] = n
@@ -273,8 +277,12 @@ class BatchJob:
             await asyncio.to_thread(record, chunk)
 
     def _absorb(self, item: Any, lines: dict[str, Any], out: dict[str, PromptResult]) -> None:
+        from ._agent import _attach_cost
+
         line = lines[item.custom_id]
         reply, error = item.reply, item.error
+        if reply is not None:
+            _attach_cost(reply, self._provider(), batch=True)  # cost_usd on each image, at the batch price
         images = list(reply.files) if reply is not None else list(getattr(error, "files", []) or [])
         # The job and line on each image: what links them again after a repair of the history.
         images = [type(image)(image.data, {**image.metadata, "batch_id": self.id, "batch_job": self.record.id,

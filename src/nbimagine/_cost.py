@@ -185,6 +185,17 @@ class Cost:
         return format_usd(self.usd) + (f" ({', '.join(flags)})" if flags else "")
 
 
+# Batch jobs are billed at half the synchronous price on both vendors: OpenAI "Batch API" guide ("50% cost
+# discount"), Google "Batch Mode" (Gemini API docs: "50% of the standard cost"). Read 2026-11-30.
+BATCH_DISCOUNT = 0.5
+_BATCH_SOURCE = "batch price: 50% of it (OpenAI Batch API; Gemini Batch Mode)"
+
+
+def batch_priced(cost: Cost) -> Cost:
+    """``cost`` as a batch job's line is billed (half), with the rule in its ``source``."""
+    return dataclasses.replace(cost, usd=cost.usd * BATCH_DISCOUNT, source=f"{cost.source}; {_BATCH_SOURCE}")
+
+
 def format_usd(amount: float | Decimal | None) -> str:
     """``$1.27``, ``$0.14``, ``$0.043``, ``$0.0055``: cents from a dime up, two significant digits below."""
     if amount is None:

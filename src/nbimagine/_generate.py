@@ -233,13 +233,15 @@ class Generation:
     def _inputs(self) -> list[Any]:
         return [self.prompt, *self.edits]
 
-    def estimate(self) -> Estimate:
-        """What this generation could cost (all its requests), before anything is sent."""
+    def estimate(self, count: int = 1) -> Estimate:
+        """What this generation could cost (all its requests), before anything is sent; ``count``: that many
+        generations like this one (an image set's prompts)."""
         from ._cost import estimate
 
         agent = self.build_agent()
         mask = [self.mask] if self.mask is not None else []
-        return estimate(agent.config, tools=agent.tools, n=self.n, inputs=[*self._inputs(), *self.refs, *mask])
+        return estimate(agent.config, tools=agent.tools, n=self.n * count,
+                        inputs=[*self._inputs(), *self.refs, *mask])
 
     def budgets(self) -> list[tuple[str, float, float]]:
         """``(scope, budget, spent)`` for each budget set: the session's, and the notebook's (in its history)."""
@@ -257,14 +259,15 @@ class Generation:
             limits.append(("notebook", budget, history.cost().total_usd))
         return limits
 
-    def check_budget(self) -> Estimate | None:
-        """Raise :class:`~nbimagine.errors.BudgetError`, before any request, when this generation could take
-        spending past a budget (spent + the estimate's high end); return the estimate when one was needed."""
+    def check_budget(self, count: int = 1) -> Estimate | None:
+        """Raise :class:`~nbimagine.errors.BudgetError`, before any request, when this generation (``count``
+        like it: an image set) could take spending past a budget (spent + the estimate's high end); return
+        the estimate when one was needed."""
         self._budget_checked = True
         limits = self.budgets()
         if not limits:
             return None
-        estimate = self.estimate()
+        estimate = self.estimate(count)
         for scope, budget, spent in limits:
             problem = budget_problem(scope, budget, spent, estimate)
             if problem:

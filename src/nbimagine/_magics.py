@@ -283,19 +283,21 @@ class ImagineMagics(Magics, _ConfigTraits):
             return
         self._run_with_progress(gen, full=args.full, out=args.out)
 
-    def _dry_run(self, gen: Generation) -> None:
-        """``--dry-run``: the estimate, the budgets and the exact first request; nothing is sent or recorded."""
+    def _dry_run(self, gen: Generation, count: int = 1, note: str = "") -> None:
+        """``--dry-run``: the estimate, the budgets and the exact first request; nothing is sent or recorded.
+        ``count``: an image set of that many prompts like ``gen`` (its longest), ``note`` said after the estimate."""
         from IPython.display import display
 
         from ._generate import budget_problem
 
         agent = gen.build_agent()
         mask = {"mask": gen.mask} if gen.mask is not None else {}
-        dry = agent.dry_run(*gen._inputs(), refs=gen.refs, n=gen.n, stream=True, **mask)
-        notes = [budget_problem(scope, budget, spent, dry.estimate)
-                 or f"Within the {scope} budget of {format_usd(budget)} ({format_usd(spent)} spent)."
-                 for scope, budget, spent in gen.budgets()]
-        display(_DryRunView(dry, gen.n, notes))
+        dry = agent.dry_run(*gen._inputs(), refs=gen.refs, n=gen.n * count, stream=count == 1, **mask)
+        notes = [note] if note else []
+        notes += [budget_problem(scope, budget, spent, dry.estimate)
+                  or f"Within the {scope} budget of {format_usd(budget)} ({format_usd(spent)} spent)."
+                  for scope, budget, spent in gen.budgets()]
+        display(_DryRunView(dry, gen.n * count, notes, each="one per prompt and variant" if count > 1 else ""))
 
     def _inputs(self, args: Any, history: Any) -> tuple[list[BinaryResult], list[BinaryResult],
                                                         BinaryResult | None, list[int]]:
@@ -349,6 +351,16 @@ class ImagineMagics(Magics, _ConfigTraits):
             provider = overrides.get("provider") or self.session.provider
             raise UsageError(credentials_advice(self.session, provider, exc)) from None
         try:
+            if args.dry_run:
+                from ._generate import Generation
+
+                longest = max(prompts, key=len)
+                gen = Generation(longest, n=args.n, overrides=overrides, record=False, session=self.session,
+                                 agent=agent, params=params)
+                note = ("A batch job is billed at about half this (the providers' batch discount)." if args.batch
+                        else "")
+                self._dry_run(gen, count=len(prompts), note=note)
+                return
             if args.batch:
                 from ._batch import submit_batch
 
@@ -366,7 +378,8 @@ class ImagineMagics(Magics, _ConfigTraits):
                           history=history, concurrency=concurrency, rate_limit=None,
                           edits=edits, refs=refs, mask=mask, parents=parents,
                           retries=overrides.get("max_retries", self.session.options().get("max_retries")))
-        except (ConfigError, InputError) as exc:
+            run.check_budget()  # refused here, before the progress bar and any request
+        except (ConfigError, InputError, BudgetError) as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:  # before any request: nothing to stop, nothing recorded; one line
             raise _short_traceback(KeyboardInterrupt("Cancelled before the request was sent")) from None
@@ -1017,14 +1030,14 @@ class _BudgetView:
 class _DryRunView:
     """``%%imagine --dry-run``: estimate, budget notes and the request, as text and HTML."""
 
-    def __init__(self, dry: Any, n: int, notes: list[str]) -> None:
-        self.dry, self.n, self.notes = dry, n, notes
+    def __init__(self, dry: Any, n: int, notes: list[str], each: str = "") -> None:
+        self.dry, self.n, self.notes, self.each = dry, n, notes, each or "one per variant"
 
     def __repr__(self) -> str:
         import json
 
         request = json.dumps(self.dry.request, indent=2, ensure_ascii=False)
-        times = f" (x{self.n}, one per variant)" if self.n > 1 else ""
+        times = f" (x{self.n}, {self.each})" if self.n > 1 else ""
         lines = [f"Dry run, nothing sent. Estimate: {self.dry.estimate}",
                  *(f"  - {a}" for a in self.dry.estimate.assumptions), *self.notes,
                  f"Request{times}:", request]

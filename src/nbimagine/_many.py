@@ -436,12 +436,20 @@ class ManyRun:
             gen._params = first.params  # frozen now: the session may change while the set runs
         self.done = 0
         self.failed = 0
+        self.budget_checked = False
         self.started_at = 0.0
         self.ended_at: float | None = None
 
     @property
     def running(self) -> int:
         return self.limiter.running
+
+    def check_budget(self) -> None:
+        """``BudgetError`` before any request when the whole set could take spending past a budget (the
+        estimate of its longest prompt, times the number of prompts)."""
+        longest = max(self.generations, key=lambda gen: len(gen.prompt))
+        longest.check_budget(count=len(self.generations))
+        self.budget_checked = True
 
     @property
     def elapsed(self) -> float:
@@ -551,8 +559,9 @@ def generate_many(
     history (unless ``record=False``); ``progress`` shows a tqdm bar (done / failed / running).
 
     Returns an :class:`ImageSet`; prompts that failed are in ``.failures`` with their error, and do
-    not stop the others. Bad prompts, options or a missing key raise ``ConfigError`` before any
-    request. Ctrl-C cancels the requests in flight; what was made is already in the history.
+    not stop the others. Bad prompts, options or a missing key raise ``ConfigError``, and a set that
+    could take spending past a budget (``%imagine budget``) ``BudgetError``, before any request.
+    Ctrl-C cancels the requests in flight; what was made is already in the history.
     """
     from ._generate import MAX_VARIANTS
     from ._session import get_session
@@ -574,8 +583,12 @@ def generate_many(
 
 
 def run_with_progress(run: ManyRun, *, progress: bool) -> ImageSet:
-    """Run ``run`` on the background loop, updating a progress bar from this thread; Ctrl-C cancels."""
+    """Run ``run`` on the background loop, updating a progress bar from this thread; Ctrl-C cancels.
+    ``BudgetError`` first, before any request, when a budget is set and the set could pass it."""
     from ._sync import Job
+
+    if not run.budget_checked:
+        run.check_budget()
 
     job = Job(run.run())
     bar = ProgressBar(len(run.generations), enabled=progress)
