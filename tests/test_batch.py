@@ -735,3 +735,15 @@ def test_a_dry_run_of_a_set_estimates_every_prompt_and_sends_nothing(ip, emu, mo
     whole = Generation("a much longer prompt", n=2, overrides={"quality": "low"}, record=False).estimate(count=2)
     assert f"Estimate: {whole}" in text and "x4, one per prompt and variant" in text
     assert ("half this" in text) is (mode == "--batch")
+
+
+@pytest.mark.parametrize("provider", ["openai", "gemini"])
+def test_batch_lines_with_bytes_that_are_not_an_image_keep_them(session, emu, provider):
+    # As for one request (issue 10): bytes that are not an image are kept, recorded and named on the error.
+    options = {"size": "256x256"} if provider == "openai" else {"provider": "gemini"}
+    result = nbimagine.submit_batch(["a cup [fault:undecodable]", "a saucer"], **options).wait(progress=False,
+                                                                                                poll=0.02)
+    assert [r.ok for r in result] == [False, True]
+    error = result[0].error
+    assert isinstance(error, ProviderError) and error.code == "undecodable_image"
+    assert len(result[0].entries) == 1 and result[0].entries[0].metadata.get("undecodable") is True

@@ -302,6 +302,15 @@ class GeminiProvider(Provider[GeminiConfig]):
         self._config()
         types.GenerateContentResponse._from_response(response=_WARM_UP_RESPONSE, kwargs={})
 
+    def _refusal(self, state: _Collected) -> None:
+        """Raise the ``ContentPolicyError`` a whole answer calls for (a blocked prompt, a safety stop), if any."""
+        if state.block_reason:
+            raise self._policy_error(state.block_reason, state.block_message, state.final_files(self),
+                                     state.response_id, prompt=True)
+        if state.finish_reason in SAFETY_REASONS:
+            raise self._policy_error(state.finish_reason, state.finish_message, state.final_files(self),
+                                     state.response_id, prompt=False)
+
     async def run(self, turn: Turn) -> AsyncIterator[StreamEvent]:
         contents, user = self._contents(turn)
         config = self._config()
@@ -331,12 +340,7 @@ class GeminiProvider(Provider[GeminiConfig]):
         except Exception as exc:  # every SDK/transport failure: typed
             raise self._map_error(exc, state) from exc
 
-        if state.block_reason:
-            raise self._policy_error(state.block_reason, state.block_message, state.final_files(self),
-                                     state.response_id, prompt=True)
-        if state.finish_reason in SAFETY_REASONS:
-            raise self._policy_error(state.finish_reason, state.finish_message, state.final_files(self),
-                                     state.response_id, prompt=False)
+        self._refusal(state)
         files = state.final_files(self)
         for image in files:
             yield ImageEvent(image)
@@ -525,16 +529,15 @@ class GeminiProvider(Provider[GeminiConfig]):
             if isinstance(response, dict):
                 response = types.GenerateContentResponse.model_validate(response)
             self._absorb(response, state, streaming=False)
-            if state.block_reason:
-                raise self._policy_error(state.block_reason, state.block_message, state.final_files(self),
-                                         state.response_id, prompt=True)
-            if state.finish_reason in SAFETY_REASONS:
-                raise self._policy_error(state.finish_reason, state.finish_message, state.final_files(self),
-                                         state.response_id, prompt=False)
+            self._refusal(state)
+            files = state.final_files(self)
+            undecodable = undecodable_error(files, provider=self.name, request_id=state.response_id)
+            if undecodable is not None:
+                raise undecodable
             from .._agent import Reply
 
-            return BatchLine(key, reply=Reply(body="".join(state.text), files=state.final_files(self),
-                                              usage=state.usage, finish_reason=state.finish_reason,
+            return BatchLine(key, reply=Reply(body="".join(state.text), files=files,
+                                              usage=_usage(state, len(files)), finish_reason=state.finish_reason,
                                               response_id=state.response_id, provider=self.name, model=state.model))
         except ProviderError as exc:
             return BatchLine(key, error=exc)

@@ -353,7 +353,7 @@ class OpenAIResponsesProvider(OpenAIBatchMixin, _OpenAIClientMixin, Provider[Ope
     def batch_reply(self, body: dict[str, Any]) -> Reply:
         from openai.types.responses import Response
 
-        parser = _ResponseParser(self.name, self.config.model)
+        parser = _ResponseParser(self.name, self.config.model, self._image_model())
         try:
             # construct(), not model_validate(): as the SDK itself reads answers, leniently (a field the
             # installed SDK does not know yet, or one the service left out, must not lose the image).

@@ -160,14 +160,18 @@ class OpenAIImagesProvider(OpenAIBatchMixin, _OpenAIClientMixin, Provider[OpenAI
         if stream and not parser.completed:
             raise ProviderError("The stream ended before any image was complete", provider=self.name,
                                 files=parser.files)
+        yield ReplyEvent(self._reply(parser))
+
+    def _reply(self, parser: _ImagesParser) -> Reply:
+        """The reply of a whole answer, or ``ProviderError(undecodable_image)`` carrying every image."""
         undecodable = undecodable_error(parser.files, provider=self.name)
         if undecodable is not None:
             raise undecodable
         usage = openai_usage(parser.usage, self.config.model, image_model=True)
         if usage is not None:
             usage = Usage.combine([usage], images=len(parser.files))
-        yield ReplyEvent(Reply(files=list(parser.files), usage=usage, finish_reason="completed",
-                               provider=self.name, model=self.config.model, history=list(parser.files)[:1]))
+        return Reply(files=list(parser.files), usage=usage, finish_reason="completed", provider=self.name,
+                     model=self.config.model, history=list(parser.files)[:1])
 
 
     # --- batch (Files + Batches API, "/v1/images/generations" lines) ----------------------------
@@ -195,8 +199,7 @@ class OpenAIImagesProvider(OpenAIBatchMixin, _OpenAIClientMixin, Provider[OpenAI
         except Exception as exc:  # a malformed line must not hide the others
             raise ProviderError(f"unreadable batch result line ({exc!r})", provider=self.name,
                                 files=parser.files) from None
-        return Reply(files=list(parser.files), usage=parser.usage, finish_reason="completed", provider=self.name,
-                     model=self.config.model, history=list(parser.files)[:1])
+        return self._reply(parser)
 
 
 class AzureOpenAIImagesProvider(_AzureClientMixin, OpenAIImagesProvider):
