@@ -530,3 +530,55 @@ def test_merge_moves_another_notebooks_images_here_and_survives_a_repair(ip, tmp
     repair_history(tmp_path)
     with History(tmp_path, "cafe") as cafe, History(tmp_path, all_notebooks=True) as everything:
         assert [e.id for e in cafe] == [a.id, b.id] and everything.notebooks() == {"cafe": 2}
+
+
+def test_an_entry_pickles_without_its_store_and_still_reads_safely(tmp_path: Path) -> None:
+    # multiprocessing, joblib, a kernel's %store: an entry must travel; its store (a connection, open
+    # folders, a lock) does not, and the unpickled entry reads with the same checks.
+    import copy
+    import pickle
+
+    with History(tmp_path, "nb") as h:
+        entry = h.add(make_image(1), prompt="travels", params={"size": "32x24"}, parents=[])
+        child = h.add(make_image(2), prompt="child", parents=[entry])
+    again = pickle.loads(pickle.dumps(child))
+    assert again == child and again._store is None and dict(again.params) == {}
+    assert again.image.data == child.image.data == make_image(2).data and again.thumbnail(16)
+    assert copy.deepcopy(entry).image.data == make_image(1).data
+    # The same boundary as the store: a link in place of images/<shard> is not followed.
+    shard = again.path.parent
+    for item in shard.iterdir():
+        item.unlink()
+    shard.rmdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / again.path.name).write_bytes(make_image(2).data)
+    shard.symlink_to(outside)
+    with pytest.raises(HistoryError, match=r"Refusing to read the image file of #2.*symlink"):
+        again.image  # noqa: B018
+    shard.unlink()
+    with pytest.raises(HistoryError, match="The image file of #2 is missing"):
+        again.image  # noqa: B018
+
+
+@pytest.mark.parametrize("how", ["show", "show --full", "edit"])
+def test_an_image_of_another_notebook_says_so(ip, tmp_path: Path, capsys, how: str) -> None:
+    # Ids are unique in the folder, so #N from another notebook is allowed; the cell must not let it
+    # pass for this notebook's image.
+    with History(tmp_path, "cafe") as cafe, History(tmp_path, "garden") as garden:
+        mine = garden.add(make_image(1), prompt="a rose")
+        theirs = cafe.add(make_image(2), prompt="a cat")
+    set_notebook("garden")
+    if how.startswith("show"):
+        shown = ip.run_line_magic("imagine", f"{how} #{theirs.id}")
+        assert "from notebook 'cafe', not this one ('garden')" in repr(shown)
+        data, _ = shown._repr_mimebundle_()
+        assert "from notebook 'cafe', not this one ('garden')" in str(data)
+        assert "not this one" not in repr(ip.run_line_magic("imagine", f"show #{mine.id}"))
+        assert "not of this one" not in capsys.readouterr().out  # said once, in the caption
+    else:
+        ip.run_cell_magic("imagine", f"-e #{theirs.id}", "make it blue")
+        out = capsys.readouterr().out
+        assert f"#{theirs.id} is an image of notebook 'cafe', not of this one ('garden')." in out
+        ip.run_cell_magic("imagine", f"-e #{mine.id}", "make it red")
+        assert "not of this one" not in capsys.readouterr().out

@@ -299,11 +299,21 @@ class HistoryEntry:
             meta["width"], meta["height"] = self.width, self.height
         return BinaryResult(self._read(), {k: v for k, v in meta.items() if v is not None})
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The store (a SQLite connection, open folders, a lock) stays in this process; an unpickled
+        # entry reads its file by path, with the same checks (see _read).
+        return {**self.__dict__, "_store": None}
+
     def _read(self) -> bytes:
         if self._store is not None:
             return self._store.read_image(self.sha256, self.ext, entry_id=self.id)
-        with Folder.open(self.path.parent, create=False) as folder:
-            return _verified(folder.read(self.path.name), self.sha256, self.path, self.id)
+        # No store (an unpickled entry): from .nbimagine down, no link is followed, as the store does.
+        @contextlib.contextmanager
+        def sub(*names: str) -> Iterator[Folder]:
+            with Folder.open(self.path.parents[2], create=False) as base, base.descend(*names) as folder:
+                yield folder
+
+        return _read_image(sub, self.sha256, self.ext, self.id, self.path)
 
     def thumbnail(self, side: int = 192) -> bytes:
         """A thumbnail whose longest side is at most ``side`` pixels (JPEG, or PNG with alpha).
@@ -373,6 +383,23 @@ def _verified(data: bytes, sha: str, where: object, entry_id: int | None) -> byt
                            cause="its sha256 differs, so it was replaced or damaged; it is not shown",
                            fix="Restore the file, or delete it and accept that the image is gone")
     return data
+
+
+def _read_image(sub: Callable[..., contextlib.AbstractContextManager[Folder]], sha: str, ext: str,
+                entry_id: int | None, path: Path) -> bytes:
+    """The checked bytes of image ``images/<sha[:2]>/<sha>.<ext>`` (``path``, for messages); ``sub(*names)``
+    opens a folder below ``.nbimagine`` without following links."""
+    _check_sha_ext(sha, ext, entry_id)
+    try:
+        with sub("images", sha[:2]) as folder:
+            data = folder.read(f"{sha}.{ext}")
+    except FileNotFoundError as exc:
+        raise HistoryError(f"The image file of {_label(entry_id)} is missing", path=path,
+                           cause="it was moved or deleted outside nbimagine",
+                           fix="Restore the file; the entry's prompt and lineage are still in the history") from exc
+    except OSError as exc:
+        raise _error(exc, f"Refusing to read the image file of {_label(entry_id)}", path) from exc
+    return _verified(data, sha, path, entry_id)
 
 
 def _label(entry_id: int | None) -> str:
@@ -962,19 +989,7 @@ class _Store:
         return self.path / "images" / sha[:2] / f"{sha}.{ext}"
 
     def read_image(self, sha: str, ext: str, *, entry_id: int | None = None) -> bytes:
-        _check_sha_ext(sha, ext, entry_id)
-        path = self.image_path(sha, ext)
-        try:
-            with self.sub("images", sha[:2]) as folder:
-                data = folder.read(f"{sha}.{ext}")
-        except FileNotFoundError as exc:
-            raise HistoryError(f"The image file of {_label(entry_id)} is missing", path=path,
-                               cause="it was moved or deleted outside nbimagine",
-                               fix="Restore the file; the entry's prompt and lineage are still in the history"
-                               ) from exc
-        except OSError as exc:
-            raise _error(exc, f"Refusing to read the image file of {_label(entry_id)}", path) from exc
-        return _verified(data, sha, path, entry_id)
+        return _read_image(self.sub, sha, ext, entry_id, self.image_path(sha, ext))
 
     def write_image(self, sha: str, ext: str, data: bytes) -> None:
         name = f"{sha}.{ext}"

@@ -657,7 +657,9 @@ class ImagineMagics(Magics, _ConfigTraits):
         raise UsageError(f"Unknown image reference {ref!r}: use last, -2, #17 (a history id), the name of a "
                          "variable holding an image, or an existing file path")
 
-    def _history_ref(self, ref: str, history: History | None) -> HistoryEntry | None:
+    def _history_ref(self, ref: str, history: History | None, *, say_where: bool = True) -> HistoryEntry | None:
+        """The entry ``ref`` names (``last``, ``-2``, ``#17``), None when ``ref`` is no such reference.
+        ``say_where``: print a line when the image is another notebook's (the caller does not show it)."""
         from .errors import HistoryError
 
         ref = ref.strip()
@@ -677,6 +679,8 @@ class ImagineMagics(Magics, _ConfigTraits):
         if ref.startswith("#") and entry.id != int(ref[1:]):
             print(f"{ref} in {history.notebook!r} is the image now numbered #{entry.id} "
                   "(ids became unique per folder; the old number still works in this notebook)")
+        elif say_where and history.notebook is not None and entry.notebook not in (None, history.notebook):
+            print(f"{ref} is an image of notebook {entry.notebook!r}, not of this one ({history.notebook!r}).")
         return entry
 
     # --- subcommands -----------------------------------------------------------------------------
@@ -762,15 +766,16 @@ class ImagineMagics(Magics, _ConfigTraits):
         if len(words) != 1:
             raise UsageError("%imagine show takes one image: last, -2 or #17 (add --full for full resolution)")
         ref = words[0] if not words[0].isdigit() else f"#{words[0]}"
-        entry = self._history_ref(ref, None)
+        history = self._history()
+        entry = self._history_ref(ref, history, say_where=False)
         if entry is None:
             raise UsageError(f"Unknown history reference {words[0]!r}: use last, -2 or #17")
-        return _Shown(entry, full=full)
+        return _Shown(entry, full=full, here=history.notebook)
 
     def _cmd_lineage(self, rest: str) -> Any:
         words = _split(rest)
         ref = (words[0] if not words[0].isdigit() else f"#{words[0]}") if len(words) == 1 else ""
-        entry = self._history_ref(ref, None) if ref else None
+        entry = self._history_ref(ref, None, say_where=False) if ref else None
         if entry is None:
             raise UsageError("%imagine lineage takes one image: last, -2 or #17")
         chain = self._history().lineage(entry.id)
@@ -1176,18 +1181,24 @@ def _clip(text: str, limit: int) -> str:
 class _Shown:
     """One history entry, shown like a fresh result (``%imagine show``)."""
 
-    def __init__(self, entry: HistoryEntry, *, full: bool) -> None:
-        self.entry, self.full = entry, full
+    def __init__(self, entry: HistoryEntry, *, full: bool, here: str | None = None) -> None:
+        self.entry, self.full, self.here = entry, full, here
 
     def __repr__(self) -> str:
-        return self.entry.caption
+        return self.entry.caption + self._elsewhere()
+
+    def _elsewhere(self) -> str:
+        # Ids are unique in the folder, so #N may be another notebook's image: say so under it.
+        if self.here is None or self.entry.notebook in (None, self.here):
+            return ""
+        return f"\nfrom notebook {self.entry.notebook!r}, not this one ({self.here!r})"
 
     def _caption(self) -> str:
         from ._display import caption_for
 
         caption = caption_for(self.entry.image, provider=self.entry.provider, model=self.entry.model,
                               parents=self.entry.parents)
-        return caption + f"\nprompt: {_clip(self.entry.prompt, 200)}"
+        return caption + f"\nprompt: {_clip(self.entry.prompt, 200)}" + self._elsewhere()
 
     def _ids(self) -> dict[str, Any]:
         from ._history import output_ids
