@@ -582,3 +582,36 @@ def test_an_image_of_another_notebook_says_so(ip, tmp_path: Path, capsys, how: s
         assert f"#{theirs.id} is an image of notebook 'cafe', not of this one ('garden')." in out
         ip.run_cell_magic("imagine", f"-e #{mine.id}", "make it red")
         assert "not of this one" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["new-image", "same-image-again", "new-folders"])
+def test_an_add_returns_only_once_its_files_and_their_names_are_durable(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         case: str) -> None:
+    # POSIX: a file's bytes are durable after fsync(file), its name after fsync(folder). Both the image
+    # and its record (the source of a repair) must be, before the row commits and add() returns.
+    import stat as stat_
+
+    with History(tmp_path, "nb") as h:
+        h.add(make_image(1), prompt="first")
+        base = tmp_path / ".nbimagine"
+        if case == "new-folders":  # the image's shard and the record's bucket are made by this add
+            monkeypatch.setattr(_history, "_BUCKET", 2)
+        synced: list[tuple[str, int]] = []
+        real = os.fsync
+
+        def spy(fd: int) -> None:
+            st = os.fstat(fd)
+            synced.append(("dir" if stat_.S_ISDIR(st.st_mode) else "file", st.st_ino))
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", spy)
+        e = h.add(make_image(1 if case == "same-image-again" else 2), prompt="second")
+        monkeypatch.setattr(os, "fsync", real)
+    record = base / "records" / _history._bucket(e.id) / f"{e.id}.json"
+    must = {("file", record.stat().st_ino), ("dir", record.parent.stat().st_ino)}
+    if case != "same-image-again":
+        must |= {("file", e.path.stat().st_ino), ("dir", e.path.parent.stat().st_ino)}
+    if case == "new-folders":  # a new folder's name is made durable in its parent too
+        must |= {("dir", (base / "records").stat().st_ino)}
+    assert must <= set(synced), (must - set(synced))

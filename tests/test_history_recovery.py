@@ -296,6 +296,54 @@ def test_kill_9_during_adds_then_repair_loses_and_duplicates_nothing(tmp_path: P
         assert a.cleanup()["orphan_images"] <= len(in_flight)  # at most the image of each interrupted add
 
 
+def _interrupted_add(root: Path, image: str) -> tuple[int, bytes]:
+    """The files an add leaves when killed after writing its record and before committing its row:
+    the record, and the image file in the state ``image``. Returns the record's id and image bytes."""
+    with History(root, "nb") as h:
+        last = h.add(make_image(1), prompt="committed")
+    data = make_image(2).data
+    sha = hashlib.sha256(data).hexdigest()
+    entry_id = last.id + 1
+    record = _history._record(entry_id, notebook_uid=None, notebook="nb", created_at="2026-01-01T00:00:00+00:00",
+                              prompt="in flight", revised_prompt=None, provider="openai", model="m", params="{}",
+                              parents=[last.id], sha256=sha, ext="png", width=32, height=24, size_bytes=len(data),
+                              metadata="{}", text=None)
+    (root / ".nbimagine" / "records" / "0000" / f"{entry_id}.json").write_bytes(record)
+    shard = root / ".nbimagine" / "images" / sha[:2]
+    shard.mkdir(exist_ok=True)
+    target = shard / f"{sha}.png"
+    if image == "whole":
+        target.write_bytes(data)
+    elif image == "empty":  # created, its bytes never reached the disk
+        target.write_bytes(b"")
+    elif image == "torn":
+        target.write_bytes(data[: len(data) // 2])
+    elif image == "other-bytes":  # the right size, not the right bytes
+        target.write_bytes(bytes(len(data)))
+    elif image == "symlink":  # a whole copy, but through a link
+        outside = root / "copy.png"
+        outside.write_bytes(data)
+        target.symlink_to(outside)
+    return entry_id, data
+
+
+@pytest.mark.parametrize("image", ["whole", "missing", "empty", "torn", "other-bytes", "symlink"])
+def test_an_interrupted_add_is_adopted_only_with_its_whole_image(tmp_path: Path, image: str) -> None:
+    # The record and the image are written at the same time; a kill can leave either without the other.
+    entry_id, data = _interrupted_add(tmp_path, image)
+    with History(tmp_path, "nb") as h:
+        after = h.add(make_image(3), prompt="next")
+        assert after.id == entry_id + 1  # the interrupted add's id is never given to another image
+        if image == "whole":
+            adopted = h.get(entry_id)
+            assert (adopted.prompt, adopted.image.data, adopted.parents) == ("in flight", data, (entry_id - 1,))
+        else:
+            assert entry_id not in h and [e.prompt for e in h] == ["committed", "next"]
+            refused = list((tmp_path / ".nbimagine" / "records" / "0000").glob(f"{entry_id}.json.refused-*"))
+            assert len(refused) == 1
+    assert repair_history(tmp_path).entries == (3 if image == "whole" else 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Read-only, locked and full
 # ---------------------------------------------------------------------------------------------

@@ -123,12 +123,16 @@ class Folder:
     def child(self, name: str, *, create: bool = False) -> Folder:
         """The sub-folder ``name``; ``OSError`` if it is a symlink or not a folder."""
         check_name(name)
-        if create:
-            with contextlib.suppress(FileExistsError):
+        if create and self.lstat(name) is None:
+            try:
                 if self._fd is not None:
                     os.mkdir(name, 0o755, dir_fd=self._fd)
                 else:
                     os.mkdir(self.path / name, 0o755)
+            except FileExistsError:
+                pass
+            else:
+                self.sync()  # the new folder's name survives a power cut, like the files written into it
         if self._fd is not None:
             fd = os.open(name, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=self._fd)
             return Folder(None, fd, self, name)
@@ -235,12 +239,13 @@ class Folder:
     # -- writing -------------------------------------------------------------------------------
 
     def write(self, name: str, data: bytes, *, overwrite: bool = False, durable: bool = True,
-              atomic: bool = True) -> str:
+              atomic: bool = True, sync_folder: bool = True) -> str:
         """Write ``data`` as ``name`` and return ``name``.
 
         Without ``overwrite`` an existing entry of that name (file, folder or symlink) makes this
         fail with ``FileExistsError``; with it, the entry is replaced by a rename (so a symlink is
-        replaced, never written through). ``durable``: fsync the file and the folder.
+        replaced, never written through). ``durable``: fsync the file and (unless ``sync_folder`` is
+        False: the caller calls :meth:`sync` itself, once for several files) the folder.
         ``atomic=False`` (only without ``overwrite``): create ``name`` and write it in place, one
         file-system operation less, for callers that can tell a torn file from a whole one.
         """
@@ -251,17 +256,21 @@ class Folder:
                 _write_all(fd, data, durable=durable)
             finally:
                 os.close(fd)
+            if durable and sync_folder:
+                self.sync()
             return name
         tmp = self._write_temp(name, data, durable=durable)
         try:
             if overwrite:
                 self._rename(tmp, name)
+                tmp = ""  # renamed: nothing left to remove
             else:
                 self._link_new(tmp, name)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                self._unlink(tmp)
-        if durable:
+            if tmp:
+                with contextlib.suppress(FileNotFoundError):
+                    self._unlink(tmp)
+        if durable and sync_folder:
             self.sync()
         return name
 

@@ -991,16 +991,49 @@ class _Store:
     def read_image(self, sha: str, ext: str, *, entry_id: int | None = None) -> bytes:
         return _read_image(self.sub, sha, ext, entry_id, self.image_path(sha, ext))
 
-    def write_image(self, sha: str, ext: str, data: bytes) -> None:
+    def write_image(self, sha: str, ext: str, data: bytes, *, sync_folder: bool = True) -> bool:
+        """Store ``data`` (whose sha256 is ``sha``) unless the same bytes are stored already; True if written."""
         name = f"{sha}.{ext}"
         with self.dir.descend("images", sha[:2], create=True) as folder:
             st = folder.lstat(name)
             if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == len(data):
                 with contextlib.suppress(OSError):
-                    if hashlib.sha256(folder.read(name)).hexdigest() == sha:
-                        return  # same bytes already stored (names are content hashes)
+                    if folder.read(name) == data:  # the bytes hash to the name: no second sha256
+                        return False
             # A damaged file, or a link planted under this name: replaced by a rename, never written through.
-            folder.write(name, data, overwrite=True, durable=self.durable)
+            folder.write(name, data, overwrite=True, durable=self.durable, sync_folder=sync_folder)
+        return True
+
+    def image_intact(self, sha: str, ext: str, size: int) -> bool:
+        """Whether the image file holds exactly the bytes named ``sha`` (read and hashed: rare paths only)."""
+        try:
+            with self.sub("images", sha[:2]) as folder:
+                st = folder.lstat(f"{sha}.{ext}")
+                return (st is not None and stat.S_ISREG(st.st_mode) and st.st_size == size
+                        and hashlib.sha256(folder.read(f"{sha}.{ext}")).hexdigest() == sha)
+        except OSError:
+            return False
+
+    def write_entry_files(self, entry_id: int, record: bytes, sha: str, ext: str, data: bytes) -> None:
+        """The image (unless stored already) and the record of entry ``entry_id``, durable on return
+        (unless in a batch, which syncs once before it commits).
+
+        Each file and its folder are fsync'd (POSIX: a new name is durable once its folder is). The
+        record is written on a helper thread while the image is: two fsyncs at the same moment share
+        the device's cache flush, so this takes about as long as writing the image alone. Either may
+        reach the disk first; an interrupted add's record is adopted only with its whole image
+        (see :meth:`next_id`).
+        """
+        if not self.durable:
+            self.write_image(sha, ext, data)
+            self.write_record(entry_id, record)
+            return
+        # The helper thread must not take self._lock (held here by the transaction): write_record does not.
+        job = _background(self.write_record, entry_id, record)
+        try:
+            self.write_image(sha, ext, data)
+        finally:
+            job.result()  # re-raises the record's error, if any; the row is not committed then
 
     def thumbnail(self, sha: str, ext: str, side: int, *, entry_id: int | None = None) -> bytes:
         _check_sha_ext(sha, ext, entry_id)
@@ -1023,14 +1056,14 @@ class _Store:
             if thumbs is not None:
                 thumbs.close()
 
-    def write_record(self, entry_id: int, data: bytes) -> None:
+    def write_record(self, entry_id: int, data: bytes, *, sync_folder: bool = True) -> None:
         # Written in place (not via a temp file): it is complete before its row commits, and a record
         # torn by a crash belongs to an add that never returned; next_id() and repair refuse it.
         with self.dir.descend("records", _bucket(entry_id), create=True) as folder:
             try:
-                folder.write(f"{entry_id}.json", data, atomic=False, durable=self.durable)
+                folder.write(f"{entry_id}.json", data, atomic=False, durable=self.durable, sync_folder=sync_folder)
             except FileExistsError:  # a leftover of a rolled-back add: replaced
-                folder.write(f"{entry_id}.json", data, overwrite=True, durable=self.durable)
+                folder.write(f"{entry_id}.json", data, overwrite=True, durable=self.durable, sync_folder=sync_folder)
         if self._depth:
             self._written.append(entry_id)
 
@@ -1105,7 +1138,9 @@ class _Store:
             if data is None:
                 return candidate
             record = _parse_record(data, candidate)
-            if record is not None and not conn.execute("SELECT 1 FROM entries WHERE id = ?", (candidate,)).fetchone():
+            # Its image too must have been written whole (the two files are written at the same time).
+            if record is not None and self.image_intact(record["sha256"], record["ext"], record["size_bytes"]) \
+                    and not conn.execute("SELECT 1 FROM entries WHERE id = ?", (candidate,)).fetchone():
                 self.insert_record(conn, record)
             else:  # not a record we can use: keep it for inspection, never reuse its id
                 with contextlib.suppress(OSError), self.dir.descend("records", _bucket(candidate)) as folder:
@@ -1629,6 +1664,19 @@ def _set_seq(conn: sqlite3.Connection, value: int) -> None:
         conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('entries', ?)", (value,))
 
 
+_WORKER: Any = None
+
+
+def _background(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` on the history's helper thread; returns its ``Future``."""
+    global _WORKER
+    if _WORKER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbimagine-history")
+    return _WORKER.submit(fn, *args)
+
+
 def _sync_all() -> None:
     """Flush every written file at once (batches, migration, repair: one flush instead of one per file)."""
     if hasattr(os, "sync"):
@@ -1749,7 +1797,7 @@ class History:
             raise ValueError("this view shows every notebook; add to one: nbimagine.history(NAME).add(...)")
         parent_ids = tuple(dict.fromkeys(_parse_ref(p) for p in parents))  # dedupe, keep order
         data = image.data
-        sha = hashlib.sha256(data).hexdigest()
+        sha = image.sha256
         media_type = sniff_media_type(data) or "application/octet-stream"
         ext = EXTENSIONS.get(media_type, "bin")
         meta = _scrub(dict(image.metadata))
@@ -1772,10 +1820,15 @@ class History:
                 refs = ", ".join(f"#{m}" for m in missing)
                 raise KeyError(f"parent image {refs} is not in the image history of {self.path}")
             nb_id, nb_uid = store.notebook_row(conn, self.notebook, create=True)  # type: ignore[misc]
-            # Under the write lock: another kernel's cleanup() would otherwise take the file of this
-            # not-yet-inserted row for an orphan.
-            store.write_image(sha, ext, data)
             entry_id = store.next_id(conn)
+            # Under the write lock: another kernel's cleanup() would otherwise take the file of this
+            # not-yet-inserted row for an orphan. Image and record are complete and durable before the
+            # row commits: a lost index is rebuilt from the records.
+            store.write_entry_files(entry_id, _record(
+                entry_id, notebook_uid=nb_uid, notebook=self.notebook, created_at=created.isoformat(),
+                prompt=prompt, revised_prompt=revised, provider=provider, model=model, params=params_json,
+                parents=parent_ids, sha256=sha, ext=ext, width=width, height=height, size_bytes=len(data),
+                metadata=meta_json, text=text), sha, ext, data)
             conn.execute(
                 "INSERT INTO entries (id, notebook_id, created_at, prompt, revised_prompt, provider, model, params, "
                 "parents, sha256, ext, width, height, size_bytes, metadata, text, search) "
@@ -1787,12 +1840,6 @@ class History:
             if parent_ids:
                 conn.executemany("INSERT INTO edges (child, parent) VALUES (?, ?)",
                                  [(entry_id, p) for p in parent_ids])
-            # The record is complete before the row commits: a lost index is rebuilt from records.
-            store.write_record(entry_id, _record(
-                entry_id, notebook_uid=nb_uid, notebook=self.notebook, created_at=created.isoformat(),
-                prompt=prompt, revised_prompt=revised, provider=provider, model=model, params=params_json,
-                parents=parent_ids, sha256=sha, ext=ext, width=width, height=height, size_bytes=len(data),
-                metadata=meta_json, text=text))
         return HistoryEntry(
             id=entry_id, prompt=prompt, provider=provider, model=model,
             params=FrozenDict(json.loads(params_json)), parents=parent_ids, created_at=created, sha256=sha,

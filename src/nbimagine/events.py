@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Mapping
@@ -99,8 +100,9 @@ class BinaryResult:
     def extension(self) -> str:
         return EXTENSIONS.get(self.media_type, "bin")
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
+        """The hex sha256 of ``data``, computed once (the display, the history and its metadata all ask)."""
         return hashlib.sha256(self.data).hexdigest()
 
     def __eq__(self, other: object) -> bool:
