@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -38,9 +39,9 @@ def warning_lines(shell) -> list[str]:
 # fault -> what the warning beside the image says (the preview cannot be made; the bytes are kept)
 _HOSTILE = {"truncated_png": "truncated", "truncated_jpeg": "truncated", "bomb_png": "megapixels",
             "undecodable": "not a PNG, JPEG, WebP or GIF"}
-# Every route the emulator serves: the Responses API (OpenAI, Azure), generateContent (Gemini, Vertex)
-# and the Images API (one request for -n images).
-_PROVIDERS = ["openai", "azure", "gemini", "vertex", "images"]
+# Every route the emulator serves: the Responses API (OpenAI, Azure, Foundry's project route, a background
+# response polled until done), generateContent (Gemini, Vertex) and the Images API (one request for -n).
+_PROVIDERS = ["openai", "azure", "foundry", "background", "gemini", "vertex", "images"]
 
 
 @pytest.fixture
@@ -53,17 +54,30 @@ def images_api():
     get_session()._registered.pop("images", None)
 
 
+def _route(ip, emu, provider: str) -> tuple[str, dict]:
+    """The %%imagine options, and the same as ``Generation`` overrides, that reach ``provider``'s route
+    (Foundry and background responses set up)."""
+    if provider == "foundry":
+        ip.run_line_magic("imagine", "use foundry --agent painter --image-deployment gpt-image-1 -m gpt-4.1")
+        return "", {}
+    if provider == "background":
+        emu.background_duration = 0.1
+        return "--background-mode", {"background_mode": "on"}
+    return f"-p {provider}", {"provider": provider}
+
+
 @pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("provider", _PROVIDERS)
 @pytest.mark.parametrize("fault", sorted(_HOSTILE))
 def test_a_hostile_image_is_kept_named_and_warned_about(ip, emu, images_api, provider, fault, n):
     from nbimagine._history import history
 
+    line = f"{_route(ip, emu, provider)[0]} -n {n} -o r"
     if fault == "undecodable":  # no image at all: a typed error, raised after the images are shown
         with pytest.raises(ProviderError, match=r"not a PNG, JPEG, WebP or GIF image.*\.files\[\d\] \(text"):
-            imagine(ip, f"-p {provider} -n {n} -o r", f"a lighthouse [fault:{fault}]")
+            imagine(ip, line, f"a lighthouse [fault:{fault}]")
     else:
-        imagine(ip, f"-p {provider} -n {n} -o r", f"a lighthouse [fault:{fault}]")  # no exception: paid for
+        imagine(ip, line, f"a lighthouse [fault:{fault}]")  # no exception: paid for
     replies = ip.user_ns["r"] if n > 1 and provider != "images" else [ip.user_ns["r"]]
     images = [image for reply in replies for image in reply.files]
     entries = {entry.id: entry for entry in history()}
@@ -86,7 +100,7 @@ def test_a_hostile_image_is_kept_named_and_warned_about(ip, emu, images_api, pro
 def test_bytes_that_are_not_an_image_reach_the_python_api_on_a_typed_error(ip, emu, images_api, provider, stream):
     from nbimagine._generate import Generation
 
-    gen = Generation("a lighthouse [fault:undecodable]", overrides={"provider": provider})
+    gen = Generation("a lighthouse [fault:undecodable]", overrides=_route(ip, emu, provider)[1])
     with pytest.raises(ProviderError) as info:
         gen.run(on_event=(lambda i, e: None) if stream else None)
     error = info.value
@@ -173,15 +187,18 @@ def test_a_non_integer_partial_index_keeps_the_request_going(ip, emu):
 # --- the history fails after the answer ---------------------------------------------------------------
 
 
-def test_an_unwritable_image_folder_is_a_warning_beside_the_image(ip, emu):
+@pytest.mark.parametrize("n", [1, 3])
+def test_an_unwritable_image_folder_is_a_warning_beside_the_image(ip, emu, n):
     from nbimagine._history import history
 
     _break_image_folder(history())
-    imagine(ip, "-o r", "a kite")
-    assert ip.user_ns["r"].files and "history_id" not in ip.user_ns["r"].files[0].metadata
-    assert image_outputs(ip)
-    [line] = warning_lines(ip)
-    assert "could not be recorded in the history" in line
+    imagine(ip, f"-n {n} -o r", "a kite")
+    replies = ip.user_ns["r"] if n > 1 else [ip.user_ns["r"]]
+    assert all(r.files and "history_id" not in r.files[0].metadata for r in replies)
+    assert len(image_outputs(ip)) == n
+    [line] = warning_lines(ip)  # one line for the cause, counting every image it concerns
+    expected = "1 image could not be recorded in the history" if n == 1 else f"{n} images could not be recorded"
+    assert expected in line and ("it is shown" if n == 1 else "they are shown") in line
 
 
 def test_a_history_locked_by_another_process_is_a_warning_beside_the_image(ip, emu, monkeypatch):
@@ -307,3 +324,121 @@ def test_a_failing_progress_display_is_a_warning_and_the_request_goes_on(ip, emu
     assert ip.user_ns["r"].files and image_outputs(ip)
     [line] = warning_lines(ip)
     assert "progress display failed" in line and "the frontend went away" in line
+
+
+# --- Ctrl-C in every phase ------------------------------------------------------------------------------
+
+
+def test_ctrl_c_while_the_progress_slot_is_drawn_stops_the_request_it_started(ip, emu, monkeypatch):
+    # The request is already on its way when the slot is drawn: a Ctrl-C landing there (a frontend's
+    # publisher is where the kernel's SIGINT handler raises it) must stop it and say so in one line.
+    from nbimagine._history import history
+
+    emu.latency = 0.5
+    ip.user_ns.pop("r", None)
+    publisher = ip.display_pub
+    original = publisher.publish
+
+    def publish(data, metadata=None, source=None, *, transient=None, update=False, **kwargs):
+        if not update and data.get("text/plain", "").startswith("Generating"):
+            raise KeyboardInterrupt
+        return original(data, metadata=metadata, source=source, transient=transient, update=update, **kwargs)
+
+    monkeypatch.setattr(publisher, "publish", publish)
+    with pytest.raises(KeyboardInterrupt) as info:
+        imagine(ip, "-o r", "a kite")
+    [line] = info.value._render_traceback_()
+    assert "1 request(s) stopped; nothing was recorded" in line
+    assert len(history()) == 0 and "r" not in ip.user_ns
+    monkeypatch.setattr(publisher, "publish", original)
+    emu.latency = 0.0
+    imagine(ip, "-o r", "a kite")  # the kernel goes on; the stopped request recorded nothing meanwhile
+    assert len(ip.user_ns["r"].files) == 1 and len(history()) == 1
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs signal.pthread_kill")
+def test_a_second_ctrl_c_does_not_cut_short_the_recording_of_what_had_arrived():
+    # Impatient users press Ctrl-C twice. The first cancels; the second lands while the cancelled request
+    # still records what had arrived: the caller must wait for that, or it reports before it is done.
+    import asyncio
+    import threading
+
+    from nbimagine._sync import Job
+
+    waiting, unwinding, second = threading.Event(), threading.Event(), threading.Event()
+    recorded: list[bool] = []
+    presses = 0
+
+    def on_sigint(signum, frame):
+        nonlocal presses
+        presses += 1
+        if presses == 2:
+            second.set()
+        raise KeyboardInterrupt
+
+    async def request():
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            unwinding.set()
+            await asyncio.to_thread(second.wait, 30)  # recording, while the second Ctrl-C arrives
+            recorded.append(True)
+            raise
+
+    def press_twice():
+        waiting.wait(30)  # the first lands while the caller waits for the result
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        unwinding.wait(30)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        threading.Thread(target=press_twice, daemon=True).start()
+        job = Job(request())
+        with pytest.raises(KeyboardInterrupt):
+            job.result(on_poll=waiting.set)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert presses == 2 and recorded == [True] and job.done()
+
+
+# --- inputs refused before the request and its progress slot -------------------------------------------
+
+
+def test_an_edit_too_large_or_not_an_image_is_refused_before_the_progress_slot(ip, emu):
+    from nbimagine._history import history
+    from nbimagine.events import MAX_INPUT_BYTES
+
+    ip.user_ns["big"] = bytearray(b"\x89PNG\r\n\x1a\n" + bytes(MAX_INPUT_BYTES))
+    with pytest.raises(UsageError, match=r"big holds 50\.0 MB"):
+        imagine(ip, "-e big", "make it blue")
+    entry = history().add(BinaryResult(b"<html>bad gateway</html>"), prompt="kept bytes")  # e.g. an undecodable
+    with pytest.raises(UsageError, match="Unsupported image type"):
+        imagine(ip, f"-e #{entry.id}", "make it blue")
+    assert outputs(ip) == [] and not emu.requests
+
+
+def test_control_characters_from_a_provider_are_shown_escaped(ip, emu):
+    # The emulator echoes the prompt in the revised prompt: ANSI escapes and a right-to-left override
+    # must not recolour a terminal (JupyterLab renders ANSI in text/plain too) or reorder the caption.
+    imagine(ip, "-o r", "a sign \x1b[2J\x1b[31mred\u202eevil")
+    assert "\x1b" in ip.user_ns["r"].files[0].metadata["revised_prompt"]  # the data is left as it came
+    shown = "".join(o["data"].get("text/plain", "") + o["data"].get("text/html", "") for o in final_outputs(ip))
+    assert "\x1b" not in shown and "\u202e" not in shown
+    assert "\\x1b[31mred\\u202eevil" in shown
+
+
+@pytest.mark.parametrize("prompt", ["a sad smiley :(", "a cat's hat", 'a """ sign', "a [bracket", "ends with a ;"])
+def test_prompts_that_are_not_python_never_fail_the_cell_after_its_images(ip, emu, prompt):
+    # IPython's @output_can_be_silenced tokenized the prompt as Python once the magic had run: a raw
+    # TokenError after the images (on Python 3.12+ for every apostrophe).
+    imagine(ip, "-o r", prompt)
+    assert len(ip.user_ns.pop("r").files) == 1
+    if '"' not in prompt:  # the magic line is parsed with quotes: an unclosed one is a UsageError before
+        ip.run_line_magic("imagine", f"-o r {prompt}")
+        assert len(ip.user_ns["r"].files) == 1
+
+
+def test_a_trailing_semicolon_still_silences_a_subcommand(ip, emu):
+    assert ip.run_line_magic("imagine", "history") is not None
+    assert ip.run_line_magic("imagine", "history;") is None

@@ -603,6 +603,15 @@ def test_the_studio_names_an_image_it_cannot_preview(routed, hist):
     st.close()
 
 
+def test_the_studio_shows_every_message_of_an_answer_that_is_not_an_image(routed, hist):
+    st = Studio(routed, hist, settings=False)
+    generate(st, "a kite [fault:undecodable]", timeout=30)
+    assert st.view.status["kind"] == "failed" and len(hist) == 1 and hist[-1].ext == "bin"  # kept, as it came
+    # the error names the bytes, and the missing preview is said too: neither hides the other
+    assert "undecodable_image" in st.view.error and "No preview" in st.view.error
+    st.close()
+
+
 def test_import_nbimagine_stays_light():
     import subprocess
     import sys

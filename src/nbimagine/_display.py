@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ __all__ = [
     "image_bundle",
     "image_output",
     "preview",
+    "printable",
     "progress_bundle",
     "progress_preview",
     "reply_bundle",
@@ -127,9 +129,21 @@ def _encode_png(image: Any) -> tuple[bytes, str]:
 # --- captions ------------------------------------------------------------------------------------
 
 
+# C0 and C1 control characters (but tab and newline) and the bidirectional overrides and isolates: in a
+# provider's text or a history row they would recolour or rewrite a terminal (ANSI escapes, which
+# JupyterLab also renders in text/plain) or reorder what is shown (U+202E).
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character written as its escape (``\\x1b``, ``\\u202e``)."""
+    return _UNPRINTABLE.sub(lambda m: ascii(m[0])[1:-1], text)
+
+
 def clip(text: str, limit: int, *, where: str = "") -> str:
-    """``text`` cut to ``limit`` characters with a note saying how much was left out and where it is."""
-    text = text.strip()
+    """``text`` cut to ``limit`` characters with a note saying how much was left out and where it is;
+    control characters escaped (:func:`printable`)."""
+    text = printable(text.strip())
     if len(text) <= limit:
         return text
     rest = f"{len(text) - limit:,} more characters"
@@ -161,7 +175,7 @@ def caption_for(result: BinaryResult, *, history_id: int | None = None, elapsed:
     cost = cost_label(meta)
     if cost:
         parts.append(cost)
-    caption = " · ".join(parts)
+    caption = printable(" · ".join(parts))
     revised = meta.get("revised_prompt")
     if isinstance(revised, str) and revised.strip():
         where = "the history" if history_id is not None else "metadata['revised_prompt']"
@@ -236,6 +250,7 @@ def text_output(text: str, *, where: str = "") -> dict[str, Any]:
 
 def warning_output(lines: Sequence[str]) -> dict[str, Any]:
     """One line per warning (``ImagineWarning: ...``), shown beside the images it concerns."""
+    lines = [printable(line) for line in lines]
     plain = "\n".join(f"ImagineWarning: {line}" for line in lines)
     rows = "".join(f"<div>⚠ {html.escape(line)}</div>" for line in lines)
     return {"text/plain": plain,

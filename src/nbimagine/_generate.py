@@ -105,10 +105,12 @@ class Generation:
             raise ConfigError("the prompt is empty: write what to draw in the cell body")
         from ._agent import normalize_inputs
 
-        normalize_inputs([prompt])  # InputError now for text that cannot be sent, before any request
         self.prompt = prompt
         self.edits = list(edits)
         self.refs = list(refs)
+        # InputError now, before any request (and before a progress slot): text that cannot be sent,
+        # images too large or of a type no provider takes.
+        normalize_inputs([prompt, *self.edits, *self.refs])
         self.mask = self._checked_mask(mask)
         ids = [*parents, *(e.metadata.get("history_id") for e in [*self.edits, *self.refs])]
         self.parents = list(dict.fromkeys(i for i in ids if isinstance(i, int)))
@@ -134,6 +136,7 @@ class Generation:
         # Finished images a stream delivered before its reply: kept when Ctrl-C stops the stream.
         self.arrived: list[list[BinaryResult]] = [[] for _ in range(n)]
         self.warnings: list[str] = []
+        self._unrecorded: dict[str, tuple[int, int]] = {}  # history failure -> (images not recorded, its line)
         self.job: Job[list[Reply | None]] | None = None
         self._started_at: float | None = None
         self._ended_at: float | None = None
@@ -459,7 +462,13 @@ class Generation:
         # one now carries its history id, so it is named by id (never by its bytes, which may repeat).
         files[: len(entries)] = [_with_history_id(f, entry.id) for f, entry in zip(files, entries, strict=False)]
         if problem is not None:
-            self.warnings.append(_history_warning(len(files) - len(entries), len(files), problem))
+            # One line per cause for the whole generation: -n 4 against a locked history is one line
+            # that says 4 images, not four identical lines (or one that says "the image").
+            reason = f"{type(problem).__name__}: {' '.join(str(problem).split()) or type(problem).__name__}"
+            missing, at = self._unrecorded.get(reason, (0, len(self.warnings)))
+            missing += len(files) - len(entries)
+            self._unrecorded[reason] = (missing, at)
+            self.warnings[at:at + 1] = [_history_warning(missing, reason)]
         if cancelled:
             raise asyncio.CancelledError
 
@@ -477,11 +486,11 @@ class Generation:
         return entries, None
 
 
-def _history_warning(missing: int, total: int, problem: BaseException) -> str:
-    what = f"{missing} of {total} image(s)" if missing != total else f"the image{'s' if total > 1 else ''}"
-    reason = " ".join(str(problem).split()) or type(problem).__name__
-    return (f"{what} could not be recorded in the history ({type(problem).__name__}: {reason}); "
-            "they are shown and returned as usual: keep them with -o / .save(), or retry with the history fixed")
+def _history_warning(missing: int, reason: str) -> str:
+    one = missing == 1
+    return (f"{missing} image{'' if one else 's'} could not be recorded in the history ({reason}); "
+            f"{'it is' if one else 'they are'} shown and returned as usual: keep {'it' if one else 'them'} "
+            "with -o / .save(), or retry with the history fixed")
 
 
 def _retry_reporter(on_event: EventCallback, index: int, limit: int) -> Callable[[int], None]:

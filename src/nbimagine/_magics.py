@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, magics_class, output_can_be_silenced
+from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, HasTraits, TraitError, Unicode, dlink, observe, validate
 
@@ -72,7 +72,9 @@ def _short_traceback(exc: BaseException) -> BaseException:
     # IPython renders an exception through its _render_traceback_ when present: a provider failure
     # then shows one line ("ProviderError: [openai, HTTP 429] ...") instead of 40 lines of internals.
     # The exception type and value are unchanged, so nbmake and `except` clauses see the real error.
-    line = f"{type(exc).__name__}: {exc}"
+    from ._display import printable
+
+    line = printable(f"{type(exc).__name__}: {exc}")
     exc._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
     return exc
 
@@ -164,7 +166,6 @@ class ImagineMagics(Magics, _ConfigTraits):
     @argument("--dry-run", action="store_true",
               help="show the cost estimate and the exact request (keys masked) without sending it")
     @argument("words", nargs="*", help="subcommand and its arguments, or a one-line prompt")
-    @output_can_be_silenced
     @line_cell_magic
     def imagine(self, line: str, cell: str | None = None) -> Any:
         """Generate or edit images; the cell body is the prompt.
@@ -209,10 +210,17 @@ class ImagineMagics(Magics, _ConfigTraits):
             print(self.imagine.__doc__)
             return None
         if cell is None:
+            # "%imagine history;" shows nothing, as IPython's ``;`` does. Not IPython's
+            # @output_can_be_silenced: it tokenizes the line or cell as Python after the magic ran, so a
+            # prompt such as "a sad smiley :(" (on Python 3.12+ also "a cat's hat") raised a TokenError
+            # traceback after its images had been generated and shown.
+            silenced = line.rstrip().endswith(";")
+            line = line.rstrip().removesuffix(";")
             # A plain split: a one-line prompt may hold an apostrophe ("a cat's hat"), which shlex rejects.
             first, _, rest = line.strip().partition(" ")
             if first in SUBCOMMANDS:
-                return self._subcommand(first, rest.strip())
+                shown = self._subcommand(first, rest.strip())
+                return None if silenced else shown
         args = self._parse(line)
         if cell is None:
             prompt = " ".join(args.words)
@@ -496,32 +504,41 @@ class ImagineMagics(Magics, _ConfigTraits):
         # Once every request has ended, a Ctrl-C can stop nothing any more: it must not hide the images
         # either. This handler (main thread only, where signals land) defers such a late Ctrl-C.
         late_interrupts: list[float] = []
+        finishing = False  # past the wait: the requests have ended (or were stopped) and are being shown
 
         def on_sigint(signum: int, frame: Any) -> None:
-            if gen.job is not None and gen.job.done():
+            if finishing or (gen.job is not None and gen.job.done()):
                 late_interrupts.append(gen.elapsed)
                 return
             raise KeyboardInterrupt
 
-        try:
-            gen.start(on_event=lambda i, e: events.put((i, e)))
-        except (ConfigError, InputError) as exc:
-            raise UsageError(str(exc)) from None
-        handle = display(progress_bundle(None, label=label), raw=True, display_id=True)
+        # Installed before the request starts: a Ctrl-C between the start and the wait (while the progress
+        # slot is drawn) would otherwise leave the request running unseen, its images never shown.
         previous = None
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGINT, on_sigint)
         try:
+            try:
+                gen.start(on_event=lambda i, e: events.put((i, e)))
+            except (ConfigError, InputError) as exc:
+                raise UsageError(str(exc)) from None
+            except KeyboardInterrupt:
+                gen.cancel()  # a job started just before the interrupt stops too
+                raise _short_traceback(KeyboardInterrupt("Cancelled before the request was sent")) from None
             error: ImagineError | None = None
             interrupted = False
+            handle = None
             try:
+                handle = display(progress_bundle(None, label=label), raw=True, display_id=True)
                 gen.wait(on_poll=on_poll if live else None, warn=False)
             except KeyboardInterrupt:
-                interrupted = True  # Job.result has cancelled the requests and waited for them
+                interrupted = True
+                gen.cancel()  # stops the requests and waits for them (a no-op when Job.result already did)
             except ImagineError as exc:
                 error = exc
+            finishing = True
             replies = self._finish(gen, handle, full=full, out=out, problems=problems,
-                                   interrupted=interrupted, late=late_interrupts)
+                                   interrupted=interrupted, late=[] if interrupted else late_interrupts)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
@@ -600,7 +617,7 @@ class ImagineMagics(Magics, _ConfigTraits):
         if problems:
             outputs.append((warning_output(list(dict.fromkeys(problems))), {}))
         try:
-            if _applies_updates(self.shell):
+            if handle is not None and _applies_updates(self.shell):
                 handle.update(_note(_summary(gen, len(items), interrupted)), raw=True)
             for data, metadata in outputs:
                 display(data, metadata=metadata, raw=True)
@@ -972,6 +989,13 @@ def _to_image(value: Any, name: str) -> BinaryResult:
             raise UsageError(f"{name} is a Reply without images; use one that has files")
         return value.files[-1]
     if isinstance(value, (bytes, bytearray, memoryview)):
+        from ._images import human_bytes
+        from .events import MAX_INPUT_BYTES
+
+        size = memoryview(value).nbytes
+        if size > MAX_INPUT_BYTES:  # said before a copy is made
+            raise UsageError(f"{name} holds {human_bytes(size)}; an input image may be at most "
+                             f"{human_bytes(MAX_INPUT_BYTES)}")
         return _bytes_image(bytes(value), name)
     if isinstance(value, (str, os.PathLike)):
         path = Path(value).expanduser()

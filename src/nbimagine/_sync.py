@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
@@ -64,10 +65,22 @@ class Job(Generic[T]):
             raise
 
     def cancel(self, timeout: float = 5.0) -> None:
-        """Cancel, and wait until the coroutine has unwound (its connections are closed)."""
-        self.future.cancel()
-        if self._started.is_set():
-            self._finished.wait(timeout)
+        """Cancel, and wait until the coroutine has unwound (its connections are closed, and whatever had
+        arrived is recorded), at most ``timeout`` seconds.
+
+        A second Ctrl-C meanwhile does not cut the wait short: the caller would then report (and show)
+        what had arrived while it was still being recorded.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.future.cancel()
+                if self._started.is_set():
+                    self._finished.wait(max(0.0, deadline - time.monotonic()))
+                return
+            except KeyboardInterrupt:
+                if time.monotonic() >= deadline:
+                    raise
 
     def done(self) -> bool:
         return self.future.done()

@@ -961,25 +961,27 @@ class Studio:
             entries = generation.entries
             # Every image the provider returned, recorded or not (a failed history write loses none).
             images = [image for index in range(generation.n) for image in generation.images(index)]
+            notes: list[str] = []  # every message is shown: the error, a missing preview, each warning
             if cancelled:
                 kept = (f"; the {len(images)} image(s) that had arrived are kept" if images
                         else "; nothing was recorded")
                 self.view.status = {"kind": "cancelled", "text": f"Cancelled after {elapsed:.1f} s{kept}."}
             elif errors:
                 self.view.status = {"kind": "failed", "text": f"Failed after {elapsed:.1f} s."}
-                self._set_error(plain_error(errors[0]))
+                notes.append(plain_error(errors[0]))
             else:
                 self.view.status = {"kind": "done", "text": f"Done in {elapsed:.1f} s."}
             result: dict[str, Any] = {}
             if images and not cancelled:
                 result = self._result(images[0], elapsed, len(images), entries[0] if entries else None)
-            if generation.warnings:
-                self._set_error(" ".join(generation.warnings))
-            elif images and not cancelled and not result.get("src"):
-                self._set_error(f"No preview of {result['lines'][0].split(' · ')[0]}: {result.get('problem')}")
-            elif not images and not cancelled and not errors:
+                if not result.get("src"):
+                    notes.append(f"No preview of {result['lines'][0].split(' · ')[0]}: {result.get('problem')}")
+            notes += generation.warnings
+            if not images and not cancelled and not errors:
                 texts = [r.body for r in generation.replies if r is not None and r.body]
-                self._set_error("The model answered without an image" + (f": {texts[0][:300]}" if texts else "."))
+                notes.append("The model answered without an image" + (f": {texts[0][:300]}" if texts else "."))
+            if notes:
+                self._set_error(" ".join(notes))
             self.view.result = {k: v for k, v in result.items() if k != "problem"}
             if entries:
                 # The new image is what the next Save or Edit selected works on.
