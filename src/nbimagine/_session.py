@@ -1,7 +1,8 @@
 """The session configuration shared by the ``%%imagine`` magic and the widget panels.
 
 One process-wide :class:`ImagineSession` (``get_session()``) holds the defaults a notebook
-generates with: provider, model, the OpenAI image-tool options and the Gemini image options. It is
+generates with: the provider and every option of the table in :mod:`nbimagine._options` (one trait
+per row; a value set for another provider is kept but not sent). It is
 a ``traitlets.HasTraits`` so that widgets can ``link``/``observe`` it and ``%config ImagineMagics``
 can forward to it. Nothing here imports an SDK: agents are built from plain config dataclasses and
 the SDKs load on the first request.
