@@ -706,7 +706,8 @@ def test_a_set_that_could_pass_the_budget_is_refused_before_any_request(ip, emu,
 
     prompts = ["a kite over the sea", "a boat", "a gull"]
     one = Generation(prompts[0], overrides={"quality": "low"}, record=False).estimate()
-    nbimagine.history().set_budget(one.high_usd * 2)  # enough for one prompt, not for three
+    # Enough for one prompt, not for three, nor for three at the batch price (half).
+    nbimagine.history().set_budget(one.high_usd * 1.2)
     if how in ("generate_many", "submit_batch"):
         with pytest.raises(BudgetError, match="Not sent"):
             getattr(nbimagine, how)(prompts, quality="low", **({"progress": False} if how == "generate_many" else {}))
@@ -732,9 +733,10 @@ def test_a_dry_run_of_a_set_estimates_every_prompt_and_sends_nothing(ip, emu, mo
     result = ip.run_cell_magic("imagine", f"{mode} --dry-run -n 2 --quality low", "a kite\na much longer prompt")
     assert result is None and emu.requests == [] and nbimagine.history().jobs() == []
     text = ip.display_pub.outputs[-1]["data"]["text/plain"]
-    whole = Generation("a much longer prompt", n=2, overrides={"quality": "low"}, record=False).estimate(count=2)
+    whole = Generation("a much longer prompt", n=2, overrides={"quality": "low"}, record=False).estimate(
+        count=2, batch=mode == "--batch")
     assert f"Estimate: {whole}" in text and "x4, one per prompt and variant" in text
-    assert ("half this" in text) is (mode == "--batch")
+    assert ("billed at half the price" in text) is (mode == "--batch")
 
 
 @pytest.mark.parametrize("provider", ["openai", "gemini"])

@@ -17,14 +17,17 @@ from nbimagine._generate import Generation
 from nbimagine._history import History
 from nbimagine._session import ImagineSession, get_session, set_emulator
 from nbimagine.errors import BudgetError
+from nbimagine.events import BinaryResult
 
 
 @pytest.fixture(autouse=True)
 def _no_session_budget() -> Any:
     session = get_session()
     session.budget_usd, session.spent_usd = None, 0.0
+    session._holds.clear()
     yield
     session.budget_usd, session.spent_usd = None, 0.0
+    session._holds.clear()
 
 
 def imagine(shell: Any, line: str, cell: str) -> Any:
@@ -221,3 +224,324 @@ def test_generation_refusal_is_a_typed_error_with_its_figures(emu: Any, tmp_path
         assert emu.requests == []
     finally:
         set_emulator(None)
+
+
+
+# --- nothing gets past a budget: concurrency, kernels, the Python API ------------------------------------------
+
+
+def _held(gen: Generation) -> Any:
+    """``gen.hold_budget()``: the holds, or the BudgetError that refused them."""
+    try:
+        return gen.hold_budget()
+    except BudgetError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("scope", ["notebook", "session"])
+def test_threads_holding_at_once_get_exactly_what_the_budget_has_room_for(emu: Any, tmp_path: Path,
+                                                                          scope: str) -> None:
+    # Each generation holds its estimate's high end under the budget's lock before any request: five threads
+    # released together by a barrier, with room for two, get two holds and three one-line refusals.
+    import threading
+
+    set_emulator(emu)
+    try:
+        session = ImagineSession(emulator=True, quality="low", size="1024x1024")
+        high = Generation("a kite", session=session, record=False).estimate().high_usd
+        if scope == "session":
+            session.budget_usd = 2.5 * high
+        else:
+            History(tmp_path, "shared").set_budget(2.5 * high)
+        gens = [Generation("a kite", session=session, history=History(tmp_path, "shared")) for _ in range(5)]
+        barrier = threading.Barrier(len(gens))
+        outcomes: list[Any] = [None] * len(gens)
+
+        def run(i: int) -> None:
+            barrier.wait()
+            outcomes[i] = _held(gens[i])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(gens))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        refused = [o for o in outcomes if isinstance(o, BudgetError)]
+        assert len(refused) == 3 and all(e.scope == scope for e in refused)
+        assert all("held by requests in flight" in str(e) and "\n" not in str(e) for e in refused)
+        assert emu.requests == []
+        for o in outcomes:
+            if not isinstance(o, BudgetError):
+                o.release_all()
+        assert not isinstance(_held(gens[0].__class__("a kite", session=session, history=History(tmp_path, "shared"))),
+                              BudgetError)
+    finally:
+        set_emulator(None)
+
+
+def _refusal(ip: Any, holder: str) -> str:
+    """Send "a boat" the way ``holder`` does; return the refusal's text (fails if it was not refused)."""
+    from nbimagine import history
+    from nbimagine._widgets import Studio
+
+    session = get_session()
+    if holder == "magic cell":
+        with pytest.raises(UsageError) as info:
+            imagine(ip, "", "a boat")
+        return str(info.value)
+    if holder == "studio":
+        studio = Studio(session, history(), settings=False)
+        try:
+            studio.prompt.value = "a boat"
+            assert studio.start() is None
+            return studio.error.value
+        finally:
+            studio.close()
+    with pytest.raises(BudgetError) as caught:
+        session.build_agent().ask_sync("a boat")
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("holder", ["magic cell", "studio", "python api"])
+def test_a_request_in_flight_holds_its_share_against_every_other_path(ip: Any, emu: Any, holder: str) -> None:
+    # One generation holds (as it does while its request is in flight); then every other way of sending is
+    # refused before anything is sent, and allowed once the hold is given back.
+    from nbimagine import history
+
+    session = get_session()
+    session.use(quality="low", size="1024x1024")
+    first = Generation("a boat", session=session, history=history())
+    high = first.estimate().high_usd
+    line(ip, f"budget {1.5 * high:.6f}")
+    holds = first.hold_budget()
+    try:
+        assert "held by requests in flight" in _refusal(ip, holder)
+        assert emu.requests == []
+    finally:
+        holds.release_all()
+    imagine(ip, "", "a boat")
+    assert len(emu.requests) == 1
+
+
+_KERNEL = """
+import sys
+from nbimagine._budget import hold
+from nbimagine._cost import estimate
+from nbimagine._history import History
+from nbimagine._session import ImagineSession
+from nbimagine.config import GeminiConfig
+h = History(sys.argv[1], "shared")
+holds = hold(ImagineSession(), h, lambda: estimate(GeminiConfig("gemini-2.5-flash-image", api_key="k")), 1)
+print("held", flush=True)
+sys.stdin.readline()
+holds.release_all()
+print("released", flush=True)
+"""
+
+
+def test_two_kernels_on_one_notebook_see_each_others_holds(tmp_path: Path) -> None:
+    from nbimagine._budget import hold
+    from nbimagine.config import GeminiConfig
+
+    config = GeminiConfig("gemini-2.5-flash-image", api_key="k")
+    high = estimate(config).high_usd
+    History(tmp_path, "shared").set_budget(1.5 * high)  # room for one request
+
+    def here() -> Any:
+        try:
+            return hold(ImagineSession(), History(tmp_path, "shared"), lambda: estimate(config), 1)
+        except BudgetError as exc:
+            return exc
+
+    other = subprocess.Popen([sys.executable, "-c", _KERNEL, str(tmp_path)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        refused = here()
+        assert isinstance(refused, BudgetError) and "held by requests in flight" in str(refused)
+        other.stdin.write("\n")
+        other.stdin.flush()
+        assert other.stdout.readline().strip() == "released"
+        other.wait()
+        mine = here()
+        assert not isinstance(mine, BudgetError)
+        mine.release_all()
+        # A kernel that dies holding (kill -9 mid-request) does not hold the notebook's budget forever.
+        crashed = subprocess.Popen([sys.executable, "-c", _KERNEL, str(tmp_path)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True)
+        assert crashed.stdout.readline().strip() == "held"
+        assert isinstance(here(), BudgetError)
+        crashed.kill()
+        crashed.wait()
+        assert not isinstance(here(), BudgetError)
+    finally:
+        for proc in (other, locals().get("crashed")):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+PYTHON_API = {
+    "ask_sync": lambda agent, prompt: agent.ask_sync(prompt),
+    "stream": lambda agent, prompt: _streamed(agent, prompt),
+}
+
+
+def _streamed(agent: Any, prompt: str) -> Any:
+    from nbimagine._sync import run_sync
+    from nbimagine.events import ReplyEvent
+
+    async def go() -> Any:
+        async for event in agent.stream(prompt):
+            if isinstance(event, ReplyEvent):
+                return event.reply
+        return None
+
+    return run_sync(go())
+
+
+@pytest.mark.parametrize("call", PYTHON_API)
+@pytest.mark.parametrize("scope", ["notebook", "session"])
+def test_python_api_requests_in_a_kernel_are_guarded_and_counted(ip: Any, emu: Any, call: str, scope: str) -> None:
+    from nbimagine import history
+
+    session = get_session()
+    agent = session.build_agent(provider="gemini")
+    flag = " --session" if scope == "session" else ""
+    line(ip, f"budget 0.001{flag}")
+    with pytest.raises(BudgetError, match=f"Not sent: this {scope}"):
+        PYTHON_API[call](agent, "a lighthouse")
+    assert emu.requests == []
+    line(ip, f"budget 5{flag}")
+    reply = PYTHON_API[call](agent, "a lighthouse")
+    assert len(emu.requests) == 1 and reply.cost.usd > 0
+    report = history().cost()
+    # Not in the history as images, but this notebook's spending all the same (and the session's).
+    assert report.images == 0 and report.total_usd == pytest.approx(reply.cost.usd)
+    assert report.rows[0].unrecorded_usd == pytest.approx(reply.cost.usd)
+    assert session.spent_usd == pytest.approx(reply.cost.usd)
+    assert not session._holds and report.held_usd == 0
+
+
+SPENT_ELSEWHERE = {
+    "--no-history": ("--no-history -p gemini", "a fox"),
+    "text-only answer": ("--quality low --size 1024x1024", "a fox [fault:text_only]"),
+}
+
+
+@pytest.mark.parametrize("case", SPENT_ELSEWHERE)
+def test_spending_that_leaves_no_image_in_the_history_still_counts(ip: Any, emu: Any, case: str) -> None:
+    from nbimagine import history
+
+    options, prompt = SPENT_ELSEWHERE[case]
+    imagine(ip, f"{options} -o out", prompt)
+    reply = ip.user_ns["out"]
+    assert reply.cost is not None and len(history()) == 0
+    report = history().cost()
+    assert reply.cost.usd > 0 and report.spent_usd == pytest.approx(reply.cost.usd)
+    line(ip, f"budget {reply.cost.usd:.6f}")  # all spent: the next cell is refused
+    sent = len(emu.requests)
+    with pytest.raises(UsageError, match="Not sent: this notebook has spent"):
+        imagine(ip, options, prompt)
+    assert len(emu.requests) == sent
+
+
+NO_USAGE = ["openai", "gemini", "images_api"]
+
+
+@pytest.mark.parametrize("provider", NO_USAGE)
+def test_an_answer_without_usage_is_charged_its_estimate_never_shown_as_a_cost(ip: Any, emu: Any, provider: str,
+                                                                                request: Any) -> None:
+    from nbimagine import history
+    from nbimagine.config import OpenAIImagesConfig
+
+    session = get_session()
+    overrides: dict[str, Any] = {"provider": provider}
+    if provider == "images_api":
+        session.register("images_api", OpenAIImagesConfig(model="gpt-image-1", quality="low", size="1024x1024"))
+        request.addfinalizer(lambda: session._registered.pop("images_api", None))
+    elif provider == "openai":
+        overrides.update(quality="low", size="1024x1024")
+    options = " ".join(f"--{k} {v}" if k != "provider" else f"-p {v}" for k, v in overrides.items()) + " -n 2"
+    line(ip, "budget 5")
+    high = Generation("a fox [fault:no_usage]", session=session, n=2, overrides=overrides,
+                      record=False).estimate().high_usd
+    imagine(ip, f"{options} -o out", "a fox [fault:no_usage]")
+    replies = ip.user_ns["out"]
+    replies = replies if isinstance(replies, list) else [replies]
+    assert all(r.cost is None for r in replies)  # unknown, never a guess
+    entries = list(history())
+    assert len(entries) == 2 and all("cost_usd" not in e.metadata for e in entries)
+    assert "$" not in " ".join(e.caption for e in entries)
+    report = history().cost()
+    assert report.total_usd == 0 and report.unpriced == 2
+    assert report.charged_usd == pytest.approx(high)  # each request charged its share of the high end
+    assert "unknown cost" in report.summary() and get_session().spent_usd == pytest.approx(high)
+    line(ip, f"budget {high:.6f}")
+    sent = len(emu.requests)
+    with pytest.raises(UsageError, match="Not sent"):
+        imagine(ip, options, "a fox")
+    assert len(emu.requests) == sent
+
+
+def test_the_studio_shows_a_budget_change_at_once(ip: Any, emu: Any) -> None:
+    from nbimagine import history
+    from nbimagine._widgets import Studio
+
+    studio = Studio(get_session(), history(), settings=False)
+    try:
+        assert "budget" not in studio.summary.value.lower()
+        line(ip, "budget 0.75")
+        assert "Notebook budget $0.75: $0.00 spent, $0.75 left" in studio.summary.value
+        line(ip, "budget 0.40 --session")
+        assert "Session budget $0.40" in studio.summary.value
+        gen = Generation("a kite", session=get_session(), history=history())
+        holds = gen.hold_budget()
+        assert "held by requests in flight" in studio.summary.value
+        holds.release_all()
+        assert "held by" not in studio.summary.value
+    finally:
+        studio.close()
+
+
+def test_budget_and_spending_without_images_come_back_with_a_repair(ip: Any, emu: Any, tmp_path: Path) -> None:
+    from nbimagine import history, repair_history
+
+    line(ip, "budget 1.25")
+    imagine(ip, "--no-history -p gemini", "a fox")
+    imagine(ip, "-p gemini", "a hen")
+    before = history().cost()
+    # A notebook with a budget and no image at all.
+    History(tmp_path, "planned").set_budget(0.5)
+    index = history().path / "index.sqlite"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{index}{suffix}").unlink(missing_ok=True)
+    from nbimagine._history import _forget_all
+
+    _forget_all()
+    repair_history(tmp_path)
+    after = history(notebook=before.notebook).cost()
+    assert after.budget_usd == 1.25 and after.spent_usd == pytest.approx(before.spent_usd)
+    assert after.rows == before.rows
+    assert History(tmp_path, "planned").budget_usd == 0.5
+
+
+def test_a_budget_kept_only_in_an_older_index_survives_a_repair(tmp_path: Path) -> None:
+    # Histories written before budgets had records: the readable index's budget is carried into the record.
+    import sqlite3
+
+    with History(tmp_path, "old") as h:
+        h.add(BinaryResult(b"\x89PNG\r\n\x1a\n" + bytes(64), {}), prompt="kept")
+        h.set_budget(3.0)
+        uid = h._store.query("SELECT uid FROM notebooks WHERE name = 'old'")[0][0]
+        h._store._write_notebook_record(uid, "old", "2026-01-01T00:00:00+00:00", budget_usd=None)
+        h._store.update_notebook_record  # noqa: B018
+        record = h.path / "notebooks" / f"{uid}.json"
+        doc = json.loads(record.read_text())
+        doc.pop("budget_usd")
+        record.write_text(json.dumps(doc))
+        conn = sqlite3.connect(h.path / "index.sqlite")
+        assert conn.execute("SELECT budget_usd FROM notebooks").fetchone() == (3.0,)
+        conn.close()
+        h.repair()
+        assert h.budget_usd == 3.0 and json.loads(record.read_text())["budget_usd"] == 3.0

@@ -54,25 +54,38 @@ def submit_batch(
     ``config`` + ``tools``. ``n`` variants per prompt become ``n`` lines. Every request line is built
     (and checked) before anything is uploaded; the job and its prompts are in the history before the
     provider is called. Raises ``ConfigError`` for bad input or a provider without a batch API
-    (Vertex AI, Azure), ``BudgetError`` when the set could take spending past a budget (checked at
-    the full price), ``ProviderError`` when the upload or creation fails (the job is then marked
-    ``submit_failed`` in the history).
+    (Vertex AI, Azure), ``BudgetError`` when the set could take spending past a budget (at the batch
+    price, half; held until its lines are collected), ``ProviderError`` when the upload or creation
+    fails (the job is then marked ``submit_failed`` in the history).
     """
-    from ._agent import normalize_inputs
     from ._generate import MAX_VARIANTS, Generation
     from ._session import get_session
-    from ._sync import run_sync
 
     items = as_prompts(prompts)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_VARIANTS:
         raise ConfigError(f"n is the number of variants per prompt, an integer from 1 to {MAX_VARIANTS}, not {n!r}")
     session = get_session()
     agent, params = prepare_agent(config, tools, options, session)
-    # The longest prompt stands for all in the budget check, at the full price: the batch discount
-    # (about half) is the provider's to grant, not a figure to spend against.
+    local_id = uuid.uuid4().hex[:12]
+    # The longest prompt stands for all in the budget check, at the batch price (what the lines are
+    # billed, see batch_priced), held until the lines are collected.
     label = Generation(max(items, key=len), n=n, overrides=options if config is None else {}, session=session,
                        agent=agent, params=params, history=history)
-    label.check_budget(count=len(items))
+    holds = label.hold_budget(count=len(items), job=local_id)
+    try:
+        job = _submit(items, n, label, agent, local_id, options if config is None else None)
+    except BaseException:
+        holds.release_all()  # nothing was sent, or the provider refused the job: nothing to hold
+        raise
+    return job
+
+
+def _submit(items: list[str], n: int, label: Any, agent: Agent, local_id: str,
+            options: dict[str, Any] | None) -> BatchJob:
+    """Build every line, record the job, then upload and create it (``submit_batch``)."""
+    from ._agent import normalize_inputs
+    from ._sync import run_sync
+
     params = label.params
     if n > 1:
         params["n"] = n
@@ -85,12 +98,8 @@ def submit_batch(
             turn = Turn(inputs=normalize_inputs([prompt]), history=None, instructions=None, stream=False)
             requests.append(provider.batch_request(custom_id, turn))
             lines.append((custom_id, prompt))
-    if history is None:
-        from ._history import history as current_history
-
-        history = current_history()
-    local_id = uuid.uuid4().hex[:12]
-    connection = _connection(agent.config, options if config is None else None, session.emulator)
+    history = label.history
+    connection = _connection(agent.config, options, label.session.emulator)
     history.add_job(local_id, provider=label.provider, kind=type(agent.config).provider, model=label.model,
                     params=params, parents=(), connection=connection, lines=lines)
     try:
@@ -232,7 +241,11 @@ class BatchJob:
         status = status or self.status()
         if not status.done:
             raise ConfigError(f"batch job {self.id} is still {status}; use wait() (%imagine jobs wait {self.id})")
+        from ._budget import job_collected
+        from ._session import get_session
+
         started = time.perf_counter()
+        self._new_replies: list[Any] = []
         lines = {line.custom_id: line for line in self.history.job_lines(self.record.id)}
         collected: dict[str, PromptResult] = {}
         run_sync(self._collect(status, lines, collected))
@@ -248,6 +261,9 @@ class BatchJob:
         results = self._by_prompt(lines, collected)
         images = ImageSet(results, elapsed=time.perf_counter() - started, job_id=self.id, state=status.state)
         self.history.update_job(self.record.id, state="collected" if status.state == "completed" else status.state)
+        # Every line has its outcome: the notebook's hold on the job is spent; the session's, when it
+        # submitted the job, becomes what the lines cost.
+        job_collected(get_session(), self.record.id, sum(r.cost.usd for r in self._new_replies if r.cost))
         self.record = self.history.job(self.record.id)
         if status.state != "completed":
             detail = f" ({'; '.join(status.errors)})" if status.errors else ""
@@ -288,8 +304,11 @@ class BatchJob:
         images = [type(image)(image.data, {**image.metadata, "batch_id": self.id, "batch_job": self.record.id,
                                            "custom_id": item.custom_id})
                   for image in images]
-        entries = self._record(item.custom_id, images, reply.body if reply is not None else None,
-                               None if error is None else f"{type(error).__name__}: {error}")
+        entries, new = self.history.collect_line(
+            self.record, item.custom_id, images, text=(reply.body if reply is not None else None) or None,
+            error=None if error is None else f"{type(error).__name__}: {error}")
+        if new and reply is not None:
+            self._new_replies.append(reply)
         replies = [] if entries or reply is None else [reply]
         out[item.custom_id] = PromptResult(0, line.prompt, replies, entries, error, item.custom_id)
 

@@ -196,6 +196,16 @@ def batch_priced(cost: Cost) -> Cost:
     return dataclasses.replace(cost, usd=cost.usd * BATCH_DISCOUNT, source=f"{cost.source}; {_BATCH_SOURCE}")
 
 
+def batch_estimate(found: Estimate) -> Estimate:
+    """``found`` for the same requests sent as a batch job (half the price, the rule among its assumptions)."""
+    if not found.known:
+        return found
+    return dataclasses.replace(
+        found, low_usd=None if found.low_usd is None else found.low_usd * BATCH_DISCOUNT,
+        high_usd=found.high_usd * BATCH_DISCOUNT if found.high_usd is not None else None,
+        assumptions=(*found.assumptions, f"sent as a batch job: {_BATCH_SOURCE}"))
+
+
 def format_usd(amount: float | Decimal | None) -> str:
     """``$1.27``, ``$0.14``, ``$0.043``, ``$0.0055``: cents from a dime up, two significant digits below."""
     if amount is None:
@@ -682,10 +692,13 @@ def _estimate_gemini(config: Any, text: str, images: Sequence[Any]) -> tuple[lis
 
 @dataclass(frozen=True)
 class CostRow:
-    """One line of a :class:`CostReport`: the images one ``provider``/``model`` made on one ``day`` (local date).
+    """One line of a :class:`CostReport`: what one ``provider``/``model`` cost on one ``day`` (local date).
 
-    ``usd`` is their total (``simulated_usd`` of it is the emulator's figures for real calls); ``unpriced`` counts
-    images whose cost is unknown (not in ``usd``)."""
+    ``usd`` is the known cost (``simulated_usd`` of it: the emulator's figures for real calls;
+    ``unrecorded_usd`` of it: requests whose images are not in the history, e.g. ``--no-history`` cells,
+    text-only answers and Python API calls). ``images`` counts the row's images in the history, ``unpriced``
+    those of unknown cost (not in ``usd``); ``charged_usd`` is what budgets count for the unknown ones: their
+    request's estimated high end, never shown as a cost."""
 
     day: str
     provider: str
@@ -694,19 +707,23 @@ class CostRow:
     usd: float
     simulated_usd: float = 0.0
     unpriced: int = 0
+    charged_usd: float = 0.0
+    unrecorded_usd: float = 0.0
 
 
 @dataclass(frozen=True)
 class CostReport:
-    """What a notebook's images cost, by day, provider and model (``History.cost()``, ``%imagine cost``).
+    """What a notebook spent, by day, provider and model (``History.cost()``, ``%imagine cost``).
 
     ``rows`` are oldest first. ``to_records()`` gives plain dicts (``pandas.DataFrame(report.to_records())``);
     ``by("provider")`` (or ``"model"``, ``"day"``) sums ``usd`` per value. ``budget_usd`` is the notebook's
-    budget, if one is set."""
+    budget, if one is set; ``spent_usd`` is what it counts (known costs plus the charges for unknown ones) and
+    ``held_usd`` what requests still in flight hold of it (in any kernel)."""
 
     notebook: str
     rows: tuple[CostRow, ...] = ()
     budget_usd: float | None = None
+    held_usd: float = 0.0
 
     @property
     def total_usd(self) -> float:
@@ -715,6 +732,15 @@ class CostReport:
     @property
     def simulated_usd(self) -> float:
         return sum(r.simulated_usd for r in self.rows)
+
+    @property
+    def charged_usd(self) -> float:
+        return sum(r.charged_usd for r in self.rows)
+
+    @property
+    def spent_usd(self) -> float:
+        """What a budget counts as spent: ``total_usd`` plus ``charged_usd``."""
+        return self.total_usd + self.charged_usd
 
     @property
     def images(self) -> int:
@@ -737,24 +763,35 @@ class CostReport:
         return [dataclasses.asdict(r) for r in self.rows]
 
     def summary(self) -> str:
-        """One line: total, images, simulated part, unpriced images, budget left."""
+        """One line: total, images, simulated part, unknown costs, budget left."""
         text = f"{format_usd(self.total_usd)} for {self.images} image(s) in notebook {self.notebook!r}"
         if self.simulated_usd:
             share = "all" if abs(self.simulated_usd - self.total_usd) < 1e-12 else format_usd(self.simulated_usd)
             text += f" ({share} simulated by the emulator)"
+        unrecorded = sum(r.unrecorded_usd for r in self.rows)
+        if unrecorded:
+            text += f", {format_usd(unrecorded)} of it for requests whose images are not in the history"
         if self.unpriced:
-            text += f"; {self.unpriced} image(s) of unknown cost not counted"
+            text += f"; {self.unpriced} image(s) of unknown cost"
+            if self.charged_usd:
+                text += f" (a budget counts {format_usd(self.charged_usd)} for them: their estimate's high end)"
+        elif self.charged_usd:
+            text += f"; requests of unknown cost counted at their estimate's high end: {format_usd(self.charged_usd)}"
         if self.budget_usd is not None:
-            text += f"; budget {format_usd(self.budget_usd)}, {format_usd(self.budget_usd - self.total_usd)} left"
+            left = self.budget_usd - self.spent_usd - self.held_usd
+            text += f"; budget {format_usd(self.budget_usd)}, {format_usd(left)} left"
+            if self.held_usd:
+                text += f" ({format_usd(self.held_usd)} held by requests in flight)"
         return text
 
     def __repr__(self) -> str:
-        header = f"{'day':<10}  {'provider':<8}  {'model':<28}  {'images':>6}  {'USD':>9}"
+        width = max([28, *(len(r.model) for r in self.rows)])
+        header = f"{'day':<10}  {'provider':<8}  {'model':<{width}}  {'images':>6}  {'USD':>9}"
         lines = [self.summary(), header]
         for r in self.rows:
             flag = " sim" if r.simulated_usd else ""
             unknown = f" (+{r.unpriced} unknown)" if r.unpriced else ""
-            lines.append(f"{r.day:<10}  {r.provider:<8}  {r.model[:28]:<28}  {r.images:>6}  "
+            lines.append(f"{r.day:<10}  {r.provider:<8}  {r.model:<{width}}  {r.images:>6}  "
                          f"{format_usd(r.usd):>9}{flag}{unknown}")
         return "\n".join(lines)
 

@@ -23,17 +23,17 @@ thread, or use ``ipywidgets.Output.append_display_data``).
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._budget import Holds, accounted
 from ._options import active
 from ._session import ImagineSession, get_session
 from ._sync import Job
-from .errors import BudgetError, ConfigError, ImagineWarning, ProviderError
+from .errors import ConfigError, ImagineWarning, ProviderError
 from .events import BinaryResult, ImageEvent, ReplyEvent, StreamEvent
 
 if TYPE_CHECKING:
@@ -142,8 +142,7 @@ class Generation:
         self._ended_at: float | None = None
         self._agent: Agent | None = agent
         self._params: dict[str, Any] | None = params
-        self._spent: set[int] = set()
-        self._budget_checked = False
+        self._holds: Holds | None = None
 
     # --- public ----------------------------------------------------------------------------------
 
@@ -236,47 +235,60 @@ class Generation:
     def _inputs(self) -> list[Any]:
         return [self.prompt, *self.edits]
 
-    def estimate(self, count: int = 1) -> Estimate:
+    def estimate(self, count: int = 1, *, batch: bool = False) -> Estimate:
         """What this generation could cost (all its requests), before anything is sent; ``count``: that many
-        generations like this one (an image set's prompts)."""
-        from ._cost import estimate
+        generations like this one (an image set's prompts); ``batch``: sent as a batch job (half price)."""
+        from ._cost import batch_estimate, estimate
 
         agent = self.build_agent()
         mask = [self.mask] if self.mask is not None else []
-        return estimate(agent.config, tools=agent.tools, n=self.n * count,
-                        inputs=[*self._inputs(), *self.refs, *mask])
+        found = estimate(agent.config, tools=agent.tools, n=self.n * count,
+                         inputs=[*self._inputs(), *self.refs, *mask])
+        return batch_estimate(found) if batch else found
 
-    def budgets(self) -> list[tuple[str, float, float]]:
-        """``(scope, budget, spent)`` for each budget set: the session's, and the notebook's (in its history)."""
+    def budgets(self) -> list[tuple[str, float, float, float]]:
+        """``(scope, budget, spent, held)`` for each budget set: the session's, and the notebook's (in its
+        history); ``held`` is what requests in flight hold of it."""
+        from ._budget import _LOCK
+
         limits = []
         if self.session.budget_usd is not None:
-            limits.append(("session", self.session.budget_usd, self.session.spent_usd))
+            with _LOCK:
+                held = sum(self.session._holds.values())
+            limits.append(("session", self.session.budget_usd, self.session.spent_usd, held))
+        history = self._budget_history()
+        if history is not None and history.budget_usd is not None:
+            report = history.cost()
+            limits.append(("notebook", history.budget_usd, report.spent_usd, report.held_usd))
+        return limits
+
+    def _budget_history(self) -> History | None:
+        """The notebook whose budget applies: this generation's history (with ``record=False`` a history
+        that cannot be opened means no notebook budget can be read, not an error)."""
         try:
             history = self.history
-            budget = history.budget_usd
+            history.budget_usd  # noqa: B018 - reading it is the check
         except Exception:
             if self.record:
                 raise  # the history is needed anyway: its error says what is wrong
-            budget = None  # --no-history on a broken history folder: no notebook budget can be read
-        if budget is not None:
-            limits.append(("notebook", budget, history.cost().total_usd))
-        return limits
-
-    def check_budget(self, count: int = 1) -> Estimate | None:
-        """Raise :class:`~nbimagine.errors.BudgetError`, before any request, when this generation (``count``
-        like it: an image set) could take spending past a budget (spent + the estimate's high end); return
-        the estimate when one was needed."""
-        self._budget_checked = True
-        limits = self.budgets()
-        if not limits:
             return None
-        estimate = self.estimate(count)
-        for scope, budget, spent in limits:
-            problem = budget_problem(scope, budget, spent, estimate)
-            if problem:
-                raise BudgetError(problem, scope=scope, spent_usd=spent, estimate_usd=estimate.high_usd,
-                                  budget_usd=budget)
-        return estimate
+        return history
+
+    def hold_budget(self, count: int = 1, *, job: str | None = None) -> Holds:
+        """Check the budgets and hold this generation's estimated high end (all its requests), before any
+        request: :class:`~nbimagine.errors.BudgetError` when it could take spending past one. ``start`` does
+        it when it was not done before; the hold is given back request by request as each ends.
+
+        ``count``: hold for that many generations like this one (an image set, this its longest prompt),
+        which then share the hold. ``job``: a batch job's id: the set at the batch price, held until its
+        lines are collected (see :mod:`nbimagine._budget`)."""
+        from ._budget import hold
+
+        if self._holds is None:
+            self._holds = hold(self.session, self._budget_history(),
+                               lambda: self.estimate(count, batch=job is not None), self.n * count,
+                               notebook_required=self.record, job=job)
+        return self._holds
 
     def start(self, on_event: EventCallback | None = None) -> Job[list[Reply | None]]:
         """Start all variants on the background loop and return the ``Job`` (non-blocking).
@@ -285,13 +297,16 @@ class Generation:
         if self.job is not None:
             raise RuntimeError("this Generation was already started; make a new one")
         agent = self.build_agent()
-        if not self._budget_checked:
-            self.check_budget()
-        if self.record:
-            self._check_parents(self.history)  # opened here: a bad history folder fails on the caller's thread
-            self._record_mask()
-        self._started_at = time.perf_counter()
-        self.job = Job(self._run_all(agent, on_event))
+        holds = self.hold_budget()
+        try:
+            if self.record:
+                self._check_parents(self.history)  # opened here: a bad history folder fails on the caller's thread
+                self._record_mask()
+            self._started_at = time.perf_counter()
+            self.job = Job(self._run_all(agent, on_event))
+        except BaseException:
+            holds.release_all()
+            raise
         return self.job
 
     def _check_parents(self, history: History) -> None:
@@ -384,7 +399,14 @@ class Generation:
         RETRY_ADVICE.set(self.retry_advice)
         if on_event is not None:
             ON_RETRYABLE.set(_retry_reporter(on_event, index, agent.config.max_retries))
+        accounted.set(True)  # this generation holds the budgets for its requests (hold_budget)
+        try:
+            await self._request(agent, index, inputs, extra, on_event)
+        finally:
+            await _to_the_end(self._settle, index)
 
+    async def _request(self, agent: Agent, index: int, inputs: list[Any], extra: dict[str, Any],
+                       on_event: EventCallback | None) -> None:
         async def request() -> Reply:
             if on_event is None:
                 self.replies[index] = await agent.ask(*inputs, **extra)
@@ -407,11 +429,9 @@ class Generation:
         try:
             # The limiter (many prompts) paces the request and retries it after a 429.
             await (request() if self.limiter is None else self.limiter.call(request))
-            self._spend(index)
         except asyncio.CancelledError:
             # Stopped: whatever had already arrived is paid for, so it is still recorded.
             reply = self.replies[index]
-            self._spend(index)
             if reply is not None:
                 await self._record(index, reply.files, reply.body)
             else:
@@ -429,20 +449,30 @@ class Generation:
         if on_event is not None:
             _safe_call(on_event, index, ReplyEvent(reply))
 
-    def _spend(self, index: int) -> None:
-        """Count variant ``index``'s priced reply against the session budget, once."""
-        reply = self.replies[index]
-        if reply is not None and reply.cost is not None and index not in self._spent:
-            self._spent.add(index)
-            self.session.add_spending(reply.cost.usd)
+    def _settle(self, index: int) -> None:
+        """Count variant ``index``'s spending (session, and the notebook's record for what its history does
+        not hold), then give back its hold (blocking: history writes)."""
+        if self._holds is not None:
+            reply = self.replies[index]
+            images, recorded = len(self.images(index)), len(self.variant_entries[index])
+            problem = self._holds.settle(reply, images, recorded, provider=self.provider,
+                                         model=(reply.model if reply is not None else None) or self.model)
+            if problem and not (self.record and recorded < images):  # else the history warning says it all
+                self.warnings.append(problem)
 
     async def _record(self, index: int, files: list[BinaryResult], text: str | None) -> None:
         """Record ``files``; never raises (failures become ``warnings``), and a cancellation that lands
         meanwhile waits for the recording to end, then is re-raised."""
         if not self.record or not files:
             return
+        reply = self.replies[index]
+        share = self._holds.share if self._holds is not None else None
+        stored = files
+        if share and (reply is None or reply.cost is None):
+            # A paid image of unknown cost: budgets count its request's estimated high end (never shown as a cost).
+            stored = [BinaryResult(f.data, {**f.metadata, "budget_charge_usd": share / len(files)}) for f in files]
         # SQLite and file writes are blocking: keep them off the event loop.
-        task = asyncio.ensure_future(asyncio.to_thread(self._record_sync, files, text))
+        task = asyncio.ensure_future(asyncio.to_thread(self._record_sync, stored, text))
         cancelled = False
         while not task.done():
             try:
@@ -486,6 +516,22 @@ class Generation:
         return entries, None
 
 
+async def _to_the_end(fn: Callable[..., Any], *args: Any) -> None:
+    """Run blocking ``fn(*args)`` in a thread and wait for its end, even when cancelled meanwhile (the
+    cancellation is re-raised afterwards): what it counts must be counted."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception:
+            break
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 def _history_warning(missing: int, reason: str) -> str:
     one = missing == 1
     return (f"{missing} image{'' if one else 's'} could not be recorded in the history ({reason}); "
@@ -503,46 +549,6 @@ def _retry_reporter(on_event: EventCallback, index: int, limit: int) -> Callable
             _safe_call(on_event, index, Retrying(status, seen, limit))
 
     return report
-
-
-def budget_problem(scope: str, budget: float, spent: float, estimate: Estimate) -> str | None:
-    """The one-line refusal when ``estimate`` could take ``spent`` past ``budget``, else None."""
-    from ._cost import format_usd
-
-    whose = "this session" if scope == "session" else "this notebook"
-    flag = " --session" if scope == "session" else ""
-    if not estimate.known:
-        return (f"Not sent: {whose} has a budget of {format_usd(budget)}, and the cost of this request cannot be "
-                f"estimated ({estimate.assumptions[-1]}). Use a model with a known price, or lift the budget "
-                f"with %imagine budget off{flag}.")
-    high = estimate.high_usd or 0.0
-    if spent + high <= budget + 1e-9:
-        return None
-    raise_to = math.ceil((spent + high) * 20) / 20  # the next 5 cents that lets this request through
-    return (f"Not sent: {whose} has spent {format_usd(spent)} of its {format_usd(budget)} budget and this request "
-            f"could cost up to {format_usd(high)}{' (simulated)' if estimate.simulated else ''}. Raise the budget "
-            f"with %imagine budget {raise_to:.2f}{flag}, or lift it with %imagine budget off{flag}.")
-
-
-def budget_lines(session: ImagineSession, history: History) -> list[str]:
-    """One line per budget scope (also shown by the studio)."""
-    from ._cost import format_usd
-
-    report = history.cost()
-    lines = []
-    for scope, budget, spent in (("notebook", report.budget_usd, report.total_usd),
-                                 ("session", session.budget_usd, session.spent_usd)):
-        if budget is None:
-            continue
-        left = budget - spent
-        lines.append(f"{scope.capitalize()} budget {format_usd(budget)}: {format_usd(spent)} spent, "
-                     + (f"{format_usd(left)} left" if left >= 0 else f"{format_usd(-left)} over"))
-    if not lines:
-        lines.append(f"No budget set; this notebook has spent {format_usd(report.total_usd)}. "
-                     "%imagine budget 2.00 sets one (--session for this kernel session only).")
-    elif report.simulated_usd:
-        lines.append("Simulated (emulator) figures count too: they are what the real calls would cost.")
-    return lines
 
 
 def _with_history_id(image: BinaryResult, history_id: int) -> BinaryResult:

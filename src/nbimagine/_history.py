@@ -40,14 +40,17 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import html
 import io
 import json
+import math
 import os
 import re
 import secrets
+import socket
 import sqlite3
 import stat
 import threading
@@ -88,6 +91,7 @@ _BUCKET = 1000  # records per folder
 _MEDIA_TYPES = {ext: media for media, ext in EXTENSIONS.items()} | {"bin": "application/octet-stream"}
 _SHA = re.compile(r"[0-9a-f]{64}")
 _RECORD_NAME = re.compile(r"([1-9][0-9]{0,17})\.json")
+_NOTEBOOK_UID = re.compile(r"[0-9a-f]{16}")
 _IMAGE_NAME = re.compile(r"([0-9a-f]{64})\.(png|jpg|webp|gif|bin)")
 _THUMB_NAME = re.compile(r"([0-9a-f]{64})_[1-9][0-9]{0,5}\.(jpg|png)")
 _TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
@@ -221,13 +225,16 @@ _COLUMNS = ("e.id, e.created_at, e.prompt, e.provider, e.model, e.params, e.pare
             "e.width, e.height, e.size_bytes, e.metadata, e.text, n.name")
 _FROM = "FROM entries e JOIN notebooks n ON n.id = e.notebook_id"
 # Spending per local day, provider and billed model(s), from each image's metadata: cost_usd is its share of
-# its reply's cost, cost_simulated marks the emulator's figures. Masks painted in a notebook are inputs.
+# its reply's cost, cost_simulated marks the emulator's figures, budget_charge_usd is what a budget counts for
+# an image of unknown cost (its request's estimated high end). Masks painted in a notebook are inputs.
 _COST_SQL = """
 SELECT date(e.created_at, 'localtime'), coalesce(e.provider, '?'),
        coalesce(e.model, '?') || coalesce(' + ' || json_extract(e.metadata, '$.image_model'), ''),
        count(*), sum(json_extract(e.metadata, '$.cost_usd')),
        sum(CASE WHEN json_extract(e.metadata, '$.cost_simulated') THEN json_extract(e.metadata, '$.cost_usd') END),
-       sum(json_extract(e.metadata, '$.cost_usd') IS NULL)
+       sum(json_extract(e.metadata, '$.cost_usd') IS NULL),
+       sum(CASE WHEN json_extract(e.metadata, '$.cost_usd') IS NULL
+                THEN json_extract(e.metadata, '$.budget_charge_usd') END)
 FROM entries e {where} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
 """
 _IN_NOTEBOOK = "e.notebook_id = (SELECT id FROM notebooks WHERE name = ?)"
@@ -935,11 +942,30 @@ class _Store:
         self._write_notebook_record(uid, name, created)
         return cur.lastrowid, uid  # type: ignore[return-value]
 
-    def _write_notebook_record(self, uid: str, name: str, created_at: str, merged_into: str | None = None) -> None:
-        doc = {"notebook": RECORD_VERSION, "uid": uid, "name": name, "created_at": created_at,
-               "merged_into": merged_into}
+    def _write_notebook_record(self, uid: str, name: str, created_at: str, merged_into: str | None = None,
+                               **fields: Any) -> None:
+        """Write ``notebooks/<uid>.json``, keeping what the record already holds (its budget, its spending)
+        unless ``fields`` change it."""
+        doc = {**self.notebook_doc(uid), **fields, "notebook": RECORD_VERSION, "uid": uid, "name": name,
+               "created_at": created_at, "merged_into": merged_into}
         with self.dir.descend("notebooks", create=True) as folder:
             folder.write(f"{uid}.json", _dumps(doc).encode("ascii"), overwrite=True, durable=self.durable)
+
+    def notebook_doc(self, uid: str) -> dict[str, Any]:
+        """The notebook's record as written (``{}`` when it is missing or not well-formed)."""
+        if not _NOTEBOOK_UID.fullmatch(uid):
+            return {}
+        with contextlib.suppress(OSError, ValueError), self.dir.descend("notebooks") as folder:
+            doc = json.loads(folder.read(f"{uid}.json", limit=1 << 20))
+            if isinstance(doc, dict) and doc.get("uid") == uid:
+                return doc
+        return {}
+
+    def update_notebook_record(self, conn: sqlite3.Connection, notebook_id: int, **fields: Any) -> None:
+        """Change fields of a notebook's record (inside a transaction: the write lock orders kernels)."""
+        uid, name, created = conn.execute("SELECT uid, name, created_at FROM notebooks WHERE id = ?",
+                                          (notebook_id,)).fetchone()
+        self._write_notebook_record(uid, name, created, **fields)
 
     def follow(self, kernel_id: str, name: str) -> str | None:
         """Record that ``kernel_id`` now runs notebook ``name``; if it ran another notebook before (a
@@ -970,8 +996,14 @@ class _Store:
             conn.execute("UPDATE entries SET notebook_id = ? WHERE notebook_id = ?", (target[0], old_id))
             conn.execute("UPDATE kernels SET notebook_id = ? WHERE notebook_id = ?", (target[0], old_id))
             conn.execute("UPDATE jobs SET notebook_id = ? WHERE notebook_id = ?", (target[0], old_id))
+            # What was spent without images goes along; a budget too, unless the target has its own.
+            budgets = dict(conn.execute("SELECT id, budget_usd FROM notebooks WHERE id IN (?, ?)", (old_id, target[0])))
+            budget = budgets.get(target[0]) if budgets.get(target[0]) is not None else budgets.get(old_id)
+            spending = [*_spending_rows(self.notebook_doc(target[1])), *_spending_rows(self.notebook_doc(old_uid))]
+            conn.execute("UPDATE notebooks SET budget_usd = ? WHERE id = ?", (budget, target[0]))
+            self.update_notebook_record(conn, target[0], budget_usd=budget, spending=spending)
             conn.execute("DELETE FROM notebooks WHERE id = ?", (old_id,))
-            self._write_notebook_record(old_uid, old_name, created, merged_into=target[1])
+            self._write_notebook_record(old_uid, old_name, created, merged_into=target[1], spending=[])
         return count
 
     # -- files -----------------------------------------------------------------------------------
@@ -1399,7 +1431,7 @@ class _Store:
                 # Other kernels wait while the index is rebuilt; they switch to the new one afterwards.
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.execute("BEGIN IMMEDIATE")
-            old_rows, old_seq = self._salvage()
+            old_rows, old_seq, old_budgets = self._salvage()
             records: dict[int, dict[str, Any]] = {}
             try:
                 root_records = self.dir.child("records")
@@ -1440,10 +1472,18 @@ class _Store:
                 if entry_id not in records:
                     records[entry_id] = row
                     report.from_old_index += 1
+            # Budgets and spending without images live in the notebook records (an older index may hold a
+            # budget its record lacks): a notebook that has them comes back even without images.
+            docs = self._notebook_records()
+            budgets = {**old_budgets, **{uid: _budget_value(doc["budget_usd"]) for uid, doc in docs.items()
+                                          if "budget_usd" in doc and not doc.get("merged_into")}}
+            kept = {uid: doc["name"] for uid, doc in docs.items() if not doc.get("merged_into")
+                    and (budgets.get(uid) is not None or _spending_rows(doc))}
             jobs = self.job_records()
             for doc, _ in jobs:
                 doc["notebook"]["name"] = names.get(doc["notebook"].get("uid") or "", doc["notebook"]["name"])
-            report.old_index = self._rebuild(records, max([old_seq, *records], default=0), report, jobs)
+            report.old_index = self._rebuild(records, max([old_seq, *records], default=0), report, kept, budgets,
+                                             jobs)
         return report
 
     @contextlib.contextmanager
@@ -1467,18 +1507,24 @@ class _Store:
         finally:
             os.close(fd)
 
-    def _salvage(self) -> tuple[dict[int, dict[str, Any]], int]:
-        """Rows of the current index that can still be read (those without a record are kept)."""
+    def _salvage(self) -> tuple[dict[int, dict[str, Any]], int, dict[str, float]]:
+        """Rows of the current index that can still be read (those without a record are kept), its id
+        sequence, and the notebooks' budgets (by uid: an index written before budgets had records)."""
         rows: dict[int, dict[str, Any]] = {}
         seq = 0
+        budgets: dict[str, float] = {}
         try:
             conn = self._conn or sqlite3.connect(f"file:{self.index}?mode=ro", uri=True, timeout=1)
         except sqlite3.Error:
-            return rows, seq
+            return rows, seq, budgets
         try:
             with contextlib.suppress(sqlite3.Error):
                 found = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'entries'").fetchone()
                 seq = found[0] if found else 0
+            with contextlib.suppress(sqlite3.Error):
+                budgets = {uid: usd for uid, usd in conn.execute(
+                    "SELECT uid, budget_usd FROM notebooks WHERE budget_usd IS NOT NULL")
+                    if isinstance(uid, str) and _budget_value(usd) is not None}
             with contextlib.suppress(sqlite3.Error):
                 for r in conn.execute(
                         "SELECT e.id, n.uid, n.name, e.created_at, e.prompt, e.revised_prompt, e.provider, e.model, "
@@ -1501,10 +1547,23 @@ class _Store:
         finally:
             if conn is not self._conn:
                 conn.close()
-        return rows, seq
+        return rows, seq, budgets
 
     def _notebook_names(self) -> dict[str, str]:
         """uid -> current name, from the notebook records (following merges)."""
+        docs = self._notebook_records()
+        names = {}
+        for uid in docs:
+            seen, current = set(), uid
+            while isinstance(docs[current].get("merged_into"), str) and docs[current]["merged_into"] in docs \
+                    and current not in seen:
+                seen.add(current)
+                current = docs[current]["merged_into"]
+            names[uid] = docs[current]["name"]
+        return names
+
+    def _notebook_records(self) -> dict[str, dict[str, Any]]:
+        """uid -> the well-formed notebook records."""
         docs: dict[str, dict[str, Any]] = {}
         try:
             folder = self.dir.child("notebooks")
@@ -1519,17 +1578,10 @@ class _Store:
                     doc = json.loads(folder.read(name, limit=1 << 20))
                     if isinstance(doc, dict) and doc.get("uid") == m.group(1) and isinstance(doc.get("name"), str):
                         docs[m.group(1)] = doc
-        names = {}
-        for uid in docs:
-            seen, current = set(), uid
-            while isinstance(docs[current].get("merged_into"), str) and docs[current]["merged_into"] in docs \
-                    and current not in seen:
-                seen.add(current)
-                current = docs[current]["merged_into"]
-            names[uid] = docs[current]["name"]
-        return names
+        return docs
 
     def _rebuild(self, records: dict[int, dict[str, Any]], seq: int, report: RepairReport,
+                 notebooks: Mapping[str, str], budgets: Mapping[str, float | None],
                  jobs: Sequence[tuple[dict[str, Any], list[tuple[str, str]]]] = ()) -> Path | None:
         tmp = f"{_INDEX}.rebuild-{secrets.token_hex(4)}"
         tmp_path = self.path / tmp
@@ -1545,10 +1597,12 @@ class _Store:
                 uids.setdefault(record["notebook"], record.get("notebook_uid") or secrets.token_hex(8))
             for doc, _ in jobs:
                 uids.setdefault(doc["notebook"]["name"], doc["notebook"].get("uid") or secrets.token_hex(8))
+            for uid, name in notebooks.items():
+                uids.setdefault(name, uid)
             notebook_ids = {}
             for name, uid in sorted(uids.items()):
-                cur = conn.execute("INSERT INTO notebooks (uid, name, created_at) VALUES (?, ?, ?)",
-                                   (uid, name, _now()))
+                cur = conn.execute("INSERT INTO notebooks (uid, name, created_at, budget_usd) VALUES (?, ?, ?, ?)",
+                                   (uid, name, _now(), budgets.get(uid)))
                 notebook_ids[name] = cur.lastrowid
             for entry_id in sorted(records):
                 self.insert_record(conn, records[entry_id], notebook_ids=notebook_ids, edges=False)
@@ -1573,8 +1627,9 @@ class _Store:
                 self.write_record(entry_id, _record_from(record, uids[record["notebook"]]))
         existing = self._notebook_names()
         for name, uid in uids.items():
-            if existing.get(uid) != name:
-                self._write_notebook_record(uid, name, _now())
+            doc = self.notebook_doc(uid)
+            if existing.get(uid) != name or doc.get("budget_usd") != budgets.get(uid):
+                self._write_notebook_record(uid, name, doc.get("created_at") or _now(), budget_usd=budgets.get(uid))
         _sync_all()
         for entry_id, record in records.items():
             st = None
@@ -1603,6 +1658,70 @@ class _Store:
         self.dir.sync()
         self._connect()
         return kept
+
+
+def _spending_rows(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The well-formed rows of a notebook record's ``spending`` (others are left out)."""
+    rows = []
+    for row in doc.get("spending") or ():
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("day", "provider", "model")):
+            continue
+        figures = {k: row.get(k, 0.0) for k in ("usd", "simulated_usd", "charged_usd")}
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                   for v in figures.values()):
+            continue
+        requests = row.get("requests", 0)
+        rows.append({"day": row["day"], "provider": row["provider"], "model": row["model"], **figures,
+                     "requests": requests if isinstance(requests, int) and not isinstance(requests, bool) else 0})
+    return rows
+
+
+def _budget_value(value: Any) -> float | None:
+    """A budget as kept in a record or row: a finite amount >= 0, else none."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    return None
+
+
+_HOLD_LIFETIME = 24 * 3600.0  # a hold older than this is a leftover (no request waits a day for its answer)
+
+
+def _live_holds(doc: Mapping[str, Any], pending: Callable[[str], float | None]) -> dict[str, dict[str, Any]]:
+    """The holds of a notebook record still in force, each with ``held``: what it holds now.
+
+    A batch job's hold (``job``) holds its share of the lines not yet collected (``pending(job)``: their
+    fraction, None while the job is not in the index yet), however long the job takes. Others end with
+    their process on this machine (a kernel that crashed mid-request), and after a day."""
+    holds: dict[str, dict[str, Any]] = {}
+    found = doc.get("holds")
+    host = socket.gethostname()
+    now = datetime.now(timezone.utc)
+    for token, hold in (found.items() if isinstance(found, dict) else ()):
+        try:
+            usd, pid, at = float(hold["usd"]), int(hold["pid"]), datetime.fromisoformat(hold["at"])
+            if not math.isfinite(usd) or usd < 0:
+                continue
+            left = pending(hold["job"]) if isinstance(hold.get("job"), str) else None
+        except (KeyError, TypeError, ValueError):
+            continue
+        if left is not None:
+            if left > 0:
+                holds[str(token)] = {**hold, "usd": usd, "held": usd * left}
+            continue
+        if (now - at).total_seconds() > _HOLD_LIFETIME or (hold.get("host") == host and not _alive(pid)):
+            continue
+        holds[str(token)] = {**hold, "usd": usd, "held": usd}
+    return holds
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True  # someone else's process, or no way to tell: keep its hold
+    return True
 
 
 def _record_from(record: Mapping[str, Any], notebook_uid: str) -> bytes:
@@ -2024,22 +2143,43 @@ class History:
     # -- cost and budget ---------------------------------------------------------------------------
 
     def cost(self) -> CostReport:
-        """What this notebook's images cost (every notebook's, for ``all_notebooks=True``), by local day,
-        provider and model: see :class:`~nbimagine._cost.CostReport`. An OpenAI Responses image is listed under
-        its chat model and its image model (``gpt-4.1 + gpt-image-1``): both are billed."""
+        """What this notebook spent (every notebook's, for ``all_notebooks=True``), by local day, provider and
+        model: see :class:`~nbimagine._cost.CostReport`. An OpenAI Responses image is listed under its chat model
+        and its image model (``gpt-4.1 + gpt-image-1``): both are billed. Requests whose images are not in the
+        history (``--no-history``, text-only answers, Python API calls) come from the notebook's record."""
         from ._cost import CostReport, CostRow
 
         clause, values = self._where("coalesce(e.provider, '') != 'nbimagine'")
-        rows = self._store.query(_COST_SQL.format(where=clause), values)
-        return CostReport(self.notebook or "(all notebooks)",
-                          tuple(CostRow(day, provider, model, images, usd or 0.0, simulated or 0.0, unpriced)
-                                for day, provider, model, images, usd, simulated, unpriced in rows),
-                          budget_usd=self.budget_usd)
+        found: dict[tuple[str, str, str], CostRow] = {}
+        for day, provider, model, images, usd, simulated, unpriced, charged in self._store.query(
+                _COST_SQL.format(where=clause), values):
+            found[(day, provider, model)] = CostRow(day, provider, model, images, usd or 0.0, simulated or 0.0,
+                                                    unpriced, charged_usd=charged or 0.0)
+        held = 0.0
+        for doc in self._notebook_docs():
+            held += sum(hold["held"] for hold in _live_holds(doc, self._job_pending).values())
+            for row in _spending_rows(doc):
+                key = (row["day"], row["provider"], row["model"])
+                base = found.get(key) or CostRow(*key, images=0, usd=0.0)
+                found[key] = dataclasses.replace(
+                    base, usd=base.usd + row["usd"], simulated_usd=base.simulated_usd + row["simulated_usd"],
+                    charged_usd=base.charged_usd + row["charged_usd"], unrecorded_usd=base.unrecorded_usd + row["usd"])
+        return CostReport(self.notebook or "(all notebooks)", tuple(found[k] for k in sorted(found)),
+                          budget_usd=self.budget_usd, held_usd=held)
+
+    def _notebook_docs(self) -> list[dict[str, Any]]:
+        """The records of this notebook (of every notebook, for the folder's view)."""
+        if self.notebook is None:
+            uids = [r[0] for r in self._store.query("SELECT uid FROM notebooks")]
+        else:
+            uids = [r[0] for r in self._store.query("SELECT uid FROM notebooks WHERE name = ?", (self.notebook,))]
+        return [self._store.notebook_doc(uid) for uid in uids]
 
     @property
     def budget_usd(self) -> float | None:
-        """The notebook's spending budget in US dollars (``%imagine budget``), None when there is none. It is
-        kept in the history's index, so it survives restarts and follows renames (a repair forgets it)."""
+        """The notebook's spending budget in US dollars (``%imagine budget``), None when there is none. Kept in
+        the notebook's record (and its index row), so it survives restarts, follows renames and comes back
+        with a repair."""
         if self.notebook is None:
             return None
         rows = self._store.query("SELECT budget_usd FROM notebooks WHERE name = ?", (self.notebook,))
@@ -2047,13 +2187,88 @@ class History:
 
     def set_budget(self, usd: float | None) -> None:
         """Set (None: lift) the notebook's budget; it is checked before each request."""
+        self._one_notebook("A budget belongs to one notebook")
+        with self._store.transaction("Cannot keep the notebook's budget in the image history") as conn:
+            notebook_id = self._store.notebook_row(conn, self.notebook, create=True)[0]  # type: ignore[index,arg-type]
+            conn.execute("UPDATE notebooks SET budget_usd = ? WHERE id = ?", (usd, notebook_id))
+            self._store.update_notebook_record(conn, notebook_id, budget_usd=usd)
+
+    def _one_notebook(self, what: str) -> None:
         if self.notebook is None:
-            raise HistoryError("A budget belongs to one notebook", path=self._store.index,
+            raise HistoryError(what, path=self._store.index,
                                cause="this is the view of every notebook (all_notebooks=True)",
                                fix="open the notebook's history: nbimagine.history() or history(notebook=...)")
-        with self._store.transaction("Cannot keep the notebook's budget in the image history") as conn:
-            notebook_id = self._store.notebook_row(conn, self.notebook, create=True)[0]  # type: ignore[index]
-            conn.execute("UPDATE notebooks SET budget_usd = ? WHERE id = ?", (usd, notebook_id))
+
+    def add_spending(self, provider: str, model: str, usd: float, *, simulated: bool = False,
+                     charged: bool = False) -> None:
+        """Count spending that left no image in this history (``--no-history``, a text-only answer, a Python
+        API call) in the notebook's record, by local day, provider and model. ``charged``: the cost is unknown
+        and ``usd`` is the request's estimated high end, counted against the budget only."""
+        self._one_notebook("Spending belongs to one notebook")
+        day = date.today().isoformat()
+        with self._store.transaction("Cannot record the notebook's spending in the image history") as conn:
+            notebook_id, uid = self._store.notebook_row(conn, self.notebook, create=True)  # type: ignore[misc,arg-type]
+            rows = _spending_rows(self._store.notebook_doc(uid))
+            row = next((r for r in rows if (r["day"], r["provider"], r["model"]) == (day, provider, model)), None)
+            if row is None:
+                row = {"day": day, "provider": provider, "model": model, "usd": 0.0, "simulated_usd": 0.0,
+                       "charged_usd": 0.0, "requests": 0}
+                rows.append(row)
+            row["requests"] += 1
+            row["charged_usd" if charged else "usd"] += usd
+            if simulated and not charged:
+                row["simulated_usd"] += usd
+            self._store.update_notebook_record(conn, notebook_id, spending=rows)
+
+    def hold_budget(self, usd: float, check: Callable[[CostReport], None], *, job: str | None = None) -> str | None:
+        """Hold ``usd`` of the notebook's budget for requests about to be sent, after ``check(report)`` (which
+        raises to refuse) saw what is spent and held, all under the history's write lock: kernels that share
+        the notebook see each other's holds and cannot both pass a budget. ``job``: the hold of a batch job
+        of that id (see :meth:`add_job`), given back line by line as its lines are collected, in any kernel.
+        Returns the hold's token (None on a read-only history, where nothing can be held)."""
+        self._one_notebook("A budget belongs to one notebook")
+        if self.read_only:
+            check(self.cost())
+            return None
+        token = secrets.token_hex(8)
+        with self._store.transaction("Cannot hold the notebook's budget in the image history") as conn:
+            notebook_id, uid = self._store.notebook_row(conn, self.notebook, create=True)  # type: ignore[misc,arg-type]
+            check(self.cost())
+            holds = self._holds_of(uid)
+            holds[token] = {"usd": usd, "pid": os.getpid(), "host": socket.gethostname(), "at": _now(),
+                            **({"job": job} if job is not None else {})}
+            self._store.update_notebook_record(conn, notebook_id, holds=holds)
+        return token
+
+    def release_budget(self, token: str, usd: float | None = None) -> None:
+        """Give back ``usd`` of a hold (all of it by default) once its requests have ended and their spending is
+        recorded."""
+        with self._store.transaction("Cannot release the notebook's budget in the image history") as conn:
+            for notebook_id, uid in conn.execute("SELECT id, uid FROM notebooks WHERE name = ?", (self.notebook,)):
+                holds = self._holds_of(uid)
+                if token not in holds:
+                    continue
+                left = holds[token]["usd"] - (holds[token]["usd"] if usd is None else usd)
+                if left > 1e-12:
+                    holds[token]["usd"] = left
+                else:
+                    del holds[token]
+                self._store.update_notebook_record(conn, notebook_id, holds=holds)
+
+    def _holds_of(self, uid: str) -> dict[str, dict[str, Any]]:
+        """The notebook's holds still in force, as they are written back (spent ones are dropped)."""
+        return {token: {k: v for k, v in hold.items() if k != "held"}
+                for token, hold in _live_holds(self._store.notebook_doc(uid), self._job_pending).items()}
+
+    def _job_pending(self, id: str) -> float | None:
+        """The fraction of batch job ``id``'s lines not collected yet (0 when it was never submitted); None
+        when the history has no such job (yet)."""
+        rows = self._store.query("SELECT j.state, j.total, (SELECT count(*) FROM job_lines l WHERE l.job = j.id "
+                                 "AND l.outcome IS NULL) FROM jobs j WHERE j.id = ?", (id,))
+        if not rows:
+            return None
+        state, total, pending = rows[0]
+        return 0.0 if state == "submit_failed" or not total else pending / total
 
     def latest(self, n: int = 50) -> list[HistoryEntry]:
         """The ``n`` newest entries, newest first."""

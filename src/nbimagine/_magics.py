@@ -273,9 +273,7 @@ class ImagineMagics(Magics, _ConfigTraits):
             gen = Generation(prompt, edits=edits, refs=refs, mask=mask, parents=parents, n=args.n,
                              overrides=overrides, record=record, session=self.session, history=history)
             gen.build_agent()
-            if not args.dry_run:
-                gen.check_budget()  # refused here, before the progress slot and any request
-        except (ConfigError, InputError, BudgetError) as exc:
+        except (ConfigError, InputError) as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:  # before any request: nothing to stop, nothing recorded; one line
             raise _short_traceback(KeyboardInterrupt("Cancelled before the request was sent")) from None
@@ -289,22 +287,32 @@ class ImagineMagics(Magics, _ConfigTraits):
             except (ConfigError, InputError) as exc:
                 raise UsageError(str(exc)) from None
             return
+        try:
+            gen.hold_budget()  # refused here, before the progress slot and any request
+        except (ConfigError, InputError, BudgetError) as exc:
+            raise UsageError(str(exc)) from None
         self._run_with_progress(gen, full=args.full, out=args.out)
 
-    def _dry_run(self, gen: Generation, count: int = 1, note: str = "") -> None:
+    def _dry_run(self, gen: Generation, count: int = 1, *, batch: bool = False) -> None:
         """``--dry-run``: the estimate, the budgets and the exact first request; nothing is sent or recorded.
-        ``count``: an image set of that many prompts like ``gen`` (its longest), ``note`` said after the estimate."""
+        ``count``: an image set of that many prompts like ``gen`` (its longest); ``batch``: sent as a batch job
+        (estimated, and checked against the budgets, at the batch price)."""
         from IPython.display import display
 
-        from ._generate import budget_problem
+        from ._budget import budget_problem
+        from ._cost import batch_estimate
 
         agent = gen.build_agent()
         mask = {"mask": gen.mask} if gen.mask is not None else {}
         dry = agent.dry_run(*gen._inputs(), refs=gen.refs, n=gen.n * count, stream=count == 1, **mask)
-        notes = [note] if note else []
-        notes += [budget_problem(scope, budget, spent, dry.estimate)
-                  or f"Within the {scope} budget of {format_usd(budget)} ({format_usd(spent)} spent)."
-                  for scope, budget, spent in gen.budgets()]
+        notes = []
+        if batch:
+            dry.estimate = batch_estimate(dry.estimate)
+            notes.append("Sent as a batch job: billed at half the price; the estimate and the budgets count that.")
+        notes += [budget_problem(scope, budget, spent, dry.estimate, held)
+                  or f"Within the {scope} budget of {format_usd(budget)} ({format_usd(spent)} spent"
+                     + (f", {format_usd(held)} held by requests in flight)." if held > 1e-12 else ").")
+                  for scope, budget, spent, held in gen.budgets()]
         display(_DryRunView(dry, gen.n * count, notes, each="one per prompt and variant" if count > 1 else ""))
 
     def _inputs(self, args: Any, history: Any) -> tuple[list[BinaryResult], list[BinaryResult],
@@ -365,9 +373,7 @@ class ImagineMagics(Magics, _ConfigTraits):
                 longest = max(prompts, key=len)
                 gen = Generation(longest, n=args.n, overrides=overrides, record=False, session=self.session,
                                  agent=agent, params=params)
-                note = ("A batch job is billed at about half this (the providers' batch discount)." if args.batch
-                        else "")
-                self._dry_run(gen, count=len(prompts), note=note)
+                self._dry_run(gen, count=len(prompts), batch=args.batch)
                 return
             if args.batch:
                 from ._batch import submit_batch
@@ -386,7 +392,7 @@ class ImagineMagics(Magics, _ConfigTraits):
                           history=history, concurrency=concurrency, rate_limit=None,
                           edits=edits, refs=refs, mask=mask, parents=parents,
                           retries=overrides.get("max_retries", self.session.options().get("max_retries")))
-            run.check_budget()  # refused here, before the progress bar and any request
+            run.hold_budget()  # refused here, before the progress bar and any request
         except (ConfigError, InputError, BudgetError) as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:  # before any request: nothing to stop, nothing recorded; one line
@@ -842,11 +848,14 @@ class ImagineMagics(Magics, _ConfigTraits):
         if len(words) > 1:
             raise UsageError("%imagine budget [USD|off] [--session]: e.g. %imagine budget 2.00")
         if words:
+            from ._budget import changed
+
             usd = None if words[0].lower() in ("off", "none") else _amount(words[0])
             if session:
                 self.session.budget_usd = usd
             else:
                 self._history().set_budget(usd)
+            changed()
         return _BudgetView(self.session, self._history())
 
     def _cmd_cost(self, rest: str) -> Any:
@@ -1048,7 +1057,7 @@ class _BudgetView:
     """``%imagine budget``: the notebook's and the session's budget, spending and what is left."""
 
     def __init__(self, session: ImagineSession, history: History) -> None:
-        from ._generate import budget_lines
+        from ._budget import budget_lines
 
         self.lines = budget_lines(session, history)
 
@@ -1335,14 +1344,33 @@ class _Providers:
 
 
 def load_ipython_extension(ip: Any) -> None:
-    """``%load_ext nbimagine``: register ``%imagine`` / ``%%imagine``. Nothing heavy is imported."""
+    """``%load_ext nbimagine``: register ``%imagine`` / ``%%imagine``, and guard every ``Agent`` request of the
+    kernel with the session's and the running notebook's budgets. Nothing heavy is imported."""
+    from . import _budget
+
     magics = ImagineMagics(ip)
     ip.register_magics(magics)
+    _budget.install(_kernel_scopes)
     if magics.session.emulator:
         _emulator_banner()
 
 
+def _kernel_scopes() -> tuple[ImagineSession, Any]:
+    """The session and the running notebook's history, whose budgets an ``Agent`` request is checked against
+    (no notebook when its history cannot be opened: the session's budget still applies)."""
+    from ._history import history
+
+    try:
+        notebook = history()
+    except Exception:
+        notebook = None
+    return get_session(), notebook
+
+
 def unload_ipython_extension(ip: Any) -> None:
+    from . import _budget
+
+    _budget.install(None)
     for kind in ("line", "cell"):
         ip.magics_manager.magics[kind].pop("imagine", None)
     found = ip.magics_manager.registry.pop("ImagineMagics", None)

@@ -25,6 +25,7 @@ from .errors import ConfigError, ContentPolicyError, ProviderError
 
 if TYPE_CHECKING:
     from ._agent import Agent, Reply
+    from ._budget import Holds
     from ._history import History, HistoryEntry
     from .config import ProviderConfig
     from .events import BinaryResult
@@ -436,7 +437,7 @@ class ManyRun:
             gen._params = first.params  # frozen now: the session may change while the set runs
         self.done = 0
         self.failed = 0
-        self.budget_checked = False
+        self.holds: Holds | None = None
         self.started_at = 0.0
         self.ended_at: float | None = None
 
@@ -444,12 +445,16 @@ class ManyRun:
     def running(self) -> int:
         return self.limiter.running
 
-    def check_budget(self) -> None:
+    def hold_budget(self) -> None:
         """``BudgetError`` before any request when the whole set could take spending past a budget (the
-        estimate of its longest prompt, times the number of prompts)."""
+        estimate of its longest prompt, times the number of prompts); else hold that for the set: every
+        generation shares the hold, and each request gives back its share as it ends."""
+        if self.holds is not None:
+            return
         longest = max(self.generations, key=lambda gen: len(gen.prompt))
-        longest.check_budget(count=len(self.generations))
-        self.budget_checked = True
+        self.holds = longest.hold_budget(count=len(self.generations))
+        for gen in self.generations:
+            gen._holds = self.holds
 
     @property
     def elapsed(self) -> float:
@@ -477,6 +482,12 @@ class ManyRun:
             await asyncio.gather(*(one(gen) for gen in self.generations))
         finally:
             self.ended_at = time.perf_counter()
+            self.release()
+
+    def release(self) -> None:
+        """Give back what the set still holds of the budgets (requests never sent: a cancelled run)."""
+        if self.holds is not None:
+            self.holds.release_all()
 
     def results(self) -> ImageSet:
         out = []
@@ -584,18 +595,22 @@ def generate_many(
 
 def run_with_progress(run: ManyRun, *, progress: bool) -> ImageSet:
     """Run ``run`` on the background loop, updating a progress bar from this thread; Ctrl-C cancels.
-    ``BudgetError`` first, before any request, when a budget is set and the set could pass it."""
+    ``BudgetError`` first, before any request, when a budget is set and the set could pass it (the set's
+    hold is taken here unless the caller took it: :meth:`ManyRun.hold_budget`)."""
     from ._sync import Job
 
-    if not run.budget_checked:
-        run.check_budget()
-
-    job = Job(run.run())
-    bar = ProgressBar(len(run.generations), enabled=progress)
+    run.hold_budget()
+    job = None
     try:
-        job.result(poll=0.1, on_poll=lambda: bar.update(run))
+        job = Job(run.run())
+        bar = ProgressBar(len(run.generations), enabled=progress)
+        try:
+            job.result(poll=0.1, on_poll=lambda: bar.update(run))
+        finally:
+            bar.close(run)
     finally:
-        bar.close(run)
+        if job is None or job.done():
+            run.release()  # never started, or cancelled before it ran: what it held is given back
     return run.results()
 
 

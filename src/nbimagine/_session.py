@@ -65,7 +65,6 @@ KEY_ENV = {
 }
 # Placeholder credentials for the emulator; it accepts any non-empty key.
 _EMULATOR_KEY = "emulator-key"
-_SPENDING = threading.Lock()
 
 
 @dataclass
@@ -104,10 +103,12 @@ class ImagineSession(_OptionTraits):
 
     def __init__(self, **kwargs: Any) -> None:
         # This kernel session's spending guard (``%imagine budget N --session``), not an option: ``spent_usd``
-        # is the priced cost of every reply of the session's generations, simulated ones included (so the
-        # guard can be tried offline). The notebook's budget lives in its history and survives a restart.
+        # is what every request of the session cost (its generations', and Agent requests once the extension
+        # is loaded), simulated ones included (so the guard can be tried offline); ``_holds`` what requests in
+        # flight hold of it (see ``_budget``). The notebook's budget lives in its history and survives a restart.
         self.budget_usd: float | None = kwargs.pop("budget_usd", None)
         self.spent_usd = 0.0
+        self._holds: dict[str, float] = {}
         super().__init__(**kwargs)
         self._registered: dict[str, _Registered] = {}
 
@@ -151,11 +152,6 @@ class ImagineSession(_OptionTraits):
         if registered is not None:
             return registered.config.model
         return DEFAULT_MODELS[self.kind(name)]
-
-    def add_spending(self, usd: float) -> None:
-        """Count a priced reply against the session budget (called from the generation's loop thread)."""
-        with _SPENDING:
-            self.spent_usd = self.spent_usd + usd
 
     def options(self) -> dict[str, Any]:
         """Current values of every option (``None`` = provider default)."""

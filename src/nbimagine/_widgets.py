@@ -754,6 +754,10 @@ class Studio:
         self.widget = w.VBox(parts)
         self.widget.add_class("nbi-studio")
         self.session.observe(self._on_session, names=list(self.session.trait_names()))
+        from ._budget import subscribe
+
+        # %imagine budget, spending and holds (any cell, thread or generation) show at once.
+        self._unsubscribe_budget = subscribe(lambda: self._dispatch(self._render_summary))
         self._render_summary()
         self.show_page(0)
 
@@ -825,6 +829,7 @@ class Studio:
         """Cancel a running generation, stop following the session, close the widgets."""
         self.stop()
         self.session.unobserve(self._on_session, names=list(self.session.trait_names()))
+        self._unsubscribe_budget()
         if self.settings is not None:
             self.settings.close()
         _close_tree(self.widget)
@@ -1135,7 +1140,7 @@ class Studio:
 
     def _budget_text(self) -> str:
         """What is left of the notebook's and the session's budgets (%imagine budget), when set."""
-        from ._generate import budget_lines
+        from ._budget import budget_lines
 
         if self.session.budget_usd is None and self.history.budget_usd is None:
             return ""

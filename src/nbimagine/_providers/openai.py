@@ -226,7 +226,9 @@ class OpenAIResponsesProvider(OpenAIBatchMixin, _OpenAIClientMixin, Provider[Ope
         from .._cost import is_emulated, price
 
         usage: Usage | None = reply.usage
-        reported = usage is not None and usage.output_image_tokens is not None
+        if usage is None:
+            return None  # no usage at all: the chat model's part is unknown, and a partial sum is no bill
+        reported = usage.output_image_tokens is not None
         estimated = [] if reported or not reply.files else _documented_image_usage(reply.files, self._image_tool)
         if estimated is None:
             return None

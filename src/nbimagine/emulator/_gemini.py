@@ -427,6 +427,8 @@ def _answer(turn: _Turn, state: State, *, model: str, vertex: bool, fault: Fault
                 meta["trafficType"] = "ON_DEMAND"
         else:
             meta["totalTokenCount"] = prompt_tokens
+        if name == "no_usage":  # an answer without usageMetadata (the client cannot price it)
+            return {"candidates": [candidate], **common}
         return {"candidates": [candidate], "usageMetadata": meta, **common}
 
     # Prompt-level block: no candidates at all.

@@ -371,6 +371,11 @@ def image_usage(model: str, quality: str, size: str, prompt: str, inputs: list[b
             "total_tokens": text + image_in + out}
 
 
+def _no_usage(fault: Fault | None) -> bool:
+    """The ``no_usage`` fault: the answer reports no token usage at all (the client cannot price it)."""
+    return fault is not None and fault.name == "no_usage"
+
+
 def _tool_usage(plan: _Plan, images: int) -> dict[str, Any] | None:
     """``tool_usage.image_gen``; none when no image was made."""
     if not images:
@@ -506,8 +511,9 @@ def _response(plan: _Plan, output: list[dict[str, Any]], *, status: str,
         "store": parsed.store, "temperature": 1.0, "text": {"format": {"type": "text"}, "verbosity": "medium"},
         "tool_choice": body.get("tool_choice", "auto"), "tools": tools, "top_logprobs": 0, "top_p": 1.0,
         "truncation": "disabled",
-        "usage": _usage(parsed.prompt, plan.text) if final else None,
-        "tool_usage": _tool_usage(plan, images) if final else None,
+        # no_usage: an answer without usage, as some proxies and OpenAI-compatible gateways send.
+        "usage": _usage(parsed.prompt, plan.text) if final and not _no_usage(plan.fault) else None,
+        "tool_usage": _tool_usage(plan, images) if final and not _no_usage(plan.fault) else None,
         "user": None, "metadata": body.get("metadata") or {},
         # Foundry echoes the agent that answered (an extra key to the openai SDK, which keeps it).
         **({"agent_reference": body["agent_reference"]} if "agent_reference" in body else {}),
