@@ -292,9 +292,9 @@ def _refusal(ip: Any, holder: str) -> str:
     if holder == "studio":
         studio = Studio(session, history(), settings=False)
         try:
-            studio.prompt.value = "a boat"
+            studio.view.prompt = "a boat"
             assert studio.start() is None
-            return studio.error.value
+            return studio.view.error
         finally:
             studio.close()
     with pytest.raises(BudgetError) as caught:
@@ -490,16 +490,16 @@ def test_the_studio_shows_a_budget_change_at_once(ip: Any, emu: Any) -> None:
 
     studio = Studio(get_session(), history(), settings=False)
     try:
-        assert "budget" not in studio.summary.value.lower()
-        line(ip, "budget 0.75")
-        assert "Notebook budget $0.75: $0.00 spent, $0.75 left" in studio.summary.value
+        assert studio.view.budget == ""
+        line(ip, "budget 0.75")  # what the page shows: its budget trait, synced to the browser
+        assert "Notebook budget $0.75: $0.00 spent, $0.75 left" in studio.view.budget
         line(ip, "budget 0.40 --session")
-        assert "Session budget $0.40" in studio.summary.value
+        assert "Session budget $0.40" in studio.view.budget
         gen = Generation("a kite", session=get_session(), history=history())
         holds = gen.hold_budget()
-        assert "held by requests in flight" in studio.summary.value
+        assert "held by requests in flight" in studio.view.budget
         holds.release_all()
-        assert "held by" not in studio.summary.value
+        assert "held by" not in studio.view.budget
     finally:
         studio.close()
 
