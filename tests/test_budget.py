@@ -297,12 +297,26 @@ def _refusal(ip: Any, holder: str) -> str:
             return studio.view.error
         finally:
             studio.close()
+    if holder in ("--each", "--batch"):
+        with pytest.raises(UsageError) as info:
+            imagine(ip, holder, "a boat\na boat")
+        return str(info.value)
+    import nbimagine
+
     with pytest.raises(BudgetError) as caught:
-        session.build_agent().ask_sync("a boat")
+        if holder == "generate_many":
+            nbimagine.generate_many(["a boat", "a boat"], progress=False)
+        elif holder == "submit_batch":
+            nbimagine.submit_batch(["a boat", "a boat"])
+        else:
+            session.build_agent().ask_sync("a boat")
     return str(caught.value)
 
 
-@pytest.mark.parametrize("holder", ["magic cell", "studio", "python api"])
+SENDERS = ["magic cell", "studio", "python api", "generate_many", "--each", "submit_batch", "--batch"]
+
+
+@pytest.mark.parametrize("holder", SENDERS)
 def test_a_request_in_flight_holds_its_share_against_every_other_path(ip: Any, emu: Any, holder: str) -> None:
     # One generation holds (as it does while its request is in flight); then every other way of sending is
     # refused before anything is sent, and allowed once the hold is given back.
@@ -316,11 +330,114 @@ def test_a_request_in_flight_holds_its_share_against_every_other_path(ip: Any, e
     holds = first.hold_budget()
     try:
         assert "held by requests in flight" in _refusal(ip, holder)
-        assert emu.requests == []
+        assert emu.requests == [] and history().jobs() == []
     finally:
         holds.release_all()
     imagine(ip, "", "a boat")
     assert len(emu.requests) == 1
+
+
+@pytest.mark.parametrize(("scope", "sender"), [("notebook", s) for s in SENDERS] + [("session", "magic cell"),
+                                                                                      ("session", "submit_batch")])
+def test_a_set_in_flight_holds_the_whole_set_against_every_other_way_of_sending(ip: Any, emu: Any, scope: str,
+                                                                                  sender: str) -> None:
+    # A set of two prompts whose requests are at the provider (a minute of latency) holds both; a cell, the
+    # studio, the Python API or another set are refused before sending anything; cancelled (Ctrl-C), the set
+    # gives its hold back and nothing is charged for the requests that made nothing.
+    from nbimagine import history
+    from nbimagine._many import ManyRun, prepare_agent
+    from nbimagine._sync import Job
+
+    session = get_session()
+    session.use(quality="low", size="1024x1024")
+    agent, params = prepare_agent(None, (), {}, session)
+    run = ManyRun(["a boat", "a boat"], agent=agent, params=params, n=1, overrides={}, record=True,
+                  history=history(), concurrency=4, rate_limit=None)
+    whole = max(run.generations, key=lambda g: len(g.prompt)).estimate(count=2).high_usd
+    line(ip, f"budget {1.25 * whole:.6f}{' --session' if scope == 'session' else ''}")  # one set, no more
+    emu.latency = 60.0
+    run.hold_budget()
+    job = Job(run.run())
+    try:
+        _wait_for(lambda: len(emu.requests) == 2)
+        refusal = _refusal(ip, sender)
+        assert f"Not sent: this {scope}" in refusal and "held by requests in flight" in refusal
+        assert len(emu.requests) == 2 and history().jobs() == []
+    finally:
+        job.cancel()
+        run.release()
+    assert not session._holds and history().cost().held_usd == 0
+    assert session.spent_usd == 0 and history().cost().spent_usd == 0  # cancelled before any answer
+    emu.latency = 0.0
+    imagine(ip, "", "a boat")
+    assert len(history()) == 1
+
+
+def _wait_for(condition: Any, limit: float = 60.0) -> None:
+    """Wait until ``condition()`` (an event in another thread), failing after ``limit`` s."""
+    import time
+
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_batch_job_holds_its_set_at_the_batch_price_until_its_lines_are_collected(ip: Any, emu: Any) -> None:
+    # submit_batch returns at once; the job's lines are billed later, when the provider runs them. Until they are
+    # collected (in any kernel) the job holds its estimate at the batch price, in the notebook's record (so a
+    # restarted or second kernel sees it) and in the session that submitted it.
+    import nbimagine
+    from nbimagine import history
+
+    emu.batch_time = 0.2
+    session = get_session()
+    session.use(quality="low", size="1024x1024")
+    label = Generation("a boat", n=1, record=False)
+    half = label.estimate(count=2, batch=True).high_usd
+    assert half == pytest.approx(label.estimate(count=2).high_usd / 2)
+    line(ip, f"budget {1.5 * half:.6f}")
+    session.budget_usd = 1.5 * half
+    job = nbimagine.submit_batch(["a boat", "a boat"])
+    assert History(history().path.parent, history().notebook).cost().held_usd == pytest.approx(half)
+    assert sum(session._holds.values()) == pytest.approx(half)
+    sent = len(emu.requests)
+    with pytest.raises(UsageError, match="held by requests in flight"):
+        imagine(ip, "", "a boat")
+    with pytest.raises(BudgetError, match="held by requests in flight"):
+        nbimagine.submit_batch(["a boat", "a boat"])
+    assert len(emu.requests) == sent and len(history().jobs()) == 1
+    images = job.wait(progress=False, poll=0.05)
+    paid = sum(e.metadata["cost_usd"] for e in images.entries)
+    assert 0 < paid <= half
+    report = history().cost()
+    assert report.held_usd == 0 and report.spent_usd == pytest.approx(paid)
+    assert not session._holds and session.spent_usd == pytest.approx(paid)
+    job.results()  # collected again: counted once
+    assert session.spent_usd == pytest.approx(paid)
+
+
+@pytest.mark.parametrize("refusal", ["no batch path", "upload refused"])
+def test_a_batch_that_is_not_submitted_holds_nothing(ip: Any, emu: Any, refusal: str) -> None:
+    import nbimagine
+    from nbimagine import history
+    from nbimagine.config import VertexAIConfig
+    from nbimagine.errors import ConfigError, ProviderError
+
+    line(ip, "budget 5")
+    get_session().budget_usd = 5.0
+    if refusal == "no batch path":  # refused by the provider module, after the budgets were held
+        with pytest.raises(ConfigError, match="generate_many"):
+            nbimagine.submit_batch(["a boat"], config=VertexAIConfig(model="gemini-3.1-flash-image", api_key="k"))
+    else:
+        from nbimagine.config import OpenAIResponsesConfig
+        from nbimagine.tools import ImageGenerationTool
+
+        nowhere = OpenAIResponsesConfig(model="gpt-4.1", api_key="k", base_url="http://127.0.0.1:9/v1")
+        with pytest.raises(ProviderError):  # nothing listens on port 9: the upload fails
+            nbimagine.submit_batch(["a boat"], config=nowhere, tools=[ImageGenerationTool()])
+        assert history().jobs()[0].state == "submit_failed"
+    assert not get_session()._holds and history().cost().held_usd == 0
 
 
 _KERNEL = """
