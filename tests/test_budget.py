@@ -662,3 +662,46 @@ def test_a_budget_kept_only_in_an_older_index_survives_a_repair(tmp_path: Path) 
         conn.close()
         h.repair()
         assert h.budget_usd == 3.0 and json.loads(record.read_text())["budget_usd"] == 3.0
+
+
+# --- Ctrl-C and cancellation give back what was held ----------------------------------------------------------
+
+
+CANCELLED = {
+    "cell": lambda ip: imagine(ip, "", "a slow boat"),
+    "--each": lambda ip: imagine(ip, "--each", "a slow boat\na slow kite"),
+    "generate_many": lambda ip: __import__("nbimagine").generate_many(["a slow boat", "a slow kite"], progress=False),
+    "python api": lambda ip: get_session().build_agent().ask_sync("a slow boat"),
+}
+
+
+@pytest.mark.parametrize("way", CANCELLED)
+def test_ctrl_c_mid_request_gives_back_every_hold(ip: Any, emu: Any, ctrl_c_when_in_flight: Any, way: str) -> None:
+    from nbimagine import history
+
+    get_session().use(quality="low", size="1024x1024")
+    high = generation_estimate({}, "a slow boat").high_usd
+    line(ip, f"budget {2.5 * high:.6f}")
+    get_session().budget_usd = 2.5 * high
+    emu.latency = 30.0
+    ctrl_c_when_in_flight()
+    with pytest.raises(KeyboardInterrupt):
+        CANCELLED[way](ip)
+    # Nothing answered: nothing is spent, and nothing stays held (the next cells have the whole budget).
+    assert not get_session()._holds and history().cost().held_usd == 0
+    assert get_session().spent_usd == 0 and history().cost().spent_usd == 0
+    emu.latency = 0.0
+    imagine(ip, "--each", "a boat\na kite")
+    assert len(history()) == 2
+
+
+def test_a_generation_cancelled_before_its_coroutine_ran_gives_back_its_hold(ip: Any, emu: Any) -> None:
+    # cancel() right after start(): whether or not the request had begun, nothing stays held.
+    from nbimagine import history
+
+    line(ip, "budget 5")
+    for _ in range(3):
+        gen = Generation("a boat", session=get_session(), history=history())
+        gen.start()
+        gen.cancel()
+        assert not get_session()._holds and history().cost().held_usd == 0

@@ -143,6 +143,7 @@ class Generation:
         self._agent: Agent | None = agent
         self._params: dict[str, Any] | None = params
         self._holds: Holds | None = None
+        self._own_holds = False
 
     # --- public ----------------------------------------------------------------------------------
 
@@ -288,7 +289,14 @@ class Generation:
             self._holds = hold(self.session, self._budget_history(),
                                lambda: self.estimate(count, batch=job is not None), self.n * count,
                                notebook_required=self.record, job=job)
+            self._own_holds = count == 1 and job is None  # else the set's or the job's to give back
         return self._holds
+
+    def _release_unsent(self) -> None:
+        """Once the job has ended, give back what requests that never started still hold (a Ctrl-C or
+        ``cancel`` that landed before the coroutine ran); a no-op when every request settled."""
+        if self._holds is not None and self._own_holds and self.job is not None and self.job.done():
+            self._holds.release_all()
 
     def start(self, on_event: EventCallback | None = None) -> Job[list[Reply | None]]:
         """Start all variants on the background loop and return the ``Job`` (non-blocking).
@@ -329,6 +337,7 @@ class Generation:
         """Stop every variant now (their HTTP requests are aborted)."""
         if self.job is not None:
             self.job.cancel()
+            self._release_unsent()
 
     def wait(self, on_poll: Callable[[], None] | None = None, *, warn: bool = True) -> list[Reply]:
         """Block until done (``on_poll`` runs every 50 ms); return the replies.
@@ -341,7 +350,10 @@ class Generation:
         if self.job is None:
             self.start()
         assert self.job is not None
-        self.job.result(on_poll=on_poll)
+        try:
+            self.job.result(on_poll=on_poll)
+        finally:
+            self._release_unsent()
         if warn:
             for line in self.warnings:
                 warnings.warn(line, ImagineWarning, stacklevel=2)
