@@ -80,7 +80,7 @@ def test_mask_problems_are_one_line_usage_errors_before_any_request(ip, emu) -> 
     with pytest.raises(UsageError, match="colour image without transparency"):
         imagine(ip, "-e last --mask colour", "add a door")
     assert emu.requests == []
-    with pytest.raises(UsageError, match="apply to one generation"):
+    with pytest.raises(UsageError, match="-r applies to one generation"):
         ip.run_line_magic("imagine", "use -r last")
 
 

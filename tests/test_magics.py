@@ -199,7 +199,18 @@ def test_config_magic_forwards_to_session_and_validates(ip):
     ("--bogus", "unrecognized arguments: --bogus"),
     ("--size 1000x1000", "multiples of 16"),
     ("--size big", "WIDTHxHEIGHT"),
-    ("--compression 50", "output_compression only applies to jpeg and webp"),
+    # The tool's combined rules in the magic's words (flags, not Python parameters).
+    ("--compression 50", "--compression only applies to jpeg and webp; set --format jpeg or webp, or drop "
+                         "--compression"),
+    ("--format jpg --background transparent", "use --format png or webp with a transparent --background"),
+    # Quotes around a value are the shell's, not part of the value: an empty quoted value is missing.
+    ("-m ''", "--model needs a value"),
+    ('-p azure --image-deployment ""', "--image-deployment needs a value"),
+    ('-p gemini --aspect "5:1"', "not '5:1'"),
+    # Numbers beyond SQLite's 64-bit integers are images that do not exist.
+    ("-e #99999999999999999999999", "no image #99999999999999999999999"),
+    ("-e -99999999999999999999", "has only 0 image(s)"),
+    ("-e -0", "-0 is not a position"),
     ("--format jpeg --compression 500", "0 to 100"),
     ("--partial 9", "--partial takes a whole number from 0 to 3, not 9"),
     ("-p dalle", "Unknown provider 'dalle'"),
@@ -217,6 +228,61 @@ def test_user_mistakes_are_one_line_usage_errors(ip, emu, line, fragment):
     message = str(info.value)
     assert fragment in message
     assert "\n" not in message
+    assert not [r for r in emu.requests if r.method == "POST"]
+
+
+def test_quoted_values_lose_their_quotes_and_reach_the_request(ip, emu):
+    imagine(ip, '-m "gpt-4.1" --size \'256x256\' -o r', "a cat")
+    assert ip.user_ns["r"].model == "gpt-4.1"
+    assert last_body(emu)["model"] == "gpt-4.1"
+    assert last_body(emu)["tools"][0]["size"] == "256x256"
+
+
+@pytest.mark.parametrize("line", ["show #99999999999999999999999", "show -99999999999999999999999",
+                                  "lineage 99999999999999999999999", "mask #99999999999999999999999",
+                                  "show -0"])
+def test_huge_or_empty_positions_are_one_line_usage_errors(ip, line):
+    with pytest.raises(UsageError) as info:
+        ip.run_line_magic("imagine", line)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("line", ["history 99999999999999999999999", "export out 99999999999999999999999"])
+def test_huge_counts_mean_every_image(ip, emu, line):
+    imagine(ip, "--size 256x256", "a cat")
+    ip.run_line_magic("imagine", line)
+
+
+# Every subcommand with arguments it cannot take: one line that says what it takes, never a traceback.
+WRONG_SUBCOMMANDS = {
+    "use": ["nosuch", "openai extra words", "--quality", "openai -n 2", "gemini --quality low"],
+    "history": ["abc", "-5", "--notebook", "--merge", "--root", "--bogus"],
+    "show": ["", "abc", "#-1", "last --bogus", "#99999999999999999999999"],
+    "lineage": ["", "zz", "99999999999999999999999"],
+    "export": ["", "out abc", "a b c"],
+    "providers": ["extra"],
+    "emulator": ["maybe"],
+    "budget": ["abc", "-5", "nan", "1e400", "1 2"],
+    "cost": ["extra"],
+    "mask": ["", "nosuch", "last -o 1x", "last -o"],
+    "jobs": ["bogus", "wait", "cancel zz"],
+    "panel": ["extra"],
+    "studio": ["extra"],
+}
+
+
+def test_every_subcommand_is_covered():
+    from nbimagine._magics import SUBCOMMANDS
+
+    assert set(WRONG_SUBCOMMANDS) == set(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("line", [f"{name} {rest}".strip() for name, wrong in WRONG_SUBCOMMANDS.items()
+                                  for rest in wrong])
+def test_a_subcommand_with_wrong_arguments_is_one_usage_error_line(ip, emu, line):
+    with pytest.raises(UsageError) as info:
+        ip.run_line_magic("imagine", line)
+    assert "\n" not in str(info.value) and str(info.value).strip()
     assert not [r for r in emu.requests if r.method == "POST"]
 
 

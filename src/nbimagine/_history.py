@@ -498,6 +498,12 @@ def _parse_ref(ref: ParentRef) -> int:
     raise TypeError(f"a history reference must be an id, '#id' or a HistoryEntry, not {ref!r}")
 
 
+def _int64(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return max(-(2**63), min(value, 2**63 - 1))
+    return value
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
@@ -2038,7 +2044,10 @@ class History:
                 limit: int = -1, offset: int = 0, *, everywhere: bool = False) -> list[HistoryEntry]:
         clause, values = (f"WHERE {where}", tuple(args)) if everywhere else self._where(where, args)
         sql = f"SELECT {_COLUMNS} {_FROM} {clause} ORDER BY {order} LIMIT ? OFFSET ?"
-        return [self._entry(r) for r in self._store.query(sql, (*values, limit, offset))]
+        # SQLite integers are 64-bit: a user's #99999999999999999999 or `history 1e30` is "no such image" /
+        # "all of them", not an OverflowError. No id or position reaches the clamped values.
+        bound = tuple(_int64(v) for v in (*values, limit, offset))
+        return [self._entry(r) for r in self._store.query(sql, bound)]
 
     def __len__(self) -> int:
         clause, values = self._where()

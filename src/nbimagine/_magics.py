@@ -246,11 +246,18 @@ class ImagineMagics(Magics, _ConfigTraits):
 
     def _parse(self, line: str) -> Any:
         try:
-            return parse_argstring(self.imagine, line)
+            args = parse_argstring(self.imagine, line)
         except UsageError as exc:
             raise UsageError(f"{exc} (see %%imagine? for the options)") from None
         except ValueError as exc:  # shlex: unbalanced quotes
             raise UsageError(f"Cannot parse the %%imagine line: {exc}") from None
+        # IPython splits magic lines without removing quotes (non-POSIX shlex, so that Windows paths keep
+        # their backslashes): `-m "gpt-4.1"` would be the model '"gpt-4.1"'. Option values lose one pair of
+        # quotes around them, as in a shell; the words of a one-line prompt stay as typed.
+        for name, value in vars(args).items():
+            if name != "words":
+                setattr(args, name, [_unquote(v) for v in value] if isinstance(value, list) else _unquote(value))
+        return args
 
     @staticmethod
     def _overrides(args: Any) -> dict[str, Any]:
@@ -688,6 +695,8 @@ class ImagineMagics(Magics, _ConfigTraits):
         ref = ref.strip()
         if not re.fullmatch(r"last|-\d+|#\d+", ref):
             return None
+        if re.fullmatch(r"-0+", ref):
+            raise UsageError(f"{ref} is not a position: -1 (or last) is the newest image, -2 the one before")
         if history is None:  # not `history or ...`: that runs a query to ask whether it is empty
             history = self._history()
         try:
@@ -726,7 +735,8 @@ class ImagineMagics(Magics, _ConfigTraits):
                                             ("--dry-run", args.dry_run), ("--each", args.each), ("--batch", args.batch),
                                             ("--concurrency", args.concurrency is not None)) if given]
         if extras:
-            raise UsageError(f"{', '.join(extras)} apply to one generation, not to %imagine use")
+            raise UsageError(f"{', '.join(extras)} {'apply' if len(extras) > 1 else 'applies'} to one generation, "
+                             "not to %imagine use")
         overrides = self._overrides(args)
         provider = args.words[0] if args.words else overrides.pop("provider", None)
         if provider is not None or overrides:
@@ -827,6 +837,7 @@ class ImagineMagics(Magics, _ConfigTraits):
         return None
 
     def _cmd_providers(self, rest: str) -> Any:
+        _no_arguments("providers", rest, "it lists every provider; %imagine use PROVIDER chooses one")
         return _Providers(self.session)
 
     def _cmd_emulator(self, rest: str) -> Any:
@@ -903,6 +914,7 @@ class ImagineMagics(Magics, _ConfigTraits):
         return images
 
     def _cmd_panel(self, rest: str) -> Any:
+        _no_arguments("panel", rest, "set options with %imagine use PROVIDER --OPTION VALUE")
         from ._widgets import panel
 
         return panel()
@@ -936,6 +948,7 @@ class ImagineMagics(Magics, _ConfigTraits):
         return painter
 
     def _cmd_studio(self, rest: str) -> Any:
+        _no_arguments("studio", rest, "set options with %imagine use PROVIDER --OPTION VALUE")
         from ._widgets import studio
 
         return studio()
@@ -954,6 +967,17 @@ def _elsewhere(history: History) -> str:
     listed = ", ".join(f"{n!r} ({c})" for n, c in list(others.items())[:5]) + (", …" if len(others) > 5 else "")
     return (f" Other notebooks in this folder have images: {listed}; %imagine history --all shows them; "
             "--merge NAME moves one's images into this notebook; --notebook NAME uses its history instead.")
+
+
+def _no_arguments(name: str, rest: str, hint: str) -> None:
+    if rest.strip():
+        raise UsageError(f"%imagine {name} takes no arguments, not {rest.strip()!r}: {hint}")
+
+
+def _unquote(value: Any) -> Any:
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
 
 
 def _split(text: str) -> list[str]:

@@ -244,8 +244,12 @@ class ImagineSession(_OptionTraits):
 
     def _tool(self, merged: dict[str, Any]) -> ImageGenerationTool:
         # The ImageGenerationTool constructor is the single source of truth for the tool's combined rules
-        # (a transparent JPEG, compression without jpeg/webp...).
-        return ImageGenerationTool(**_sent(merged, "ImageGenerationTool"))
+        # (a transparent JPEG, compression without jpeg/webp...); its messages name the Python parameters,
+        # the session's name the magic's flags, as every other session message does.
+        try:
+            return ImageGenerationTool(**_sent(merged, "ImageGenerationTool"))
+        except ConfigError as exc:
+            raise ConfigError(_in_flags(str(exc))) from None
 
     def build_agent(self, **overrides: Any) -> Agent:
         """An ``Agent`` for the session's provider with these overrides (same names as the options).
@@ -407,6 +411,20 @@ def _merge_image_tool(tools: Sequence[object], session_tool: ImageGenerationTool
     if not found:
         out.append(session_tool)
     return out
+
+
+def _in_flags(text: str) -> str:
+    """A message about ``ImageGenerationTool`` parameters in the words of the magic: ``output_format='png'
+    or 'webp'`` -> ``--format png or webp``, ``output_compression`` -> ``--compression``."""
+    import re
+
+    for opt in TABLE:
+        owner, _, name = opt.target.partition(".")
+        if owner == "ImageGenerationTool":
+            text = re.sub(rf"\b{name}='([^']*)'((?: or '[^']*')*)",
+                          lambda m, flag=opt.flag: f"{flag} {m[1]}{m[2].replace(chr(39), '')}", text)
+            text = re.sub(rf"\b{name}\b", opt.flag, text)
+    return text
 
 
 def _sent(merged: dict[str, Any], target: str, family: str | None = None) -> dict[str, Any]:
