@@ -43,6 +43,16 @@ def emu(emulator_server):
 
 
 @pytest.fixture
+def unused_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
 def ctrl_c_when_in_flight(emu):
     """Start a thread that presses Ctrl-C as soon as a request reaches the emulator.
 

@@ -367,12 +367,3 @@ def test_cancel_failure_is_a_warning_not_a_hang(unused_port: int) -> None:
         warnings.simplefilter("always")
         asyncio.run(cancel())
     assert "could not cancel the background response resp_x" in str(caught[0].message)
-
-
-@pytest.fixture
-def unused_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

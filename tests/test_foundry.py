@@ -575,3 +575,73 @@ def test_config_repr_shows_the_credential_type_never_the_key() -> None:
 def test_foundry_config_is_validated(changes: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         FoundryAgentConfig("gpt-4.1", agent_name="painter", **changes)
+
+
+# --- what a new user gets wrong, and what the service does behind their back (session 3) ------------------
+
+BAD_ENDPOINTS = [
+    ("notaurl", "is a URL such as"),
+    ("ftp://res.services.ai.azure.com/api/projects/p", "is a URL such as"),
+    ("http://res.services.ai.azure.com/api/projects/p", "must use https"),
+    ("https://res.services.ai.azure.com", "ends with /api/projects/<project>"),  # the resource, not the project
+    ("https://res.services.ai.azure.com/api/projects/", "ends with /api/projects/<project>"),
+    ("https://res.openai.azure.com/openai/v1", "ends with /api/projects/<project>"),
+]
+
+
+@pytest.mark.parametrize("endpoint, fragment", BAD_ENDPOINTS)
+def test_a_wrong_project_endpoint_is_refused_before_any_request(emu, monkeypatch, endpoint, fragment) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        FoundryAgentConfig("gpt-4.1", agent_name="painter", project_endpoint=endpoint)
+    # The same rule for the variable Microsoft's samples use, when the config names no endpoint.
+    monkeypatch.setenv("AZURE_AI_PROJECT_ENDPOINT", endpoint)
+    cfg = FoundryAgentConfig(agent_name="painter", credential=FakeTokenCredential(), max_retries=0)
+    with pytest.raises(ConfigError, match=f"AZURE_AI_PROJECT_ENDPOINT: .*{fragment}"):
+        Agent("designer", config=cfg).ask_sync("A fox")
+    assert not emu.requests
+
+
+async def test_an_unreachable_project_names_the_setting_to_check(unused_port: int) -> None:
+    endpoint = f"http://127.0.0.1:{unused_port}/api/projects/p"
+    with pytest.raises(ProviderError, match=r"Could not reach the API .*check project_endpoint"):
+        await Agent("designer", config=FoundryAgentConfig(project_endpoint=endpoint, agent_name="painter",
+                                                          credential=FakeTokenCredential(), max_retries=0)).ask("x")
+
+
+async def test_a_version_deleted_on_the_server_is_made_again(emu) -> None:
+    agent = Agent("designer", config=config(emu), tools=[tool()])
+    assert len((await agent.ask("A fox")).files) == 1
+    async with project_client(emu) as project:  # someone deletes the agent in the portal
+        await project.agents.delete("painter", enforce_https=False)
+    emu.requests.clear()
+    assert len((await agent.ask("A second fox")).files) == 1
+    asked = requests_to(emu, "/openai/v1/responses", "POST")
+    assert [r.json["agent_reference"].get("version") for r in asked] == ["1", "1"]  # 404, then the new one
+    assert len(requests_to(emu, "/versions", "POST")) == 1
+
+
+async def test_a_pinned_version_that_was_deleted_is_not_replaced(emu) -> None:
+    # A version the user chose is theirs: its 404 is the answer, nothing is created in its place.
+    async with project_client(emu) as project:
+        from azure.ai.projects.models import ImageGenTool, PromptAgentDefinition
+
+        for _ in range(2):
+            await project.agents.create_version("painter", enforce_https=False, definition=PromptAgentDefinition(
+                model="gpt-4.1", tools=[ImageGenTool(model=DEPLOYMENT)]))
+        await project.agents.delete_version("painter", "2", enforce_https=False)
+    with pytest.raises(ProviderError, match="version '2' not found") as caught:
+        await Agent("designer", config=config(emu, model=None, agent_version="2")).ask("A fox")
+    assert caught.value.status == 404 and not requests_to(emu, "/versions", "POST")[2:]
+
+
+def test_no_credential_at_all_is_one_config_error_without_azure_identitys_log(emu, monkeypatch, caplog) -> None:
+    for var in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET", "AZURE_FEDERATED_TOKEN_FILE",
+                "IDENTITY_ENDPOINT", "MSI_ENDPOINT", "AZURE_USERNAME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no az / azd / pwsh to ask
+    monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "dev")  # developer tools only: no managed identity probe
+    caplog.set_level("WARNING")
+    cfg = FoundryAgentConfig(project_endpoint=emu.foundry_endpoint, agent_name="painter", max_retries=0)
+    with pytest.raises(ConfigError, match=r"No usable Azure credential .*az login"):
+        Agent("designer", config=cfg).ask_sync("A fox")
+    assert not [r for r in caplog.records if r.name.startswith("azure.identity")], caplog.text

@@ -892,6 +892,43 @@ def test_foundry_options_on_another_provider_are_refused_per_cell(ip, emu):
     assert not emu.requests
 
 
+@pytest.mark.parametrize("endpoint", ["notaurl", "http://res.services.ai.azure.com/api/projects/p",
+                                      "https://res.services.ai.azure.com"])
+def test_a_wrong_project_endpoint_is_refused_by_use(ip, emu, endpoint):
+    with pytest.raises(UsageError, match="--project-endpoint: ") as info:
+        ip.run_line_magic("imagine", f"use foundry --project-endpoint {endpoint} --agent painter")
+    assert "\n" not in str(info.value) and get_session().project_endpoint is None
+
+
+def test_use_foundry_before_an_agent_says_what_is_missing(ip):
+    shown = ip.run_line_magic("imagine", "use foundry")
+    assert "foundry · no agent yet (--agent NAME)" in repr(shown)
+    assert "Microsoft Foundry · no agent yet" in get_session().summary()
+
+
+def test_an_agent_without_the_image_tool_is_named_as_the_likely_cause(ip, emu):
+    import asyncio
+
+    from azure.ai.projects.aio import AIProjectClient
+    from azure.ai.projects.models import PromptAgentDefinition
+    from azure.core.pipeline.transport import AsyncioRequestsTransport
+
+    from nbimagine.emulator import EmulatorCredential
+
+    async def make() -> None:
+        async with AIProjectClient(emu.foundry_endpoint, EmulatorCredential(),
+                                   transport=AsyncioRequestsTransport()) as project:
+            await project.agents.create_version("talker", enforce_https=False,
+                                                definition=PromptAgentDefinition(model="gpt-4.1"))
+
+    asyncio.run(make())
+    ip.run_line_magic("imagine", "use foundry --agent talker")
+    imagine(ip, "", "a lighthouse")
+    shown = " ".join(o["data"].get("text/plain", "") for o in outputs(ip))
+    assert "no image" in shown and "agent 'talker' answered with text only" in shown
+    assert "%imagine use foundry --agent talker -m DEPLOYMENT" in shown
+
+
 def test_background_mode_with_foundry(ip, emu):
     emu.background_duration = 0.2
     ip.run_line_magic("imagine", "use foundry --agent painter --image-deployment gpt-image-1 -m gpt-4.1")

@@ -22,6 +22,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from .tools import STANDARD_SIZES
+
 if TYPE_CHECKING:
     from .config import ProviderConfig
 
@@ -361,7 +363,7 @@ _GPT_IMAGE_1_FAMILY = ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "chat
 _GPT_IMAGE_2_FACTORS = {"low": 16, "medium": 48, "high": 96}
 # "Each partial image adds 100 image output tokens" (same guide, "Streaming").
 PARTIAL_IMAGE_TOKENS = 100
-OPENAI_STANDARD_SIZES = ("1024x1024", "1024x1536", "1536x1024")
+OPENAI_STANDARD_SIZES = tuple(size for size in STANDARD_SIZES if size != "auto")
 
 
 def openai_image_tokens(model: str, quality: str, size: str) -> tuple[int, str | None] | None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .tools import BACKGROUNDS, INPUT_FIDELITIES, MODERATIONS, OUTPUT_FORMATS, QUALITIES, STANDARD_SIZES
+
 __all__ = ["MASK_MAX_BYTES", "ImageModelRules", "rules_for"]
 
 MB = 1024 * 1024
@@ -92,15 +94,16 @@ class ImageModelRules:
 _GPT_IMAGE_1 = ImageModelRules(
     family="gpt-image-1",
     # SDK size: "The standard sizes 1024x1024, 1536x1024 and 1024x1536 are supported by the GPT image models".
-    sizes=("auto", "1024x1024", "1536x1024", "1024x1536"),
+    sizes=STANDARD_SIZES,
     free_sizes=False,
     max_n=10,  # SDK n: "Must be between 1 and 10."
-    qualities=("low", "medium", "high", "auto"),  # SDK quality: "The GPT image models support low, medium, high"
-    output_formats=("png", "jpeg", "webp"),  # SDK output_format (gif/svg need preview access: not offered)
-    backgrounds=("transparent", "opaque", "auto"),
-    moderations=("low", "auto"),  # SDK moderation
+    # SDK quality: "The GPT image models support low, medium, high" (xhigh and max: gpt-image-2.5 below)
+    qualities=tuple(q for q in QUALITIES if q not in ("xhigh", "max")),
+    output_formats=OUTPUT_FORMATS,  # SDK output_format (gif/svg need preview access: not offered)
+    backgrounds=BACKGROUNDS,
+    moderations=MODERATIONS,  # SDK moderation
     # SDK input_fidelity: "Supports high and low on gpt-image-1.5; gpt-image-1-mini supports only low."
-    input_fidelities=("high", "low"),
+    input_fidelities=INPUT_FIDELITIES,
     styles=(),
     streaming=True,
     edits=True,
@@ -126,9 +129,9 @@ _GPT_IMAGE_25 = ImageModelRules(**{
     **_GPT_IMAGE_2.__dict__,
     "family": "gpt-image-2.5",
     # SDK quality: "gpt-image-2.5-sunburst and gpt-image-2.5-flare ... also support xhigh and max."
-    "qualities": ("low", "medium", "high", "xhigh", "max", "auto"),
+    "qualities": QUALITIES,
     # SDK background: sunburst and flare "support opaque and transparent backgrounds".
-    "backgrounds": ("transparent", "opaque", "auto"),
+    "backgrounds": BACKGROUNDS,
 })
 _DALL_E_2 = ImageModelRules(
     family="dall-e-2",

@@ -23,9 +23,9 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Bool, HasTraits, TraitError, Unicode, dlink, observe, validate
 
 from ._cost import format_usd
-from ._options import FAMILY_LABELS, option
+from ._options import FAMILY_LABELS, IMAGE_CONFIG, option
 from ._options import OPTIONS as TABLE
-from ._session import OPTIONS, ImagineSession, credentials_advice, get_session, option_trait
+from ._session import NO_AGENT, OPTIONS, ImagineSession, credentials_advice, get_session, option_trait
 from .errors import BudgetError, ConfigError, ImagineError, InputError
 
 if TYPE_CHECKING:
@@ -624,6 +624,8 @@ class ImagineMagics(Magics, _ConfigTraits):
             outputs.append((caption_output(data["text/plain"], width=width), {}))
         if not items and not texts and not interrupted and not any(gen.errors):
             outputs.append((text_output("The model answered with no image and no text."), {}))
+        elif not items and not interrupted and not any(gen.errors):
+            problems.append(self._no_image_hint(gen))
         if late:
             problems.append(f"Ctrl-C at {late[0]:.1f} s came after the request had finished; nothing was "
                             "stopped and the images are all here")
@@ -639,6 +641,22 @@ class ImagineMagics(Magics, _ConfigTraits):
             print(f"ImagineWarning: the images could not be displayed ({type(exc).__name__}: {exc}); "
                   f"they are{names} and in the history.")
         return replies
+
+    def _no_image_hint(self, gen: Generation) -> str:
+        """Why a reply may hold text but no image, and what to change, for the provider it came from."""
+        try:
+            family = self.session.kind(gen.provider)
+        except ConfigError:
+            family = gen.provider
+        if family == "foundry" and gen.model.startswith("agent "):
+            agent = gen.model.removeprefix("agent ")
+            return (f"No image: agent {agent!r} answered with text only. It may have no image generation tool: "
+                    f"give it one in Foundry, or %imagine use foundry --agent {agent} -m DEPLOYMENT so that "
+                    "nbimagine makes a version with the image tool")
+        if family in IMAGE_CONFIG:
+            return ("No image: the model answered with text only; ask for a picture explicitly, and keep IMAGE in "
+                    "--modalities")
+        return "No image: the model answered with text only; ask for a picture explicitly"
 
     @staticmethod
     def _where(gen: Generation, image: BinaryResult) -> str:
@@ -1150,6 +1168,8 @@ class _Settings:
 
     def lines(self) -> tuple[str, list[tuple[str, str]], str]:
         model = f"{self.model} (default)" if self.default_model else self.model
+        if not self.model:  # Foundry before --agent: nothing to name yet
+            model = NO_AGENT
         head = f"imagine defaults: {self.provider} · {model}" + (" · emulator on" if self.emulator else "")
         rows = [(name, option(name).show(value)) for name, value in self.active.items() if name != "model"]
         kept = ""

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .config import GEMINI_ASPECT_RATIOS, GEMINI_IMAGE_SIZES, GEMINI_MODALITIES
+from .config import GEMINI_ASPECT_RATIOS, GEMINI_IMAGE_SIZES, GEMINI_MODALITIES, check_project_endpoint
 from .errors import ConfigError
 from .tools import BACKGROUNDS, INPUT_FIDELITIES, MODERATIONS, OUTPUT_FORMATS, QUALITIES, STANDARD_SIZES, validate_size
 
@@ -175,11 +175,15 @@ def _article(word: str) -> str:
 # --- checks and hints ------------------------------------------------------------------------------
 
 
-def _check_size(value: str) -> str:
+def _checked(flag: str, check: Callable[[str], str], value: str) -> str:
     try:
-        return validate_size(value)
+        return check(value)
     except ConfigError as exc:
-        raise ConfigError(f"--size: {exc}") from None
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
+def _check_size(value: str) -> str:
+    return _checked("--size", validate_size, value)
 
 
 def _check_format(value: str) -> str:
@@ -262,7 +266,7 @@ OPTIONS: tuple[Option, ...] = (
            "model or deployment name (default: the provider's default)", metavar="MODEL"),
     Option("project_endpoint", ("--project-endpoint",), ("foundry",), "config.project_endpoint",
            "the project endpoint", metavar="URL", example="https://<resource>.services.ai.azure.com/api/projects/<p>",
-           source=_FOUNDRY_DOCS),
+           check=lambda value: _checked("--project-endpoint", check_project_endpoint, value), source=_FOUNDRY_DOCS),
     Option("agent_name", ("--agent",), ("foundry",), "config.agent_name",
            "the agent's name (with -m DEPLOYMENT nbimagine creates or reuses a version with the image options; "
            "without -m the agent is used as it is)", metavar="NAME", label="Agent", example="agent name",

@@ -50,6 +50,8 @@ DEFAULT_MODELS = {
     "gemini": "gemini-3.1-flash-image",
     "vertex": "gemini-3.1-flash-image",
 }
+# What stands for the model of a Foundry session that names no agent yet.
+NO_AGENT = "no agent yet (--agent NAME)"
 # Every session option: the image options of the table, then the session's own switch.
 OPTIONS = (*(opt.name for opt in TABLE), "emulator")
 
@@ -176,7 +178,7 @@ class ImagineSession(_OptionTraits):
         set_ = ", ".join(f"{name}={option(name).show(value)}" for name, value in active_now.items()
                          if name != "model" and value not in (None, option(name).default))
         route = ["offline emulator"] if self.emulator else []
-        parts = [FAMILY_LABELS.get(self.provider, self.provider), model, *route, *([set_] if set_ else [])]
+        parts = [FAMILY_LABELS.get(self.provider, self.provider), model or NO_AGENT, *route, *([set_] if set_ else [])]
         return " · ".join(parts)
 
     # --- validation and updates ------------------------------------------------------------------

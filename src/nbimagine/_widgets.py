@@ -42,6 +42,7 @@ from ._session import DEFAULT_MODELS, KEY_ENV, ImagineSession, foundry_credentia
 from .config import GEMINI_NEWEST_ONLY_RATIOS, GEMINI_NEWEST_ONLY_SIZES
 from .errors import ConfigError, ContentPolicyError, ImagineError, InputError, ProviderError, redact
 from .events import _media_type_for_suffix as media_type_for_suffix
+from .tools import COMPRESSIBLE_FORMATS
 
 if TYPE_CHECKING:
     from ._generate import Generation
@@ -59,7 +60,6 @@ PROVIDER_LABELS = {
 }
 DEFAULT = ""  # the "provider default" choice of a dropdown (the session's None)
 CUSTOM = "custom"  # the size dropdown's "custom WxH" choice
-COMPRESSIBLE = ("jpeg", "webp")
 THUMB_SIDE = 192
 PREVIEW_SIDE = 768
 STATIC = Path(__file__).parent / "static"  # the studio's ES module and CSS, shipped in the package
@@ -320,7 +320,7 @@ class ProviderPanel:
         if name == "size":
             return (self.custom_size.value.strip() or None) if control.value == CUSTOM else _opt(control.value)
         if name == "output_compression":
-            on = self.controls["output_format"].value in COMPRESSIBLE and self.compression_on.value
+            on = self.controls["output_format"].value in COMPRESSIBLE_FORMATS and self.compression_on.value
             return control.value if on else None
         if name == "response_modalities":
             return [m for m, box in self.modalities.items() if box.value]
@@ -398,7 +398,7 @@ class ProviderPanel:
         if modalities and "IMAGE" not in modalities:
             found["response_modalities"] = "Without IMAGE the model answers in text only."
         if "output_compression" in wanted and self.compression_on.value and \
-                self.output_format.value not in COMPRESSIBLE:
+                self.output_format.value not in COMPRESSIBLE_FORMATS:
             found["output_compression"] = "Compression applies to jpeg and webp only, so it is not sent."
         return found
 
@@ -503,7 +503,7 @@ class ProviderPanel:
         custom = self.size.value == CUSTOM
         _show(self.custom_size, custom)
         self.custom_size.disabled = not custom
-        compressible = self.output_format.value in COMPRESSIBLE
+        compressible = self.output_format.value in COMPRESSIBLE_FORMATS
         self.compression_on.disabled = not compressible
         self.compression.disabled = not (compressible and self.compression_on.value)
 

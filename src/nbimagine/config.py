@@ -155,6 +155,30 @@ class AzureOpenAIResponsesConfig(OpenAIResponsesConfig):
 # Foundry agent names: "Must start and end with alphanumeric characters, can contain hyphens in the
 # middle, must not exceed 63 characters" (azure-ai-projects, AgentsOperations.create_version).
 _FOUNDRY_AGENT_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def check_project_endpoint(endpoint: str) -> str:
+    """``endpoint`` if it is a Foundry project endpoint, else ``ConfigError`` saying what one looks like.
+
+    A project endpoint is ``https://<resource>.services.ai.azure.com/api/projects/<project>`` (the
+    project's Overview page in the Foundry portal; ``AIProjectClient(endpoint=...)``). The resource's
+    own endpoint (without ``/api/projects/<project>``) reaches no project route, and azure-core refuses
+    to send a bearer token over plain http (``enforce_https``) except to this machine (the emulator).
+    """
+    from urllib.parse import urlsplit
+
+    example = "https://<resource>.services.ai.azure.com/api/projects/<project>"
+    text = endpoint.strip() if isinstance(endpoint, str) else ""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"The Foundry project endpoint is a URL such as {example}, not {endpoint!r}")
+    if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
+        raise ConfigError(f"The Foundry project endpoint must use https (tokens are never sent over http): {example}")
+    if not re.fullmatch(r"/api/projects/[^/]+/?", parts.path):
+        raise ConfigError(f"{endpoint!r} is not a Foundry project endpoint: it ends with /api/projects/<project> "
+                          f"({example}; the project's Overview page shows it)")
+    return text
 
 
 @dataclass(frozen=True, repr=False)
@@ -207,6 +231,8 @@ class FoundryAgentConfig(OpenAIResponsesConfig):
             raise ConfigError(f"agent_version must be a version string such as '3', not {self.agent_version!r}")
         if self.base_url and self.project_endpoint:
             raise ConfigError("Pass either project_endpoint= or base_url= (the project's OpenAI route), not both")
+        if self.project_endpoint is not None:
+            check_project_endpoint(self.project_endpoint)
         for name in ("organization", "project"):
             if getattr(self, name) is not None:
                 raise ConfigError(f"{name}= is an OpenAI account setting; Foundry takes project_endpoint= instead")
@@ -280,7 +306,9 @@ class OpenAIImagesConfig(_OpenAIBase):
         if self.input_fidelity is not None and not rules.input_fidelities:
             out["input_fidelity"] = (f"{rules.family} has no input_fidelity (OpenAI: 'For gpt-image-2, omit this "
                                      "parameter')")
-        if self.output_compression is not None and self.output_format not in ("jpeg", "webp"):
+        from .tools import COMPRESSIBLE_FORMATS
+
+        if self.output_compression is not None and self.output_format not in COMPRESSIBLE_FORMATS:
             out["output_compression"] = "output_compression only changes jpeg and webp output"
         return out
 

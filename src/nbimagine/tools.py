@@ -18,6 +18,8 @@ MODERATIONS = ("auto", "low")
 INPUT_FIDELITIES = ("high", "low")
 ACTIONS = ("generate", "edit", "auto")
 STANDARD_SIZES = ("auto", "1024x1024", "1536x1024", "1024x1536")
+# The formats output_compression applies to (the SDK's output_compression: "for jpeg or webp").
+COMPRESSIBLE_FORMATS = ("jpeg", "webp")
 MAX_SIDE = 3840
 MAX_RATIO = 3.0
 _SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
@@ -55,7 +57,7 @@ class ImageGenerationTool:
             validate_size(self.size)
         if self.output_compression is not None:
             _integer("output_compression", self.output_compression, 0, 100)
-            if self.output_format not in ("jpeg", "webp"):
+            if self.output_format not in COMPRESSIBLE_FORMATS:
                 raise ConfigError(
                     "output_compression only applies to jpeg and webp; "
                     "set output_format='jpeg' or 'webp', or drop output_compression"

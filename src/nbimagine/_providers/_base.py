@@ -285,7 +285,11 @@ _NEVER_REACHED = ("ConnectError", "ConnectTimeout", "ProxyError", "UnsupportedPr
 _DROPPED = ("RemoteProtocolError", "ReadError", "WriteError", "CloseError", "ReadTimeout", "WriteTimeout")
 
 
-def transport_failure(exc: BaseException) -> str | None:
+# The setting that says where requests go, per provider family (the advice when the API cannot be reached).
+_ENDPOINT_SETTING = {"foundry": "project_endpoint", "azure": "azure_endpoint (AZURE_OPENAI_ENDPOINT)"}
+
+
+def transport_failure(exc: BaseException, provider: str | None = None) -> str | None:
     """What a transport error means, in words, or None when ``exc`` is not one.
 
     The SDKs wrap httpx's errors (openai's ``APIConnectionError`` says "Connection error." for all of
@@ -298,7 +302,8 @@ def transport_failure(exc: BaseException) -> str | None:
         seen.add(id(current))
         name = type(current).__name__
         if name in _NEVER_REACHED:
-            return f"Could not reach the API ({current}); check base_url, the proxy and the network"
+            setting = _ENDPOINT_SETTING.get(provider or "", "base_url")
+            return f"Could not reach the API ({current}); check {setting}, the proxy and the network"
         if name in _DROPPED:
             return f"The connection dropped mid-answer ({current}); run it again"
         current = current.__cause__ or current.__context__

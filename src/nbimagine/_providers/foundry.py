@@ -25,16 +25,18 @@ Rules of the service encoded here (and in the emulator's Foundry routes):
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import inspect
 import json
+import logging
 import os
 import time
 import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..config import FoundryAgentConfig
+from ..config import LOOPBACK_HOSTS, FoundryAgentConfig, check_project_endpoint
 from ..errors import ConfigError, ProviderError, register_secret
 from ..events import StreamEvent
 from ..tools import ImageGenerationTool
@@ -128,6 +130,11 @@ class FoundryAgentProvider(OpenAIResponsesProvider):
                 f"No Foundry project endpoint: set {_ENV_ENDPOINT} or pass project_endpoint="
                 "'https://<resource>.services.ai.azure.com/api/projects/<project>'"
             )
+        if not self.config.project_endpoint and not self.config.base_url:
+            try:
+                check_project_endpoint(self._endpoint() or "")
+            except ConfigError as exc:
+                raise ConfigError(f"{_ENV_ENDPOINT}: {exc}") from None
         if self.tools and not self._model():
             raise ConfigError(
                 "Creating an agent version needs the orchestrator deployment: pass model='gpt-4.1' (a chat model "
@@ -169,6 +176,22 @@ class FoundryAgentProvider(OpenAIResponsesProvider):
             # A request with an agent reference carries no tools, so no per-request mask either.
             raise ConfigError("Foundry takes the mask in the agent's definition: give the agent "
                               "tools=[ImageGenerationTool(input_image_mask=...)] instead of ask(mask=...)")
+        self._reference = await self._agent_reference(turn)
+        answered = False
+        try:
+            async for event in super().run(turn):
+                answered = True
+                yield event
+            return
+        except ProviderError as exc:
+            version = self._reference.get("version")
+            made = [key for key, value in self._versions.items() if value == version]
+            if answered or exc.status != 404 or not made:
+                raise
+        # The version nbimagine made or found for these tools is gone (deleted in the portal or by a script
+        # since): nothing was generated, so look it up or make it again, once.
+        for key in made:
+            self._versions.pop(key, None)
         self._reference = await self._agent_reference(turn)
         async for event in super().run(turn):
             yield event
@@ -289,7 +312,7 @@ def _loopback_options(endpoint: str) -> dict[str, Any]:
     from urllib.parse import urlsplit
 
     parts = urlsplit(endpoint)
-    if parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1"):
+    if parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS:
         return {"enforce_https": False}
     return {}
 
@@ -354,6 +377,24 @@ def _transport() -> Any:
     return None
 
 
+# True while nbimagine's own DefaultAzureCredential asks for a token: its "failed to retrieve a token" warning
+# (a dozen lines, on stderr in a notebook without logging set up) is then dropped, since the ConfigError that
+# follows says the same in one line with what to do. A credential the user passes logs as they configured.
+_OWN_DEFAULT: contextvars.ContextVar[bool] = contextvars.ContextVar("nbimagine_own_default_credential",
+                                                                    default=False)
+
+
+class _OnlyTheirs(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _OWN_DEFAULT.get()
+
+
+def _quiet_default_credential() -> None:
+    chained = logging.getLogger("azure.identity._credentials.chained")
+    if not any(isinstance(f, _OnlyTheirs) for f in chained.filters):
+        chained.addFilter(_OnlyTheirs())
+
+
 class _AsyncCredential:
     """Any ``TokenCredential`` / ``AsyncTokenCredential`` as an ``AsyncTokenCredential``.
 
@@ -376,6 +417,8 @@ class _AsyncCredential:
             from azure.identity import DefaultAzureCredential
 
             self.inner = DefaultAzureCredential()
+            _quiet_default_credential()
+        quiet = _OWN_DEFAULT.set(self._owned)  # copied into the worker thread by to_thread
         try:
             if inspect.iscoroutinefunction(self.inner.get_token):
                 token = await self.inner.get_token(*scopes, **kwargs)
@@ -390,6 +433,8 @@ class _AsyncCredential:
             register_secret(token.token)
             self._tokens[key] = token
             return token
+        finally:
+            _OWN_DEFAULT.reset(quiet)
         raise failure
 
     async def bearer(self) -> str:

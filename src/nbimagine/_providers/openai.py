@@ -840,11 +840,12 @@ def sdk_error(exc: BaseException, provider: str, files: Sequence[BinaryResult], 
         return ProviderError(f"No answer within {timeout:g} s; raise timeout= in the config or try again",
                              provider=provider, files=files)
     if isinstance(exc, openai.APIConnectionError):
-        message = transport_failure(exc) or f"Could not reach the API ({exc}); check base_url and the network"
+        message = (transport_failure(exc, provider)
+                   or f"Could not reach the API ({exc}); check the endpoint and the network")
         return ProviderError(message, provider=provider, files=files)
     if isinstance(exc, openai.APIError):  # e.g. an error event inside a stream
         return _api_error(exc, provider, files)
-    message = transport_failure(exc) or f"The connection dropped mid-answer ({exc}); run it again"
+    message = transport_failure(exc, provider) or f"The connection dropped mid-answer ({exc}); run it again"
     return ProviderError(message, provider=provider, files=files)
 
 

@@ -25,14 +25,6 @@ from ._server import Answer, Request, State
 
 PROJECT_PATH = re.compile(r"^/api/projects/([^/]+)(/.*)?$")
 _AGENT_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-# ImageGenTool's closed value sets (azure.ai.projects.models.ImageGenTool field types).
-_IMAGE_GEN_VALUES = {
-    "quality": ("low", "medium", "high", "auto"),
-    "output_format": ("png", "webp", "jpeg"),
-    "moderation": ("auto", "low"),
-    "background": ("transparent", "opaque", "auto"),
-}
-_MAX_PIXELS = 3840 * 2160
 
 
 class EmulatorCredential:
@@ -195,14 +187,18 @@ def _check_tool(tool: Any, param: str) -> Answer | None:
         return _error(400, "invalid_value", "Each tool needs a 'type'.", param=param)
     if tool["type"] != "image_generation":
         return None
-    for key, allowed in _IMAGE_GEN_VALUES.items():
-        if key in tool and tool[key] not in allowed:
+    # ImageGenTool's closed value sets and size limit: the provider's table, which a test checks against
+    # azure.ai.projects.models.ImageGenTool (one source for the client check and the emulator).
+    from .._providers.foundry import IMAGE_GEN_TOOL_FIELDS, MAX_PIXELS
+
+    for key, allowed in IMAGE_GEN_TOOL_FIELDS.items():
+        if allowed is not None and key in tool and tool[key] not in allowed:
             return _error(400, "invalid_value", f"Invalid value '{tool[key]}' for '{param}.{key}'. Supported values "
                                                 f"are: {', '.join(repr(a) for a in allowed)}.", param=f"{param}.{key}")
     size = tool.get("size")
     if isinstance(size, str) and "x" in size:
         width, _, height = size.partition("x")
-        if width.isdigit() and height.isdigit() and int(width) * int(height) > _MAX_PIXELS:
+        if width.isdigit() and height.isdigit() and int(width) * int(height) > MAX_PIXELS:
             return _error(400, "invalid_value", f"Invalid value '{size}' for '{param}.size': the maximum supported "
                                                 "resolution is 3840x2160.", param=f"{param}.size")
     return None

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .._image_models import MASK_MAX_BYTES, ImageModelRules, rules_for
+from ..tools import COMPRESSIBLE_FORMATS
 from ._hostile import HOSTILE_IMAGES, hostile_image
 from ._openai import (
     _clean,
@@ -288,7 +289,7 @@ def _draw(call: _Call, k: int, stage: float = 1.0) -> bytes:
     if call.n > 1:
         prompt = f"{prompt} (image {k + 1} of {call.n})"
     base = call.images[0] if call.images else None
-    quality = call.compression if call.output_format in ("jpeg", "webp") else None
+    quality = call.compression if call.output_format in COMPRESSIBLE_FORMATS else None
     return draw.render(prompt, call.width, call.height, fmt=call.output_format,
                        transparent=call.background == "transparent", base=base, stage=stage, quality=quality,
                        mask=call.mask)

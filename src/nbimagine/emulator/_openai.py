@@ -21,14 +21,15 @@ from typing import Any
 
 from .._cost import PARTIAL_IMAGE_TOKENS, default_image_model, openai_image_tokens, openai_input_image_tokens
 from .._images import b64decode_any, image_size
-from ..tools import BACKGROUNDS, QUALITIES
+from ..tools import BACKGROUNDS, COMPRESSIBLE_FORMATS, QUALITIES
 from ..tools import OUTPUT_FORMATS as FORMATS
+from ..tools import STANDARD_SIZES as TOOL_SIZES
 from ._hostile import HOSTILE_IMAGES, hostile_image
 from ._server import Answer, Fault, Request, State
 
 __all__ = ["handle", "handle_chat"]
 
-STANDARD_SIZES = ("1024x1024", "1024x1536", "1536x1024")
+STANDARD_SIZES = tuple(size for size in TOOL_SIZES if size != "auto")
 AZURE_IMAGE_HEADER = "x-ms-oai-image-generation-deployment"
 _IMAGES_TOKEN = re.compile(r"\[images:(\d+)\]")
 _ANY_TOKEN = re.compile(r"\[(?:images|fault|error):[^\]]*\]")
@@ -438,7 +439,7 @@ def _image_for(plan: _Plan, k: int, *, stage: float = 1.0) -> bytes:
     if len(plan.calls) > 1:
         prompt = f"{prompt} (image {k + 1} of {len(plan.calls)})"
     base = plan.parsed.base if plan.calls[k]["action"] == "edit" else None
-    quality = tool.compression if tool.output_format in ("jpeg", "webp") else None
+    quality = tool.compression if tool.output_format in COMPRESSIBLE_FORMATS else None
     return _draw.render(prompt, tool.width, tool.height, fmt=tool.output_format, transparent=tool.transparent,
                         base=base, stage=stage, quality=quality, mask=tool.mask if base is not None else None)
 
