@@ -3,7 +3,8 @@
 Every reply's usage differs in practice (prompt tokens vary), so each timed call prices a usage not seen
 before (no cache hit). The baseline is one ``agent.ask`` against the emulator in the same run. Target: <= 1 ms
 per image. Also reported: the one-off cost of loading genai-prices (done on a background thread when the
-first agent is made) and of ``estimate()``.
+first agent is made), of ``estimate()``, and what a budget adds to each generation: checking and holding
+before the request, counting and giving back after it (the notebook's under the history's write lock).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -52,6 +54,26 @@ def _per_image_ms(agent: Agent, reply: Reply, make: Any) -> float:
     return statistics.median(samples) * 1000
 
 
+def _budget_ms(agent: Agent, reply: Reply, *, notebook: bool) -> float:
+    """One generation's budget work: hold (estimate, check, hold) then settle (count, give back)."""
+    from nbimagine._budget import hold
+    from nbimagine._history import History
+    from nbimagine._session import ImagineSession
+
+    samples = []
+    with tempfile.TemporaryDirectory() as folder, History(folder, "bench") as history:
+        session = ImagineSession(budget_usd=None if notebook else 1000.0)
+        if notebook:
+            history.set_budget(1000.0)
+        for i in range(50):
+            start = time.perf_counter()
+            holds = hold(session, history, lambda i=i: estimate(agent.config, tools=agent.tools,
+                                                                prompt=f"prompt {i}"), 1)
+            holds.settle(reply, 1, 1, provider="openai", model="gpt-4.1")
+            samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1000
+
+
 def main() -> dict[str, Any]:
     load = subprocess.run([sys.executable, "-c", "import time; t = time.perf_counter(); "
                            "from nbimagine._cost import _load_prices; _load_prices(); "
@@ -79,13 +101,17 @@ def main() -> dict[str, Any]:
             estimate(openai_agent.config, tools=openai_agent.tools, prompt=f"prompt {i}", n=4)
             samples.append(time.perf_counter() - start)
         estimate_ms = statistics.median(samples) * 1000
+        session_budget_ms = _budget_ms(openai_agent, openai_reply, notebook=False)
+        notebook_budget_ms = _budget_ms(openai_agent, openai_reply, notebook=True)
     print(f"cost per image, OpenAI (chat + image tool, 2 prices): {openai_ms:.3f} ms "
           f"({openai_ms / ask_ms:.1%} of an emulator agent.ask of {ask_ms:.2f} ms)   target <= 1 ms")
     print(f"cost per image, Gemini (1 price):                     {gemini_ms:.3f} ms")
     print(f"estimate() for -n 4:                                  {estimate_ms:.3f} ms")
     print(f"loading genai-prices once (background thread):        {load_ms:.0f} ms")
+    print(f"a budget, per generation: session / notebook:         {session_budget_ms:.2f} ms / "
+          f"{notebook_budget_ms:.2f} ms (hold + settle; the notebook's: two history transactions)")
     return {"openai_ms": openai_ms, "gemini_ms": gemini_ms, "estimate_ms": estimate_ms, "load_ms": load_ms,
-            "ask_ms": ask_ms}
+            "ask_ms": ask_ms, "session_budget_ms": session_budget_ms, "notebook_budget_ms": notebook_budget_ms}
 
 
 if __name__ == "__main__":

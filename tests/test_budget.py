@@ -705,3 +705,96 @@ def test_a_generation_cancelled_before_its_coroutine_ran_gives_back_its_hold(ip:
         gen.start()
         gen.cancel()
         assert not get_session()._holds and history().cost().held_usd == 0
+
+
+# --- what a budget is: one rule for every way of setting one ---------------------------------------------------
+
+
+BUDGET_AMOUNTS = [("2.00", 2.0), ("$2", 2.0), ("0", 0.0), ("-0", 0.0), ("1e-3", 0.001), ("off", None),
+                  ("none", None), (2, 2.0), (0.5, 0.5), (None, None)]
+NOT_BUDGETS = ["-1", "two", "nan", "inf", "1e400", "$", "", "abc", -0.5, float("nan"), float("inf"), True, [2]]
+
+
+def _set_budget(way: str, value: Any, tmp_path: Path) -> float | None:
+    if way == "history":
+        with History(tmp_path, "amounts") as h:
+            h.set_budget(value)
+            return h.budget_usd
+    if way == "session":
+        session = ImagineSession()
+        session.budget_usd = value
+        return session.budget_usd
+    return ImagineSession(budget_usd=value).budget_usd
+
+
+@pytest.mark.parametrize("way", ["history", "session", "session(budget_usd=)"])
+def test_every_way_of_setting_a_budget_takes_the_same_amounts(tmp_path: Path, way: str) -> None:
+    from nbimagine.errors import ConfigError
+
+    for value, usd in BUDGET_AMOUNTS:
+        assert _set_budget(way, value, tmp_path) == usd, value
+    for value in NOT_BUDGETS:
+        with pytest.raises(ConfigError, match="A budget is an amount of US dollars"):
+            _set_budget(way, value, tmp_path)
+
+
+@pytest.mark.parametrize("bad", [str(v) for v in NOT_BUDGETS if isinstance(v, str) and v] + ["1 2"])
+@pytest.mark.parametrize("scope", ["", " --session"])
+def test_bad_budget_amounts_on_the_magic_line_change_nothing(ip: Any, bad: str, scope: str) -> None:
+    from nbimagine import history
+
+    line(ip, f"budget 1.5{scope}")
+    with pytest.raises(UsageError) as info:
+        line(ip, f"budget {bad}{scope}")
+    assert "\n" not in str(info.value)
+    assert (get_session().budget_usd if scope else history().budget_usd) == 1.5
+
+
+def test_a_budget_of_zero_refuses_every_paid_request_and_says_how_to_raise_it(ip: Any, emu: Any) -> None:
+    line(ip, "budget 0")
+    for cell in ("a boat", "a boat\na kite"):
+        with pytest.raises(UsageError, match=r"Not sent: this notebook has spent \$0.00 of its \$0.00 budget.*"
+                                             r"%imagine budget 0\.\d\d"):
+            imagine(ip, "--each" if "\n" in cell else "", cell)
+    assert emu.requests == []
+
+
+# --- figures a gateway or a tampered history gets wrong never give a budget back --------------------------------
+
+
+def test_negative_or_malformed_token_counts_are_not_counted() -> None:
+    from nbimagine._cost import gemini_usage, openai_usage, price
+
+    hostile = openai_usage({"input_tokens": -10**9, "output_tokens": 5000, "output_tokens_details": {
+        "text_tokens": 10**9}}, "gpt-image-1", image_model=True)
+    assert hostile.input_tokens == 0 and hostile.output_image_tokens == 0
+    assert price(hostile, "openai").usd >= 0
+    odd = gemini_usage({"promptTokenCount": "12", "candidatesTokenCount": -7, "promptTokensDetails": [
+        {"modality": "TEXT", "tokenCount": "12"}, "junk", {"modality": "IMAGE", "tokenCount": -3}]},
+        "gemini-2.5-flash-image")
+    assert (odd.input_tokens, odd.output_tokens, odd.input_text_tokens, odd.input_image_tokens) == (0, 0, 0, 0)
+
+
+def test_a_negative_cost_in_the_history_is_not_spending_given_back(tmp_path: Path) -> None:
+    png = b"\x89PNG\r\n\x1a\n" + bytes(64)
+    with History(tmp_path, "tampered") as h:
+        h.add(BinaryResult(png, {"cost_usd": 0.25}), prompt="paid")
+        h.add(BinaryResult(png, {"cost_usd": -100.0, "budget_charge_usd": -5}), prompt="forged")
+        report = h.cost()
+        assert report.total_usd == pytest.approx(0.25) and report.spent_usd == pytest.approx(0.25)
+
+
+def test_a_repair_after_a_batch_was_collected_brings_back_no_hold(ip: Any, emu: Any) -> None:
+    # A repair rebuilds a job's lines from the images that carry them: a line that failed has none and comes
+    # back uncollected; the job is collected all the same, so it holds nothing.
+    import nbimagine
+    from nbimagine import history
+
+    emu.batch_time = 0.2
+    line(ip, "budget 5")
+    job = nbimagine.submit_batch(["a boat", "a boat [error:400]"], quality="low")
+    images = job.wait(progress=False, poll=0.05)
+    assert len(images.ok) == 1 and len(images.failures) == 1
+    assert history().cost().held_usd == 0
+    history().repair()
+    assert history().job(job.id).state == "collected" and history().cost().held_usd == 0

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from ._history import History
     from ._session import ImagineSession
 
-__all__ = ["Holds", "budget_lines", "budget_problem", "guarded", "hold", "install", "job_collected", "subscribe"]
+__all__ = ["Holds", "budget_amount", "budget_lines", "budget_problem", "guarded", "hold", "install", "job_collected",
+           "subscribe"]
 
 _LOCK = threading.RLock()  # orders every check-and-hold of this process (the session's figures live here)
 # Set while a generation's request runs: it holds for its requests itself, so Agent does not hold again.
@@ -71,6 +72,27 @@ def changed() -> None:
 
 
 # --- checking and holding --------------------------------------------------------------------------
+
+
+def budget_amount(value: Any) -> float | None:
+    """A budget as given, in US dollars: a number or text (``2``, ``2.5``, ``"2.00"``, ``"$2"``) of 0 or
+    more; ``None``, ``"off"`` or ``"none"`` lift it. Anything else (negative, NaN, infinite, ``"abc"``, a
+    bool) is a ``ConfigError`` saying what a budget is: read by ``%imagine budget``, ``History.set_budget``
+    and ``ImagineSession.budget_usd`` alike."""
+    from .errors import ConfigError
+
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+        return None
+    usd: float | None = None
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            usd = float(value.strip().removeprefix("$").strip())
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        usd = float(value)
+    if usd is None or not math.isfinite(usd) or usd < 0:
+        raise ConfigError(f"A budget is an amount of US dollars, 0 or more (e.g. 2.00), or off to lift it; "
+                          f"not {value!r}")
+    return usd + 0.0  # -0.0 is 0.0
 
 
 def budget_problem(scope: str, budget: float, spent: float, estimate: Estimate, held: float = 0.0) -> str | None:

@@ -108,7 +108,9 @@ def _freeze(value: Any) -> Any:
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """A token count as reported, or None: a negative count (or one that is not an integer) from a gateway or
+    a proxy would price an answer below nothing and give a budget back."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def openai_usage(raw: Mapping[str, Any] | None, model: str | None, *, image_model: bool = False) -> Usage | None:
@@ -127,7 +129,7 @@ def openai_usage(raw: Mapping[str, Any] | None, model: str | None, *, image_mode
     cached = in_details.get("cached_tokens", raw.get("cached_tokens"))
     output_text, output_image = _int(out_details.get("text_tokens")), _int(out_details.get("image_tokens"))
     if image_model and output_image is None:
-        output_image = (_int(outputs) or 0) - (output_text or 0)
+        output_image = max((_int(outputs) or 0) - (output_text or 0), 0)
     return Usage(
         model=model, input_tokens=_int(inputs) or 0, output_tokens=_int(outputs) or 0,
         input_text_tokens=_int(in_details.get("text_tokens")), input_image_tokens=_int(in_details.get("image_tokens")),
@@ -146,7 +148,8 @@ def gemini_usage(raw: Mapping[str, Any] | None, model: str | None) -> Usage | No
         return None
 
     def modality(key: str, name: str) -> int | None:
-        found = [d.get("tokenCount") or 0 for d in raw.get(key) or () if d.get("modality") == name]
+        found = [_int(d.get("tokenCount")) or 0 for d in raw.get(key) or ()
+                 if isinstance(d, Mapping) and d.get("modality") == name]
         return sum(found) if found else None
 
     thoughts = _int(raw.get("thoughtsTokenCount"))

@@ -226,15 +226,17 @@ _COLUMNS = ("e.id, e.created_at, e.prompt, e.provider, e.model, e.params, e.pare
 _FROM = "FROM entries e JOIN notebooks n ON n.id = e.notebook_id"
 # Spending per local day, provider and billed model(s), from each image's metadata: cost_usd is its share of
 # its reply's cost, cost_simulated marks the emulator's figures, budget_charge_usd is what a budget counts for
-# an image of unknown cost (its request's estimated high end). Masks painted in a notebook are inputs.
+# an image of unknown cost (its request's estimated high end). Masks painted in a notebook are inputs. A
+# negative figure (a tampered or foreign record) counts as nothing: it must not give a budget back.
 _COST_SQL = """
 SELECT date(e.created_at, 'localtime'), coalesce(e.provider, '?'),
        coalesce(e.model, '?') || coalesce(' + ' || json_extract(e.metadata, '$.image_model'), ''),
-       count(*), sum(json_extract(e.metadata, '$.cost_usd')),
-       sum(CASE WHEN json_extract(e.metadata, '$.cost_simulated') THEN json_extract(e.metadata, '$.cost_usd') END),
+       count(*), sum(max(json_extract(e.metadata, '$.cost_usd'), 0)),
+       sum(CASE WHEN json_extract(e.metadata, '$.cost_simulated')
+                THEN max(json_extract(e.metadata, '$.cost_usd'), 0) END),
        sum(json_extract(e.metadata, '$.cost_usd') IS NULL),
        sum(CASE WHEN json_extract(e.metadata, '$.cost_usd') IS NULL
-                THEN json_extract(e.metadata, '$.budget_charge_usd') END)
+                THEN max(json_extract(e.metadata, '$.budget_charge_usd'), 0) END)
 FROM entries e {where} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
 """
 _IN_NOTEBOOK = "e.notebook_id = (SELECT id FROM notebooks WHERE name = ?)"
@@ -948,14 +950,16 @@ class _Store:
         self._write_notebook_record(uid, name, created)
         return cur.lastrowid, uid  # type: ignore[return-value]
 
-    def _write_notebook_record(self, uid: str, name: str, created_at: str, merged_into: str | None = None,
-                               **fields: Any) -> None:
+    def _write_notebook_record(self, uid: str, name: str, created_at: str, merged_into: str | None = None, *,
+                               durable: bool | None = None, **fields: Any) -> None:
         """Write ``notebooks/<uid>.json``, keeping what the record already holds (its budget, its spending)
-        unless ``fields`` change it."""
+        unless ``fields`` change it. ``durable=False``: no fsync (budget holds: a hold lost in a crash is one
+        of a process that is gone; the rename still replaces the record whole)."""
         doc = {**self.notebook_doc(uid), **fields, "notebook": RECORD_VERSION, "uid": uid, "name": name,
                "created_at": created_at, "merged_into": merged_into}
         with self.dir.descend("notebooks", create=True) as folder:
-            folder.write(f"{uid}.json", _dumps(doc).encode("ascii"), overwrite=True, durable=self.durable)
+            folder.write(f"{uid}.json", _dumps(doc).encode("ascii"), overwrite=True,
+                         durable=self.durable if durable is None else durable and self.durable)
 
     def notebook_doc(self, uid: str) -> dict[str, Any]:
         """The notebook's record as written (``{}`` when it is missing or not well-formed)."""
@@ -967,11 +971,12 @@ class _Store:
                 return doc
         return {}
 
-    def update_notebook_record(self, conn: sqlite3.Connection, notebook_id: int, **fields: Any) -> None:
+    def update_notebook_record(self, conn: sqlite3.Connection, notebook_id: int, *, durable: bool | None = None,
+                               **fields: Any) -> None:
         """Change fields of a notebook's record (inside a transaction: the write lock orders kernels)."""
         uid, name, created = conn.execute("SELECT uid, name, created_at FROM notebooks WHERE id = ?",
                                           (notebook_id,)).fetchone()
-        self._write_notebook_record(uid, name, created, **fields)
+        self._write_notebook_record(uid, name, created, durable=durable, **fields)
 
     def follow(self, kernel_id: str, name: str) -> str | None:
         """Record that ``kernel_id`` now runs notebook ``name``; if it ran another notebook before (a
@@ -2195,7 +2200,11 @@ class History:
         return rows[0][0] if rows else None
 
     def set_budget(self, usd: float | None) -> None:
-        """Set (None: lift) the notebook's budget; it is checked before each request."""
+        """Set (None: lift) the notebook's budget; it is checked before each request. ``ConfigError`` for an
+        amount that is not one (negative, NaN, text that is not a number: see ``_budget.budget_amount``)."""
+        from ._budget import budget_amount
+
+        usd = budget_amount(usd)
         self._one_notebook("A budget belongs to one notebook")
         with self._store.transaction("Cannot keep the notebook's budget in the image history") as conn:
             notebook_id = self._store.notebook_row(conn, self.notebook, create=True)[0]  # type: ignore[index,arg-type]
@@ -2246,7 +2255,7 @@ class History:
             holds = self._holds_of(uid)
             holds[token] = {"usd": usd, "pid": os.getpid(), "host": socket.gethostname(), "at": _now(),
                             **({"job": job} if job is not None else {})}
-            self._store.update_notebook_record(conn, notebook_id, holds=holds)
+            self._store.update_notebook_record(conn, notebook_id, holds=holds, durable=False)
         return token
 
     def release_budget(self, token: str, usd: float | None = None) -> None:
@@ -2262,7 +2271,7 @@ class History:
                     holds[token]["usd"] = left
                 else:
                     del holds[token]
-                self._store.update_notebook_record(conn, notebook_id, holds=holds)
+                self._store.update_notebook_record(conn, notebook_id, holds=holds, durable=False)
 
     def _holds_of(self, uid: str) -> dict[str, dict[str, Any]]:
         """The notebook's holds still in force, as they are written back (spent ones are dropped)."""
@@ -2277,7 +2286,8 @@ class History:
         if not rows:
             return None
         state, total, pending = rows[0]
-        return 0.0 if state == "submit_failed" or not total else pending / total
+        # A collected job has none left (a repair brings back lines that failed as pending).
+        return 0.0 if state in ("submit_failed", "collected") or not total else pending / total
 
     def latest(self, n: int = 50) -> list[HistoryEntry]:
         """The ``n`` newest entries, newest first."""

@@ -8,7 +8,6 @@ the history and the generation runner load on first use.
 from __future__ import annotations
 
 import keyword
-import math
 import os
 import queue
 import re
@@ -879,7 +878,7 @@ class ImagineMagics(Magics, _ConfigTraits):
         if words:
             from ._budget import changed
 
-            usd = None if words[0].lower() in ("off", "none") else _amount(words[0])
+            usd = _amount(words[0])
             if session:
                 self.session.budget_usd = usd
             else:
@@ -1085,14 +1084,13 @@ def _summary(gen: Generation, count: int, interrupted: bool) -> str:
     return f"{verb} after {gen.elapsed:.1f} s with {gen.provider}/{gen.model}: {images}."
 
 
-def _amount(text: str) -> float:
+def _amount(text: str) -> float | None:
+    from ._budget import budget_amount
+
     try:
-        usd = float(text.removeprefix("$"))
-    except ValueError:
-        raise UsageError(f"%imagine budget takes an amount in US dollars such as 2.00, or off; not {text!r}") from None
-    if not math.isfinite(usd) or usd < 0:
-        raise UsageError(f"A budget is an amount of US dollars, 0 or more; not {text!r}")
-    return usd
+        return budget_amount(text)
+    except ConfigError as exc:
+        raise UsageError(f"%imagine budget: {exc}") from None
 
 
 class _BudgetView:

@@ -108,11 +108,24 @@ class ImagineSession(_OptionTraits):
         # is what every request of the session cost (its generations', and Agent requests once the extension
         # is loaded), simulated ones included (so the guard can be tried offline); ``_holds`` what requests in
         # flight hold of it (see ``_budget``). The notebook's budget lives in its history and survives a restart.
-        self.budget_usd: float | None = kwargs.pop("budget_usd", None)
+        self._budget_usd: float | None = None
+        self.budget_usd = kwargs.pop("budget_usd", None)
         self.spent_usd = 0.0
         self._holds: dict[str, float] = {}
         super().__init__(**kwargs)
         self._registered: dict[str, _Registered] = {}
+
+    @property
+    def budget_usd(self) -> float | None:
+        """This session's budget in US dollars (``%imagine budget N --session``), None when there is none."""
+        return self._budget_usd
+
+    @budget_usd.setter
+    def budget_usd(self, value: float | str | None) -> None:
+        from ._budget import budget_amount, changed
+
+        self._budget_usd = budget_amount(value)  # ConfigError for an amount that is not one
+        changed()
 
     # --- names -----------------------------------------------------------------------------------
 
