@@ -402,10 +402,13 @@ def test_a_batch_job_holds_its_set_at_the_batch_price_until_its_lines_are_collec
     assert History(history().path.parent, history().notebook).cost().held_usd == pytest.approx(half)
     assert sum(session._holds.values()) == pytest.approx(half)
     sent = len(emu.requests)
-    with pytest.raises(UsageError, match="held by requests in flight"):
+    with pytest.raises(UsageError, match=r"held by requests in flight, \$.* of it by batch jobs not collected yet"):
         imagine(ip, "", "a boat")
     with pytest.raises(BudgetError, match="held by requests in flight"):
         nbimagine.submit_batch(["a boat", "a boat"])
+    # %imagine budget says where the money is, for both budgets: in the job, until it is collected.
+    shown = "\n".join(line(ip, "budget").lines)
+    assert shown.count("of it by batch jobs not collected yet (%imagine jobs)") == 2, shown
     assert len(emu.requests) == sent and len(history().jobs()) == 1
     images = job.wait(progress=False, poll=0.05)
     paid = sum(e.metadata["cost_usd"] for e in images.entries)
@@ -590,6 +593,10 @@ def test_an_answer_without_usage_is_charged_its_estimate_never_shown_as_a_cost(i
     entries = list(history())
     assert len(entries) == 2 and all("cost_usd" not in e.metadata for e in entries)
     assert "$" not in " ".join(e.caption for e in entries)
+    from nbimagine._widgets import _metadata_rows
+
+    [cost] = [value for label, value in _metadata_rows(entries[0]) if label == "cost"]
+    assert cost.startswith("unknown (budgets count $")  # the studio's details say so, never a figure as the cost
     report = history().cost()
     assert report.total_usd == 0 and report.unpriced == 2
     assert report.charged_usd == pytest.approx(high)  # each request charged its share of the high end
@@ -798,3 +805,37 @@ def test_a_repair_after_a_batch_was_collected_brings_back_no_hold(ip: Any, emu: 
     assert history().cost().held_usd == 0
     history().repair()
     assert history().job(job.id).state == "collected" and history().cost().held_usd == 0
+
+
+def test_a_paid_image_shows_its_cost_on_the_reply_its_caption_the_history_and_the_studio(ip: Any, emu: Any) -> None:
+    from nbimagine import history
+    from nbimagine._widgets import Studio
+
+    imagine(ip, "-o out --quality low --size 1024x1024", "a lighthouse")
+    reply = ip.user_ns["out"]
+    usd = reply.cost.usd
+    shown = f"{format_usd(usd)} simulated"  # the emulator's figure for the real call
+    assert reply.files[0].metadata["cost_usd"] == pytest.approx(usd)
+    assert any(shown in out["data"].get("text/plain", "") for out in ip.display_pub.outputs)
+    [entry] = history().latest(1)
+    assert entry.metadata["cost_usd"] == pytest.approx(usd) and entry.metadata["cost_simulated"] is True
+    studio = Studio(get_session(), history(), settings=False)
+    try:
+        studio.open(entry.id)
+        assert ["cost", shown] in studio.view.detail["meta"]
+    finally:
+        studio.close()
+
+
+@pytest.mark.parametrize("record", ["--no-history", ""])
+def test_a_set_counts_its_spending_with_or_without_the_history(ip: Any, emu: Any, record: str) -> None:
+    from nbimagine import history
+
+    line(ip, "budget 5")
+    get_session().budget_usd = 5.0
+    imagine(ip, f"--each {record} -p gemini -o out", "a fox\na kite")
+    images = ip.user_ns["out"]
+    paid = sum(reply.cost.usd for result in images.results for reply in result.replies)
+    assert paid > 0 and len(history()) == (0 if record else 2)
+    assert history().cost().spent_usd == pytest.approx(paid) and get_session().spent_usd == pytest.approx(paid)
+    assert not get_session()._holds and history().cost().held_usd == 0

@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     from ._history import History
     from ._session import ImagineSession
 
-__all__ = ["Holds", "budget_amount", "budget_lines", "budget_problem", "guarded", "hold", "install", "job_collected",
-           "subscribe"]
+__all__ = ["Holds", "Standing", "budget_amount", "budget_lines", "guarded", "hold", "install", "job_collected",
+           "standings", "subscribe"]
 
 _LOCK = threading.RLock()  # orders every check-and-hold of this process (the session's figures live here)
 # Set while a generation's request runs: it holds for its requests itself, so Agent does not hold again.
@@ -95,24 +95,69 @@ def budget_amount(value: Any) -> float | None:
     return usd + 0.0  # -0.0 is 0.0
 
 
-def budget_problem(scope: str, budget: float, spent: float, estimate: Estimate, held: float = 0.0) -> str | None:
-    """The one-line refusal when ``estimate`` could take ``spent`` (+ ``held`` by requests in flight) past
-    ``budget``, else None."""
-    whose = "this session" if scope == "session" else "this notebook"
-    flag = " --session" if scope == "session" else ""
-    if not estimate.known:
-        return (f"Not sent: {whose} has a budget of {format_usd(budget)}, and the cost of this request cannot be "
-                f"estimated ({estimate.assumptions[-1] if estimate.assumptions else 'no price is known'}). "
-                f"Use a model with a known price, or lift the budget with %imagine budget off{flag}.")
-    high = estimate.high_usd or 0.0
-    if spent + held + high <= budget + 1e-9:
+@dataclass(frozen=True)
+class Standing:
+    """Where one budget stands: ``spent`` of ``budget`` (US dollars), ``held`` by requests in flight, of which
+    ``held_jobs`` by batch jobs whose results are not collected yet (``%imagine jobs``)."""
+
+    scope: str  # "notebook" or "session"
+    budget: float
+    spent: float
+    held: float = 0.0
+    held_jobs: float = 0.0
+
+    @property
+    def left(self) -> float:
+        return self.budget - self.spent - self.held
+
+    def held_text(self) -> str:
+        """``$0.08 held by requests in flight`` (and what of it batch jobs hold), or ``""``."""
+        if self.held <= 1e-12:
+            return ""
+        jobs = (f", {format_usd(self.held_jobs)} of it by batch jobs not collected yet (%imagine jobs)"
+                if self.held_jobs > 1e-12 else "")
+        return f"{format_usd(self.held)} held by requests in flight{jobs}"
+
+    def problem(self, estimate: Estimate) -> str | None:
+        """The one-line refusal when ``estimate`` could take this budget past its amount, else None."""
+        whose = "this session" if self.scope == "session" else "this notebook"
+        flag = " --session" if self.scope == "session" else ""
+        if not estimate.known:
+            return (f"Not sent: {whose} has a budget of {format_usd(self.budget)}, and the cost of this request "
+                    f"cannot be estimated ({estimate.assumptions[-1] if estimate.assumptions else 'no price is known'}"
+                    f"). Use a model with a known price, or lift the budget with %imagine budget off{flag}.")
+        high = estimate.high_usd or 0.0
+        if self.spent + self.held + high <= self.budget + 1e-9:
+            return None
+        raise_to = math.ceil((self.spent + self.held + high) * 20) / 20  # the next 5 cents that lets it through
+        in_flight = f" (and {self.held_text().replace(' held', ' is held', 1)})" if self.held_text() else ""
+        what = "this request" if estimate.n == 1 else f"these {estimate.n} requests"
+        return (f"Not sent: {whose} has spent {format_usd(self.spent)} of its {format_usd(self.budget)} budget"
+                f"{in_flight} and {what} could cost up to {format_usd(high)}"
+                f"{' (simulated)' if estimate.simulated else ''}. Raise the budget with %imagine budget "
+                f"{raise_to:.2f}{flag}, or lift it with %imagine budget off{flag}.")
+
+
+def session_standing(session: ImagineSession) -> Standing | None:
+    """The session's budget, if set, with what its requests in flight and its batch jobs hold."""
+    with _LOCK:
+        if session.budget_usd is None:
+            return None
+        return Standing("session", session.budget_usd, session.spent_usd, sum(session._holds.values()),
+                        sum(usd for token, usd in session._holds.items() if token.startswith("job-")))
+
+
+def notebook_standing(report: CostReport) -> Standing | None:
+    """The notebook's budget from its cost report, if set."""
+    if report.budget_usd is None:
         return None
-    raise_to = math.ceil((spent + held + high) * 20) / 20  # the next 5 cents that lets this request through
-    in_flight = f" (and {format_usd(held)} is held by requests in flight)" if held > 1e-12 else ""
-    what = "this request" if estimate.n == 1 else f"these {estimate.n} requests"
-    return (f"Not sent: {whose} has spent {format_usd(spent)} of its {format_usd(budget)} budget{in_flight} and "
-            f"{what} could cost up to {format_usd(high)}{' (simulated)' if estimate.simulated else ''}. Raise the "
-            f"budget with %imagine budget {raise_to:.2f}{flag}, or lift it with %imagine budget off{flag}.")
+    return Standing("notebook", report.budget_usd, report.spent_usd, report.held_usd, report.held_jobs_usd)
+
+
+def standings(session: ImagineSession, history: History | None) -> list[Standing]:
+    """The notebook's and the session's budgets that are set (what ``--dry-run`` and the studio show)."""
+    found = [notebook_standing(history.cost())] if history is not None else []
+    return [s for s in (*found, session_standing(session)) if s is not None]
 
 
 @dataclass
@@ -211,18 +256,19 @@ def hold(session: ImagineSession, history: History | None, estimate: Callable[[]
         holds._token = _job_token(job)
     high = found.high_usd if found is not None and found.known else 0.0
     with _LOCK:
-        if session.budget_usd is not None:
+        mine = session_standing(session)
+        if mine is not None:
             assert found is not None
-            spent, held = session.spent_usd, sum(session._holds.values())
-            problem = budget_problem("session", session.budget_usd, spent, found, held)
+            problem = mine.problem(found)
             if problem:
-                raise BudgetError(problem, scope="session", spent_usd=spent, estimate_usd=found.high_usd,
-                                  budget_usd=session.budget_usd)
+                raise BudgetError(problem, scope="session", spent_usd=mine.spent, estimate_usd=found.high_usd,
+                                  budget_usd=mine.budget)
         if budget is not None and history is not None:
             assert found is not None
 
             def check(report: CostReport) -> None:
-                problem = budget_problem("notebook", budget, report.spent_usd, found, report.held_usd)
+                standing = notebook_standing(report)
+                problem = standing.problem(found) if standing is not None else None
                 if problem:
                     raise BudgetError(problem, scope="notebook", spent_usd=report.spent_usd,
                                       estimate_usd=found.high_usd, budget_usd=budget)
@@ -304,18 +350,15 @@ async def guarded(agent: Agent, inputs: Sequence[Any]) -> AsyncIterator[Callable
 def budget_lines(session: ImagineSession, history: History) -> list[str]:
     """One line per budget set, e.g. ``Notebook budget $2.00: $0.42 spent, $1.58 left`` (also the studio's)."""
     report = history.cost()
-    with _LOCK:
-        session_held = sum(session._holds.values())
     lines = []
-    for scope, budget, spent, held in (("notebook", report.budget_usd, report.spent_usd, report.held_usd),
-                                       ("session", session.budget_usd, session.spent_usd, session_held)):
-        if budget is None:
+    for standing in (notebook_standing(report), session_standing(session)):
+        if standing is None:
             continue
-        left = budget - spent - held
-        line = f"{scope.capitalize()} budget {format_usd(budget)}: {format_usd(spent)} spent, " + (
-            f"{format_usd(left)} left" if left >= -1e-12 else f"{format_usd(-left)} over")
-        if held > 1e-12:
-            line += f" ({format_usd(held)} held by requests in flight)"
+        left = standing.left
+        line = (f"{standing.scope.capitalize()} budget {format_usd(standing.budget)}: {format_usd(standing.spent)} "
+                f"spent, " + (f"{format_usd(left)} left" if left >= -1e-12 else f"{format_usd(-left)} over"))
+        if standing.held_text():
+            line += f" ({standing.held_text()})"
         lines.append(line)
     if not lines:
         lines.append(f"No budget set; this notebook has spent {format_usd(report.spent_usd)}. "

@@ -723,12 +723,14 @@ class CostReport:
     ``rows`` are oldest first. ``to_records()`` gives plain dicts (``pandas.DataFrame(report.to_records())``);
     ``by("provider")`` (or ``"model"``, ``"day"``) sums ``usd`` per value. ``budget_usd`` is the notebook's
     budget, if one is set; ``spent_usd`` is what it counts (known costs plus the charges for unknown ones) and
-    ``held_usd`` what requests still in flight hold of it (in any kernel)."""
+    ``held_usd`` what requests still in flight hold of it (in any kernel), ``held_jobs_usd`` of that what batch
+    jobs whose results are not collected yet hold."""
 
     notebook: str
     rows: tuple[CostRow, ...] = ()
     budget_usd: float | None = None
     held_usd: float = 0.0
+    held_jobs_usd: float = 0.0
 
     @property
     def total_usd(self) -> float:
@@ -786,7 +788,9 @@ class CostReport:
             left = self.budget_usd - self.spent_usd - self.held_usd
             text += f"; budget {format_usd(self.budget_usd)}, {format_usd(left)} left"
             if self.held_usd:
-                text += f" ({format_usd(self.held_usd)} held by requests in flight)"
+                from ._budget import notebook_standing
+
+                text += f" ({notebook_standing(self).held_text()})"  # type: ignore[union-attr]
         return text
 
     def __repr__(self) -> str:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._budget import Holds, accounted
+from ._budget import Holds, Standing, accounted
 from ._options import active
 from ._session import ImagineSession, get_session
 from ._sync import Job
@@ -247,21 +247,11 @@ class Generation:
                          inputs=[*self._inputs(), *self.refs, *mask])
         return batch_estimate(found) if batch else found
 
-    def budgets(self) -> list[tuple[str, float, float, float]]:
-        """``(scope, budget, spent, held)`` for each budget set: the session's, and the notebook's (in its
-        history); ``held`` is what requests in flight hold of it."""
-        from ._budget import _LOCK
+    def budgets(self) -> list[Standing]:
+        """Where each budget set stands: the notebook's (in its history) and the session's."""
+        from ._budget import standings
 
-        limits = []
-        if self.session.budget_usd is not None:
-            with _LOCK:
-                held = sum(self.session._holds.values())
-            limits.append(("session", self.session.budget_usd, self.session.spent_usd, held))
-        history = self._budget_history()
-        if history is not None and history.budget_usd is not None:
-            report = history.cost()
-            limits.append(("notebook", history.budget_usd, report.spent_usd, report.held_usd))
-        return limits
+        return standings(self.session, self._budget_history())
 
     def _budget_history(self) -> History | None:
         """The notebook whose budget applies: this generation's history (with ``record=False`` a history

@@ -1717,7 +1717,7 @@ def _live_holds(doc: Mapping[str, Any], pending: Callable[[str], float | None]) 
             continue
         if left is not None:
             if left > 0:
-                holds[str(token)] = {**hold, "usd": usd, "held": usd * left}
+                holds[str(token)] = {**hold, "usd": usd, "held": usd * left, "held_by_job": True}
             continue
         if (now - at).total_seconds() > _HOLD_LIFETIME or (hold.get("host") == host and not _alive(pid)):
             continue
@@ -2169,9 +2169,11 @@ class History:
                 _COST_SQL.format(where=clause), values):
             found[(day, provider, model)] = CostRow(day, provider, model, images, usd or 0.0, simulated or 0.0,
                                                     unpriced, charged_usd=charged or 0.0)
-        held = 0.0
+        held = held_jobs = 0.0
         for doc in self._notebook_docs():
-            held += sum(hold["held"] for hold in _live_holds(doc, self._job_pending).values())
+            for hold in _live_holds(doc, self._job_pending).values():
+                held += hold["held"]
+                held_jobs += hold["held"] if hold.get("held_by_job") else 0.0
             for row in _spending_rows(doc):
                 key = (row["day"], row["provider"], row["model"])
                 base = found.get(key) or CostRow(*key, images=0, usd=0.0)
@@ -2179,7 +2181,7 @@ class History:
                     base, usd=base.usd + row["usd"], simulated_usd=base.simulated_usd + row["simulated_usd"],
                     charged_usd=base.charged_usd + row["charged_usd"], unrecorded_usd=base.unrecorded_usd + row["usd"])
         return CostReport(self.notebook or "(all notebooks)", tuple(found[k] for k in sorted(found)),
-                          budget_usd=self.budget_usd, held_usd=held)
+                          budget_usd=self.budget_usd, held_usd=held, held_jobs_usd=held_jobs)
 
     def _notebook_docs(self) -> list[dict[str, Any]]:
         """The records of this notebook (of every notebook, for the folder's view)."""
@@ -2275,7 +2277,7 @@ class History:
 
     def _holds_of(self, uid: str) -> dict[str, dict[str, Any]]:
         """The notebook's holds still in force, as they are written back (spent ones are dropped)."""
-        return {token: {k: v for k, v in hold.items() if k != "held"}
+        return {token: {k: v for k, v in hold.items() if k not in ("held", "held_by_job")}
                 for token, hold in _live_holds(self._store.notebook_doc(uid), self._job_pending).items()}
 
     def _job_pending(self, id: str) -> float | None:

@@ -305,7 +305,6 @@ class ImagineMagics(Magics, _ConfigTraits):
         (estimated, and checked against the budgets, at the batch price)."""
         from IPython.display import display
 
-        from ._budget import budget_problem
         from ._cost import batch_estimate
 
         agent = gen.build_agent()
@@ -315,10 +314,9 @@ class ImagineMagics(Magics, _ConfigTraits):
         if batch:
             dry.estimate = batch_estimate(dry.estimate)
             notes.append("Sent as a batch job: billed at half the price; the estimate and the budgets count that.")
-        notes += [budget_problem(scope, budget, spent, dry.estimate, held)
-                  or f"Within the {scope} budget of {format_usd(budget)} ({format_usd(spent)} spent"
-                     + (f", {format_usd(held)} held by requests in flight)." if held > 1e-12 else ").")
-                  for scope, budget, spent, held in gen.budgets()]
+        notes += [s.problem(dry.estimate) or f"Within the {s.scope} budget of {format_usd(s.budget)} "
+                  f"({format_usd(s.spent)} spent" + (f", {s.held_text()})." if s.held_text() else ").")
+                  for s in gen.budgets()]
         display(_DryRunView(dry, gen.n * count, notes, each="one per prompt and variant" if count > 1 else ""))
 
     def _inputs(self, args: Any, history: Any) -> tuple[list[BinaryResult], list[BinaryResult],

@@ -1153,10 +1153,17 @@ STUDIO_OFFLINE = "tick 'Offline emulator' in the studio's provider settings to w
 
 def _metadata_rows(entry: HistoryEntry) -> list[list[str]]:
     """Everything known about an entry, as (label, value) rows for the details panel."""
+    from ._cost import format_usd
+    from ._display import cost_label
+
+    charged = entry.metadata.get("budget_charge_usd")
+    cost = cost_label(entry.metadata) or (
+        f"unknown (budgets count {format_usd(charged)}: its request's estimated high end)"
+        if isinstance(charged, (int, float)) and not isinstance(charged, bool) else "")
     rows = [["id", entry.ref], ["created", entry.created_at.strftime("%Y-%m-%d %H:%M:%S %Z").strip()],
             ["provider", entry.provider or ""], ["model", entry.model or ""],
             ["size", f"{entry.width}x{entry.height}" if entry.width else ""],
-            ["format", entry.media_type], ["bytes", human_bytes(entry.size_bytes)]]
+            ["format", entry.media_type], ["bytes", human_bytes(entry.size_bytes)], ["cost", cost]]
     if entry.parents:
         rows.append(["edited from", ", ".join(f"#{p}" for p in entry.parents)])
     if entry.revised_prompt:
