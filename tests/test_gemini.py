@@ -332,7 +332,7 @@ def test_prompt_block_raises(emu: Any, stream: bool) -> None:
 
 
 def test_prompt_block_reason_from_injection(emu: Any) -> None:
-    emu.inject("prompt_blocked", message="BLOCKLIST")
+    emu.inject("prompt_blocked:BLOCKLIST")
     with pytest.raises(ContentPolicyError) as info:
         Agent("a", config=gemini(emu)).ask_sync("something")
     assert info.value.reason == "BLOCKLIST"

@@ -192,6 +192,7 @@ class ImagineMagics(Magics, _ConfigTraits):
             %imagine mask REF [-o NAME]       paint a mask over an image (then %%imagine -e REF --mask NAME)
             %imagine jobs                     batch jobs of this notebook (also after a restart)
             %imagine jobs wait|status|cancel|results [ID]   follow one job (ID: last by default)
+            %imagine emulator faults          the emulator's faults; ... fault NAME arms one
             %imagine panel | studio           widget panels
             %imagine PROMPT...                generate from a one-line prompt
 
@@ -856,9 +857,15 @@ class ImagineMagics(Magics, _ConfigTraits):
         return _Providers(self.session)
 
     def _cmd_emulator(self, rest: str) -> Any:
-        word = rest.strip().lower()
+        word, _, arguments = rest.strip().partition(" ")
+        word = word.lower()
+        if word == "faults":
+            return _FaultList()
+        if word == "fault":
+            return self._inject_fault(arguments)
         if word not in ("on", "off", ""):
-            raise UsageError("%imagine emulator on|off")
+            raise UsageError("%imagine emulator on|off|faults, or %imagine emulator fault NAME [--times N] "
+                             "[--status NNN]")
         if word:
             self.session.use(emulator=word == "on")
         if self.session.emulator:
@@ -927,6 +934,32 @@ class ImagineMagics(Magics, _ConfigTraits):
         except ImagineError as exc:
             raise _short_traceback(exc) from None
         return images
+
+    def _inject_fault(self, arguments: str) -> None:
+        import argparse
+
+        from .emulator import UnknownFaultError
+
+        parser = argparse.ArgumentParser(prog="%imagine emulator fault", add_help=False, exit_on_error=False)
+        parser.add_argument("name")
+        parser.add_argument("--times", type=int, default=1)
+        parser.add_argument("--status", type=int)
+        parser.add_argument("--family", choices=("openai", "gemini"))
+        try:
+            args = parser.parse_args(_split(arguments))
+        except (argparse.ArgumentError, SystemExit):
+            raise UsageError("%imagine emulator fault NAME [--times N] [--status NNN] [--family openai|gemini]; "
+                             "%imagine emulator faults lists the names") from None
+        if not self.session.emulator:
+            raise UsageError("The emulator is off: %imagine emulator on first (faults exist only offline)")
+        from ._session import emulator
+
+        try:
+            emulator().inject(args.name, times=args.times, status=args.status, family=args.family)
+        except (UnknownFaultError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        runs = "the next request" if args.times == 1 else f"the next {args.times} requests"
+        print(f"Emulator fault {args.name!r} armed for {runs}.")
 
     def _cmd_panel(self, rest: str) -> Any:
         _no_arguments("panel", rest, "set options with %imagine use PROVIDER --OPTION VALUE")
@@ -1147,6 +1180,28 @@ def _emulator_banner() -> None:
              "text/html": '<div style="background:#fff3cd;color:#664d03;border:1px solid #ffda6a;'
                           f'padding:6px 10px;border-radius:4px">⚠ <b>nbimagine emulator ON</b>: {detail}</div>'},
             raw=True)
+
+
+class _FaultList:
+    """What ``%imagine emulator faults`` shows: every fault the emulator can inject, described."""
+
+    def __init__(self) -> None:
+        from .emulator import fault_kinds
+
+        self.kinds = fault_kinds()
+
+    def __repr__(self) -> str:
+        lines = ["Emulator faults (%imagine emulator fault NAME, or [fault:NAME] in a prompt):"]
+        lines += [f"  {k.usage():28} {'/'.join(k.families):13} {k.description}" for k in self.kinds]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        rows = "".join(f"<tr><td><code>{html.escape(k.usage())}</code></td><td>{'/'.join(k.families)}</td>"
+                       f"<td style='text-align:left'>{html.escape(k.description)}</td></tr>" for k in self.kinds)
+        return ("<p>Emulator faults: <code>%imagine emulator fault NAME</code>, or <code>[fault:NAME]</code> in a "
+                f"prompt.</p><table><tr><th>fault</th><th>vendors</th><th>what it does</th></tr>{rows}</table>")
 
 
 class _Settings:

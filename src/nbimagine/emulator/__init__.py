@@ -9,15 +9,19 @@ run without keys or network::
         client = OpenAI(base_url=emu.openai_base_url, api_key="x")
         project = AIProjectClient(emu.foundry_endpoint, credential=EmulatorCredential())
 
-Images are deterministic drawings of the prompt, marked "nbimagine emulator". Prompt tokens steer it:
-``[images:N]`` (N image calls), ``[error:NNN]`` (HTTP error), ``[fault:NAME]`` (see ``Emulator.inject``;
-hostile images such as ``truncated_png`` or ``bomb_png`` are listed in ``_hostile.HOSTILE_IMAGES``).
-Standalone: ``python -m nbimagine.emulator --port 8765``.
+Images are drawings of the prompt, marked "nbimagine emulator". Prompt tokens steer it:
+``[images:N]`` (N image calls), ``[error:NNN]`` (HTTP error), ``[fault:NAME]`` (a registered fault).
+:func:`fault_kinds` lists the faults with their descriptions; ``Emulator.inject(NAME)`` applies one to the
+next request(s); an unknown name is an error. In a notebook: ``%imagine emulator faults`` and
+``%imagine emulator fault NAME``. Standalone: ``python -m nbimagine.emulator --port 8765`` (``--faults``
+lists them).
 """
 
 from __future__ import annotations
 
+from ._faults import FaultKind, UnknownFaultError, fault_kinds, register_fault
 from ._foundry import EmulatorCredential
 from ._server import Emulator, RecordedRequest
 
-__all__ = ["Emulator", "EmulatorCredential", "RecordedRequest"]
+__all__ = ["Emulator", "EmulatorCredential", "FaultKind", "RecordedRequest", "UnknownFaultError", "fault_kinds",
+           "register_fault"]

@@ -1,5 +1,5 @@
 """``python -m nbimagine.emulator --port N [--latency S] [--background-duration S] [--rate-limit RPM]
-[--batch-time S] [--close]``: serve until Ctrl-C."""
+[--batch-time S] [--close]``: serve until Ctrl-C (``--faults``: list the faults and exit)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds a batch job takes from creation to completed (default 2)")
     parser.add_argument("--batch-expiry", type=_positive, metavar="S",
                         help="seconds after which an unfinished batch job expires (default: never)")
+    parser.add_argument("--faults", action="store_true", help="list the faults the emulator can inject, and exit")
     args = parser.parse_args(argv)
+    if args.faults:
+        from ._faults import fault_kinds
+
+        for kind in fault_kinds():
+            print(f"{kind.usage():32} [{', '.join(kind.families)}] {kind.description}")
+        return 0
 
     def ready(emu: Emulator) -> None:
         # Printed (and flushed) once the socket listens, so scripts can wait for the first line.

@@ -28,7 +28,7 @@ MARK = "nbimagine emulator"
 
 def render(prompt: str, width: int, height: int, *, fmt: str = "png", transparent: bool = False,
            base: bytes | None = None, stage: float = 1.0, quality: int | None = None,
-           mask: bytes | None = None) -> bytes:
+           mask: bytes | None = None, texture: bool = False) -> bytes:
     """Draw ``prompt`` at ``width`` x ``height`` and encode it as ``fmt`` (png, jpeg, webp).
 
     ``base``: bytes of an input image; the result is an edit visibly derived from it.
@@ -37,6 +37,8 @@ def render(prompt: str, width: int, height: int, *, fmt: str = "png", transparen
     keeps the base image's value, so a PNG answer of the same size is pixel-identical outside it.
     ``stage`` < 1: a partial (blurred, unfinished) rendering, as sent in partial-image events.
     ``quality``: jpeg/webp compression quality 0-100 (OpenAI's ``output_compression``).
+    ``texture``: grain over the whole picture, so that the encoded size is that of a real photo of that
+    size (a flat drawing compresses to a fraction of it).
     Raises ``ValueError`` for an unknown format, a bad size or a ``base`` that is not an image.
     """
     fmt = fmt.lower()
@@ -45,7 +47,8 @@ def render(prompt: str, width: int, height: int, *, fmt: str = "png", transparen
     if not (0 < width <= 8192 and 0 < height <= 8192):
         raise ValueError(f"unsupported size {width}x{height}")
     stage = min(max(float(stage), 0.0), 1.0)
-    return _render(prompt, int(width), int(height), fmt, bool(transparent), base, round(stage, 3), quality, mask)
+    return _render(prompt, int(width), int(height), fmt, bool(transparent), base, round(stage, 3), quality, mask,
+                   bool(texture))
 
 
 def is_image(data: bytes) -> bool:
@@ -60,7 +63,7 @@ def is_image(data: bytes) -> bool:
 
 @lru_cache(maxsize=48)
 def _render(prompt: str, width: int, height: int, fmt: str, transparent: bool, base: bytes | None,
-            stage: float, quality: int | None, mask: bytes | None) -> bytes:
+            stage: float, quality: int | None, mask: bytes | None, texture: bool = False) -> bytes:
     seed = hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).digest()
     if base is not None and mask is not None:
         img = _masked_edit(base, mask, prompt, seed, width, height)
@@ -71,6 +74,8 @@ def _render(prompt: str, width: int, height: int, fmt: str, transparent: bool, b
     _caption(img, prompt, seed, edit=base is not None)
     if stage < 1.0:
         img = _partial(img, stage, transparent)
+    if texture:
+        img = _grain(img, seed)
     _mark(img)
     return _encode(img, fmt, transparent, quality)
 
@@ -198,6 +203,17 @@ def _partial(img: Image.Image, stage: float, transparent: bool) -> Image.Image:
     font = _font(max(9, min(width, height) // 20))
     draw.text(((width - _text_width(draw, label, font)) / 2, cut + font.size // 2), label, font=font,
               fill=(255, 255, 255, 255))
+    return out
+
+
+def _grain(img: Image.Image, seed: bytes) -> Image.Image:
+    """Photo-like grain: per-pixel noise (C speed) blended over every channel."""
+    noise = Image.effect_noise(img.size, 40 + seed[0] % 16).convert("RGBA")
+    noise.putalpha(70)
+    out = img.copy()
+    out.alpha_composite(noise)
+    if img.mode == "RGBA":
+        out.putalpha(img.getchannel("A"))
     return out
 
 

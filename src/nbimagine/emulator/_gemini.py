@@ -18,13 +18,8 @@ Behaviour:
   wrong one, is rejected with 400 INVALID_ARGUMENT like the real API.
 * Edits: an inline image in the last user turn (else the latest model image in the history) is the
   base of the drawing.
-* Faults (``emu.inject(name)`` or ``[fault:name]`` in the prompt): ``http`` (``status=``; 429 carries
-  RetryInfo), ``image_safety``, ``prompt_blocked`` (``message=`` a block reason, default
-  PROHIBITED_CONTENT; also ``prompt_blocked-SAFETY``), ``no_image``, ``text_only``,
-  ``finish-REASON`` / ``finish:REASON`` (any finish reason), ``broken_stream``, ``undecodable``,
-  ``stream_error`` (an error object mid-stream), ``urlsafe_base64`` (image data in the URL-safe
-  alphabet, as pydantic writes it), and the hostile images of ``_hostile.HOSTILE_IMAGES`` (``truncated_png``,
-  ``truncated_jpeg``, ``huge_png``, ``bomb_png``); ``[error:NNN]`` is ``http`` with that status.
+* Faults: see ``_faults.py`` (``finish:REASON`` for any finish reason with its ``finishMessage``,
+  ``prompt_blocked[:REASON]``, the safety reasons by name, ``http``, ``broken_stream``, ...).
 """
 
 from __future__ import annotations
@@ -83,15 +78,38 @@ ASPECT_RATIOS_25 = {  # Gemini 2.5 Flash Image (1K only)
 SIZE_TIERS = {"512": 0.5, "1K": 1, "2K": 2, "4K": 4}
 _ONLY_31 = set(GEMINI_NEWEST_ONLY_RATIOS)
 _FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
-_SAFETY_FAULTS = {
+# Faults named after a finish reason (see _faults.py): the candidate ends with that reason.
+_FINISH_FAULTS = {
     "image_safety": "IMAGE_SAFETY", "safety": "SAFETY", "prohibited_content": "PROHIBITED_CONTENT",
     "image_prohibited_content": "IMAGE_PROHIBITED_CONTENT", "blocklist": "BLOCKLIST", "spii": "SPII",
-    "recitation": "RECITATION", "image_recitation": "IMAGE_RECITATION",
+    "recitation": "RECITATION", "image_recitation": "IMAGE_RECITATION", "image_other": "IMAGE_OTHER",
+    "model_armor": "MODEL_ARMOR", "no_image": "NO_IMAGE",
 }
+# finishMessage per reason, worded like the live API's (image reasons from recorded answers; the others
+# follow the same pattern). Every reason that stops an image carries one, as in production.
+_POLICY = ("was filtered out because it violated Google's Generative AI Prohibited Use policy. You will not be "
+           "charged for blocked images. Try rephrasing the prompt. If you think this was an error, send feedback.")
 _FINISH_MESSAGES = {
-    "IMAGE_SAFETY": "Unable to show the generated image. The image was filtered out because it violated "
-                    "Google's Generative AI Prohibited Use policy. You will not be charged for blocked images.",
-    "NO_IMAGE": "Unable to generate an image for this request. Try rephrasing it.",
+    "IMAGE_SAFETY": f"Unable to show the generated image. The image {_POLICY}",
+    "IMAGE_PROHIBITED_CONTENT": f"Unable to show the generated image. The image {_POLICY}",
+    "IMAGE_RECITATION": "Unable to show the generated image. The image was filtered out because it is too similar "
+                        "to existing content. You will not be charged for blocked images.",
+    "IMAGE_OTHER": "Unable to show the generated image. The model could not generate the image based on the prompt "
+                   "provided. You will not be charged for blocked images. Try rephrasing the prompt.",
+    "NO_IMAGE": "Unable to generate an image for this request: the model answered without one. Try asking for an "
+                "image explicitly.",
+    "MODEL_ARMOR": "Blocked by Model Armor Floor Setting: The prompt violated Responsible AI Safety settings "
+                   "(Dangerous), Prompt Injection and Jailbreak filters.",
+    "SAFETY": f"The answer {_POLICY}",
+    "PROHIBITED_CONTENT": f"The answer {_POLICY}",
+    "BLOCKLIST": "The answer was stopped because it contains terms from the terminology blocklist.",
+    "SPII": "The answer was stopped because it contains sensitive personally identifiable information.",
+    "RECITATION": "The answer was stopped because it recites existing content too closely.",
+}
+_BLOCK_MESSAGES = {
+    "MODEL_ARMOR": "Blocked by Model Armor Floor Setting: The prompt violated Responsible AI Safety settings "
+                   "(Dangerous), Prompt Injection and Jailbreak filters.",
+    "PROHIBITED_CONTENT": "The prompt was blocked because it may contain prohibited content.",
 }
 
 
@@ -432,27 +450,27 @@ def _answer(turn: _Turn, state: State, *, model: str, vertex: bool, fault: Fault
         return {"candidates": [candidate], "usageMetadata": meta, **common}
 
     # Prompt-level block: no candidates at all.
-    blocked = re.fullmatch(r"prompt_blocked(?:[-_:]([A-Z_]+))?", name)
-    if blocked:
-        reason = blocked[1] or (fault.message if fault and fault.message else "PROHIBITED_CONTENT")
-        yield {"promptFeedback": {"blockReason": reason}, "usageMetadata": {**usage, "totalTokenCount": prompt_tokens},
-               **common}
+    if name == "prompt_blocked":
+        reason = (fault.argument if fault else None) or "PROHIBITED_CONTENT"
+        feedback = {"blockReason": reason,
+                    "blockReasonMessage": _BLOCK_MESSAGES.get(reason, f"The prompt was blocked ({reason}).")}
+        yield {"promptFeedback": feedback, "usageMetadata": {**usage, "totalTokenCount": prompt_tokens}, **common}
         return
 
-    want_image = "IMAGE" in turn.modalities and name not in ("text_only", "no_image")
+    want_image = "IMAGE" in turn.modalities and name != "text_only"
     want_text = "TEXT" in turn.modalities or name == "text_only"
     finish = "STOP"
-    finish_match = re.fullmatch(r"finish[-_:]([A-Z_]+)", name)
-    if finish_match:
-        finish = finish_match[1]
-    elif name in _SAFETY_FAULTS:
-        finish = _SAFETY_FAULTS[name]
-    elif name == "no_image":
-        finish = "NO_IMAGE"
-    if finish != "STOP" and finish not in ("MAX_TOKENS",):
+    if name == "finish":
+        finish = fault.argument if fault and fault.argument else "STOP"
+    elif name in _FINISH_FAULTS:
+        finish = _FINISH_FAULTS[name]
+    if finish not in ("STOP", "MAX_TOKENS"):
         want_image = False  # a blocked / failed candidate carries no final image
-        if finish in ("NO_IMAGE",) or finish in _SAFETY_FAULTS.values():
+        if finish == "NO_IMAGE" or finish in _FINISH_MESSAGES:
             want_text = False
+    finish_message = _FINISH_MESSAGES.get(finish)
+    if finish_message is None and finish not in ("STOP", "MAX_TOKENS"):
+        finish_message = f"The candidate stopped with finish reason {finish} (emulated)."
     width, height = _pixels(turn, model)
     fmt = _FORMATS.get(turn.mime_type or "", "jpeg" if gemini3 else "png")
     mime = f"image/{fmt}"
@@ -490,7 +508,9 @@ def _answer(turn: _Turn, state: State, *, model: str, vertex: bool, fault: Fault
             data = hostile_image(name, lambda fmt: state.draw(turn.prompt, width, height, fmt=fmt))
             mime = f"image/{'jpeg' if name == 'truncated_jpeg' else 'png'}"
         else:
-            data = state.draw(turn.prompt, width, height, fmt=fmt, base=turn.base, quality=turn.quality)
+            drawn = "png" if name == "mime_mismatch" and fmt == "jpeg" else "jpeg" if name == "mime_mismatch" else fmt
+            data = state.draw(turn.prompt, width, height, fmt=drawn, base=turn.base, quality=turn.quality,
+                              texture=name == "large_image")
         image_tokens = gemini_image_tokens(model, turn.image_size) or 1290
         encoded = base64.urlsafe_b64encode(data).decode() if name == "urlsafe_base64" else _b64(data)
         part = {"inlineData": {"mimeType": mime, "data": encoded}}
@@ -499,7 +519,7 @@ def _answer(turn: _Turn, state: State, *, model: str, vertex: bool, fault: Fault
         yield chunk([part])
     details = [{"modality": m, "tokenCount": n} for m, n in (("TEXT", text_tokens), ("IMAGE", image_tokens)) if n]
     last_parts = [{"text": ""}] if finish == "STOP" and (want_text or want_image) else None
-    yield chunk(last_parts, finish, _FINISH_MESSAGES.get(finish), text_tokens + image_tokens, thoughts_tokens,
+    yield chunk(last_parts, finish, finish_message, text_tokens + image_tokens, thoughts_tokens,
                 details)
 
 

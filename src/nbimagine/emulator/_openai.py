@@ -410,7 +410,7 @@ def _plan(parsed: _Parsed, fault: Fault | None) -> _Plan:
     name = fault.name if fault else None
     prompt = _clean(parsed.prompt)
     calls: list[dict[str, Any]] = []
-    if parsed.use_tool and name != "text_only":
+    if parsed.use_tool and name not in ("text_only", "refusal", "incomplete"):
         tool = parsed.tool
         assert tool is not None
         edit = parsed.base is not None and tool.action != "generate"
@@ -419,7 +419,11 @@ def _plan(parsed: _Parsed, fault: Fault | None) -> _Plan:
                           "action": "edit" if edit else "generate", "background": tool.background,
                           "output_format": tool.output_format, "quality": tool.quality, "size": tool.size,
                           "revised_prompt": _revised(parsed.prompt, edit), "result": None})
-    if name in ("image_moderation", "image_failed") and calls:
+    if name == "refusal":
+        text = "I'm sorry, but I can't help with that request."
+    elif name == "incomplete":
+        text = "Let me think about how to draw"
+    elif name in ("image_moderation", "image_failed") and calls:
         text = "I couldn't create that image."
     elif calls:
         n = len(calls)
@@ -440,8 +444,13 @@ def _image_for(plan: _Plan, k: int, *, stage: float = 1.0) -> bytes:
         prompt = f"{prompt} (image {k + 1} of {len(plan.calls)})"
     base = plan.parsed.base if plan.calls[k]["action"] == "edit" else None
     quality = tool.compression if tool.output_format in COMPRESSIBLE_FORMATS else None
-    return _draw.render(prompt, tool.width, tool.height, fmt=tool.output_format, transparent=tool.transparent,
-                        base=base, stage=stage, quality=quality, mask=tool.mask if base is not None else None)
+    fmt = tool.output_format
+    name = plan.fault.name if plan.fault else None
+    if name == "mime_mismatch" and stage >= 1.0:  # output_format says one format, the bytes are another
+        fmt = "png" if fmt == "jpeg" else "jpeg"
+    return _draw.render(prompt, tool.width, tool.height, fmt=fmt, transparent=tool.transparent and fmt != "jpeg",
+                        base=base, stage=stage, quality=quality, mask=tool.mask if base is not None else None,
+                        texture=name == "large_image")
 
 
 def _call_fault(plan: _Plan, k: int) -> str | None:
@@ -483,13 +492,26 @@ def _finish_call(plan: _Plan, k: int) -> tuple[dict[str, Any], bytes | None]:
         return item, None
     data = _image_for(plan, k)
     item["result"] = base64.b64encode(data).decode("ascii")
+    if name == "generating_result":  # seen in production: the final item still says "generating"
+        item["status"] = "generating"
     return item, data
 
 
 def _message(plan: _Plan, msg_id: str, *, done: bool) -> dict[str, Any]:
-    content = [{"type": "output_text", "text": plan.text, "annotations": [], "logprobs": []}] if done else []
+    content = [_text_part(plan)] if done else []
     return {"id": msg_id, "type": "message", "role": "assistant",
             "status": "completed" if done else "in_progress", "content": content}
+
+
+def _text_part(plan: _Plan, text: str | None = None) -> dict[str, Any]:
+    text = plan.text if text is None else text
+    if plan.fault and plan.fault.name == "refusal":
+        return {"type": "refusal", "refusal": text}
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _incomplete_reason(plan: _Plan) -> str:
+    return (plan.fault.argument if plan.fault else None) or "max_output_tokens"
 
 
 def _response(plan: _Plan, output: list[dict[str, Any]], *, status: str,
@@ -498,13 +520,14 @@ def _response(plan: _Plan, output: list[dict[str, Any]], *, status: str,
     body = parsed.body
     tools = [plan.tool.echo() if (plan.parsed.tool and i == plan.tool.index) else t
              for i, t in enumerate(body.get("tools") or [])]
-    final = status in ("completed", "failed")
+    final = status in ("completed", "failed", "incomplete")
     images = sum(1 for item in output if item.get("type") == "image_generation_call" and item.get("result"))
     return {
         "id": plan.resp_id, "object": "response", "created_at": plan.created, "status": status,
         "background": body.get("background") is True,
         "completed_at": int(time.time()) if status == "completed" else None,
-        "error": error, "incomplete_details": None, "instructions": body.get("instructions"),
+        "error": error, "instructions": body.get("instructions"),
+        "incomplete_details": {"reason": _incomplete_reason(plan)} if status == "incomplete" else None,
         "max_output_tokens": body.get("max_output_tokens"), "max_tool_calls": None, "model": parsed.model,
         "output": output, "parallel_tool_calls": body.get("parallel_tool_calls", True),
         "previous_response_id": parsed.previous, "prompt_cache_key": None,
@@ -538,9 +561,8 @@ def _remember(state: State, plan: _Plan, output: list[dict[str, Any]], images: l
 # -- JSON ---------------------------------------------------------------------------------------------
 def _json_answer(plan: _Plan, state: State) -> Answer:
     name = plan.fault.name if plan.fault else None
-    if name == "stream_error":
-        error = {"code": "server_error", "message": "The server had an error while processing your request "
-                                                    "(emulated)."}
+    if name in ("stream_error", "stream_error_nested"):
+        error = {"code": "server_error", "message": _SERVER_ERROR}
         return Answer(json=_response(plan, [], status="failed", error=error))
     output: list[dict[str, Any]] = []
     images: list[bytes | None] = []
@@ -549,9 +571,13 @@ def _json_answer(plan: _Plan, state: State) -> Answer:
         output.append(item)
         images.append(data)
     output.append(_message(plan, _new_id("msg"), done=True))
-    body = _response(plan, output, status="completed")
+    status = {"incomplete": "incomplete", "no_completed": "in_progress"}.get(name or "", "completed")
+    body = _response(plan, output, status=status)
     _remember(state, plan, output, images)
     return Answer(json=body, break_after=1 if name == "broken_stream" else None)
+
+
+_SERVER_ERROR = "The server had an error while processing your request (emulated)."
 
 
 # -- SSE ----------------------------------------------------------------------------------------------
@@ -582,11 +608,8 @@ def event_payloads(plan: _Plan, state: State) -> Iterator[dict[str, Any]]:
         yield event("response.output_item.added", output_index=idx, item=added)
         yield event("response.image_generation_call.in_progress", output_index=idx, item_id=ig)
         yield event("response.image_generation_call.generating", output_index=idx, item_id=ig)
-        if name == "stream_error":
-            message = "The server had an error while processing your request (emulated)."
-            yield event("error", code="server_error", message=message, param=None)
-            yield event("response.failed", response=_response(
-                plan, output, status="failed", error={"code": "server_error", "message": message}))
+        if name in ("stream_error", "stream_error_nested"):
+            yield from _stream_failure(plan, output, event)
             return
         tool = plan.tool
         failing = _call_fault(plan, k) in ("image_moderation", "image_failed")
@@ -605,30 +628,45 @@ def event_payloads(plan: _Plan, state: State) -> Iterator[dict[str, Any]]:
         output.append(item)
         images.append(data)
 
-    if name == "stream_error":  # no image call to interrupt: fail right after the start
-        message = "The server had an error while processing your request (emulated)."
-        yield event("error", code="server_error", message=message, param=None)
-        yield event("response.failed", response=_response(
-            plan, output, status="failed", error={"code": "server_error", "message": message}))
+    if name in ("stream_error", "stream_error_nested"):  # no image call to interrupt: fail right after the start
+        yield from _stream_failure(plan, output, event)
         return
 
     idx = len(output)
     msg_id = _new_id("msg")
+    refusal = name == "refusal"
+    kind = "refusal" if refusal else "output_text"
     yield event("response.output_item.added", output_index=idx, item=_message(plan, msg_id, done=False))
-    empty = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-    yield event("response.content_part.added", item_id=msg_id, output_index=idx, content_index=0, part=empty)
+    where = {"item_id": msg_id, "output_index": idx, "content_index": 0}
+    yield event("response.content_part.added", **where, part=_text_part(plan, ""))
     for delta in re.findall(r"\S+\s*", plan.text):
-        yield event("response.output_text.delta", item_id=msg_id, output_index=idx, content_index=0,
-                    delta=delta, logprobs=[])
-    yield event("response.output_text.done", item_id=msg_id, output_index=idx, content_index=0,
-                text=plan.text, logprobs=[])
-    part = {"type": "output_text", "text": plan.text, "annotations": [], "logprobs": []}
-    yield event("response.content_part.done", item_id=msg_id, output_index=idx, content_index=0, part=part)
+        yield event(f"response.{kind}.delta", **where, delta=delta, **({} if refusal else {"logprobs": []}))
+    if refusal:
+        yield event("response.refusal.done", **where, refusal=plan.text)
+    else:
+        yield event("response.output_text.done", **where, text=plan.text, logprobs=[])
+    yield event("response.content_part.done", **where, part=_text_part(plan))
     message = _message(plan, msg_id, done=True)
     yield event("response.output_item.done", output_index=idx, item=message)
     output.append(message)
     _remember(state, plan, output, images)
+    if name == "no_completed":
+        return  # the stream just ends, as production streams sometimes do
+    if name == "incomplete":
+        yield event("response.incomplete", response=_response(plan, output, status="incomplete"))
+        return
     yield event("response.completed", response=_response(plan, output, status="completed"))
+
+
+def _stream_failure(plan: _Plan, output: list[dict[str, Any]], event: Any) -> Iterator[bytes]:
+    """The in-stream error (flat as the SDK types it, or nested as the live API sent it), then response.failed."""
+    if plan.fault and plan.fault.name == "stream_error_nested":
+        yield event("error", error={"type": "server_error", "code": "server_error", "message": _SERVER_ERROR,
+                                    "param": None})
+    else:
+        yield event("error", code="server_error", message=_SERVER_ERROR, param=None)
+    yield event("response.failed", response=_response(
+        plan, output, status="failed", error={"code": "server_error", "message": _SERVER_ERROR}))
 
 
 def _sse_answer(plan: _Plan, state: State) -> Answer:

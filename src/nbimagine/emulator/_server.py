@@ -26,12 +26,13 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from .._cost import register_emulator
+from ._faults import FAMILIES, UnknownFaultError, parse_fault
 
 __all__ = ["Answer", "Emulator", "Fault", "RecordedRequest", "Request", "State"]
 
 # Header values that must never be kept in the request log (they are recorded as "***").
 _SECRET_HEADERS = frozenset({"authorization", "api-key", "x-goog-api-key"})
-_FAULT_TOKEN = re.compile(r"\[fault:([A-Za-z0-9_\-]+)\]")
+_FAULT_TOKEN = re.compile(r"\[fault:([^\]\s]*)\]")
 _ERROR_TOKEN = re.compile(r"\[error:(\d{3})\]")
 # GET …/responses/{id} and POST …/responses/{id}/cancel (background responses, stored responses).
 _RESPONSE_PATH = re.compile(r"^(?:/.*)?/responses/([^/]+?)(/cancel)?$")
@@ -72,10 +73,13 @@ class Answer:
 
 @dataclass
 class Fault:
+    """One fault to apply to a request; ``name`` is a registered fault (see ``_faults.py``)."""
+
     name: str
     status: int | None = None
     retry_after: float | None = None
     message: str | None = None
+    argument: str | None = None  # "IMAGE_OTHER" in finish:IMAGE_OTHER
 
 
 @dataclass(frozen=True)
@@ -127,12 +131,23 @@ class State:
     def inject(self, fault: str, *, family: str | None = None, times: int = 1, status: int | None = None,
                retry_after: float | None = None, message: str | None = None) -> None:
         prefix, _, rest = fault.partition(":")
-        if family is None and prefix in ("openai", "gemini", "foundry"):  # "gemini:http" = family="gemini"
+        if family is None and prefix in FAMILIES:  # "gemini:http" is shorthand for family="gemini"
             family, fault = prefix, rest
-        if fault == "http" and status is None:
-            raise ValueError("inject('http') needs status=, e.g. status=500")
+        if family is not None and family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
+        kind, argument = parse_fault(fault, family)
+        if kind.name == "http":
+            if argument is not None:
+                if not argument.isdigit():
+                    raise UnknownFaultError(f"http:STATUS needs a numeric status, not {argument!r}")
+                status = status or int(argument)
+            if status is None:
+                raise ValueError("inject('http') needs status=, e.g. status=500")
+        if family is None and len(kind.families) == 1:
+            family = kind.families[0]  # a one-vendor fault is never consumed by the other vendor's request
         with self.lock:
-            self._faults.append(_Injected(Fault(fault, status, retry_after, message), family, int(times)))
+            self._faults.append(_Injected(Fault(kind.name, status, retry_after, message, argument), family,
+                                          int(times)))
 
     def take_fault(self, names: Iterable[str]) -> Fault | None:
         """Consume an injected fault whose name is one of ``names`` (job-level faults such as batch ones)."""
@@ -176,7 +191,10 @@ class State:
             return 0.0
 
     def fault(self, family: str, prompt: str) -> Fault | None:
-        """Consume an injected fault for ``family``, else read ``[fault:NAME]`` / ``[error:NNN]`` tokens."""
+        """Consume an injected fault for ``family``, else read ``[fault:NAME]`` / ``[error:NNN]`` tokens.
+
+        Raises :class:`UnknownFaultError` for a token naming no fault of ``family``.
+        """
         with self.lock:
             for injected in self._faults:
                 if injected.remaining > 0 and injected.family in (None, family):
@@ -190,16 +208,27 @@ class State:
             return Fault("http", status=int(match.group(1)))
         match = _FAULT_TOKEN.search(prompt)
         if match:
-            return Fault(match.group(1))
+            kind, argument = parse_fault(match.group(1), family)
+            status = int(argument) if kind.name == "http" and argument and argument.isdigit() else None
+            if kind.name == "http" and status is None:
+                raise UnknownFaultError("[fault:http:STATUS] needs a status, e.g. [fault:http:503] or [error:503]")
+            return Fault(kind.name, status=status, argument=argument)
         return None
+
+    def pending_faults(self) -> list[tuple[str, str | None, int]]:
+        """Injected faults not yet consumed: (name[:argument], family or None, remaining times)."""
+        with self.lock:
+            return [(f.fault.name + (f":{f.fault.argument}" if f.fault.argument else ""), f.family, f.remaining)
+                    for f in self._faults]
 
     # -- drawing ------------------------------------------------------------------------------------
     def draw(self, prompt: str, width: int, height: int, *, fmt: str = "png", transparent: bool = False,
-             base: bytes | None = None, stage: float = 1.0, quality: int | None = None) -> bytes:
+             base: bytes | None = None, stage: float = 1.0, quality: int | None = None,
+             texture: bool = False) -> bytes:
         from . import _draw  # Pillow is imported only when an image is really drawn
 
         return _draw.render(prompt, width, height, fmt=fmt, transparent=transparent, base=base,
-                            stage=stage, quality=quality)
+                            stage=stage, quality=quality, texture=texture)
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def next_request_id(self) -> str:
@@ -250,36 +279,40 @@ def _rate_limited(request: Request, state: State, wait: float) -> Answer:
 
 def _route(request: Request, state: State) -> Answer:
     path = request.path.rstrip("/")
-    if path.startswith("/api/projects/"):
-        from . import _foundry
+    try:
+        if path.startswith("/api/projects/"):
+            from . import _foundry
 
-        return _foundry.handle(request, state)
-    if "/files" in path or "/batches" in path or path.endswith(":batchGenerateContent"):
-        from . import _batch
+            return _foundry.handle(request, state)
+        if "/files" in path or "/batches" in path or path.endswith(":batchGenerateContent"):
+            from . import _batch
 
-        answer = _batch.route(request, state)
-        if answer is not None:
-            return answer
-    if path.endswith("/responses") or path == "/responses":
-        from . import _openai
+            answer = _batch.route(request, state)
+            if answer is not None:
+                return answer
+        if path.endswith("/responses") or path == "/responses":
+            from . import _openai
 
-        return _openai.handle(request, state)
-    if path.endswith(("/images/generations", "/images/edits")):
-        from . import _images_api
+            return _openai.handle(request, state)
+        if path.endswith(("/images/generations", "/images/edits")):
+            from . import _images_api
 
-        return _images_api.handle(request, state)
-    match = _RESPONSE_PATH.match(path)
-    if match:
-        from . import _background
+            return _images_api.handle(request, state)
+        match = _RESPONSE_PATH.match(path)
+        if match:
+            from . import _background
 
-        resp_id, cancel = match.groups()
-        if cancel:
-            return _background.cancel(request, state, resp_id) if request.method == "POST" else _method(request)
-        return _background.retrieve(request, state, resp_id) if request.method == "GET" else _method(request)
-    if path.endswith("/chat/completions"):
-        from . import _openai
+            resp_id, cancel = match.groups()
+            if cancel:
+                return _background.cancel(request, state, resp_id) if request.method == "POST" else _method(request)
+            return _background.retrieve(request, state, resp_id) if request.method == "GET" else _method(request)
+        if path.endswith("/chat/completions"):
+            from . import _openai
 
-        return _openai.handle_chat(request, state)
+            return _openai.handle_chat(request, state)
+    except UnknownFaultError as exc:  # a [fault:NAME] token naming no fault: refused, never drawn
+        return Answer(400, json={"error": {"message": str(exc), "type": "invalid_request_error", "param": "input",
+                                           "code": "unknown_fault"}})
     if _GEMINI_PATH.match(path):
         try:
             from ._gemini import handle
@@ -288,7 +321,10 @@ def _route(request: Request, state: State) -> Answer:
                 raise
             return Answer(501, json={"error": {"code": 501, "message": "Gemini emulation is not available",
                                                "status": "UNIMPLEMENTED"}})
-        return handle(request, state)
+        try:
+            return handle(request, state)
+        except UnknownFaultError as exc:
+            return Answer(400, json={"error": {"code": 400, "message": str(exc), "status": "INVALID_ARGUMENT"}})
     if request.method == "GET" and path in ("", "/health"):
         with state.lock:  # the rate limit's counts too, for a client in another process (benchmarks)
             stats = dict(state.rate_stats)
@@ -674,10 +710,12 @@ class Emulator:
 
     def inject(self, fault: str, *, times: int = 1, status: int | None = None,
                retry_after: float | None = None, message: str | None = None, family: str | None = None) -> None:
-        """Make the next ``times`` matching requests fail with ``fault``.
+        """Make the next ``times`` matching requests fail with ``fault`` (a name from :func:`fault_kinds`,
+        ``NAME:ARG`` for faults that take an argument, e.g. ``"finish:IMAGE_OTHER"``).
 
         ``family`` ("openai" / "gemini", or the prefix form ``"gemini:http"``) limits the fault to one
-        vendor; by default the next request of any vendor takes it.
+        vendor; by default the next request of any vendor the fault exists for takes it.
+        Raises :class:`UnknownFaultError` (a ``ValueError``) for an unknown name.
         """
         self.state.inject(fault, family=family, times=times, status=status, retry_after=retry_after,
                           message=message)

@@ -1,0 +1,160 @@
+"""The emulator's fault registry: every way it can misbehave on purpose, by name, with a description.
+
+A fault is chosen with ``Emulator.inject(NAME)`` (the next request(s) take it), with a ``[fault:NAME]``
+token in the prompt, or with ``%imagine emulator fault NAME`` in a notebook. ``[error:NNN]`` is short for
+``http`` with that status. Names are strict: an unknown name, or a fault of one vendor asked of the other,
+is an error (``ValueError`` from ``inject``, an HTTP 400 in the vendor's envelope for a prompt token),
+never a silent no-op.
+
+Some faults take an argument, written ``NAME:ARG`` (or ``NAME-ARG``): ``http:503``,
+``finish:IMAGE_OTHER``, ``prompt_blocked:MODEL_ARMOR``.
+
+Every new fault family is one row in :data:`_TABLE` (name, vendors, argument, description); the vendor
+modules (``_openai.py``, ``_gemini.py``) act on the name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+__all__ = ["FaultKind", "UnknownFaultError", "fault_kinds", "parse_fault", "register_fault"]
+
+FAMILIES = ("openai", "gemini")
+_BOTH = FAMILIES
+
+
+class UnknownFaultError(ValueError):
+    """A fault name the registry does not know, or one that does not apply to the vendor asked."""
+
+
+@dataclass(frozen=True)
+class FaultKind:
+    name: str
+    description: str
+    families: tuple[str, ...] = _BOTH
+    # What the argument is ("STATUS", "REASON"), or None when the fault takes none.
+    argument: str | None = None
+    argument_required: bool = False
+
+    def usage(self) -> str:
+        if self.argument is None:
+            return self.name
+        return f"{self.name}:{self.argument}" if self.argument_required else f"{self.name}[:{self.argument}]"
+
+
+_REGISTRY: dict[str, FaultKind] = {}
+
+
+def register_fault(name: str, description: str, *, families: tuple[str, ...] = _BOTH,
+                   argument: str | None = None, argument_required: bool = False) -> FaultKind:
+    """Add a fault family (idempotent for the same definition; a different one under a used name raises)."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"fault names are lower_snake_case, not {name!r}")
+    unknown = set(families) - set(FAMILIES)
+    if unknown or not families:
+        raise ValueError(f"fault families must be among {FAMILIES}, not {families!r}")
+    kind = FaultKind(name, description, tuple(families), argument, argument_required)
+    existing = _REGISTRY.get(name)
+    if existing is not None and existing != kind:
+        raise ValueError(f"fault {name!r} is already registered differently")
+    _REGISTRY[name] = kind
+    return kind
+
+
+def fault_kinds(family: str | None = None) -> list[FaultKind]:
+    """Every registered fault (of one vendor family when given), sorted by name."""
+    return sorted((k for k in _REGISTRY.values() if family is None or family in k.families), key=lambda k: k.name)
+
+
+def parse_fault(spec: str, family: str | None = None) -> tuple[FaultKind, str | None]:
+    """``"finish:IMAGE_OTHER"`` -> (the ``finish`` kind, ``"IMAGE_OTHER"``).
+
+    Raises :class:`UnknownFaultError` for an unknown name, a missing or unexpected argument, or a fault
+    that does not exist for ``family``.
+    """
+    spec = spec.strip()
+    kind = _REGISTRY.get(spec)
+    argument: str | None = None
+    if kind is None:
+        match = re.fullmatch(r"([a-z][a-z0-9_]*)[:\-](.+)", spec)
+        if match and match[1] in _REGISTRY:
+            kind, argument = _REGISTRY[match[1]], match[2]
+    if kind is None:
+        close = difflib.get_close_matches(spec.split(":")[0], list(_REGISTRY), n=3)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise UnknownFaultError(
+            f"The emulator has no fault {spec!r}.{hint} Known faults: {', '.join(k.usage() for k in fault_kinds())}"
+            " (list them with %imagine emulator faults, or nbimagine.emulator.fault_kinds())."
+        )
+    if argument is not None and kind.argument is None:
+        raise UnknownFaultError(f"The emulator fault {kind.name!r} takes no argument (got {spec!r}).")
+    if argument is None and kind.argument_required:
+        raise UnknownFaultError(f"The emulator fault {kind.name!r} needs an argument: {kind.usage()}.")
+    if family is not None and family not in kind.families:
+        raise UnknownFaultError(
+            f"The emulator fault {kind.name!r} exists for {' and '.join(kind.families)} only, not {family}."
+        )
+    return kind, argument
+
+
+# One row per fault family: name, vendors, argument, description.
+_TABLE: list[tuple[str, tuple[str, ...], str | None, str]] = [
+    ("http", _BOTH, "STATUS",
+     "Answer with HTTP STATUS in the vendor's error envelope (inject(..., status=) or [error:NNN]); 429 and 5xx "
+     "carry retry hints."),
+    ("broken_stream", _BOTH, None,
+     "Drop the connection mid-answer (after the first events of a stream, or half a JSON body)."),
+    ("stream_error", _BOTH, None,
+     "An error inside the stream: OpenAI's flat 'error' event then response.failed (a failed response without "
+     "streaming); Gemini's {\"error\": ...} chunk."),
+    ("undecodable", _BOTH, None, "The image bytes are not an image."),
+    ("text_only", _BOTH, None, "Answer with text and no image, as a model that chose not to draw."),
+    ("mime_mismatch", _BOTH, None,
+     "The declared media type differs from the bytes (OpenAI output_format / Gemini inlineData.mimeType say "
+     "one format, the bytes are another)."),
+    ("large_image", _BOTH, None,
+     "An image as large on the wire as a real 4K photo (several MB of high-entropy pixels)."),
+    # OpenAI Responses
+    ("moderation", ("openai",), None,
+     "HTTP 400 moderation_blocked (image_generation_user_error) with moderation_details, before any output."),
+    ("image_moderation", ("openai",), None,
+     "The last image_generation_call fails with error.code moderation_blocked (earlier images survive)."),
+    ("image_failed", ("openai",), None,
+     "The last image_generation_call fails with error.code server_error (earlier images survive)."),
+    ("stream_error_nested", ("openai",), None,
+     "The live API's nested in-stream error {\"type\": \"error\", \"error\": {...}} (the SDK raises APIError), "
+     "then response.failed."),
+    ("generating_result", ("openai",), None,
+     "The image_generation_call item keeps status 'generating' although it carries the full result."),
+    ("no_completed", ("openai",), None,
+     "The stream ends cleanly after the image without response.completed (JSON: status in_progress)."),
+    ("incomplete", ("openai",), "REASON",
+     "The response ends with status 'incomplete' and incomplete_details.reason REASON (default "
+     "max_output_tokens; content_filter is a policy stop), without an image."),
+    ("refusal", ("openai",), None, "The model refuses: a message whose content is a 'refusal' part, no image."),
+    # Gemini / Vertex
+    ("finish", ("gemini",), "REASON!",
+     "The candidate ends with finishReason REASON (any name, also one the SDK does not know yet) and a "
+     "finishMessage; no image unless REASON is STOP or MAX_TOKENS."),
+    ("prompt_blocked", ("gemini",), "REASON",
+     "No candidates: promptFeedback.blockReason REASON (default PROHIBITED_CONTENT) with blockReasonMessage."),
+    ("no_image", ("gemini",), None, "finishReason NO_IMAGE with its finishMessage, no image and no text."),
+    ("image_safety", ("gemini",), None, "finishReason IMAGE_SAFETY with its finishMessage."),
+    ("image_prohibited_content", ("gemini",), None, "finishReason IMAGE_PROHIBITED_CONTENT with its finishMessage."),
+    ("image_recitation", ("gemini",), None, "finishReason IMAGE_RECITATION with its finishMessage."),
+    ("image_other", ("gemini",), None, "finishReason IMAGE_OTHER with its finishMessage."),
+    ("safety", ("gemini",), None, "finishReason SAFETY with its finishMessage."),
+    ("prohibited_content", ("gemini",), None, "finishReason PROHIBITED_CONTENT with its finishMessage."),
+    ("blocklist", ("gemini",), None, "finishReason BLOCKLIST with its finishMessage."),
+    ("spii", ("gemini",), None, "finishReason SPII with its finishMessage."),
+    ("recitation", ("gemini",), None, "finishReason RECITATION with its finishMessage."),
+    ("model_armor", ("gemini",), None, "finishReason MODEL_ARMOR (Vertex Model Armor) with its finishMessage."),
+    ("urlsafe_base64", ("gemini",), None, "Image data in the URL-safe base64 alphabet, as pydantic writes it."),
+]
+
+for _name, _families, _argument, _description in _TABLE:
+    register_fault(_name, _description, families=_families,
+                   argument=_argument.rstrip("!") if _argument else None,
+                   argument_required=bool(_argument and _argument.endswith("!")))
