@@ -35,6 +35,7 @@ class Reply:
         usage: Usage | None = None,
         cost: Cost | None = None,
         finish_reason: str | None = None,
+        finish_message: str | None = None,
         response_id: str | None = None,
         provider: str | None = None,
         model: str | None = None,
@@ -45,6 +46,9 @@ class Reply:
         self.usage = usage
         self.cost = cost
         self.finish_reason = finish_reason
+        # The provider's explanation when the answer stopped short (Gemini's finishMessage, OpenAI's
+        # incomplete_details); None for a normal answer.
+        self.finish_message = finish_message
         self.response_id = response_id
         self.provider = provider
         self.model = model

@@ -335,7 +335,11 @@ def reply_bundle(reply: Reply, *, captions: Sequence[str] | None = None, full: b
     caps = list(captions) if captions is not None else [
         caption_for(f, provider=reply.provider, model=reply.model) for f in files]
     if not files:
-        text = clip(reply.body, BODY_TEXT_LIMIT) or "(no text, no images)"
+        text = clip(reply.body, BODY_TEXT_LIMIT)
+        if reply.finish_reason not in (None, "STOP", "completed"):  # stopped short: say why
+            why = f": {reply.finish_message}" if reply.finish_message else ""
+            text = "\n\n".join(filter(None, [text, f"No image ({reply.finish_reason}){why}"]))
+        text = text or "(no text, no images)"
         return {"text/plain": text, "text/html": _text_html(text)}
     if len(files) == 1:
         bundle = image_bundle(files[0], caption=caps[0], full=full)

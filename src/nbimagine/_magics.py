@@ -596,6 +596,10 @@ class ImagineMagics(Magics, _ConfigTraits):
             problems.append(f"Ctrl-C after {gen.elapsed:.1f} s stopped {gen.stopped} request(s); the images "
                             "below had already arrived" + (" and are recorded" if gen.entries else ""))
         texts = list(dict.fromkeys(r.body for r in gen.replies if r is not None and r.body))
+        for reply in gen.replies:  # an answer that stopped short without an image says why
+            if reply is not None and not reply.files and reply.finish_reason not in (None, "STOP", "completed"):
+                why = f": {reply.finish_message}" if reply.finish_message else ""
+                texts.append(f"No image ({reply.finish_reason}){why}")
         side = MAX_SIDE if len(items) == 1 else 512
         width = None if len(items) == 1 else 384
         outputs: list[tuple[dict[str, Any], dict[str, Any]]] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import io
 import json
 import os
@@ -53,11 +54,27 @@ if TYPE_CHECKING:
 
 __all__ = ["GeminiProvider", "VertexAIProvider"]
 
-# Finish / block reasons that mean "the safety system stopped this": raised as ContentPolicyError.
-SAFETY_REASONS = frozenset({
-    "SAFETY", "IMAGE_SAFETY", "PROHIBITED_CONTENT", "IMAGE_PROHIBITED_CONTENT", "BLOCKLIST", "SPII",
-    "RECITATION", "IMAGE_RECITATION",
-})
+# What a finish reason means (the values are google-genai's ``types.FinishReason``; prompt blocks are
+# ``types.BlockedReason`` and always a ContentPolicyError). STOP is the only success. These two end an answer
+# without (all of) its images and are not errors: the reply says why (finish_reason, finish_message).
+NOT_AN_ERROR = frozenset({"NO_IMAGE", "MAX_TOKENS"})
+# The safety family, by name, so that a reason added to the API later (IMAGE_SAFETY_V2...) is one too.
+_POLICY_NAME = re.compile(r"SAFETY|PROHIBITED|BLOCKLIST|SPII|RECITATION|ARMOR|JAILBREAK")
+# Every other reason, including FINISH_REASON_UNSPECIFIED, OTHER, IMAGE_OTHER and reasons this release has
+# never heard of, is a ProviderError: a refusal is never a silent empty success.
+
+
+def finish_outcome(reason: str | None) -> str:
+    """``"success"``, ``"no_image"`` (a visible non-error outcome), ``"policy"`` or ``"failure"``."""
+    if reason == "STOP":
+        return "success"
+    if reason in NOT_AN_ERROR:
+        return "no_image"
+    if reason is not None and _POLICY_NAME.search(reason):
+        return "policy"
+    return "failure"
+
+
 # Gemini's request size limit for inline data (the whole request, history included).
 MAX_INLINE_REQUEST_BYTES = 20 * 1024 * 1024
 _API_KEY_VARS = ("GOOGLE_API_KEY", "GEMINI_API_KEY")  # the SDK's own order: GOOGLE_API_KEY wins
@@ -134,9 +151,11 @@ class GeminiProvider(Provider[GeminiConfig]):
         from google import genai
 
         try:
-            return genai.Client(api_key=self._api_key(), http_options=self._http_options(transport))
+            client = genai.Client(api_key=self._api_key(), http_options=self._http_options(transport))
         except ValueError as exc:
             raise ConfigError(f"Cannot create the Gemini client: {exc}") from None
+        _keep_finish_messages(client)
+        return client
 
     def _config(self) -> Any:
         """The ``GenerateContentConfig`` (built once, before the first request)."""
@@ -303,13 +322,25 @@ class GeminiProvider(Provider[GeminiConfig]):
         types.GenerateContentResponse._from_response(response=_WARM_UP_RESPONSE, kwargs={})
 
     def _refusal(self, state: _Collected) -> None:
-        """Raise the ``ContentPolicyError`` a whole answer calls for (a blocked prompt, a safety stop), if any."""
+        """Raise the error a whole answer calls for, if any: ``ContentPolicyError`` for a blocked prompt or a
+        safety stop, ``ProviderError`` for any other stop that is not a success (see :func:`finish_outcome`)."""
         if state.block_reason:
             raise self._policy_error(state.block_reason, state.block_message, state.final_files(self),
                                      state.response_id, prompt=True)
-        if state.finish_reason in SAFETY_REASONS:
+        outcome = finish_outcome(state.finish_reason)
+        if state.finish_reason is None and (state.images or state.text):
+            outcome = "success"  # an answer without a final chunk, but with content: keep what was made
+        if outcome == "policy":
             raise self._policy_error(state.finish_reason, state.finish_message, state.final_files(self),
                                      state.response_id, prompt=False)
+        if outcome == "failure":
+            reason = state.finish_reason or "no finish reason"
+            detail = f": {state.finish_message}" if state.finish_message else ""
+            raise ProviderError(
+                f"Gemini stopped without finishing the answer ({reason}){detail}",
+                provider=self.name, code=state.finish_reason, request_id=state.response_id,
+                files=state.final_files(self),
+            )
 
     async def run(self, turn: Turn) -> AsyncIterator[StreamEvent]:
         contents, user = self._contents(turn)
@@ -318,6 +349,8 @@ class GeminiProvider(Provider[GeminiConfig]):
             config = config.model_copy(update={"system_instruction": turn.instructions})
         state = _Collected(self.config.model, mask="guide" if turn.mask is not None else None)
         holder = self.client()
+        raw_messages: list[str] = []
+        token = _FINISH_MESSAGES.set(raw_messages)
         if len(contents) == 1:
             # One Content, not a list of one: the SDK's list handling duck-types every item (~0.2 ms each).
             contents = contents[0]
@@ -339,7 +372,11 @@ class GeminiProvider(Provider[GeminiConfig]):
             raise
         except Exception as exc:  # every SDK/transport failure: typed
             raise self._map_error(exc, state) from exc
+        finally:
+            _FINISH_MESSAGES.reset(token)
 
+        if state.finish_message is None and raw_messages:
+            state.finish_message = raw_messages[-1]
         self._refusal(state)
         files = state.final_files(self)
         for image in files:
@@ -359,6 +396,7 @@ class GeminiProvider(Provider[GeminiConfig]):
             files=files,
             usage=_usage(state, len(files)),
             finish_reason=state.finish_reason,
+            finish_message=state.finish_message,
             response_id=state.response_id,
             provider=self.name,
             model=state.model,
@@ -538,7 +576,8 @@ class GeminiProvider(Provider[GeminiConfig]):
 
             return BatchLine(key, reply=Reply(body="".join(state.text), files=files,
                                               usage=_usage(state, len(files)), finish_reason=state.finish_reason,
-                                              response_id=state.response_id, provider=self.name, model=state.model))
+                                              finish_message=state.finish_message, response_id=state.response_id,
+                                              provider=self.name, model=state.model))
         except ProviderError as exc:
             return BatchLine(key, error=exc)
         except Exception as exc:  # a malformed line must not hide the others
@@ -679,6 +718,50 @@ class _Collected:
 def _usage(state: _Collected, images: int) -> Usage | None:
     usage = gemini_usage(state.usage, state.model)
     return None if usage is None else Usage.combine([usage], images=images)
+
+
+# finishMessage values read from the raw answers of the request in progress (see _keep_finish_messages).
+_FINISH_MESSAGES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("_FINISH_MESSAGES",
+                                                                                     default=None)
+_FINISH_MESSAGE = re.compile(r'"finishMessage"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+def _keep_finish_messages(client: Any) -> None:
+    """Read ``candidates[].finishMessage`` from the Developer API's raw answers.
+
+    google-genai turns a Developer API answer into its types through ``models._Candidate_from_mldev``, which
+    copies no ``finishMessage`` (Vertex answers keep it), so Google's explanation of a refusal would be lost.
+    The client's raw-answer methods are wrapped to note the message for the request in progress.
+    """
+    api = getattr(client, "_api_client", None)
+    if api is None or getattr(api, "vertexai", False) or not hasattr(api, "async_request_streamed"):
+        return
+    request, streamed = api.async_request, api.async_request_streamed
+
+    def note(response: Any) -> None:
+        found = _FINISH_MESSAGES.get()
+        body = getattr(response, "body", None)
+        if found is not None and isinstance(body, str) and '"finishMessage"' in body:
+            match = _FINISH_MESSAGE.search(body)
+            if match:
+                found.append(json.loads(match[1]))
+
+    async def async_request(*args: Any, **kwargs: Any) -> Any:
+        response = await request(*args, **kwargs)
+        note(response)
+        return response
+
+    async def async_request_streamed(*args: Any, **kwargs: Any) -> Any:
+        responses = await streamed(*args, **kwargs)
+
+        async def noted() -> AsyncIterator[Any]:
+            async for response in responses:
+                note(response)
+                yield response
+
+        return noted()
+
+    api.async_request, api.async_request_streamed = async_request, async_request_streamed
 
 
 async def _read_in_task(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:

@@ -547,6 +547,7 @@ class _ResponseParser:
         self.files: list[BinaryResult] = []
         self.failures: list[tuple[str | None, str, str | None]] = []  # (code, message, call id)
         self.text: list[str] = []
+        self.refusals: list[str] = []
         self._completed: Any = None
         self._seen_items: set[str] = set()
         self._partials: dict[str, int] = {}  # partial images seen per image call
@@ -577,8 +578,8 @@ class _ResponseParser:
             for part in item.content or []:
                 if part.type == "output_text" and part.text:
                     self.text.append(part.text)
-                elif part.type == "refusal" and part.refusal:
-                    self.text.append(part.refusal)
+                elif part.type == "refusal":
+                    self.refusals.append(part.refusal or "the model refused without a reason")
         return []
 
     def _image(self, item: Any) -> BinaryResult | None:
@@ -644,25 +645,40 @@ class _ResponseParser:
         return self._completed
 
     def reply(self, response: Any, items: list[dict[str, Any]], *, store: bool) -> Reply:
+        """The final reply; every outcome other than ``completed`` is an error or says why it stopped."""
         if self.failures:
             raise self._failure_error()
         undecodable = undecodable_error(self.files, provider=self.provider, request_id=self.response_id)
         if undecodable is not None:
             raise undecodable
+        kept = {"provider": self.provider, "files": self.files, "request_id": self.response_id}
+        if self.refusals:
+            raise ContentPolicyError(f"The model refused: {' '.join(self.refusals)}", reason="refusal",
+                                     code="refusal", **kept)
         status = getattr(response, "status", None)
-        finish = status
-        incomplete = getattr(response, "incomplete_details", None)
-        if status == "incomplete" and incomplete is not None:
-            finish = f"incomplete: {incomplete.reason}"
-            if incomplete.reason == "content_filter":
-                raise ContentPolicyError("The response was stopped by the content filter", reason="content_filter",
-                                         provider=self.provider, files=self.files)
+        finish, finish_message = status, None
+        if status in ("failed", "cancelled"):
+            error = getattr(response, "error", None)
+            code = _get(error, "code") or status
+            message = _get(error, "message") or f"the response ended with status {status!r}"
+            raise ProviderError(f"The response {status}: {message}", code=code, **kept)
+        if status == "incomplete":
+            reason = _get(getattr(response, "incomplete_details", None), "reason") or "unknown"
+            if reason == "content_filter":
+                raise ContentPolicyError("The response was stopped by the content filter", reason=reason,
+                                         code=reason, **kept)
+            finish = f"incomplete: {reason}"
+            finish_message = (f"The response stopped early ({reason})"
+                              + ("." if self.files else " before any image was made."))
+        elif status != "completed" and not self.files and not self.text:
+            raise ProviderError(f"The response ended with status {status!r} and no output", code=status, **kept)
         body = "".join(self.text)
         usage = self.usage(response)
         history_items = [*items, {"role": "assistant", "content": body}] if body else list(items)
         history = _History(self.response_id if store else None, [] if store else history_items, list(self.files))
         return Reply(body=body, files=list(self.files), usage=usage, finish_reason=finish,
-                     response_id=self.response_id, provider=self.provider, model=self.model, history=history)
+                     finish_message=finish_message, response_id=self.response_id, provider=self.provider,
+                     model=self.model, history=history)
 
     def usage(self, response: Any) -> Usage | None:
         """``usage`` (the chat model) and ``tool_usage.image_gen`` (the image model), as one record."""
