@@ -154,7 +154,14 @@ _TABLE: list[tuple[str, tuple[str, ...], str | None, str]] = [
     ("urlsafe_base64", ("gemini",), None, "Image data in the URL-safe base64 alphabet, as pydantic writes it."),
 ]
 
-for _name, _families, _argument, _description in _TABLE:
+def _hostile_rows() -> list[tuple[str, tuple[str, ...], str | None, str]]:
+    from ._hostile import HOSTILE_IMAGES  # images a provider or a broken proxy may hand back
+
+    return [(name, _BOTH, None, description[0].upper() + description[1:] + ".")
+            for name, description in HOSTILE_IMAGES.items()]
+
+
+for _name, _families, _argument, _description in [*_TABLE, *_hostile_rows()]:
     register_fault(_name, _description, families=_families,
                    argument=_argument.rstrip("!") if _argument else None,
                    argument_required=bool(_argument and _argument.endswith("!")))

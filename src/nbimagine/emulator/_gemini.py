@@ -508,9 +508,12 @@ def _answer(turn: _Turn, state: State, *, model: str, vertex: bool, fault: Fault
             data = hostile_image(name, lambda fmt: state.draw(turn.prompt, width, height, fmt=fmt))
             mime = f"image/{'jpeg' if name == 'truncated_jpeg' else 'png'}"
         else:
-            drawn = "png" if name == "mime_mismatch" and fmt == "jpeg" else "jpeg" if name == "mime_mismatch" else fmt
-            data = state.draw(turn.prompt, width, height, fmt=drawn, base=turn.base, quality=turn.quality,
-                              texture=name == "large_image")
+            def draw(fmt: str) -> bytes:
+                return state.draw(turn.prompt, width, height, fmt=fmt, base=turn.base, quality=turn.quality,
+                                  texture=name == "large_image")
+
+            # mime_mismatch: inlineData.mimeType says one format, the bytes are another
+            data = draw(("png" if fmt == "jpeg" else "jpeg") if name == "mime_mismatch" else fmt)
         image_tokens = gemini_image_tokens(model, turn.image_size) or 1290
         encoded = base64.urlsafe_b64encode(data).decode() if name == "urlsafe_base64" else _b64(data)
         part = {"inlineData": {"mimeType": mime, "data": encoded}}

@@ -448,9 +448,15 @@ def _image_for(plan: _Plan, k: int, *, stage: float = 1.0) -> bytes:
     name = plan.fault.name if plan.fault else None
     if name == "mime_mismatch" and stage >= 1.0:  # output_format says one format, the bytes are another
         fmt = "png" if fmt == "jpeg" else "jpeg"
-    return _draw.render(prompt, tool.width, tool.height, fmt=fmt, transparent=tool.transparent and fmt != "jpeg",
-                        base=base, stage=stage, quality=quality, mask=tool.mask if base is not None else None,
-                        texture=name == "large_image")
+
+    def draw(fmt: str) -> bytes:
+        return _draw.render(prompt, tool.width, tool.height, fmt=fmt, transparent=tool.transparent and fmt != "jpeg",
+                            base=base, stage=stage, quality=quality, mask=tool.mask if base is not None else None,
+                            texture=name == "large_image")
+
+    if name in HOSTILE_IMAGES and stage >= 1.0:
+        return hostile_image(name, draw)
+    return draw(fmt)
 
 
 def _call_fault(plan: _Plan, k: int) -> str | None:
