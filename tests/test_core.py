@@ -37,8 +37,6 @@ def encoded(fmt: str, size: tuple[int, int] = (40, 30)) -> bytes:
     ({"background": "green"}, "background must be one of"),
     ({"output_format": "bmp"}, "output_format must be one of"),
     ({"output_compression": 500, "output_format": "jpeg"}, "output_compression must be an integer from 0 to 100"),
-    ({"output_compression": 50}, "only applies to jpeg and webp"),
-    ({"output_compression": 50, "output_format": "png"}, "only applies to jpeg and webp"),
     ({"partial_images": 9}, "partial_images must be an integer from 0 to 3"),
     ({"partial_images": True}, "partial_images must be an integer"),
     ({"moderation": "strict"}, "moderation must be one of"),

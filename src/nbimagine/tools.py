@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, InputWarning
 from .events import ImageInput
 
 __all__ = ["ImageGenerationTool"]
@@ -58,12 +59,16 @@ class ImageGenerationTool:
         if self.output_compression is not None:
             _integer("output_compression", self.output_compression, 0, 100)
             if self.output_format not in COMPRESSIBLE_FORMATS:
-                raise ConfigError(
-                    "output_compression only applies to jpeg and webp; "
-                    "set output_format='jpeg' or 'webp', or drop output_compression"
+                # Accepted by the API (pydantic-ai's recorded cassette: png with output_compression 100 -> 200,
+                # echoed back), so not an error: it simply changes nothing.
+                warnings.warn(
+                    f"output_compression={self.output_compression} has no effect with "
+                    f"output_format={self.output_format or 'png (the default)'!s}; it applies to jpeg and webp",
+                    InputWarning, stacklevel=3,
                 )
         if self.partial_images is not None:
             _integer("partial_images", self.partial_images, 0, 3)
+        # OpenAI docs (the tool's ``background``): transparency needs png or webp; the API answers 400.
         if self.background == "transparent" and self.output_format == "jpeg":
             raise ConfigError(
                 "JPEG has no transparency: use output_format='png' or 'webp' with a transparent background"
@@ -83,7 +88,11 @@ class ImageGenerationTool:
 
 
 def validate_size(size: str) -> str:
-    """Check an OpenAI size: a standard one, or WxH within the newest models' limits."""
+    """Check an OpenAI size: a standard one, or WxH within the newest models' limits.
+
+    Source: the SDK's ``ImageGeneration.size`` docs (gpt-image-2 and later take any WxH with both sides
+    multiples of 16, the long side at most 3840 and at most 3x the short side).
+    """
     if size in STANDARD_SIZES:
         return size
     match = _SIZE_RE.match(size) if isinstance(size, str) else None

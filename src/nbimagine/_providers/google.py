@@ -48,6 +48,7 @@ from ._base import (
     transport_failure,
     undecodable_error,
 )
+from ._inputs import GEMINI, check_inputs
 
 if TYPE_CHECKING:
     from google.genai import types
@@ -75,8 +76,6 @@ def finish_outcome(reason: str | None) -> str:
     return "failure"
 
 
-# Gemini's request size limit for inline data (the whole request, history included).
-MAX_INLINE_REQUEST_BYTES = 20 * 1024 * 1024
 _API_KEY_VARS = ("GOOGLE_API_KEY", "GEMINI_API_KEY")  # the SDK's own order: GOOGLE_API_KEY wins
 _FILES_API = re.compile(r"^(?:https://generativelanguage\.googleapis\.com/[^/]+/)?(files/[A-Za-z0-9_\-]+)$")
 _EXT_MEDIA = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
@@ -233,24 +232,15 @@ class GeminiProvider(Provider[GeminiConfig]):
         from google.genai import types
 
         history = list(turn.history or [])
-        parts = [self._part_for(item) for item in turn.inputs]
+        earlier = [part.inline_data.data or b"" for content in history for part in (content.parts or [])
+                   if part.inline_data is not None]
+        inputs = check_inputs(turn.inputs, GEMINI, earlier_inline_bytes=sum((len(d) + 2) // 3 * 4 for d in earlier),
+                              earlier_images=len(earlier))
+        parts = [self._part_for(item) for item in inputs]
         if turn.mask is not None:
             parts = self._with_mask_guide(turn, parts)
         user = types.Content(role="user", parts=parts)
-        contents = [*history, user]
-        inline = sum(
-            len(part.inline_data.data or b"")
-            for content in contents for part in (content.parts or []) if part.inline_data is not None
-        )
-        encoded = inline * 4 // 3  # inline data travels as base64
-        if encoded > MAX_INLINE_REQUEST_BYTES:
-            raise InputError(
-                f"The images in this request come to {encoded / 2**20:.1f} MB as base64 (history included); "
-                f"Gemini accepts at most {MAX_INLINE_REQUEST_BYTES // 2**20} MB of inline data per request. "
-                "Send smaller images, start a new conversation, or upload with the Files API and pass "
-                "ImageInput(file_id='files/...')."
-            )
-        return contents, user
+        return [*history, user], user
 
     def _with_mask_guide(self, turn: Turn, parts: list[Any]) -> list[Any]:
         """Gemini has no mask parameter: the documented fallback draws the mask on a copy of the image

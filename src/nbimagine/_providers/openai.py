@@ -53,6 +53,7 @@ from ._base import (
     transport_failure,
     undecodable_error,
 )
+from ._inputs import OPENAI, check_inputs
 
 # Error codes OpenAI and Azure use when a safety system blocked a prompt or an image.
 _POLICY_CODES = frozenset({
@@ -207,6 +208,12 @@ class OpenAIResponsesProvider(OpenAIBatchMixin, _OpenAIClientMixin, Provider[Ope
                 raise UnsupportedToolError(
                     f"{type(self.config).__name__} supports ImageGenerationTool only, not {type(tool).__name__}"
                 )
+        # Observed: OpenAI answers 400 "Tool choice 'image_generation' not found in 'tools' parameter."
+        if self.config.tool_choice == "image_generation" and self._image_tool is None:
+            raise ConfigError(
+                "tool_choice='image_generation' forces the image tool, but there is none: pass "
+                "tools=[ImageGenerationTool(...)] to the Agent, or drop tool_choice"
+            )
 
     @property
     def _image_tool(self) -> ImageGenerationTool | None:
@@ -246,7 +253,8 @@ class OpenAIResponsesProvider(OpenAIBatchMixin, _OpenAIClientMixin, Provider[Ope
         """The ``responses.create`` arguments, and the input items (kept for store=False history)."""
         history: _History | None = turn.history
         earlier = history.images if history and not self.config.store else []
-        message = {"role": "user", "content": _content([*map(ImageInput.from_result, earlier), *turn.inputs])}
+        inputs = check_inputs([*map(ImageInput.from_result, earlier), *turn.inputs], OPENAI)
+        message = {"role": "user", "content": _content(inputs)}
         items = [*(history.items if history and not self.config.store else []), message]
         request: dict[str, Any] = {"model": self.config.model, "input": items}
         if turn.instructions:

@@ -52,10 +52,13 @@ def render(prompt: str, width: int, height: int, *, fmt: str = "png", transparen
 
 
 def is_image(data: bytes) -> bool:
-    """True when Pillow can read ``data`` as an image (header check, no full decode)."""
+    """True when Pillow can decode all of ``data`` as an image (a truncated PNG or JPEG is not one).
+
+    The whole image is decoded, as a server that uses it must; Pillow's decompression-bomb limit applies.
+    """
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img.verify()
+            img.load()
         return True
     except Exception:
         return False

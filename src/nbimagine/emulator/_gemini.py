@@ -36,7 +36,9 @@ from typing import Any
 
 from .._cost import gemini_image_tokens, gemini_input_image_tokens
 from .._images import b64decode_any, image_size, sniff_media_type
+from .._providers._inputs import GEMINI
 from ..config import GEMINI_NEWEST_ONLY_RATIOS
+from . import _draw
 from ._hostile import HOSTILE_IMAGES, hostile_image
 from ._server import Answer, Fault, Request, State
 
@@ -137,6 +139,8 @@ def handle(request: Request, state: State) -> Answer:
             return error(401, _MESSAGES[401])
         return error(403, "Method doesn't allow unregistered callers (callers without established identity). "
                           "Please use API Key or other form of API consumer identity to call this API.")
+    if len(request.body) > GEMINI.max_inline_bytes:
+        return error(400, f"Request payload size exceeds the limit: {GEMINI.max_inline_bytes} bytes.")
     try:
         turn = _parse(request.json, model=model, vertex=vertex)
     except _Invalid as exc:
@@ -246,6 +250,10 @@ class _Turn:
         self.input_images = 0
 
 
+# Accepted image types whose bytes the emulator cannot check (HEIC/HEIF): taken as they are declared.
+_UNSNIFFED = frozenset({"image/heic", "image/heif"})
+
+
 def _parse(body: Any, *, model: str, vertex: bool) -> _Turn:
     if not isinstance(body, dict):
         raise _Invalid(400, "Invalid JSON payload received. Expected a JSON object.")
@@ -282,7 +290,12 @@ def _parse(body: Any, *, model: str, vertex: bool) -> _Turn:
                 except (binascii.Error, ValueError):
                     raise _Invalid(400, f"Invalid value at '{where}.inline_data.data' (TYPE_BYTES), "
                                         "Base64 decoding failed") from None
-                if mime.startswith("image/") and sniff_media_type(data) is None:
+                if mime.startswith("image/") and mime not in GEMINI.media_types:
+                    raise _Invalid(400, f"Unsupported MIME type: {mime}")  # what the live API answers for GIF
+                if mime.startswith("image/") and sniff_media_type(data) is not None and not _draw.is_image(data):
+                    raise _Invalid(400, "Unable to process input image. Please retry or report in "
+                                        "https://developers.generativeai.google/guide/troubleshooting")
+                if mime.startswith("image/") and sniff_media_type(data) is None and mime not in _UNSNIFFED:
                     raise _Invalid(400, "Unable to process input image. Please retry or report in "
                                         "https://developers.generativeai.google/guide/troubleshooting")
                 if not part.get("thought"):

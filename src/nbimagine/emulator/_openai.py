@@ -21,6 +21,7 @@ from typing import Any
 
 from .._cost import PARTIAL_IMAGE_TOKENS, default_image_model, openai_image_tokens, openai_input_image_tokens
 from .._images import b64decode_any, image_size
+from .._providers._inputs import is_animated_gif
 from ..tools import BACKGROUNDS, COMPRESSIBLE_FORMATS, QUALITIES
 from ..tools import OUTPUT_FORMATS as FORMATS
 from ..tools import STANDARD_SIZES as TOOL_SIZES
@@ -213,7 +214,7 @@ def _decode_data_url(url: str, param: str) -> bytes:
             data = b64decode_any(payload)
         except (binascii.Error, ValueError, UnicodeError) as exc:
             raise _Reject(400, "Invalid base64 image_url.", param=param, code="invalid_value") from exc
-        if not _draw.is_image(data):
+        if not _draw.is_image(data) or is_animated_gif(data):
             raise _Reject(400, "The image data you provided does not represent a valid image. Please check "
                                "your input and try again with one of the supported image formats: "
                                "['image/jpeg', 'image/png', 'image/gif', 'image/webp'].",
@@ -319,6 +320,9 @@ def _parse(req: Request, state: State) -> _Parsed:
         if tool.mask is not None:
             check_mask(tool.mask, image_size(base), param=f"tools[{tool.index}].input_image_mask")
     choice = body.get("tool_choice", "auto")
+    if isinstance(choice, dict) and choice.get("type") == "image_generation" and tool is None:
+        # The live API's answer (observed): the forced tool must be in ``tools``.
+        raise _Reject(400, "Tool choice 'image_generation' not found in 'tools' parameter.", param="tool_choice")
     use_tool = tool is not None and choice != "none"
     match = _IMAGES_TOKEN.search(prompt)
     images = max(0, min(int(match.group(1)), 8)) if match else 1
