@@ -9,7 +9,7 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 from .config import ProviderConfig
-from .errors import ConfigError, InputError
+from .errors import ConfigError, ImagineError, InputError
 from .events import BinaryResult, ImageInput, ReplyEvent, StreamEvent, check_text
 
 if TYPE_CHECKING:
@@ -157,27 +157,31 @@ class Agent:
         from .events import ImageEvent
 
         turn = self._turn(inputs, refs, mask, history, stream=stream)
-        self._provider.check_credentials()
-        # In a kernel with the extension loaded: the budgets are checked and held first (BudgetError), and
-        # what the request cost is counted when it ends, however it ends.
-        async with guarded(self, [*turn.inputs, *([turn.mask] if turn.mask is not None else [])]) as done:
-            reply, made = None, 0
-            try:
-                async with aclosing(self._provider.run(turn)) as events:
-                    async for event in events:
-                        if isinstance(event, ImageEvent):
-                            made += 1
-                        elif isinstance(event, ReplyEvent):
-                            event.reply._agent = self
-                            _attach_cost(event.reply, self._provider)
-                            reply = event.reply
-                            done(reply, len(reply.files))  # the answer is in: counted before the caller stops
-                        yield event
-            except ProviderError as exc:
-                made = max(made, len(exc.files))
-                raise
-            finally:
-                done(reply, len(reply.files) if reply is not None else made)
+        try:
+            self._provider.check_credentials()
+            # In a kernel with the extension loaded: the budgets are checked and held first (BudgetError), and
+            # what the request cost is counted when it ends, however it ends.
+            async with guarded(self, [*turn.inputs, *([turn.mask] if turn.mask is not None else [])]) as done:
+                reply, made = None, 0
+                try:
+                    async with aclosing(self._provider.run(turn)) as events:
+                        async for event in events:
+                            if isinstance(event, ImageEvent):
+                                made += 1
+                            elif isinstance(event, ReplyEvent):
+                                event.reply._agent = self
+                                _attach_cost(event.reply, self._provider)
+                                reply = event.reply
+                                done(reply, len(reply.files))  # the answer is in: counted before the caller stops
+                            yield event
+                except ProviderError as exc:
+                    made = max(made, len(exc.files))
+                    raise
+                finally:
+                    done(reply, len(reply.files) if reply is not None else made)
+        except ImagineError as exc:
+            exc.detach()  # the SDK errors it was made from hold requests with credential headers
+            raise
 
     def _turn(self, inputs: Sequence[Any], refs: Sequence[Any], mask: Any, history: Any, *, stream: bool) -> Turn:
         from ._providers._base import Turn

@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from .errors import ConfigError
 
@@ -72,12 +73,68 @@ class ProviderConfig:
                     # A credential object's type is no secret and says which one is in use.
                     kind = type(value).__name__ if f.name == "credential" else "set"
                     shown.append(f"{f.name}=<{kind}>")
-            elif f.name == "headers" and value:
-                masked = {k: "***" if _SECRET_HEADER.search(k) else v for k, v in value.items()}
-                shown.append(f"headers={masked!r}")
             elif value != f.default:
-                shown.append(f"{f.name}={value!r}")
+                shown.append(f"{f.name}={_masked(value)!r}")
         return f"{type(self).__name__}({', '.join(shown)})"
+
+    def secrets(self) -> list[str]:
+        """Every credential this config holds, wherever it sits (keys and tokens, credential headers,
+        ``user:password@`` and ``?api_key=`` in URLs, credential entries of ``extra_body``...)."""
+        found: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _SECRET_FIELDS:
+                if isinstance(value, str):
+                    found.append(value)
+                token = getattr(value, "token", None)  # google.oauth2 Credentials carry a bearer token
+                if isinstance(token, str):
+                    found.append(token)
+            else:
+                _masked(value, found)
+        return [s for s in found if s]
+
+
+def _masked(value: Any, found: list[str] | None = None) -> Any:
+    """``value`` with credentials replaced by ``***`` (collected into ``found``): recursively through
+    mappings (by key name) and sequences, and inside URLs (user info, credential query parameters)."""
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if isinstance(key, str) and _SECRET_HEADER.search(key) and isinstance(item, (str, bytes)):
+                if found is not None:
+                    found.append(item if isinstance(item, str) else item.decode("latin-1"))
+                out[key] = "***"
+            else:
+                out[key] = _masked(item, found)
+        return out
+    if isinstance(value, (list, tuple)):
+        return type(value)(_masked(item, found) for item in value)
+    if isinstance(value, str) and "://" in value:
+        return _masked_url(value, found)
+    return value
+
+
+def _masked_url(url: str, found: list[str] | None) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, _, password = userinfo.partition(":")
+        if found is not None:
+            found.extend(x for x in (unquote(password), password) if x)
+        netloc = f"{user}:***@{host}" if password else f"***@{host}"
+        if not password and found is not None:
+            found.append(unquote(user))
+    query = []
+    for key, item in parse_qsl(parts.query, keep_blank_values=True):
+        if _SECRET_HEADER.search(key) or key.lower() in ("sig", "signature", "code"):
+            if found is not None and item:
+                found.append(item)
+            item = "***"
+        query.append((key, item))
+    masked = urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="*") if query else parts.query,
+                         parts.fragment))
+    return masked
 
 
 @dataclass(frozen=True, repr=False)

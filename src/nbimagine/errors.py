@@ -30,7 +30,22 @@ __all__ = [
 
 
 class ImagineError(Exception):
-    """Base class of every error nbimagine raises on purpose."""
+    """Base class of every error nbimagine raises on purpose.
+
+    Its text passes through :func:`redact`, and when it leaves an :class:`~nbimagine.Agent` its chain
+    (``__cause__`` / ``__context__``: SDK errors holding HTTP requests with credential headers) is cut,
+    so that no credential is reachable from it.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
+
+    def detach(self) -> ImagineError:
+        """Drop the chained exceptions (they may hold credentials); returns ``self``."""
+        self.__cause__ = None
+        self.__context__ = None
+        self.__suppress_context__ = True
+        return self
 
 
 class ConfigError(ImagineError, ValueError):
@@ -216,7 +231,7 @@ def register_secret(value: str | None) -> None:
 
 def redact(text: str) -> str:
     """Mask API keys and tokens in ``text``."""
-    for secret in _known_secrets:
+    for secret in sorted(_known_secrets, key=len, reverse=True):  # "p%40ss" before "p@ss"
         text = text.replace(secret, "***")
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub(lambda m: m.group(1) + "***", text)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from ..config import ProviderConfig
-from ..errors import ConfigError, ProviderError, UnsupportedToolError
+from ..errors import ConfigError, ProviderError, UnsupportedToolError, register_secret
 from ..events import BinaryResult, ImageInput, StreamEvent
 
 if TYPE_CHECKING:
@@ -109,6 +109,8 @@ class Provider(ABC, Generic[ConfigT]):
     def __init__(self, config: ConfigT, tools: Sequence[object]) -> None:
         self.config = config
         self.tools = list(tools)
+        for secret in config.secrets():  # masked wherever a provider might echo them
+            register_secret(secret)
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self.check_tools()
 
