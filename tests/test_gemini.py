@@ -576,8 +576,8 @@ def test_missing_api_key_names_the_variables(emu: Any, monkeypatch: pytest.Monke
 
 def test_inputs_that_gemini_cannot_take(emu: Any) -> None:
     agent = Agent("a", config=gemini(emu))
-    with pytest.raises(InputError, match="arbitrary URLs"):
-        agent.ask_sync("x", ImageInput("https://example.com/cat.png"))
+    with pytest.raises(InputError, match="cannot use the image URL"):
+        agent.ask_sync("x", ImageInput("ftp://example.com/cat.png"))
     with pytest.raises(InputError, match="Files API"):
         agent.ask_sync("x", ImageInput(file_id="file-abc123"))  # an OpenAI file id
     big = b"\x89PNG\r\n\x1a\n" + bytes(16 * 1024 * 1024)

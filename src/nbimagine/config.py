@@ -30,6 +30,8 @@ __all__ = [
 _SECRET_FIELDS = frozenset({"api_key", "azure_ad_token", "credentials", "credential"})
 # Header names whose values are credentials (Authorization, api-key, x-goog-api-key, X-Auth-Token...).
 _SECRET_HEADER = re.compile(r"auth|key|token|secret|cookie", re.IGNORECASE)
+# URL query parameters that carry credentials (signed URLs: X-Amz-Signature, sig, X-Goog-Credential...).
+_SECRET_PARAM = re.compile(r"signature|^sig$|credential|password|^code$", re.IGNORECASE)
 _TOOL_CHOICES = ("auto", "none", "required", "image_generation")
 
 
@@ -127,7 +129,7 @@ def _masked_url(url: str, found: list[str] | None) -> str:
             found.append(unquote(user))
     query = []
     for key, item in parse_qsl(parts.query, keep_blank_values=True):
-        if _SECRET_HEADER.search(key) or key.lower() in ("sig", "signature", "code"):
+        if _SECRET_HEADER.search(key) or _SECRET_PARAM.search(key):
             if found is not None and item:
                 found.append(item)
             item = "***"

@@ -48,6 +48,7 @@ from ._base import (
     transport_failure,
     undecodable_error,
 )
+from ._fetch import fetch_image
 from ._inputs import GEMINI, check_inputs
 
 if TYPE_CHECKING:
@@ -218,23 +219,29 @@ class GeminiProvider(Provider[GeminiConfig]):
                     f"ImageInput(file_id={uri!r}) is not a Gemini file: use {where}, or pass the image as "
                     "ImageInput(path=...) / ImageInput(data=...)"
                 )
-        elif not (uri.startswith("gs://") or files_api):
-            raise InputError(
-                f"Gemini cannot fetch images from arbitrary URLs ({uri[:80]!r}). Download it and pass "
-                "ImageInput(path=...) or ImageInput(data=...), or upload it with the Files API "
-                "(client.files.upload) and pass ImageInput(file_id='files/...'); "
-                "on Vertex AI a gs:// URI works too."
-            )
+        elif not (uri.startswith("gs://") or files_api):  # http(s) URLs were fetched by _fetched()
+            raise InputError(f"Gemini cannot use the image URL {uri[:80]!r}: use http(s), gs:// or a Files API name")
         media_type = item.media_type or _EXT_MEDIA.get(os.path.splitext(uri.split("?")[0])[1].lower())
         return types.Part(file_data=types.FileData(file_uri=uri, mime_type=media_type))
 
-    def _contents(self, turn: Turn) -> tuple[list[Any], Any]:
+    async def _fetched(self, inputs: Sequence[str | ImageInput]) -> list[str | ImageInput]:
+        """Gemini fetches no http(s) URL itself (only gs:// and Files API names): fetch each once here."""
+        out: list[str | ImageInput] = []
+        for item in inputs:
+            if isinstance(item, ImageInput) and item.url and item.url.startswith(("http://", "https://")) \
+                    and not _FILES_API.match(item.url):
+                fetched = await asyncio.to_thread(fetch_image, item.url)
+                item = ImageInput(data=fetched.data, detail=item.detail)
+            out.append(item)
+        return out
+
+    def _contents(self, turn: Turn, inputs: Sequence[str | ImageInput]) -> tuple[list[Any], Any]:
         from google.genai import types
 
         history = list(turn.history or [])
         earlier = [part.inline_data.data or b"" for content in history for part in (content.parts or [])
                    if part.inline_data is not None]
-        inputs = check_inputs(turn.inputs, GEMINI, earlier_inline_bytes=sum((len(d) + 2) // 3 * 4 for d in earlier),
+        inputs = check_inputs(inputs, GEMINI, earlier_inline_bytes=sum((len(d) + 2) // 3 * 4 for d in earlier),
                               earlier_images=len(earlier))
         parts = [self._part_for(item) for item in inputs]
         if turn.mask is not None:
@@ -333,7 +340,7 @@ class GeminiProvider(Provider[GeminiConfig]):
             )
 
     async def run(self, turn: Turn) -> AsyncIterator[StreamEvent]:
-        contents, user = self._contents(turn)
+        contents, user = self._contents(turn, await self._fetched(turn.inputs))
         config = self._config()
         if turn.instructions:
             config = config.model_copy(update={"system_instruction": turn.instructions})

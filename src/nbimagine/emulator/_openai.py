@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .._cost import PARTIAL_IMAGE_TOKENS, default_image_model, openai_image_tokens, openai_input_image_tokens
 from .._images import b64decode_any, image_size
@@ -220,6 +221,15 @@ def _decode_data_url(url: str, param: str) -> bytes:
                                "['image/jpeg', 'image/png', 'image/gif', 'image/webp'].",
                           param=param, code="invalid_image_format")
         return data
+    if urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1"):
+        # Like the live API with a public URL: fetch it; a failure is its 400 invalid_image_url.
+        from .._providers._fetch import fetch_image
+        from ..errors import InputError
+
+        try:
+            return fetch_image(url).data or b""
+        except InputError:
+            raise _Reject(400, f"Error while downloading {url}.", param=param, code="invalid_image_url") from None
     # A remote URL cannot be fetched offline: stand in a deterministic picture derived from it.
     return _stand_in(f"image at {url}")
 
