@@ -200,8 +200,6 @@ def test_config_magic_forwards_to_session_and_validates(ip):
     ("--size 1000x1000", "multiples of 16"),
     ("--size big", "WIDTHxHEIGHT"),
     # The tool's combined rules in the magic's words (flags, not Python parameters).
-    ("--compression 50", "--compression only applies to jpeg and webp; set --format jpeg or webp, or drop "
-                         "--compression"),
     ("--format jpg --background transparent", "use --format png or webp with a transparent --background"),
     # Quotes around a value are the shell's, not part of the value: an empty quoted value is missing.
     ("-m ''", "--model needs a value"),

@@ -111,7 +111,7 @@ def check_inputs(inputs: Sequence[str | ImageInput], rules: InputRules, *, earli
     if inline > rules.max_inline_bytes:
         raise InputError(
             f"The images in this request come to {human_bytes(inline)} as base64 (history included); "
-            f"{rules.provider} accepts at most {human_bytes(rules.max_inline_bytes)} per request. Send smaller "
+            f"{rules.provider} accepts at most {rules.max_inline_bytes // 2**20} MB per request. Send smaller "
             "images or start a new conversation" + (", or upload with the Files API and pass "
                                                     "ImageInput(file_id=...)." if rules.provider == "gemini"
                                                     else ".")

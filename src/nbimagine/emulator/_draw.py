@@ -12,6 +12,7 @@ import hashlib
 import io
 import textwrap
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
@@ -28,7 +29,7 @@ MARK = "nbimagine emulator"
 
 def render(prompt: str, width: int, height: int, *, fmt: str = "png", transparent: bool = False,
            base: bytes | None = None, stage: float = 1.0, quality: int | None = None,
-           mask: bytes | None = None, texture: bool = False) -> bytes:
+           mask: bytes | None = None, texture: bool = False, variant: int = 0) -> bytes:
     """Draw ``prompt`` at ``width`` x ``height`` and encode it as ``fmt`` (png, jpeg, webp).
 
     ``base``: bytes of an input image; the result is an edit visibly derived from it.
@@ -37,6 +38,7 @@ def render(prompt: str, width: int, height: int, *, fmt: str = "png", transparen
     keeps the base image's value, so a PNG answer of the same size is pixel-identical outside it.
     ``stage`` < 1: a partial (blurred, unfinished) rendering, as sent in partial-image events.
     ``quality``: jpeg/webp compression quality 0-100 (OpenAI's ``output_compression``).
+    ``variant``: another drawing of the same prompt (0 is the prompt's own; identical requests differ).
     ``texture``: grain over the whole picture, so that the encoded size is that of a real photo of that
     size (a flat drawing compresses to a fraction of it).
     Raises ``ValueError`` for an unknown format, a bad size or a ``base`` that is not an image.
@@ -48,7 +50,7 @@ def render(prompt: str, width: int, height: int, *, fmt: str = "png", transparen
         raise ValueError(f"unsupported size {width}x{height}")
     stage = min(max(float(stage), 0.0), 1.0)
     return _render(prompt, int(width), int(height), fmt, bool(transparent), base, round(stage, 3), quality, mask,
-                   bool(texture))
+                   bool(texture), int(variant))
 
 
 def is_image(data: bytes) -> bool:
@@ -66,8 +68,9 @@ def is_image(data: bytes) -> bool:
 
 @lru_cache(maxsize=48)
 def _render(prompt: str, width: int, height: int, fmt: str, transparent: bool, base: bytes | None,
-            stage: float, quality: int | None, mask: bytes | None, texture: bool = False) -> bytes:
-    seed = hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).digest()
+            stage: float, quality: int | None, mask: bytes | None, texture: bool = False, variant: int = 0) -> bytes:
+    salt = f"\x00variant {variant}".encode() if variant else b""
+    seed = hashlib.sha256(prompt.encode("utf-8", "surrogatepass") + salt).digest()
     if base is not None and mask is not None:
         img = _masked_edit(base, mask, prompt, seed, width, height)
         if stage < 1.0:
@@ -172,10 +175,12 @@ def _edit(base: bytes, seed: bytes, width: int, height: int) -> Image.Image:
 def _caption(img: Image.Image, prompt: str, seed: bytes, *, edit: bool) -> None:
     width, height = img.size
     short = min(width, height)
-    text = " ".join(prompt.split()) or "(empty prompt)"
     size = max(9, short // 22)
     font = _font(size)
     columns = max(8, int(width * 0.8 / (size * 0.55)))
+    # Six lines are drawn at most: wrap only what can show (a 4 MB prompt without spaces wrapped whole
+    # took a minute).
+    text = " ".join(prompt[: columns * 8].split()) or "(empty prompt)"
     lines = textwrap.wrap(text, columns)[:6]
     if len(textwrap.wrap(text, columns)) > 6:
         lines[-1] = lines[-1][: max(0, columns - 1)] + "…"
@@ -257,6 +262,15 @@ def _text_width(draw: ImageDraw.ImageDraw, text: str, font: FreeTypeFont | Bitma
     return draw.textlength(text, font=font)
 
 
+# DejaVu Sans (shipped, Bitstream Vera licence + public domain, see fonts/LICENSE-DejaVu.txt): Latin with
+# every accent, Greek, Cyrillic, Armenian, Georgian, Hebrew, Arabic and common symbols. Pillow's own
+# default font covers ASCII only ("café" drew as "caf" and a box).
+_FONT_FILE = Path(__file__).with_name("fonts") / "DejaVuSans.ttf"
+
+
 @lru_cache(maxsize=32)
 def _font(size: int) -> FreeTypeFont:
-    return ImageFont.load_default(size=size)  # type: ignore[return-value]
+    try:
+        return ImageFont.truetype(str(_FONT_FILE), size)
+    except OSError:  # a broken install: still draw, with fewer glyphs
+        return ImageFont.load_default(size=size)  # type: ignore[return-value]

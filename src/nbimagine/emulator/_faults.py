@@ -134,6 +134,8 @@ _TABLE: list[tuple[str, tuple[str, ...], str | None, str]] = [
      "The response ends with status 'incomplete' and incomplete_details.reason REASON (default "
      "max_output_tokens; content_filter is a policy stop), without an image."),
     ("refusal", ("openai",), None, "The model refuses: a message whose content is a 'refusal' part, no image."),
+    ("partial_index_not_int", ("openai",), None,
+     "Partial-image events carry partial_image_index as a string ('#0'), which the SDK passes through."),
     # Gemini / Vertex
     ("finish", ("gemini",), "REASON!",
      "The candidate ends with finishReason REASON (any name, also one the SDK does not know yet) and a "

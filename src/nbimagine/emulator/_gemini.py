@@ -40,7 +40,7 @@ from .._providers._inputs import GEMINI
 from ..config import GEMINI_NEWEST_ONLY_RATIOS
 from . import _draw
 from ._hostile import HOSTILE_IMAGES, hostile_image
-from ._server import Answer, Fault, Request, State
+from ._server import VARIANTS, Answer, Fault, Request, State
 
 __all__ = ["handle"]
 
@@ -146,6 +146,9 @@ def handle(request: Request, state: State) -> Answer:
     except _Invalid as exc:
         return error(exc.status, exc.message)
 
+    # Real answers differ from call to call unless a seed is given: identical requests get other drawings.
+    turn.variant = turn.seed % VARIANTS if turn.seed is not None else state.variant(
+        "gemini:" + hashlib.sha256(request.body).hexdigest())
     fault = state.fault("gemini", turn.prompt)
     if fault is not None and fault.name == "http":
         return _http_fault(fault)
@@ -247,6 +250,8 @@ class _Turn:
         self.quality: int | None = None
         self.thoughts = False
         self.base: bytes | None = None  # image to edit
+        self.seed: int | None = None  # generationConfig.seed: the same seed draws the same image
+        self.variant = 0
         self.input_images = 0
 
 
@@ -336,6 +341,9 @@ def _parse(body: Any, *, model: str, vertex: bool) -> _Turn:
         if "AUDIO" in modalities:
             raise _Invalid(400, "Model does not support the requested response modalities: AUDIO")
         turn.modalities = list(modalities)
+    seed = _get(config, "seed")
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        turn.seed = seed
     thinking = _get(config, "thinkingConfig") or {}
     turn.thoughts = bool(_get(thinking, "includeThoughts"))
 
@@ -495,7 +503,8 @@ def _answer(turn: _Turn, state: State, *, model: str, vertex: bool, fault: Fault
         thoughts_tokens = 180
         yield chunk([{"text": f"**Planning the image**\n\nI will draw: {turn.prompt[:200]}", "thought": True}])
         if "IMAGE" in turn.modalities:
-            draft = state.draw(turn.prompt, width, height, fmt=fmt, base=turn.base, stage=0.5, quality=turn.quality)
+            draft = state.draw(turn.prompt, width, height, fmt=fmt, base=turn.base, stage=0.5, quality=turn.quality,
+                               variant=turn.variant)
             yield chunk([{"inlineData": {"mimeType": mime, "data": _b64(draft)}, "thought": True}])
 
     text_tokens = 0
@@ -523,7 +532,7 @@ def _answer(turn: _Turn, state: State, *, model: str, vertex: bool, fault: Fault
         else:
             def draw(fmt: str) -> bytes:
                 return state.draw(turn.prompt, width, height, fmt=fmt, base=turn.base, quality=turn.quality,
-                                  texture=name == "large_image")
+                                  texture=name == "large_image", variant=turn.variant)
 
             # mime_mismatch: inlineData.mimeType says one format, the bytes are another
             data = draw(("png" if fmt == "jpeg" else "jpeg") if name == "mime_mismatch" else fmt)

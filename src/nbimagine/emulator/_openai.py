@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -412,6 +413,8 @@ class _Plan:
     created: int
     calls: list[dict[str, Any]]  # image_generation_call items without their result yet
     text: str
+    size: tuple[int, int, str] = (1024, 1024, "1024x1024")  # what is drawn: width, height, the size reported
+    variant: int = 0  # which of the different drawings identical requests cycle through
     failed: bool = False
 
     @property
@@ -420,18 +423,30 @@ class _Plan:
         return self.parsed.tool
 
 
-def _plan(parsed: _Parsed, fault: Fault | None) -> _Plan:
+def _edit_size(base: bytes) -> tuple[int, int, str]:
+    """``size: auto`` for an edit: the standard size nearest the input's shape, as the live API picks."""
+    width, height = image_size(base) or (1, 1)
+    ratio = width / max(height, 1)
+    w, h = (1536, 1024) if ratio > 1.2 else (1024, 1536) if ratio < 1 / 1.2 else (1024, 1024)
+    return w, h, f"{w}x{h}"
+
+
+def _plan(parsed: _Parsed, fault: Fault | None, variant: int = 0) -> _Plan:
     name = fault.name if fault else None
     prompt = _clean(parsed.prompt)
     calls: list[dict[str, Any]] = []
+    size = (1024, 1024, "1024x1024")
     if parsed.use_tool and name not in ("text_only", "refusal", "incomplete"):
         tool = parsed.tool
         assert tool is not None
         edit = parsed.base is not None and tool.action != "generate"
+        size = (tool.width, tool.height, tool.size)
+        if edit and tool.raw.get("size") in (None, "auto") and parsed.base is not None:
+            size = _edit_size(parsed.base)
         for _ in range(parsed.images):
             calls.append({"id": _new_id("ig"), "type": "image_generation_call", "status": "completed",
                           "action": "edit" if edit else "generate", "background": tool.background,
-                          "output_format": tool.output_format, "quality": tool.quality, "size": tool.size,
+                          "output_format": tool.output_format, "quality": tool.quality, "size": size[2],
                           "revised_prompt": _revised(parsed.prompt, edit), "result": None})
     if name == "refusal":
         text = "I'm sorry, but I can't help with that request."
@@ -445,7 +460,7 @@ def _plan(parsed: _Parsed, fault: Fault | None) -> _Plan:
         text = f"Here is the {verb} image." if n == 1 else f"Here are the {n} {verb} images."
     else:
         text = f"This is the nbimagine emulator answering without an image: {prompt or '(empty prompt)'}"
-    return _Plan(parsed, fault, _new_id("resp"), int(time.time()), calls, text)
+    return _Plan(parsed, fault, _new_id("resp"), int(time.time()), calls, text, size, variant)
 
 
 def _image_for(plan: _Plan, k: int, *, stage: float = 1.0) -> bytes:
@@ -463,10 +478,12 @@ def _image_for(plan: _Plan, k: int, *, stage: float = 1.0) -> bytes:
     if name == "mime_mismatch" and stage >= 1.0:  # output_format says one format, the bytes are another
         fmt = "png" if fmt == "jpeg" else "jpeg"
 
+    width, height, _ = plan.size
+
     def draw(fmt: str) -> bytes:
-        return _draw.render(prompt, tool.width, tool.height, fmt=fmt, transparent=tool.transparent and fmt != "jpeg",
+        return _draw.render(prompt, width, height, fmt=fmt, transparent=tool.transparent and fmt != "jpeg",
                             base=base, stage=stage, quality=quality, mask=tool.mask if base is not None else None,
-                            texture=name == "large_image")
+                            texture=name == "large_image", variant=plan.variant)
 
     if name in HOSTILE_IMAGES and stage >= 1.0:
         return hostile_image(name, draw)
@@ -502,19 +519,11 @@ def _finish_call(plan: _Plan, k: int) -> tuple[dict[str, Any], bytes | None]:
         data = b"nbimagine emulator: these bytes are deliberately not an image"
         item["result"] = base64.b64encode(data).decode("ascii")
         return item, None
-    if name in HOSTILE_IMAGES:
-        from . import _draw
-
-        tool = plan.tool
-        data = hostile_image(name, lambda fmt: _draw.render(_clean(plan.parsed.prompt) or "hostile", tool.width,
-                                                            tool.height, fmt=fmt))
-        item["result"] = base64.b64encode(data).decode("ascii")
-        return item, None
     data = _image_for(plan, k)
     item["result"] = base64.b64encode(data).decode("ascii")
     if name == "generating_result":  # seen in production: the final item still says "generating"
         item["status"] = "generating"
-    return item, data
+    return item, None if name in HOSTILE_IMAGES else data
 
 
 def _message(plan: _Plan, msg_id: str, *, done: bool) -> dict[str, Any]:
@@ -639,7 +648,8 @@ def event_payloads(plan: _Plan, state: State) -> Iterator[dict[str, Any]]:
             # partial_index_not_int: the index as a string, a shape the SDK passes through unvalidated.
             index: Any = f"#{p}" if name == "partial_index_not_int" else p
             yield event("response.image_generation_call.partial_image", output_index=idx, item_id=ig,
-                        partial_image_index=index, partial_image_b64=partial, size=tool.size, quality=tool.quality,
+                        partial_image_index=index, partial_image_b64=partial, size=plan.size[2],
+                        quality=tool.quality,
                         background=tool.background, output_format=tool.output_format)
         item, data = _finish_call(plan, k)
         if item["status"] == "completed":
@@ -747,7 +757,8 @@ def handle(req: Request, state: State) -> Answer:
         parsed.tool = dataclasses.replace(parsed.tool, model=deployment)
     if fault and fault.name == "moderation":
         return moderation_blocked(fault, req)
-    plan = _plan(parsed, fault)
+    # Identical requests (-n 4 sends four) get different drawings, as real variants differ.
+    plan = _plan(parsed, fault, state.variant("openai:" + hashlib.sha256(req.body).hexdigest()))
     if body.get("background") is True:
         from . import _background
 

@@ -42,6 +42,13 @@ _GEMINI_PATH = re.compile(
 )
 # How often a handler waiting out ``latency`` looks at its socket to notice a client that left.
 _POLL_SECONDS = 0.01
+# The limits a real server has, so that no client can exhaust the emulator (all overridable on Emulator()):
+MAX_BODY_BYTES = 64 * 1024 * 1024  # larger bodies get HTTP 413 unread (OpenAI: 50 MB of images per request)
+IDLE_TIMEOUT = 30.0  # seconds a connection may stay silent (also mid-request: slowloris)
+MAX_CONNECTIONS = 64  # connections served at once; more get HTTP 503 at once
+MAX_RECORDED = 1000  # requests kept in the log (oldest dropped)
+_RECORDED_STRING = 1024 * 1024  # longer strings in the log are summarised (a 20 MB image is not kept)
+VARIANTS = 8  # identical requests cycle through this many different drawings (-n 8 gives 8 variants)
 
 
 @dataclass
@@ -128,6 +135,8 @@ class State:
         self._tat = 0.0  # rate limiter: theoretical arrival time of the next request (GCRA)
         self._rejected_keys: set[str] = set()
         self.rate_stats = {"accepted": 0, "rejected": 0, "rejected_again": 0}
+        self._variants: dict[str, int] = {}
+        self.max_recorded = MAX_RECORDED
 
     # -- faults -------------------------------------------------------------------------------------
     def inject(self, fault: str, *, family: str | None = None, times: int = 1, status: int | None = None,
@@ -226,11 +235,11 @@ class State:
     # -- drawing ------------------------------------------------------------------------------------
     def draw(self, prompt: str, width: int, height: int, *, fmt: str = "png", transparent: bool = False,
              base: bytes | None = None, stage: float = 1.0, quality: int | None = None,
-             texture: bool = False) -> bytes:
+             texture: bool = False, variant: int = 0) -> bytes:
         from . import _draw  # Pillow is imported only when an image is really drawn
 
         return _draw.render(prompt, width, height, fmt=fmt, transparent=transparent, base=base,
-                            stage=stage, quality=quality, texture=texture)
+                            stage=stage, quality=quality, texture=texture, variant=variant)
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def next_request_id(self) -> str:
@@ -240,6 +249,19 @@ class State:
     def record(self, request: RecordedRequest) -> None:
         with self.lock:
             self.requests.append(request)
+            excess = len(self.requests) - self.max_recorded
+            if excess > 0:
+                del self.requests[:excess]  # in place: callers may hold a reference to the list
+
+    def variant(self, key: str) -> int:
+        """Which drawing an identical request gets: real APIs never answer the same image twice, so
+        repeated (or concurrent, as with -n 4) identical requests cycle through ``VARIANTS`` drawings."""
+        with self.lock:
+            count = self._variants.get(key, 0)
+            self._variants[key] = count + 1
+            if len(self._variants) > 4096:
+                self._variants.clear()
+            return count % VARIANTS
 
     def enter(self) -> None:
         with self.lock:
@@ -259,6 +281,7 @@ class State:
             self.requests.clear()  # in place: callers may hold a reference to the list
             self.store.clear()
             self._faults.clear()
+            self._variants.clear()
             self.latency = self._default_latency
             self.stream_delay = self._default_stream_delay
             self.background_duration = self._default_background_duration
@@ -355,6 +378,32 @@ class _ClientGone(Exception):
     """The client closed its connection before the answer was complete."""
 
 
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def _too_large(path: str, size: int, limit: int) -> Answer:
+    """HTTP 413 in the envelope of the vendor the path belongs to."""
+    message = f"Request payload size exceeds the limit: {limit} bytes."
+    if _GEMINI_PATH.match(path.rstrip("/")):
+        return Answer(413, json={"error": {"code": 413, "message": message, "status": "INVALID_ARGUMENT"}})
+    return Answer(413, headers={"x-should-retry": "false"}, json={"error": {
+        "message": f"{message} The request body is {size} bytes.", "type": "invalid_request_error", "param": None,
+        "code": "request_too_large"}})
+
+
+def _summarised(value: Any) -> Any:
+    """A parsed body for the request log: strings over 1 MB (inline images) become a short note."""
+    if isinstance(value, str):
+        return f"<{len(value)} characters, not kept>" if len(value) > _RECORDED_STRING else value
+    if isinstance(value, dict):
+        return {k: _summarised(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_summarised(v) for v in value]
+    return value
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
@@ -362,6 +411,7 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def setup(self) -> None:
+        self.timeout = self.server.idle_timeout  # socket timeout: a silent client is dropped (slowloris)
         super().setup()
         # Headers and body leave in separate writes; with Nagle's algorithm on, the body would wait for
         # the client's delayed ACK (~40 ms on Linux) and that stall would dominate every emulated call.
@@ -393,17 +443,24 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- request ------------------------------------------------------------------------------------
     def _read_body(self) -> bytes:
+        limit = self.server.max_body
         if "chunked" in self.headers.get("transfer-encoding", "").lower():
             chunks = []
+            total = 0
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                size = int(self.rfile.readline(64).split(b";")[0].strip() or b"0", 16)
                 if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                         pass
                     return b"".join(chunks)
+                total += size
+                if total > limit:
+                    raise _TooLarge(total)
                 chunks.append(self.rfile.read(size))
-                self.rfile.readline()
+                self.rfile.readline(64)
         length = int(self.headers.get("content-length") or 0)
+        if length > limit:
+            raise _TooLarge(length)
         return self.rfile.read(length) if length else b""
 
     def _serve(self) -> None:
@@ -411,7 +468,12 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         query = dict(parse_qsl(parts.query, keep_blank_values=True))
         headers = {k.lower(): v for k, v in self.headers.items()}
-        body = self._read_body()
+        try:
+            body = self._read_body()
+        except _TooLarge as exc:
+            self.close_connection = True  # the rest of the body is never read
+            self._write(_too_large(parts.path, exc.size, self.server.max_body), state.next_request_id())
+            return
         parsed: Any = None
         if body:
             try:
@@ -425,7 +487,8 @@ class _Handler(BaseHTTPRequestHandler):
             from ._images_api import form_summary  # the log keeps the fields and each file's type and size
 
             recorded = form_summary(headers["content-type"], body)
-        state.record(RecordedRequest(self.command, parts.path, query, masked, recorded, time.monotonic()))
+        state.record(RecordedRequest(self.command, parts.path, query, masked, _summarised(recorded),
+                                     time.monotonic()))
 
         wait = state.admit(body) if state.rate_limit and _generation_route(parts.path) else 0.0
         if wait > 0:  # a rate-limited request is refused at once, without the model's latency
@@ -543,9 +606,14 @@ class _Server(ThreadingHTTPServer):
     # Many SDK connections at once in benchmarks; the default backlog of 5 drops some.
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], state: State, close_connections: bool) -> None:
+    def __init__(self, address: tuple[str, int], state: State, close_connections: bool, *,
+                 max_body: int = MAX_BODY_BYTES, idle_timeout: float = IDLE_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.state = state
         self.close_connections = close_connections
+        self.max_body = max_body
+        self.idle_timeout = idle_timeout
+        self.slots = threading.BoundedSemaphore(max_connections)
         self.lock = threading.Lock()
         self.connections: set[socket.socket] = set()  # open keep-alive connections, closed by stop()
         if ":" in address[0]:
@@ -562,6 +630,25 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # connection errors are expected (aborted clients, injected drops); never print them
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """One thread per connection, at most ``max_connections`` at once; beyond that a 503 at once."""
+        if not self.slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                body = (b'{"error":{"message":"The emulator is serving too many connections; retry shortly.",'
+                        b'"type":"server_error","param":null,"code":"overloaded"}}')
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                                b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+                                % (len(body), body))
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
 
 class Emulator:
     """A local stand-in for the OpenAI (Responses, Azure) and Gemini (Developer, Vertex) image APIs.
@@ -572,10 +659,13 @@ class Emulator:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency: float = 0.0,
                  close_connections: bool = False, stream_delay: float = 0.0,
                  background_duration: float = 1.0, batch_time: float = 2.0,
-                 batch_expiry: float | None = None, rate_limit: float | None = None) -> None:
+                 batch_expiry: float | None = None, rate_limit: float | None = None,
+                 max_body: int = MAX_BODY_BYTES, idle_timeout: float = IDLE_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.host = host
         self.port = port
         self.close_connections = close_connections
+        self.limits = {"max_body": max_body, "idle_timeout": idle_timeout, "max_connections": max_connections}
         self.state = State(latency, stream_delay, background_duration, batch_time=batch_time,
                            batch_expiry=batch_expiry, rate_limit=rate_limit)
         self._server: _Server | None = None
@@ -585,7 +675,7 @@ class Emulator:
     def start(self) -> Emulator:
         if self._server is not None:
             return self
-        self._server = _Server((self.host, self.port), self.state, self.close_connections)
+        self._server = _Server((self.host, self.port), self.state, self.close_connections, **self.limits)
         self.port = self._server.server_address[1]
         _bypass_proxies_for(self.host)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
