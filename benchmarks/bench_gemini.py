@@ -22,7 +22,7 @@ from nbimagine.config import GeminiConfig
 from nbimagine.emulator import Emulator
 
 ROUNDS = 30
-WARMUP = 5
+WARMUP = 10  # more than the emulator's 8 variants of one request, so every one is in its render cache
 MODEL = "gemini-3.1-flash-image"
 PROMPT = "A lighthouse on a cliff at dusk, benchmark"
 KEY = "AIzaBenchKey-0123456789"

@@ -17,6 +17,7 @@ from typing import Any
 from nbimagine import Agent
 from nbimagine.config import OpenAIResponsesConfig
 from nbimagine.emulator import Emulator
+from nbimagine.emulator._server import VARIANTS
 from nbimagine.tools import ImageGenerationTool
 
 ROUNDS = 40
@@ -47,7 +48,7 @@ async def _overhead(emu: Emulator) -> dict[str, float]:
         return (await agent.ask(PROMPT)).files[0].data
 
     timings: dict[str, list[float]] = {"raw": [], "raw_decoded": [], "agent": []}
-    for _ in range(5):  # warm-up: connections, emulator render cache, lazy imports
+    for _ in range(VARIANTS + 2):  # warm-up: connections, every variant in the render cache, lazy imports
         await raw(), await ours()
     for _ in range(ROUNDS):
         for name, call in (("raw", raw), ("agent", ours), ("raw_decoded", raw_decoded)):

@@ -460,6 +460,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self.rfile.readline(64)
         length = int(self.headers.get("content-length") or 0)
         if length > limit:
+            if length <= 4 * limit:  # read and drop it (no memory kept), so the client sees the 413
+                left = length
+                while left > 0:
+                    left -= len(self.rfile.read(min(left, 1 << 20)) or b"\0" * left)
             raise _TooLarge(length)
         return self.rfile.read(length) if length else b""
 
