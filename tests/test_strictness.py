@@ -171,3 +171,28 @@ def test_png_with_output_compression_is_accepted_with_a_warning(emu: Any) -> Non
     reply = agent.ask_sync("an axolotl")
     assert reply.files[0].media_type == "image/png"
     assert emu.requests[-1].json["tools"][0]["output_compression"] == 100
+
+
+def test_tool_values_are_the_sdks_own() -> None:
+    """Every value ImageGenerationTool accepts is one the openai SDK types; none it types is refused
+    except output formats nbimagine cannot return as images yet (gif animations, svg)."""
+    import typing
+
+    from openai.types.responses.tool_param import ImageGeneration
+
+    from nbimagine import tools
+
+    hints = typing.get_type_hints(ImageGeneration)
+
+    def literal(name: str) -> set[str]:
+        found: set[str] = set()
+        for arg in typing.get_args(hints[name]) or ():
+            found |= set(typing.get_args(arg)) if typing.get_args(arg) else {arg}
+        return {v for v in found if isinstance(v, str)}
+
+    for name, ours in (("quality", tools.QUALITIES), ("background", tools.BACKGROUNDS),
+                       ("moderation", tools.MODERATIONS), ("input_fidelity", tools.INPUT_FIDELITIES),
+                       ("action", tools.ACTIONS), ("output_format", tools.OUTPUT_FORMATS)):
+        sdk = literal(name)
+        assert set(ours) <= sdk, name
+        assert sdk - set(ours) <= ({"gif", "svg"} if name == "output_format" else set()), name

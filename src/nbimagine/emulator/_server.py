@@ -119,8 +119,6 @@ class State:
         self.requests: list[RecordedRequest] = []
         self.latency = float(latency)
         self.aborted = 0
-        self.in_flight = 0  # requests being answered right now
-        self.peak_in_flight = 0  # the most answered at once since the last reset (concurrency, without timing)
         self.stream_delay = float(stream_delay)
         self._default_latency = float(latency)
         self._default_stream_delay = float(stream_delay)
@@ -263,15 +261,6 @@ class State:
                 self._variants.clear()
             return count % VARIANTS
 
-    def enter(self) -> None:
-        with self.lock:
-            self.in_flight += 1
-            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-
-    def leave(self) -> None:
-        with self.lock:
-            self.in_flight -= 1
-
     def count_abort(self) -> None:
         with self.lock:
             self.aborted += 1
@@ -290,7 +279,6 @@ class State:
             self._tat = 0.0
             self._rejected_keys.clear()
             self.rate_stats = {"accepted": 0, "rejected": 0, "rejected_again": 0}
-            self.peak_in_flight = self.in_flight
 
 
 # -- routing -----------------------------------------------------------------------------------------
@@ -498,19 +486,15 @@ class _Handler(BaseHTTPRequestHandler):
         if wait > 0:  # a rate-limited request is refused at once, without the model's latency
             self._write(_rate_limited(request, state, wait), request.request_id)
             return
-        state.enter()
+        if state.latency > 0:
+            self._wait(state.latency)
         try:
-            if state.latency > 0:
-                self._wait(state.latency)
-            try:
-                answer = _route(request, state)
-            except Exception as exc:  # an emulator bug: answer it instead of printing a traceback
-                answer = Answer(500, headers={"x-should-retry": "false"}, json={"error": {
-                    "message": f"nbimagine emulator internal error: {exc!r}", "type": "server_error",
-                    "param": None, "code": "emulator_bug", "traceback": traceback.format_exc()}})
-            self._write(answer, request.request_id)
-        finally:
-            state.leave()
+            answer = _route(request, state)
+        except Exception as exc:  # an emulator bug: answer it instead of printing a traceback
+            answer = Answer(500, headers={"x-should-retry": "false"}, json={"error": {
+                "message": f"nbimagine emulator internal error: {exc!r}", "type": "server_error",
+                "param": None, "code": "emulator_bug", "traceback": traceback.format_exc()}})
+        self._write(answer, request.request_id)
 
     def _client_gone(self) -> bool:
         """True when the peer has closed its end (readable socket with nothing to read)."""
