@@ -29,7 +29,8 @@ def _raw(emu: Emulator, family: str, prompt: str, *, stream: bool = False) -> st
     """The emulator's raw answer to a small request, with per-request ids removed (or the failure)."""
     if family == "openai":
         url = emu.openai_base_url + "/responses"
-        body: dict[str, Any] = {"model": "gpt-5", "input": prompt, "tools": [SMALL], "stream": stream}
+        body: dict[str, Any] = {"model": "gpt-5", "input": prompt, "tools": [{**SMALL, "partial_images": 1}],
+                                "stream": stream}
         headers = {"authorization": "Bearer sk-test"}
     else:
         method = "streamGenerateContent?alt=sse" if stream else "generateContent"
