@@ -125,9 +125,9 @@ def test_body_cap_is_a_413_in_each_vendor_envelope() -> None:
 
 def test_request_log_is_bounded_and_keeps_metadata_not_megabytes(emu: Emulator) -> None:
     client = openai.OpenAI(base_url=emu.openai_base_url, api_key="k", max_retries=0)
-    client.responses.create(model="m", input="a", metadata={"note": "n"}, extra_body={"padding": "z" * 2_000_000})
+    client.responses.create(model="m", input="a", metadata={"note": "n"}, extra_body={"padding": "z" * 5_000_000})
     recorded = emu.requests[-1]
-    assert recorded.json["padding"] == "<2000000 characters, not kept>" and recorded.json["model"] == "m"
+    assert recorded.json["padding"] == "<5000000 characters, not kept>" and recorded.json["model"] == "m"
     emu.state.max_recorded = 3
     for i in range(5):
         client.responses.create(model="m", input=f"p{i}")

@@ -46,8 +46,9 @@ _POLL_SECONDS = 0.01
 MAX_BODY_BYTES = 64 * 1024 * 1024  # larger bodies get HTTP 413 unread (OpenAI: 50 MB of images per request)
 IDLE_TIMEOUT = 30.0  # seconds a connection may stay silent (also mid-request: slowloris)
 MAX_CONNECTIONS = 64  # connections served at once; more get HTTP 503 at once
-MAX_RECORDED = 1000  # requests kept in the log (oldest dropped)
-_RECORDED_STRING = 1024 * 1024  # longer strings in the log are summarised (a 20 MB image is not kept)
+MAX_RECORDED = 1000  # requests kept in the log (oldest dropped) ...
+MAX_RECORDED_BYTES = 128 * 1024 * 1024  # ... and at most this much text in it
+_RECORDED_STRING = 4 * 1024 * 1024  # longer strings in the log are summarised (a 20 MB body is not kept)
 VARIANTS = 8  # identical requests cycle through this many different drawings (-n 8 gives 8 variants)
 
 
@@ -135,6 +136,7 @@ class State:
         self.rate_stats = {"accepted": 0, "rejected": 0, "rejected_again": 0}
         self._variants: dict[str, int] = {}
         self.max_recorded = MAX_RECORDED
+        self._recorded_sizes: list[int] = []
 
     # -- faults -------------------------------------------------------------------------------------
     def inject(self, fault: str, *, family: str | None = None, times: int = 1, status: int | None = None,
@@ -244,12 +246,18 @@ class State:
         with self.lock:
             return f"req_emu_{next(self._ids)}"
 
-    def record(self, request: RecordedRequest) -> None:
+    def record(self, request: RecordedRequest, size: int = 0) -> None:
         with self.lock:
+            if len(self._recorded_sizes) != len(self.requests):  # the list was cleared or trimmed from outside
+                self._recorded_sizes = [0] * len(self.requests)
             self.requests.append(request)
+            self._recorded_sizes.append(size)
             excess = len(self.requests) - self.max_recorded
+            while sum(self._recorded_sizes[max(excess, 0):]) > MAX_RECORDED_BYTES and excess < len(self.requests) - 1:
+                excess += 1
             if excess > 0:
                 del self.requests[:excess]  # in place: callers may hold a reference to the list
+                del self._recorded_sizes[:excess]
 
     def variant(self, key: str) -> int:
         """Which drawing an identical request gets: real APIs never answer the same image twice, so
@@ -381,8 +389,18 @@ def _too_large(path: str, size: int, limit: int) -> Answer:
         "code": "request_too_large"}})
 
 
+def _text_size(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_size(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_text_size(v) for v in value)
+    return 8
+
+
 def _summarised(value: Any) -> Any:
-    """A parsed body for the request log: strings over 1 MB (inline images) become a short note."""
+    """A parsed body for the request log: strings over 4 MB become a short note."""
     if isinstance(value, str):
         return f"<{len(value)} characters, not kept>" if len(value) > _RECORDED_STRING else value
     if isinstance(value, dict):
@@ -479,8 +497,9 @@ class _Handler(BaseHTTPRequestHandler):
             from ._images_api import form_summary  # the log keeps the fields and each file's type and size
 
             recorded = form_summary(headers["content-type"], body)
-        state.record(RecordedRequest(self.command, parts.path, query, masked, _summarised(recorded),
-                                     time.monotonic()))
+        kept = _summarised(recorded)
+        state.record(RecordedRequest(self.command, parts.path, query, masked, kept, time.monotonic()),
+                     _text_size(kept))
 
         wait = state.admit(body) if state.rate_limit and _generation_route(parts.path) else 0.0
         if wait > 0:  # a rate-limited request is refused at once, without the model's latency
