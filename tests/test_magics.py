@@ -460,19 +460,23 @@ def test_variants_run_concurrently_and_show_as_a_grid(ip, emu):
         imagine(ip, "-n 4 --no-history", "four moons")
     assert seen == [4]
     emu.reset()
-    emu.latency = 1.0
     from nbimagine._generate import Generation
 
-    # Concurrent, checked without a clock: when the first answer comes back, all 4 requests have arrived.
-    seen_at_first_reply: list[int] = []
+    # Concurrent, checked without a clock: the emulator answers nothing until all 4 requests are in flight
+    # (sequential requests would stop at one; the helper then gives up after 60 s and the test fails).
+    in_flight: list[int] = []
 
-    def on_event(index, event):
-        if type(event).__name__ == "ReplyEvent" and not seen_at_first_reply:
-            seen_at_first_reply.append(len([r for r in emu.requests if r.method == "POST"]))
+    def release_when_all_arrived() -> None:
+        deadline = time.time() + 60
+        while len([r for r in emu.requests if r.method == "POST"]) < 4 and time.time() < deadline:
+            time.sleep(0.01)
+        in_flight.append(len([r for r in emu.requests if r.method == "POST"]))
+        emu.release()
 
-    Generation("four moons", n=4, record=False).run(on_event=on_event)
-    assert seen_at_first_reply == [4]
-    emu.latency = 0.0
+    emu.hold()
+    threading.Thread(target=release_when_all_arrived, daemon=True).start()
+    Generation("four moons", n=4, record=False).run()
+    assert in_flight == [4]
     imagine(ip, "-n 4 -o rs", "four moons")
     assert len(ip.user_ns["rs"]) == 4
     assert len(history()) == 4

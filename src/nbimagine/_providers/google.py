@@ -370,7 +370,8 @@ class GeminiProvider(Provider[GeminiConfig]):
         except Exception as exc:  # every SDK/transport failure: typed
             raise self._map_error(exc, state) from exc
         finally:
-            _FINISH_MESSAGES.reset(token)
+            with contextlib.suppress(ValueError):  # a stream closed later, from another context
+                _FINISH_MESSAGES.reset(token)
 
         if state.finish_message is None and raw_messages:
             state.finish_message = raw_messages[-1]

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 __all__ = ["FaultKind", "UnknownFaultError", "fault_kinds", "parse_fault", "register_fault"]
 
-FAMILIES = ("openai", "gemini")
-_BOTH = FAMILIES
+FAMILIES = ("openai", "gemini", "foundry")  # foundry: the project management routes (agents)
+_BOTH = ("openai", "gemini")
 
 
 class UnknownFaultError(ValueError):
@@ -65,6 +65,7 @@ def register_fault(name: str, description: str, *, families: tuple[str, ...] = _
 
 def fault_kinds(family: str | None = None) -> list[FaultKind]:
     """Every registered fault (of one vendor family when given), sorted by name."""
+    _register_more()
     return sorted((k for k in _REGISTRY.values() if family is None or family in k.families), key=lambda k: k.name)
 
 
@@ -74,6 +75,7 @@ def parse_fault(spec: str, family: str | None = None) -> tuple[FaultKind, str | 
     Raises :class:`UnknownFaultError` for an unknown name, a missing or unexpected argument, or a fault
     that does not exist for ``family``.
     """
+    _register_more()
     spec = spec.strip()
     kind = _REGISTRY.get(spec)
     argument: str | None = None
@@ -101,7 +103,7 @@ def parse_fault(spec: str, family: str | None = None) -> tuple[FaultKind, str | 
 
 # One row per fault family: name, vendors, argument, description.
 _TABLE: list[tuple[str, tuple[str, ...], str | None, str]] = [
-    ("http", _BOTH, "STATUS",
+    ("http", FAMILIES, "STATUS",
      "Answer with HTTP STATUS in the vendor's error envelope (inject(..., status=) or [error:NNN]); 429 and 5xx "
      "carry retry hints."),
     ("broken_stream", _BOTH, None,
@@ -156,14 +158,26 @@ _TABLE: list[tuple[str, tuple[str, ...], str | None, str]] = [
     ("urlsafe_base64", ("gemini",), None, "Image data in the URL-safe base64 alphabet, as pydantic writes it."),
 ]
 
-def _hostile_rows() -> list[tuple[str, tuple[str, ...], str | None, str]]:
+def _more_rows() -> list[tuple[str, tuple[str, ...], str]]:
+    """Fault families described where they are made (imported late: those modules import the server)."""
+    from ._background import BACKGROUND_FAULTS  # background responses (OpenAI-family routes)
     from ._hostile import HOSTILE_IMAGES  # images a provider or a broken proxy may hand back
 
-    return [(name, _BOTH, None, description[0].upper() + description[1:] + ".")
-            for name, description in HOSTILE_IMAGES.items()]
+    rows = [(name, _BOTH, text) for name, text in HOSTILE_IMAGES.items()]
+    rows += [(name, ("openai",), text) for name, text in BACKGROUND_FAULTS.items()]
+    return [(name, families, text[0].upper() + text[1:] + ".") for name, families, text in rows]
 
 
-for _name, _families, _argument, _description in [*_TABLE, *_hostile_rows()]:
+for _name, _families, _argument, _description in _TABLE:
     register_fault(_name, _description, families=_families,
                    argument=_argument.rstrip("!") if _argument else None,
                    argument_required=bool(_argument and _argument.endswith("!")))
+_more_registered = False
+
+
+def _register_more() -> None:
+    global _more_registered
+    if not _more_registered:
+        _more_registered = True
+        for name, families, description in _more_rows():
+            register_fault(name, description, families=families)

@@ -135,6 +135,8 @@ class State:
         self._rejected_keys: set[str] = set()
         self.rate_stats = {"accepted": 0, "rejected": 0, "rejected_again": 0}
         self._variants: dict[str, int] = {}
+        self.gate = threading.Event()  # cleared by Emulator.hold(): requests wait before being answered
+        self.gate.set()
         self.max_recorded = MAX_RECORDED
         self._recorded_sizes: list[int] = []
 
@@ -267,6 +269,7 @@ class State:
             self._variants[key] = count + 1
             if len(self._variants) > 4096:
                 self._variants.clear()
+            self.gate.set()
             return count % VARIANTS
 
     def count_abort(self) -> None:
@@ -279,6 +282,7 @@ class State:
             self.store.clear()
             self._faults.clear()
             self._variants.clear()
+            self.gate.set()
             self.latency = self._default_latency
             self.stream_delay = self._default_stream_delay
             self.background_duration = self._default_background_duration
@@ -505,6 +509,9 @@ class _Handler(BaseHTTPRequestHandler):
         if wait > 0:  # a rate-limited request is refused at once, without the model's latency
             self._write(_rate_limited(request, state, wait), request.request_id)
             return
+        while not state.gate.wait(_POLL_SECONDS):  # held: answer nothing until released
+            if self._client_gone():
+                raise _ClientGone
         if state.latency > 0:
             self._wait(state.latency)
         try:
@@ -832,6 +839,14 @@ class Emulator:
         """
         self.state.inject(fault, family=family, times=times, status=status, retry_after=retry_after,
                           message=message)
+
+    def hold(self) -> None:
+        """Keep every request waiting (recorded, unanswered) until :meth:`release`: a test can see what is
+        in flight at once, without timing anything."""
+        self.state.gate.clear()
+
+    def release(self) -> None:
+        self.state.gate.set()
 
     def reset(self) -> None:
         self.state.reset()
