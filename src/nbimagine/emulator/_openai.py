@@ -28,7 +28,7 @@ from ..tools import BACKGROUNDS, COMPRESSIBLE_FORMATS, QUALITIES
 from ..tools import OUTPUT_FORMATS as FORMATS
 from ..tools import STANDARD_SIZES as TOOL_SIZES
 from ._hostile import HOSTILE_IMAGES, hostile_image
-from ._server import Answer, Fault, Request, State
+from ._server import Answer, Fault, Request, State, _summarised
 
 __all__ = ["handle", "handle_chat"]
 
@@ -423,14 +423,6 @@ class _Plan:
         return self.parsed.tool
 
 
-def _edit_size(base: bytes) -> tuple[int, int, str]:
-    """``size: auto`` for an edit: the standard size nearest the input's shape, as the live API picks."""
-    width, height = image_size(base) or (1, 1)
-    ratio = width / max(height, 1)
-    w, h = (1536, 1024) if ratio > 1.2 else (1024, 1536) if ratio < 1 / 1.2 else (1024, 1024)
-    return w, h, f"{w}x{h}"
-
-
 def _plan(parsed: _Parsed, fault: Fault | None, variant: int = 0) -> _Plan:
     name = fault.name if fault else None
     prompt = _clean(parsed.prompt)
@@ -440,9 +432,7 @@ def _plan(parsed: _Parsed, fault: Fault | None, variant: int = 0) -> _Plan:
         tool = parsed.tool
         assert tool is not None
         edit = parsed.base is not None and tool.action != "generate"
-        size = (tool.width, tool.height, tool.size)
-        if edit and tool.raw.get("size") in (None, "auto") and parsed.base is not None:
-            size = _edit_size(parsed.base)
+        size = (tool.width, tool.height, tool.size)  # an edit's size auto already follows its input
         for _ in range(parsed.images):
             calls.append({"id": _new_id("ig"), "type": "image_generation_call", "status": "completed",
                           "action": "edit" if edit else "generate", "background": tool.background,
@@ -580,8 +570,12 @@ def _remember(state: State, plan: _Plan, output: list[dict[str, Any]], images: l
     last = next((img for img in reversed(images) if img is not None), None)
     if last is None:  # a turn without a new image keeps the conversation's previous one
         last = plan.parsed.base
+    # The stored response keeps what answering it again needs, not the request's input (20 MB bodies were
+    # all kept alive here).
+    body = {k: _summarised(v) for k, v in plan.parsed.body.items() if k != "input"}
+    kept = dataclasses.replace(plan, parsed=dataclasses.replace(plan.parsed, body=body))
     with state.lock:
-        state.store[f"openai:resp:{plan.resp_id}"] = {"output": output, "last_image": last, "plan": plan}
+        state.store[f"openai:resp:{plan.resp_id}"] = {"output": output, "last_image": last, "plan": kept}
         for i, item in enumerate(output):
             image = images[i] if i < len(images) else None  # images line up with the leading image calls
             state.store[f"openai:item:{item['id']}"] = {"item": item, "image": image}

@@ -45,7 +45,7 @@ _POLL_SECONDS = 0.01
 # The limits a real server has, so that no client can exhaust the emulator (all overridable on Emulator()):
 MAX_BODY_BYTES = 64 * 1024 * 1024  # larger bodies get HTTP 413 unread (OpenAI: 50 MB of images per request)
 IDLE_TIMEOUT = 30.0  # seconds a connection may stay silent (also mid-request: slowloris)
-MAX_CONNECTIONS = 64  # connections served at once; more get HTTP 503 at once
+MAX_CONNECTIONS = 512  # connections served at once (idle keep-alive ones count); more get HTTP 503 at once
 MAX_RECORDED = 1000  # requests kept in the log (oldest dropped) ...
 MAX_RECORDED_BYTES = 128 * 1024 * 1024  # ... and at most this much text in it
 _RECORDED_STRING = 4 * 1024 * 1024  # longer strings in the log are summarised (a 20 MB body is not kept)
@@ -269,7 +269,6 @@ class State:
             self._variants[key] = count + 1
             if len(self._variants) > 4096:
                 self._variants.clear()
-            self.gate.set()
             return count % VARIANTS
 
     def count_abort(self) -> None:
@@ -283,6 +282,8 @@ class State:
             self._faults.clear()
             self._variants.clear()
             self.gate.set()
+            self.max_recorded = MAX_RECORDED
+            self._recorded_sizes.clear()
             self.latency = self._default_latency
             self.stream_delay = self._default_stream_delay
             self.background_duration = self._default_background_duration
