@@ -224,16 +224,24 @@ class GeminiProvider(Provider[GeminiConfig]):
         media_type = item.media_type or _EXT_MEDIA.get(os.path.splitext(uri.split("?")[0])[1].lower())
         return types.Part(file_data=types.FileData(file_uri=uri, mime_type=media_type))
 
-    async def _fetched(self, inputs: Sequence[str | ImageInput]) -> list[str | ImageInput]:
+    @staticmethod
+    def _needs_fetch(item: str | ImageInput) -> bool:
+        return isinstance(item, ImageInput) and item.url is not None \
+            and item.url.startswith(("http://", "https://")) and not _FILES_API.match(item.url)
+
+    def _fetch_urls(self, inputs: Sequence[str | ImageInput]) -> list[str | ImageInput]:
         """Gemini fetches no http(s) URL itself (only gs:// and Files API names): fetch each once here."""
         out: list[str | ImageInput] = []
         for item in inputs:
-            if isinstance(item, ImageInput) and item.url and item.url.startswith(("http://", "https://")) \
-                    and not _FILES_API.match(item.url):
-                fetched = await asyncio.to_thread(fetch_image, item.url)
-                item = ImageInput(data=fetched.data, detail=item.detail)
+            if isinstance(item, ImageInput) and item.url is not None and self._needs_fetch(item):
+                item = ImageInput(data=fetch_image(item.url).data, detail=item.detail)
             out.append(item)
         return out
+
+    async def _fetched(self, inputs: Sequence[str | ImageInput]) -> list[str | ImageInput]:
+        if any(self._needs_fetch(item) for item in inputs):
+            return await asyncio.to_thread(self._fetch_urls, inputs)
+        return list(inputs)
 
     def _contents(self, turn: Turn, inputs: Sequence[str | ImageInput]) -> tuple[list[Any], Any]:
         from google.genai import types
@@ -489,7 +497,7 @@ class GeminiProvider(Provider[GeminiConfig]):
             raise ConfigError("Vertex AI batch prediction reads and writes Cloud Storage or BigQuery, which "
                               "nbimagine does not drive; use generate_many() (%%imagine --each), or the Gemini "
                               "Developer API (GeminiConfig) for a batch")
-        contents, _ = self._contents(turn)
+        contents, _ = self._contents(turn, self._fetch_urls(turn.inputs))
         request: dict[str, Any] = {
             "contents": [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in contents]}
         config = self._config().model_dump(mode="json", by_alias=True, exclude_none=True)

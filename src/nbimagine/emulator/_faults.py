@@ -158,13 +158,16 @@ _TABLE: list[tuple[str, tuple[str, ...], str | None, str]] = [
     ("urlsafe_base64", ("gemini",), None, "Image data in the URL-safe base64 alphabet, as pydantic writes it."),
 ]
 
+
 def _more_rows() -> list[tuple[str, tuple[str, ...], str]]:
     """Fault families described where they are made (imported late: those modules import the server)."""
     from ._background import BACKGROUND_FAULTS  # background responses (OpenAI-family routes)
+    from ._batch import BATCH_FAULTS  # batch jobs (both vendors' Batch APIs)
     from ._hostile import HOSTILE_IMAGES  # images a provider or a broken proxy may hand back
 
     rows = [(name, _BOTH, text) for name, text in HOSTILE_IMAGES.items()]
     rows += [(name, ("openai",), text) for name, text in BACKGROUND_FAULTS.items()]
+    rows += [(name, _BOTH, text) for name, text in BATCH_FAULTS.items()]
     return [(name, families, text[0].upper() + text[1:] + ".") for name, families, text in rows]
 
 
