@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -19,65 +20,161 @@ from IPython.core.error import UsageError
 from openai import OpenAI
 
 from nbimagine.emulator import Emulator, UnknownFaultError, fault_kinds
+from nbimagine.emulator._faults import ROUTES
 
 SMALL = {"type": "image_generation", "size": "256x256"}
 # Arguments for the faults that need one in the table-driven test.
 ARGS = {"http": ":503", "finish": ":IMAGE_OTHER"}
+# The routes whose requests carry a prompt (a [fault:NAME] token can name a fault there).
+PROMPTED = ("responses", "background", "images", "chat", "gemini")
+_TERMINAL = ("completed", "failed", "expired", "cancelled", "JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED",
+             "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED")
 
 
-def _raw(emu: Emulator, family: str, prompt: str, *, stream: bool = False) -> str:
-    """The emulator's raw answer to a small request, with per-request ids removed (or the failure)."""
-    if family == "openai":
-        url = emu.openai_base_url + "/responses"
-        body: dict[str, Any] = {"model": "gpt-5", "input": prompt, "tools": [{**SMALL, "partial_images": 1}],
-                                "stream": stream}
-        headers = {"authorization": "Bearer sk-test"}
-    else:
-        method = "streamGenerateContent?alt=sse" if stream else "generateContent"
-        url = f"{emu.gemini_base_url}/v1beta/models/gemini-2.5-flash-image:{method}"
-        body = {"contents": [{"role": "user", "parts": [{"text": prompt}]}],
-                "generationConfig": {"imageConfig": {"aspectRatio": "1:1"}}}
-        headers = {"x-goog-api-key": "test-key"}
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"content-type": "application/json", **headers})
+def _http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, *,
+          raw: bool = False) -> str:
+    """The answer, with per-request ids and clocks removed unless ``raw`` (or the failure)."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"content-type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
+        with urllib.request.urlopen(request, timeout=60) as answer:
             text = answer.read().decode()
     except urllib.error.HTTPError as err:
         return f"HTTP {err.code}"
     except Exception as exc:  # a dropped connection
         return f"broken: {type(exc).__name__}"
-    text = re.sub(r'"(?:resp|ig|msg)_[0-9a-f]+"', '"ID"', text)
-    text = re.sub(r'"(?:responseId|created_at|completed_at|createTime)":\s*"?[^",}]*"?', '"T"', text)
-    return text
+    return text if raw else _http_clean(text)
 
 
-# Faults of background jobs and of Foundry's management routes act on requests these raw calls do not make;
-# tests/test_background.py and tests/test_foundry.py drive them.
-OTHER_ROUTES = {"background_failed", "background_cancelled", "background_result_missing"}
+def _http_clean(text: str) -> str:
+    text = re.sub(r'"(?:resp|ig|msg|chatcmpl)[_-][0-9A-Za-z]+"', '"ID"', text)
+    return re.sub(r'"(?:responseId|created_at|completed_at|createTime|created)":\s*"?[^",}]*"?', '"T"', text)
 
 
-@pytest.mark.parametrize(("family", "name"), [(f, k.name) for k in fault_kinds() for f in k.families
-                                              if f in ("openai", "gemini") and k.name not in OTHER_ROUTES])
-def test_every_registered_fault_changes_the_answer(emu: Emulator, family: str, name: str) -> None:
+_OPENAI = {"authorization": "Bearer sk-test"}
+
+
+def _responses_body(prompt: str, stream: bool, **more: Any) -> dict[str, Any]:
+    return {"model": "gpt-5", "input": prompt, "tools": [{**SMALL, "partial_images": 1}], "stream": stream, **more}
+
+
+def _until_done(get: Any) -> Any:
+    deadline = time.monotonic() + 120
+    while (status := get())[0] not in _TERMINAL:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.02)
+    return status
+
+
+def _answer(emu: Emulator, route: str, family: str, prompt: str, stream: bool, arm: Any) -> str:
+    """The emulator's answer to a small request on ``route``; ``arm()`` injects the fault at the moment
+    that route's request would take it."""
+    base = emu.openai_base_url
+    if route == "responses":
+        arm()
+        return _http("POST", base + "/responses", _responses_body(prompt, stream), _OPENAI)
+    if route in ("background", "retrieve"):
+        emu.state.background_duration = 0.05
+        if route == "background":
+            arm()
+        created = _http("POST", base + "/responses", _responses_body(prompt, stream and route == "background",
+                                                                      background=True), _OPENAI, raw=True)
+        if (stream and route == "background") or created.startswith(("HTTP", "broken")):
+            return _http_clean(created)
+        resp_id = json.loads(created)["id"]
+        if route == "retrieve":
+            arm()
+        events = _http("GET", f"{base}/responses/{resp_id}?stream=true", headers=_OPENAI)  # waits for the end
+        if route == "retrieve":
+            return events
+        return _http_clean(created) + _http("GET", f"{base}/responses/{resp_id}", headers=_OPENAI)
+    if route == "images":
+        arm()
+        body = {"model": "gpt-image-2", "prompt": prompt, "size": "256x256", "stream": stream,
+                **({"partial_images": 1} if stream else {})}
+        return _http("POST", base + "/images/generations", body, _OPENAI)
+    if route == "chat":
+        arm()
+        body = {"model": "gpt-5", "messages": [{"role": "user", "content": prompt}], "stream": stream}
+        return _http("POST", base + "/chat/completions", body, _OPENAI)
+    if route == "gemini":
+        arm()
+        method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+        body = {"contents": [{"role": "user", "parts": [{"text": prompt}]}],
+                "generationConfig": {"imageConfig": {"aspectRatio": "1:1"}}}
+        return _http("POST", f"{emu.gemini_base_url}/v1beta/models/gemini-2.5-flash-image:{method}", body,
+                     {"x-goog-api-key": "test-key"})
+    if route == "foundry":
+        arm()
+        return _http("GET", emu.foundry_endpoint + "/agents?api-version=v1", headers=_OPENAI)
+    assert route == "batch", route
+    emu.batch_time = 0.05
+    arm()
+    if family == "openai":
+        client = OpenAI(base_url=base, api_key="k", max_retries=0)
+        line = {"custom_id": "0", "method": "POST", "url": "/v1/responses", "body": _responses_body(prompt, False)}
+        file = client.files.create(file=("in.jsonl", json.dumps(line).encode()), purpose="batch")
+        batch = client.batches.create(input_file_id=file.id, endpoint="/v1/responses", completion_window="24h")
+        status, counts = _until_done(lambda: (lambda b: (b.status, b.request_counts))(
+            client.batches.retrieve(batch.id)))
+        return f"{status} {counts}"
+    gclient = genai.Client(api_key="k", http_options=types.HttpOptions(base_url=emu.gemini_base_url,
+                                                                       api_version="v1beta"))
+    job = gclient.batches.create(model="gemini-2.5-flash-image",
+                                 src=[{"contents": [{"role": "user", "parts": [{"text": prompt}]}]}])
+    state, stats = _until_done(lambda: (lambda j: (str(getattr(j.state, "value", j.state)), j.completion_stats))(
+        gclient.batches.get(name=job.name)))
+    return f"{state} {stats}"
+
+
+def _streams(route: str) -> tuple[bool, ...]:
+    return {"retrieve": (True,), "batch": (False,), "foundry": (False,)}.get(route, (False, True))
+
+
+CASES = [(route, family, kind.name) for kind in fault_kinds() for route in kind.routes
+         for family in ROUTES[route][0]]
+
+
+@pytest.mark.parametrize(("route", "family", "name"), CASES)
+def test_every_registered_fault_changes_the_answer_on_every_route_it_names(emu: Emulator, route: str, family: str,
+                                                                           name: str) -> None:
     spec = name + ARGS.get(name, "")
-    normal = [_raw(emu, family, "a lighthouse", stream=s) for s in (False, True)]
-    faulty = []
-    for stream in (False, True):
-        emu.reset()  # the same variant of the drawing as the normal answer
-        emu.inject(spec, family=family)
-        faulty.append(_raw(emu, family, "a lighthouse", stream=stream))
-        if stream is False:
+    normal, faulty = [], []
+    for stream in _streams(route):
+        emu.reset()  # the same variant of the drawing in both answers
+        normal.append(_answer(emu, route, family, "a lighthouse", stream, lambda: None))
+        emu.reset()
+        faulty.append(_answer(emu, route, family, "a lighthouse", stream, lambda: emu.inject(spec, family=family)))
+        assert not emu.state.pending_faults(), f"{spec} was not taken by a {route} request"
+    assert any(f != n for f, n in zip(faulty, normal, strict=True)), f"{spec} did nothing on {route} ({family})"
+    if route in PROMPTED:
+        # The same fault named by a prompt token: the answer is the injected one, not a drawing of the token.
+        emu.reset()
+        injected = _answer(emu, route, family, f"a lighthouse [fault:{spec}]", False,
+                           lambda: emu.inject(spec, family=family))
+        emu.reset()
+        assert _answer(emu, route, family, f"a lighthouse [fault:{spec}]", False, lambda: None) == injected
+
+
+def test_a_fault_is_never_swallowed_by_a_route_that_does_not_act_on_it(emu: Emulator) -> None:
+    """Injected: it waits for a request of a route that acts on it. Named in a prompt: HTTP 400."""
+    checked = 0
+    for kind in fault_kinds():
+        spec = kind.name + ARGS.get(kind.name, "")
+        for route in PROMPTED:
+            family = ROUTES[route][0][0]
+            if route in kind.routes or family not in kind.families:
+                continue
             emu.reset()
-            assert _raw(emu, family, "a lighthouse") == normal[0]  # deterministic after a reset
-    assert any(f != n for f, n in zip(faulty, normal, strict=True)), f"{spec} did nothing on {family}"
-    assert not emu.state.pending_faults()
-    # The same fault named by a prompt token: the answer is the injected one, not a drawing of the token.
-    emu.reset()
-    emu.inject(spec, family=family)
-    injected = _raw(emu, family, f"a lighthouse [fault:{spec}]")
-    emu.reset()
-    assert _raw(emu, family, f"a lighthouse [fault:{spec}]") == injected
+            emu.inject(spec, family=family)
+            normal = _answer(emu, route, family, "a lighthouse", False, lambda: None)
+            assert not normal.startswith(("HTTP", "broken")), (kind.name, route, normal)
+            assert emu.state.pending_faults(), f"{spec} was swallowed by a {route} request"
+            emu.reset()
+            assert _answer(emu, route, family, f"a lighthouse [fault:{spec}]", False, lambda: None) == "HTTP 400"
+            checked += 1
+    assert checked >= 30
 
 
 def test_registry_lists_every_fault_with_a_description() -> None:

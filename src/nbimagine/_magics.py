@@ -943,17 +943,18 @@ class ImagineMagics(Magics, _ConfigTraits):
         import argparse
 
         from .emulator import UnknownFaultError
+        from .emulator._faults import FAMILIES
 
         parser = argparse.ArgumentParser(prog="%imagine emulator fault", add_help=False, exit_on_error=False)
         parser.add_argument("name")
         parser.add_argument("--times", type=int, default=1)
         parser.add_argument("--status", type=int)
-        parser.add_argument("--family", choices=("openai", "gemini"))
+        parser.add_argument("--family", choices=FAMILIES)
         try:
             args = parser.parse_args(_split(arguments))
         except (argparse.ArgumentError, SystemExit):
-            raise UsageError("%imagine emulator fault NAME [--times N] [--status NNN] [--family openai|gemini]; "
-                             "%imagine emulator faults lists the names") from None
+            raise UsageError("%imagine emulator fault NAME [--times N] [--status NNN] "
+                             f"[--family {'|'.join(FAMILIES)}]; %imagine emulator faults lists the names") from None
         if not self.session.emulator:
             raise UsageError("The emulator is off: %imagine emulator on first (faults exist only offline)")
         from ._session import emulator
@@ -1196,16 +1197,16 @@ class _FaultList:
 
     def __repr__(self) -> str:
         lines = ["Emulator faults (%imagine emulator fault NAME, or [fault:NAME] in a prompt):"]
-        lines += [f"  {k.usage():28} {'/'.join(k.families):13} {k.description}" for k in self.kinds]
+        lines += [f"  {k.usage():28} {'/'.join(k.routes):30} {k.description}" for k in self.kinds]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         import html
 
-        rows = "".join(f"<tr><td><code>{html.escape(k.usage())}</code></td><td>{'/'.join(k.families)}</td>"
+        rows = "".join(f"<tr><td><code>{html.escape(k.usage())}</code></td><td>{', '.join(k.routes)}</td>"
                        f"<td style='text-align:left'>{html.escape(k.description)}</td></tr>" for k in self.kinds)
         return ("<p>Emulator faults: <code>%imagine emulator fault NAME</code>, or <code>[fault:NAME]</code> in a "
-                f"prompt.</p><table><tr><th>fault</th><th>vendors</th><th>what it does</th></tr>{rows}</table>")
+                f"prompt.</p><table><tr><th>fault</th><th>routes</th><th>what it does</th></tr>{rows}</table>")
 
 
 class _Settings:

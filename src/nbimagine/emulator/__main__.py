@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         from ._faults import fault_kinds
 
         for kind in fault_kinds():
-            print(f"{kind.usage():32} [{', '.join(kind.families)}] {kind.description}")
+            print(f"{kind.usage():32} [{', '.join(kind.routes)}] {kind.description}")
         return 0
 
     def ready(emu: Emulator) -> None:

@@ -207,7 +207,7 @@ def retrieve(req: Request, state: State, resp_id: str) -> Answer:
         return _openai._error(400, f"Invalid value for 'starting_after': {after!r}. Expected an integer.",
                               param="starting_after", code="invalid_value")
     # Only an injected fault applies: the prompt's [fault:...] token already fired on the create.
-    fault = state.fault("openai", "")
+    fault = state.fault("openai", "", route="retrieve")
     break_after = 1 if fault and fault.name == "broken_stream" else None
     return Answer(sse=job.frames(start), break_after=break_after)
 

@@ -116,7 +116,7 @@ def _files(state: State) -> dict[str, dict[str, Any]]:
 
 
 def _start(state: State, job: _Job) -> None:
-    fault = state.take_fault(BATCH_FAULTS)
+    fault = state.fault(job.vendor, "", route="batch")
     job.fault = fault.name if fault is not None else None
     with state.lock:
         _jobs(state)[job.id] = job

@@ -9,8 +9,12 @@ never a silent no-op.
 Some faults take an argument, written ``NAME:ARG`` (or ``NAME-ARG``): ``http:503``,
 ``finish:IMAGE_OTHER``, ``prompt_blocked:MODEL_ARMOR``.
 
-Every new fault family is one row in :data:`_TABLE` (name, vendors, argument, description); the vendor
-modules (``_openai.py``, ``_gemini.py``) act on the name.
+Every fault family is one row in :data:`_TABLE` (name, routes, argument, description), or is described
+where it is made and registered from there (hostile images, background and batch jobs). A row names the
+*routes* that act on it (:data:`ROUTES`: the Responses API, background responses, the Images API, ...);
+a request takes only an injected fault its route acts on (the others wait for theirs), and a prompt token
+naming a fault its route does not act on is refused like an unknown name. So a fault is never silently
+swallowed by a request that cannot show it.
 """
 
 from __future__ import annotations
@@ -19,24 +23,41 @@ import difflib
 import re
 from dataclasses import dataclass
 
-__all__ = ["FaultKind", "UnknownFaultError", "fault_kinds", "parse_fault", "register_fault"]
+__all__ = ["ROUTES", "FaultKind", "UnknownFaultError", "fault_kinds", "parse_fault", "register_fault"]
 
 FAMILIES = ("openai", "gemini", "foundry")  # foundry: the project management routes (agents)
 _BOTH = ("openai", "gemini")
 
+# route -> (the vendor families it serves, what it is). Every request the emulator answers belongs to one.
+ROUTES: dict[str, tuple[tuple[str, ...], str]] = {
+    "responses": (("openai",), "the Responses API (OpenAI, Azure, Foundry's OpenAI routes)"),
+    "background": (("openai",), "a background response (POST .../responses with background=true)"),
+    "retrieve": (("openai",), "a background response's resumed stream (GET .../responses/{id}?stream=true)"),
+    "images": (("openai",), "the Images API (images/generations, images/edits)"),
+    "chat": (("openai",), "chat completions"),
+    "gemini": (("gemini",), "generateContent / streamGenerateContent (Gemini, Vertex)"),
+    "batch": (_BOTH, "a batch job (OpenAI Batch API, Gemini batchGenerateContent)"),
+    "foundry": (("foundry",), "Foundry's project management routes (agents)"),
+}
+
 
 class UnknownFaultError(ValueError):
-    """A fault name the registry does not know, or one that does not apply to the vendor asked."""
+    """A fault name the registry does not know, or one that does not apply to the vendor or route asked."""
 
 
 @dataclass(frozen=True)
 class FaultKind:
     name: str
     description: str
-    families: tuple[str, ...] = _BOTH
+    routes: tuple[str, ...]  # the routes that act on it (keys of ROUTES)
     # What the argument is ("STATUS", "REASON"), or None when the fault takes none.
     argument: str | None = None
     argument_required: bool = False
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The vendor families of its routes, in :data:`FAMILIES` order."""
+        return tuple(f for f in FAMILIES if any(f in ROUTES[r][0] for r in self.routes))
 
     def usage(self) -> str:
         if self.argument is None:
@@ -47,15 +68,16 @@ class FaultKind:
 _REGISTRY: dict[str, FaultKind] = {}
 
 
-def register_fault(name: str, description: str, *, families: tuple[str, ...] = _BOTH,
-                   argument: str | None = None, argument_required: bool = False) -> FaultKind:
-    """Add a fault family (idempotent for the same definition; a different one under a used name raises)."""
+def register_fault(name: str, description: str, *, routes: tuple[str, ...], argument: str | None = None,
+                   argument_required: bool = False) -> FaultKind:
+    """Add a fault family acted on by ``routes`` (keys of :data:`ROUTES`); idempotent for the same
+    definition, a different one under a used name raises ``ValueError``."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ValueError(f"fault names are lower_snake_case, not {name!r}")
-    unknown = set(families) - set(FAMILIES)
-    if unknown or not families:
-        raise ValueError(f"fault families must be among {FAMILIES}, not {families!r}")
-    kind = FaultKind(name, description, tuple(families), argument, argument_required)
+    unknown = set(routes) - set(ROUTES)
+    if unknown or not routes:
+        raise ValueError(f"fault routes must be among {tuple(ROUTES)}, not {routes!r}")
+    kind = FaultKind(name, description, tuple(routes), argument, argument_required)
     existing = _REGISTRY.get(name)
     if existing is not None and existing != kind:
         raise ValueError(f"fault {name!r} is already registered differently")
@@ -69,11 +91,11 @@ def fault_kinds(family: str | None = None) -> list[FaultKind]:
     return sorted((k for k in _REGISTRY.values() if family is None or family in k.families), key=lambda k: k.name)
 
 
-def parse_fault(spec: str, family: str | None = None) -> tuple[FaultKind, str | None]:
+def parse_fault(spec: str, family: str | None = None, route: str | None = None) -> tuple[FaultKind, str | None]:
     """``"finish:IMAGE_OTHER"`` -> (the ``finish`` kind, ``"IMAGE_OTHER"``).
 
     Raises :class:`UnknownFaultError` for an unknown name, a missing or unexpected argument, or a fault
-    that does not exist for ``family``.
+    that does not exist for ``family`` or that ``route`` does not act on.
     """
     _register_more()
     spec = spec.strip()
@@ -98,46 +120,55 @@ def parse_fault(spec: str, family: str | None = None) -> tuple[FaultKind, str | 
         raise UnknownFaultError(
             f"The emulator fault {kind.name!r} exists for {' and '.join(kind.families)} only, not {family}."
         )
+    if route is not None and route not in kind.routes:
+        raise UnknownFaultError(
+            f"The emulator fault {kind.name!r} does not apply to {ROUTES[route][1]}; it applies to "
+            f"{'; '.join(ROUTES[r][1] for r in kind.routes)}."
+        )
     return kind, argument
 
 
-# One row per fault family: name, vendors, argument, description.
+# Routes acting on a fault, by kind of answer. A background response is the Responses API's answer made on
+# the emulator's clock, so what changes a Responses answer changes it too.
+_RESPONSES = ("responses", "background")
+_HTTP = ("responses", "background", "images", "chat", "gemini", "foundry")
+_IMAGES = ("responses", "background", "images", "gemini")  # routes answering with image bytes
+
+# One row per fault family: name, routes, argument, description.
 _TABLE: list[tuple[str, tuple[str, ...], str | None, str]] = [
-    ("http", FAMILIES, "STATUS",
+    ("http", _HTTP, "STATUS",
      "Answer with HTTP STATUS in the vendor's error envelope (inject(..., status=) or [error:NNN]); 429 and 5xx "
      "carry retry hints."),
-    ("broken_stream", _BOTH, None,
+    ("broken_stream", ("responses", "background", "retrieve", "images", "chat", "gemini"), None,
      "Drop the connection mid-answer (after the first events of a stream, or half a JSON body)."),
-    ("stream_error", _BOTH, None,
+    ("stream_error", (*_RESPONSES, "gemini"), None,
      "An error inside the stream: OpenAI's flat 'error' event then response.failed (a failed response without "
      "streaming); Gemini's {\"error\": ...} chunk."),
-    ("undecodable", _BOTH, None, "The image bytes are not an image."),
-    ("text_only", _BOTH, None, "Answer with text and no image, as a model that chose not to draw."),
-    ("mime_mismatch", _BOTH, None,
+    ("undecodable", _IMAGES, None, "The image bytes are not an image."),
+    ("text_only", (*_RESPONSES, "gemini"), None, "Answer with text and no image, as a model that chose not to draw."),
+    ("mime_mismatch", _IMAGES, None,
      "The declared media type differs from the bytes (OpenAI output_format / Gemini inlineData.mimeType say "
      "one format, the bytes are another)."),
-    ("large_image", _BOTH, None,
+    ("large_image", _IMAGES, None,
      "An image as large on the wire as a real 4K photo (several MB of high-entropy pixels)."),
-    # OpenAI Responses
-    ("moderation", ("openai",), None,
+    # OpenAI
+    ("moderation", (*_RESPONSES, "images"), None,
      "HTTP 400 moderation_blocked (image_generation_user_error) with moderation_details, before any output."),
-    ("image_moderation", ("openai",), None,
+    ("image_moderation", _RESPONSES, None,
      "The last image_generation_call fails with error.code moderation_blocked (earlier images survive)."),
-    ("image_failed", ("openai",), None,
+    ("image_failed", _RESPONSES, None,
      "The last image_generation_call fails with error.code server_error (earlier images survive)."),
-    ("stream_error_nested", ("openai",), None,
+    ("stream_error_nested", _RESPONSES, None,
      "The live API's nested in-stream error {\"type\": \"error\", \"error\": {...}} (the SDK raises APIError), "
      "then response.failed."),
-    ("generating_result", ("openai",), None,
+    ("generating_result", _RESPONSES, None,
      "The image_generation_call item keeps status 'generating' although it carries the full result."),
-    ("no_completed", ("openai",), None,
+    ("no_completed", _RESPONSES, None,
      "The stream ends cleanly after the image without response.completed (JSON: status in_progress)."),
-    ("incomplete", ("openai",), "REASON",
+    ("incomplete", _RESPONSES, "REASON",
      "The response ends with status 'incomplete' and incomplete_details.reason REASON (default "
      "max_output_tokens; content_filter is a policy stop), without an image."),
-    ("refusal", ("openai",), None, "The model refuses: a message whose content is a 'refusal' part, no image."),
-    ("partial_index_not_int", ("openai",), None,
-     "Partial-image events carry partial_image_index as a string ('#0'), which the SDK passes through."),
+    ("refusal", _RESPONSES, None, "The model refuses: a message whose content is a 'refusal' part, no image."),
     # Gemini / Vertex
     ("finish", ("gemini",), "REASON!",
      "The candidate ends with finishReason REASON (any name, also one the SDK does not know yet) and a "
@@ -163,16 +194,17 @@ def _more_rows() -> list[tuple[str, tuple[str, ...], str]]:
     """Fault families described where they are made (imported late: those modules import the server)."""
     from ._background import BACKGROUND_FAULTS  # background responses (OpenAI-family routes)
     from ._batch import BATCH_FAULTS  # batch jobs (both vendors' Batch APIs)
-    from ._hostile import HOSTILE_IMAGES  # images a provider or a broken proxy may hand back
+    from ._hostile import HOSTILE_IMAGES, MALFORMED_STREAMS  # what a provider or a broken proxy may hand back
 
-    rows = [(name, _BOTH, text) for name, text in HOSTILE_IMAGES.items()]
-    rows += [(name, ("openai",), text) for name, text in BACKGROUND_FAULTS.items()]
-    rows += [(name, _BOTH, text) for name, text in BATCH_FAULTS.items()]
-    return [(name, families, text[0].upper() + text[1:] + ".") for name, families, text in rows]
+    rows = [(name, _IMAGES, text) for name, text in HOSTILE_IMAGES.items()]
+    rows += [(name, (*_RESPONSES, "images"), text) for name, text in MALFORMED_STREAMS.items()]
+    rows += [(name, ("background",), text) for name, text in BACKGROUND_FAULTS.items()]
+    rows += [(name, ("batch",), text) for name, text in BATCH_FAULTS.items()]
+    return [(name, routes, text[0].upper() + text[1:] + ".") for name, routes, text in rows]
 
 
-for _name, _families, _argument, _description in _TABLE:
-    register_fault(_name, _description, families=_families,
+for _name, _routes, _argument, _description in _TABLE:
+    register_fault(_name, _description, routes=_routes,
                    argument=_argument.rstrip("!") if _argument else None,
                    argument_required=bool(_argument and _argument.endswith("!")))
 _more_registered = False
@@ -182,5 +214,5 @@ def _register_more() -> None:
     global _more_registered
     if not _more_registered:
         _more_registered = True
-        for name, families, description in _more_rows():
-            register_fault(name, description, families=families)
+        for name, routes, description in _more_rows():
+            register_fault(name, description, routes=routes)

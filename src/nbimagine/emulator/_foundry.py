@@ -65,7 +65,7 @@ def handle(req: Request, state: State) -> Answer:
         return _openai_route(req, state, project, rest)
     if not has_bearer:
         return _unauthorised()
-    fault = state.fault("foundry", "")  # injected ones only: management calls carry no prompt
+    fault = state.fault("foundry", "", route="foundry")  # injected ones only: management calls carry no prompt
     if fault is not None and fault.name == "http":
         status = fault.status or 500
         return _error(status, {401: "Unauthorized", 403: "PermissionDenied", 404: "NotFound", 429: "TooManyRequests"}

@@ -149,7 +149,7 @@ def handle(request: Request, state: State) -> Answer:
     # Real answers differ from call to call unless a seed is given: identical requests get other drawings.
     turn.variant = turn.seed % VARIANTS if turn.seed is not None else state.variant(
         "gemini:" + hashlib.sha256(request.body).hexdigest())
-    fault = state.fault("gemini", turn.prompt)
+    fault = state.fault("gemini", turn.prompt, route="gemini")
     if fault is not None and fault.name == "http":
         return _http_fault(fault)
     try:

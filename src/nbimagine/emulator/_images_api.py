@@ -75,7 +75,7 @@ def handle(req: Request, state: State) -> Answer:
     action = "edit" if req.path.rstrip("/").endswith("/edits") else "generate"
     try:
         fields, files = _form(req) if action == "edit" else (_json_fields(req), {})
-        fault = state.fault("openai", str(fields.get("prompt") or ""))
+        fault = state.fault("openai", str(fields.get("prompt") or ""), route="images")
         if fault and fault.name == "http":
             return _http_fault(fault)
         call = _parse(req, action, fields, files)
@@ -282,7 +282,7 @@ def _size_of(data: bytes) -> tuple[int, int] | None:
 
 
 # -- the answer --------------------------------------------------------------------------------------
-def _draw(call: _Call, k: int, stage: float = 1.0) -> bytes:
+def _draw(call: _Call, k: int, stage: float = 1.0, *, texture: bool = False) -> bytes:
     from . import _draw as draw
 
     prompt = _clean(call.prompt) or "an abstract composition"
@@ -292,7 +292,7 @@ def _draw(call: _Call, k: int, stage: float = 1.0) -> bytes:
     quality = call.compression if call.output_format in COMPRESSIBLE_FORMATS else None
     return draw.render(prompt, call.width, call.height, fmt=call.output_format,
                        transparent=call.background == "transparent", base=base, stage=stage, quality=quality,
-                       mask=call.mask)
+                       mask=call.mask, texture=texture)
 
 
 def _final(call: _Call, k: int, fault: str | None) -> str:
@@ -303,8 +303,10 @@ def _final(call: _Call, k: int, fault: str | None) -> str:
             data = b"nbimagine emulator: these bytes are deliberately not an image"
         else:
             data = hostile_image(fault, lambda fmt: _draw(replace(call, output_format=fmt), k))
+    elif fault == "mime_mismatch":  # output_format says one format, the bytes are another
+        data = _draw(replace(call, output_format="jpeg" if call.output_format == "png" else "png"), k)
     else:
-        data = _draw(call, k)
+        data = _draw(call, k, texture=fault == "large_image")
     return base64.b64encode(data).decode("ascii")
 
 

@@ -734,7 +734,8 @@ def handle(req: Request, state: State) -> Answer:
         return refused
     body = req.json if isinstance(req.json, dict) else {}
     # The fault is read before validation so that an injected HTTP error wins over everything else.
-    fault = state.fault("openai", _peek_prompt(body.get("input")))
+    route = "background" if body.get("background") is True else "responses"
+    fault = state.fault("openai", _peek_prompt(body.get("input")), route=route)
     if fault and fault.name == "http":
         return _http_fault(fault)
     try:
@@ -793,7 +794,7 @@ def handle_chat(req: Request, state: State) -> Answer:
             content = message.get("content")
             prompt = content if isinstance(content, str) else " ".join(
                 str(p.get("text", "")) for p in content or [] if isinstance(p, dict))
-    fault = state.fault("openai", prompt)
+    fault = state.fault("openai", prompt, route="chat")
     if fault and fault.name == "http":
         return _http_fault(fault)
     text = f"This is the nbimagine emulator answering: {_clean(prompt) or '(empty prompt)'}"

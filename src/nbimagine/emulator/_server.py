@@ -107,6 +107,7 @@ class _Injected:
     fault: Fault
     family: str | None
     remaining: int
+    routes: tuple[str, ...]  # the routes that act on it: a request of another route leaves it pending
 
 
 class State:
@@ -160,19 +161,7 @@ class State:
             family = kind.families[0]  # a one-vendor fault is never consumed by the other vendor's request
         with self.lock:
             self._faults.append(_Injected(Fault(kind.name, status, retry_after, message, argument), family,
-                                          int(times)))
-
-    def take_fault(self, names: Iterable[str]) -> Fault | None:
-        """Consume an injected fault whose name is one of ``names`` (job-level faults such as batch ones)."""
-        wanted = set(names)
-        with self.lock:
-            for injected in self._faults:
-                if injected.remaining > 0 and injected.fault.name in wanted:
-                    injected.remaining -= 1
-                    if injected.remaining <= 0:
-                        self._faults.remove(injected)
-                    return injected.fault
-        return None
+                                          int(times), kind.routes))
 
     # -- rate limit ---------------------------------------------------------------------------------
     def admit(self, key: bytes) -> float:
@@ -203,14 +192,16 @@ class State:
             self._rejected_keys.discard(digest)
             return 0.0
 
-    def fault(self, family: str, prompt: str) -> Fault | None:
-        """Consume an injected fault for ``family``, else read ``[fault:NAME]`` / ``[error:NNN]`` tokens.
+    def fault(self, family: str, prompt: str, *, route: str) -> Fault | None:
+        """Consume an injected fault for ``family`` that ``route`` acts on (a key of ``ROUTES``), else read
+        ``[fault:NAME]`` / ``[error:NNN]`` tokens in ``prompt``.
 
-        Raises :class:`UnknownFaultError` for a token naming no fault of ``family``.
+        Raises :class:`UnknownFaultError` for a token naming no fault of ``family``, or one ``route`` does
+        not act on (it would be silently ignored otherwise).
         """
         with self.lock:
             for injected in self._faults:
-                if injected.remaining > 0 and injected.family in (None, family):
+                if injected.remaining > 0 and injected.family in (None, family) and route in injected.routes:
                     injected.remaining -= 1
                     if injected.remaining <= 0:
                         self._faults.remove(injected)
@@ -218,10 +209,11 @@ class State:
         prompt = prompt or ""
         match = _ERROR_TOKEN.search(prompt)
         if match:
+            parse_fault("http", family, route)
             return Fault("http", status=int(match.group(1)))
         match = _FAULT_TOKEN.search(prompt)
         if match:
-            kind, argument = parse_fault(match.group(1), family)
+            kind, argument = parse_fault(match.group(1), family, route)
             status = int(argument) if kind.name == "http" and argument and argument.isdigit() else None
             if kind.name == "http" and status is None:
                 raise UnknownFaultError("[fault:http:STATUS] needs a status, e.g. [fault:http:503] or [error:503]")
