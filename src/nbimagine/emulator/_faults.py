@@ -151,6 +151,9 @@ _TABLE: list[tuple[str, tuple[str, ...], str | None, str]] = [
      "one format, the bytes are another)."),
     ("large_image", _IMAGES, None,
      "An image as large on the wire as a real 4K photo (several MB of high-entropy pixels)."),
+    ("no_usage", _IMAGES, None,
+     "The answer reports no token usage at all (usage / usageMetadata missing), as some proxies and "
+     "OpenAI-compatible gateways send: the client cannot price it."),
     # OpenAI
     ("moderation", (*_RESPONSES, "images"), None,
      "HTTP 400 moderation_blocked (image_generation_user_error) with moderation_details, before any output."),
