@@ -212,7 +212,8 @@ def test_bad_inputs_fail_before_any_request(emu) -> None:
     agent = images_agent(emu)
     cases = [
         (lambda: agent.ask_sync("x", *[png()] * 17), "at most 16"),
-        (lambda: agent.ask_sync("x", ImageInput("https://example.com/a.png")), "must be bytes"),
+        # A URL is fetched (and uploaded): one that cannot be fetched fails here, before the API is asked.
+        (lambda: agent.ask_sync("x", ImageInput("http://127.0.0.1:9/a.png")), "Cannot fetch"),
         (lambda: agent.ask_sync("x", ImageInput(file_id="file-1")), "must be bytes"),
         (lambda: agent.ask_sync("x", _gif()), "image/gif"),
         (lambda: agent.ask_sync(png()), "needs a text prompt"),

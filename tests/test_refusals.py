@@ -138,6 +138,21 @@ def test_openai_outcomes_without_an_image_raise(emu: Any, stream: bool, fault: s
 
 
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("azure", [False, True])
+def test_an_images_api_answer_without_an_image_is_an_error(emu: Any, stream: bool, azure: bool) -> None:
+    """data: [] (or empty completed events) with HTTP 200 was a reply with files=[] and no error."""
+    from nbimagine.config import AzureOpenAIImagesConfig, OpenAIImagesConfig
+
+    config: Any = (AzureOpenAIImagesConfig("gpt-image-1", api_key=KEY, azure_endpoint=emu.azure_endpoint,
+                                           max_retries=0) if azure
+                   else OpenAIImagesConfig(api_key=KEY, base_url=emu.openai_base_url, max_retries=0))
+    emu.inject("empty_data")
+    with pytest.raises(ProviderError, match="without any image") as info:
+        run(Agent("a", config=config), "a fox", stream)
+    assert info.value.code == "no_image" and info.value.provider == ("azure" if azure else "openai")
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_openai_incomplete_without_an_image_is_a_visible_outcome(emu: Any, stream: bool) -> None:
     emu.inject("incomplete")
     reply = run(openai_agent(emu), "a fox", stream)
@@ -186,5 +201,6 @@ def test_notebook_shows_no_image_with_reason_and_message(emu: Any, tmp_path: Any
     finally:
         session.use(emulator=False)
         set_emulator(None)
-    text = shown[-1]["text/plain"]
+    text = "\n".join(data.get("text/plain", "") for data in shown)
     assert "No image (NO_IMAGE)" in text and _FINISH_MESSAGES["NO_IMAGE"] in text
+    assert "text only" not in text  # the reason is the provider's, not a model that chose to answer in words

@@ -13,7 +13,14 @@ import pytest
 from google.oauth2.credentials import Credentials
 
 from nbimagine import Agent
-from nbimagine.config import AzureOpenAIResponsesConfig, GeminiConfig, OpenAIResponsesConfig, VertexAIConfig
+from nbimagine.config import (
+    AzureOpenAIImagesConfig,
+    AzureOpenAIResponsesConfig,
+    GeminiConfig,
+    OpenAIImagesConfig,
+    OpenAIResponsesConfig,
+    VertexAIConfig,
+)
 from nbimagine.errors import ImagineError
 from nbimagine.tools import ImageGenerationTool
 
@@ -80,6 +87,11 @@ def _cases(emu: Any) -> dict[str, tuple[Any, list[Any]]]:
         "azure ad token": (AzureOpenAIResponsesConfig(model="m", azure_ad_token=SECRET, max_retries=0,
                                                       azure_endpoint=emu.azure_endpoint,
                                                       image_deployment="gpt-image-1"), image),
+        "images api_key": (OpenAIImagesConfig(api_key=SECRET, base_url=url, max_retries=0), []),
+        "images header": (OpenAIImagesConfig(api_key="k", base_url=url, max_retries=0,
+                                             headers={"X-Proxy-Token": SECRET}), []),
+        "azure images api_key": (AzureOpenAIImagesConfig("gpt-image-1", api_key=SECRET, max_retries=0,
+                                                         azure_endpoint=emu.azure_endpoint), []),
         "gemini api_key": (GeminiConfig(model="gemini-2.5-flash-image", api_key=SECRET, max_retries=0,
                                         base_url=emu.gemini_base_url), []),
         "gemini header": (GeminiConfig(model="gemini-2.5-flash-image", api_key="k", max_retries=0,
@@ -95,7 +107,8 @@ def _cases(emu: Any) -> dict[str, tuple[Any, list[Any]]]:
 
 
 CASES = ["openai api_key", "openai header", "openai base_url user:pass", "openai base_url ?api_key",
-         "openai extra_body", "azure api_key", "azure ad token", "gemini api_key", "gemini header",
+         "openai extra_body", "azure api_key", "azure ad token", "images api_key", "images header",
+         "azure images api_key", "gemini api_key", "gemini header",
          "gemini base_url user:pass", "vertex express api_key", "vertex oauth token"]
 
 
@@ -131,3 +144,69 @@ def test_the_walker_finds_a_credential_in_a_chained_sdk_error(emu: Any) -> None:
         wrapped = RuntimeError("wrapped")
         wrapped.__cause__ = sdk_error
         assert SECRET in reachable_text(wrapped)
+
+
+def _dead_base_url() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: nothing listens there
+
+
+def _entry_config(kind: str, base_url: str) -> tuple[Any, list[Any]]:
+    if kind == "responses":
+        return (OpenAIResponsesConfig(model="gpt-5", api_key=SECRET, base_url=base_url + "/v1", max_retries=0),
+                [ImageGenerationTool(size="1024x1024")])
+    if kind == "images":
+        return OpenAIImagesConfig(api_key=SECRET, base_url=base_url + "/v1", max_retries=0), []
+    return GeminiConfig(model="gemini-2.5-flash-image", api_key=SECRET, base_url=base_url, max_retries=0), []
+
+
+@pytest.mark.parametrize("kind", ["responses", "images", "gemini"])
+@pytest.mark.parametrize("entry", ["stream", "generate_many", "submit_batch", "job status", "job results"])
+def test_no_credential_reachable_from_any_entry_point(emu: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                      kind: str, entry: str) -> None:
+    """Every public way a request leaves nbimagine (not only ask): the error raised or carried, and the
+    history it wrote, hold no credential. The provider is unreachable, so the SDK's transport error (whose
+    request holds the credential headers) is where the chain starts."""
+    import asyncio
+
+    import nbimagine
+    from nbimagine._batch import BatchJob
+    from nbimagine._history import History
+
+    monkeypatch.chdir(tmp_path)
+    history = History(tmp_path / "history", "secrets")
+    config, tools = _entry_config(kind, _dead_base_url())
+    errors: list[BaseException] = []
+    if entry == "stream":
+        async def consume() -> None:
+            async for _ in Agent("a", config=config, tools=tools).stream("a cat"):
+                pass
+
+        with pytest.raises(ImagineError) as info:
+            asyncio.run(consume())
+        errors.append(info.value)
+    elif entry == "generate_many":
+        results = nbimagine.generate_many(["a cat"], config=config, tools=tools, progress=False, history=history)
+        errors += [result.error for result in results.failures]
+        assert errors
+    elif entry == "submit_batch":
+        with pytest.raises(ImagineError) as info:
+            nbimagine.submit_batch(["a cat"], config=config, tools=tools, history=history)
+        errors.append(info.value)
+    else:  # a job made on a reachable provider, then followed through one that is not
+        reachable, _ = _entry_config(kind, emu.url)
+        emu.batch_time = 0.05
+        job = nbimagine.submit_batch(["a cat"], config=reachable, tools=tools, history=history)
+        dead = BatchJob(job.record, history=history, agent=Agent("a", config=config, tools=tools))
+        with pytest.raises(ImagineError) as info:
+            dead.status() if entry == "job status" else dead.results()
+        errors.append(info.value)
+    for error in errors:
+        text = reachable_text(error)
+        assert SECRET not in text and SECRET.replace("-", "%2D") not in text
+    for path in (tmp_path / "history").rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path

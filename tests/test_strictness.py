@@ -196,3 +196,101 @@ def test_tool_values_are_the_sdks_own() -> None:
         sdk = literal(name)
         assert set(ours) <= sdk, name
         assert sdk - set(ours) <= ({"gif", "svg"} if name == "output_format" else set()), name
+
+
+# The Gemini image models' own image limits per prompt (_providers/_inputs.py GEMINI_IMAGE_LIMITS): the edited
+# image and the references. Refused before the request where the service refuses, warned where the number is
+# only a recommendation, and answered 400 by the emulator wherever the client would refuse.
+REF_CASES = [
+    # (model, vertex, images, expected)
+    ("gemini-2.5-flash-image", False, 3, "ok"),
+    ("gemini-2.5-flash-image", False, 4, "warned"),
+    ("gemini-2.5-flash-image", True, 3, "ok"),
+    ("gemini-2.5-flash-image", True, 4, "refused"),
+    ("gemini-3-pro-image", False, 14, "ok"),
+    ("gemini-3-pro-image", False, 15, "refused"),
+    ("gemini-3-pro-image-preview", True, 15, "refused"),
+    ("gemini-3.1-flash-image", False, 14, "ok"),
+    ("gemini-3.1-flash-image", True, 15, "refused"),
+]
+
+
+def _ref_agent(emu: Any, model: str, vertex: bool) -> Agent:
+    from google.oauth2.credentials import Credentials
+
+    from nbimagine.config import VertexAIConfig
+
+    if vertex:
+        config: Any = VertexAIConfig(model=model, project="p", location="global", credentials=Credentials(token="t"),
+                                     base_url=emu.vertex_base_url, max_retries=0)
+    else:
+        config = GeminiConfig(model=model, api_key=GKEY, max_retries=0, base_url=emu.gemini_base_url)
+    return Agent("a", config=config)
+
+
+@pytest.mark.parametrize(("model", "vertex", "count", "expected"), REF_CASES)
+def test_gemini_image_models_reference_limits(emu: Any, model: str, vertex: bool, count: int, expected: str) -> None:
+    agent = _ref_agent(emu, model, vertex)
+    first, *refs = [ImageInput(data=INPUTS["png"]) for _ in range(count)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if expected == "refused":
+            with pytest.raises(InputError, match=f"{count} images in one prompt.*at most"):
+                agent.ask_sync("combine these", first, refs=refs)
+        else:
+            assert agent.ask_sync("combine these", first, refs=refs).files
+    warned = [w for w in caught if issubclass(w.category, InputWarning) and "images in one prompt" in str(w.message)]
+    assert bool(warned) == (expected == "warned")
+    assert len(emu.requests) == (0 if expected == "refused" else 1)
+    # The emulator, sent the same request without the client's check, answers what the service answers.
+    parts = [{"text": "combine these"}] + [{"inlineData": {"mimeType": "image/png",
+                                                          "data": base64.b64encode(INPUTS["png"]).decode()}}] * count
+    if vertex:
+        url = (f"{emu.vertex_base_url}/v1beta1/projects/p/locations/global/publishers/google/models/"
+               f"{model}:generateContent")
+        headers = {"authorization": "Bearer t"}
+    else:
+        url = f"{emu.gemini_base_url}/v1beta/models/{model}:generateContent"
+        headers = {"x-goog-api-key": GKEY}
+    request = urllib.request.Request(url, data=json.dumps({"contents": [{"role": "user", "parts": parts}]}).encode(),
+                                     method="POST", headers={"content-type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            status = answer.status
+    except urllib.error.HTTPError as err:
+        status, body = err.code, json.loads(err.read())
+        assert body["error"]["status"] == "INVALID_ARGUMENT" and f"{count} images" in body["error"]["message"]
+    assert status == (400 if expected == "refused" else 200)
+
+
+def test_a_mask_with_a_url_image_works_on_gemini(emu: Any, tmp_path: Any) -> None:
+    """The mask guide is drawn on the fetched bytes (it used to need bytes before the URL was fetched)."""
+    import http.server
+    import threading
+
+    (tmp_path / "photo.png").write_bytes(image("PNG", size=(64, 64)))
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 32, 32))
+    out = io.BytesIO()
+    mask.save(out, "PNG")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/photo.png"
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            reply = gemini_agent(emu).ask_sync("paint it blue", ImageInput(url=url), mask=out.getvalue())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert reply.files and reply.files[0].metadata.get("mask") == "guide"
+    parts = emu.requests[0].json["contents"][-1]["parts"]
+    assert sum(1 for p in parts if "inlineData" in p or "inline_data" in p) == 2  # the image and its guide

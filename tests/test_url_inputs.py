@@ -1,5 +1,6 @@
 """Issue 10, kind 4: the same ``ImageInput(url=...)`` works on every provider. OpenAI fetches URLs itself
-(the URL is sent); Gemini and Vertex do not, so nbimagine fetches it once, bounded, and sends it inline."""
+(the URL is sent); Gemini and Vertex do not, and the Images API uploads its images, so there nbimagine fetches
+it once, bounded, and sends the bytes."""
 
 from __future__ import annotations
 
@@ -17,7 +18,14 @@ from PIL import Image
 
 from nbimagine import Agent
 from nbimagine._providers import _fetch
-from nbimagine.config import AzureOpenAIResponsesConfig, GeminiConfig, OpenAIResponsesConfig, VertexAIConfig
+from nbimagine.config import (
+    AzureOpenAIImagesConfig,
+    AzureOpenAIResponsesConfig,
+    GeminiConfig,
+    OpenAIImagesConfig,
+    OpenAIResponsesConfig,
+    VertexAIConfig,
+)
 from nbimagine.errors import InputError
 from nbimagine.events import ImageInput
 from nbimagine.tools import ImageGenerationTool
@@ -26,6 +34,11 @@ KEY = "sk-emulator-test-key-0123456789"
 _buffer = io.BytesIO()
 Image.new("RGB", (96, 64), "purple").save(_buffer, "PNG")
 PNG = _buffer.getvalue()
+_mask = Image.new("RGBA", (96, 64), (0, 0, 0, 255))
+_mask.paste((0, 0, 0, 0), (0, 0, 48, 32))  # transparent: the region to change
+_buffer = io.BytesIO()
+_mask.save(_buffer, "PNG")
+MASK = _buffer.getvalue()
 
 
 class _Files(BaseHTTPRequestHandler):
@@ -39,6 +52,7 @@ class _Files(BaseHTTPRequestHandler):
         _Files.hits.append(path)
         routes = {
             "/cat.png": (200, {"content-type": "image/png"}, PNG),
+            "/mask.png": (200, {"content-type": "image/png"}, MASK),
             "/octet": (200, {"content-type": "application/octet-stream"}, PNG),
             "/page.html": (200, {"content-type": "text/html"}, b"<html>not an image</html>"),
             "/liar.png": (200, {"content-type": "image/png"}, b"GIF? no: plain text"),
@@ -85,6 +99,11 @@ def _agent(emu: Any, provider: str) -> Agent:
         return Agent("a", config=AzureOpenAIResponsesConfig(model="m", api_key=KEY, azure_endpoint=emu.azure_endpoint,
                                                             image_deployment="gpt-image-1", max_retries=0),
                      tools=tools)
+    if provider == "images":
+        return Agent("a", config=OpenAIImagesConfig(api_key=KEY, base_url=emu.openai_base_url, max_retries=0))
+    if provider == "azure_images":
+        return Agent("a", config=AzureOpenAIImagesConfig("gpt-image-1", api_key=KEY, azure_endpoint=emu.azure_endpoint,
+                                                         max_retries=0))
     if provider == "gemini":
         return Agent("a", config=GeminiConfig(model="gemini-2.5-flash-image", api_key="AIzaTest-0123456789",
                                               base_url=emu.gemini_base_url, max_retries=0))
@@ -93,7 +112,10 @@ def _agent(emu: Any, provider: str) -> Agent:
                                             max_retries=0))
 
 
-@pytest.mark.parametrize("provider", ["openai", "azure", "gemini", "vertex"])
+PROVIDERS = ["openai", "azure", "images", "azure_images", "gemini", "vertex"]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_the_same_url_input_works_on_every_provider(emu: Any, files: str, provider: str) -> None:
     url = f"{files}/cat.png"
     _Files.hits.clear()
@@ -102,9 +124,25 @@ def test_the_same_url_input_works_on_every_provider(emu: Any, files: str, provid
     sent = json.dumps(emu.requests[-1].json)
     if provider in ("openai", "azure"):  # the API fetches it: the URL travels, nbimagine does not download it
         assert url in sent and _Files.hits == ["/cat.png"]  # the emulator fetched it, as OpenAI would
+    elif provider in ("images", "azure_images"):  # uploaded as a file: fetched once by nbimagine
+        assert url not in sent and "image/png" in sent and _Files.hits == ["/cat.png"]
+        assert emu.requests[-1].path.endswith("/images/edits")
     else:  # fetched once by nbimagine, sent inline
         assert url not in sent and ("inlineData" in sent or "inline_data" in sent) and _Files.hits == ["/cat.png"]
-    assert image.width and image.metadata.get("provider") == provider
+    assert image.width and image.metadata.get("provider") == provider.removesuffix("_images").replace(
+        "images", "openai")
+
+
+@pytest.mark.parametrize("provider", ["images", "gemini"])
+def test_a_url_mask_is_fetched_too(emu: Any, files: str, provider: str) -> None:
+    """The mask travels as bytes on both (an upload, a drawn guide): a URL mask is fetched like the image."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reply = _agent(emu, provider).ask_sync("a hat", ImageInput(f"{files}/cat.png"),
+                                               mask=ImageInput(f"{files}/mask.png"))
+    assert reply.files and reply.files[0].metadata.get("mask") in ("native", "guide")
 
 
 @pytest.mark.parametrize(("path", "fragment"), [

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._many import ImageSet, PromptResult, as_prompts, prepare_agent
 from ._providers._base import BatchStatus, Turn
-from .errors import BatchError, ConfigError, ProviderError
+from .errors import BatchError, ConfigError, ImagineError, ProviderError
 
 if TYPE_CHECKING:
     from ._agent import Agent
@@ -84,7 +84,6 @@ def _submit(items: list[str], n: int, label: Any, agent: Agent, local_id: str,
             options: dict[str, Any] | None) -> BatchJob:
     """Build every line, record the job, then upload and create it (``submit_batch``)."""
     from ._agent import normalize_inputs
-    from ._sync import run_sync
 
     params = label.params
     if n > 1:
@@ -103,12 +102,24 @@ def _submit(items: list[str], n: int, label: Any, agent: Agent, local_id: str,
     history.add_job(local_id, provider=label.provider, kind=type(agent.config).provider, model=label.model,
                     params=params, parents=(), connection=connection, lines=lines)
     try:
-        status = run_sync(provider.batch_submit(requests, name=f"nbimagine-{local_id}"))
+        status = _call(provider.batch_submit(requests, name=f"nbimagine-{local_id}"))
     except BaseException:
         history.update_job(local_id, state="submit_failed")
         raise
     history.update_job(local_id, state=status.state, job_id=status.job_id)
     return BatchJob(history.job(local_id), history=history, agent=agent, last=status)
+
+
+def _call(coroutine: Any) -> Any:
+    """Run a provider's batch call; an error leaving it loses its chain (the SDK errors it was made from
+    hold HTTP requests with credential headers), as errors leaving an Agent do."""
+    from ._sync import run_sync
+
+    try:
+        return run_sync(coroutine)
+    except ImagineError as exc:
+        exc.detach()
+        raise
 
 
 def jobs(history: History | None = None) -> list[BatchJob]:
@@ -187,17 +198,13 @@ class BatchJob:
 
     def status(self) -> BatchStatus:
         """The job's state as the provider reports it now (also stored in the history)."""
-        from ._sync import run_sync
-
-        status = run_sync(self._provider().batch_status(self._require_id()))
+        status = _call(self._provider().batch_status(self._require_id()))
         self._remember(status)
         return status
 
     def cancel(self) -> BatchStatus:
         """Ask the provider to cancel; lines already done are still collected by ``results()``."""
-        from ._sync import run_sync
-
-        status = run_sync(self._provider().batch_cancel(self._require_id()))
+        status = _call(self._provider().batch_cancel(self._require_id()))
         self._remember(status)
         return status
 
@@ -236,7 +243,6 @@ class BatchJob:
         Raises ``ConfigError`` while the job is still running, :class:`BatchError` (with
         ``.results``) when it ended failed, expired or cancelled.
         """
-        from ._sync import run_sync
 
         status = status or self.status()
         if not status.done:
@@ -248,7 +254,7 @@ class BatchJob:
         self._new_replies: list[Any] = []
         lines = {line.custom_id: line for line in self.history.job_lines(self.record.id)}
         collected: dict[str, PromptResult] = {}
-        run_sync(self._collect(status, lines, collected))
+        _call(self._collect(status, lines, collected))
         unreported = status.state if status.state != "completed" else "missing from the results"
         for custom_id, line in lines.items():
             if custom_id in collected:

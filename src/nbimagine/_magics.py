@@ -596,10 +596,12 @@ class ImagineMagics(Magics, _ConfigTraits):
             problems.append(f"Ctrl-C after {gen.elapsed:.1f} s stopped {gen.stopped} request(s); the images "
                             "below had already arrived" + (" and are recorded" if gen.entries else ""))
         texts = list(dict.fromkeys(r.body for r in gen.replies if r is not None and r.body))
-        for reply in gen.replies:  # an answer that stopped short without an image says why
+        stops = []  # an answer that stopped short without an image says why (the provider's reason)
+        for reply in gen.replies:
             if reply is not None and not reply.files and reply.finish_reason not in (None, "STOP", "completed"):
                 why = f": {reply.finish_message}" if reply.finish_message else ""
-                texts.append(f"No image ({reply.finish_reason}){why}")
+                stops.append(f"No image ({reply.finish_reason}){why}")
+        texts += stops
         side = MAX_SIDE if len(items) == 1 else 512
         width = None if len(items) == 1 else 384
         outputs: list[tuple[dict[str, Any], dict[str, Any]]] = []
@@ -626,8 +628,8 @@ class ImagineMagics(Magics, _ConfigTraits):
             outputs.append((caption_output(data["text/plain"], width=width), {}))
         if not items and not texts and not interrupted and not any(gen.errors):
             outputs.append((text_output("The model answered with no image and no text."), {}))
-        elif not items and not interrupted and not any(gen.errors):
-            problems.append(self._no_image_hint(gen))
+        elif not items and not interrupted and not any(gen.errors) and not stops:
+            problems.append(self._no_image_hint(gen))  # the model chose text; a stop above already says why
         if late:
             problems.append(f"Ctrl-C at {late[0]:.1f} s came after the request had finished; nothing was "
                             "stopped and the images are all here")

@@ -1,4 +1,5 @@
-"""Fetching ``ImageInput(url=...)`` for APIs that do not fetch URLs themselves (Gemini, Vertex AI).
+"""Fetching ``ImageInput(url=...)`` for APIs that do not fetch URLs themselves (Gemini, Vertex AI, and the
+Images API, which uploads its input images).
 
 One GET per request, bounded: http(s) only (redirects too), at most ``MAX_REDIRECTS`` redirects, a
 timeout, a size cap checked before and while reading, and the answer must be an image (by its
@@ -7,16 +8,22 @@ Content-Type and by its bytes). Proxies come from the environment as for the SDK
 
 from __future__ import annotations
 
+import asyncio
 import urllib.error
 import urllib.request
-from typing import Any
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .._images import human_bytes, sniff_media_type
 from ..errors import InputError
 from ..events import MAX_INPUT_BYTES, ImageInput
 
-__all__ = ["fetch_image"]
+if TYPE_CHECKING:
+    from ._base import Turn
+
+__all__ = ["fetch_image", "inline_urls", "inline_urls_async"]
 
 TIMEOUT = 30.0  # seconds, for the connection and for each read
 MAX_REDIRECTS = 5
@@ -67,3 +74,26 @@ def fetch_image(url: str, *, max_bytes: int = MAX_INPUT_BYTES, timeout: float | 
     if sniff_media_type(data) is None:
         raise InputError(f"{shown!r} did not return a PNG, JPEG, WebP or GIF image ({human_bytes(len(data))})")
     return ImageInput(data=data)
+
+
+def _fetchable(item: Any, keep: Callable[[str], bool] | None) -> bool:
+    return isinstance(item, ImageInput) and item.url is not None \
+        and item.url.startswith(("http://", "https://")) and not (keep is not None and keep(item.url))
+
+
+
+def inline_urls(turn: Turn, *, keep: Callable[[str], bool] | None = None) -> Turn:
+    """``turn`` with each http(s) image URL (inputs and mask) fetched once and sent as bytes; ``keep(url)``
+    names URLs the API reads itself, left as they are."""
+    def inline(item: Any) -> Any:
+        return ImageInput(data=fetch_image(item.url).data, detail=item.detail) if _fetchable(item, keep) else item
+
+    return replace(turn, inputs=[inline(item) for item in turn.inputs],
+                   mask=inline(turn.mask) if turn.mask is not None else None)
+
+
+async def inline_urls_async(turn: Turn, *, keep: Callable[[str], bool] | None = None) -> Turn:
+    """:func:`inline_urls` off the event loop (only when there is a URL to fetch)."""
+    if any(_fetchable(item, keep) for item in [*turn.inputs, turn.mask]):
+        return await asyncio.to_thread(inline_urls, turn, keep=keep)
+    return turn

@@ -17,7 +17,8 @@ from .._images import human_bytes, sniff_media_type
 from ..errors import InputError, InputWarning
 from ..events import ImageInput
 
-__all__ = ["GEMINI", "OPENAI", "InputRules", "check_inputs", "is_animated_gif"]
+__all__ = ["GEMINI", "GEMINI_IMAGE_LIMITS", "OPENAI", "InputRules", "check_image_count", "check_inputs",
+           "image_count_problem", "is_animated_gif"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,63 @@ GEMINI = InputRules(
     animated_gif=False,
     source="Gemini docs, Image understanding: supported formats and inline data limit",
 )
+
+
+@dataclass(frozen=True)
+class ModelImageLimit:
+    """How many images one prompt of an image model takes (the edited image and the references sent with
+    this request; the conversation's earlier images are not counted)."""
+
+    max_images: int
+    refused_on: frozenset[str]  # "gemini" (Developer API), "vertex": above the limit is a 400 there, else a warning
+    source: str
+
+
+# The Gemini image models' own limits. Both documents agree on 14 for the Gemini 3 image models; for 2.5 Flash
+# Image the Gemini API calls 3 a recommendation and Vertex AI a maximum, so only Vertex refuses a fourth image.
+GEMINI_IMAGE_LIMITS = {
+    "gemini-2.5-flash-image": ModelImageLimit(
+        3, frozenset({"vertex"}),
+        "Gemini API docs, Image generation: 'Gemini 2.5 Flash Image works best with up to 3 images as input'; "
+        "Vertex AI model card gemini-2.5-flash-image: 'Maximum images per prompt: 3'"),
+    "gemini-3-pro-image": ModelImageLimit(
+        14, frozenset({"gemini", "vertex"}),
+        "Gemini API docs, Image generation: Gemini 3 Pro Image 'supports up to 14 reference images'; Vertex AI "
+        "model card gemini-3-pro-image: 'Maximum images per prompt: 14'"),
+    "gemini-3.1-flash-image": ModelImageLimit(
+        14, frozenset({"gemini", "vertex"}),
+        "Vertex AI model card gemini-3.1-flash-image: 'Maximum images per prompt: 14'"),
+}
+
+
+def image_count_problem(model: str, count: int, *, vertex: bool) -> tuple[str, bool] | None:
+    """``(message, refused)`` when ``count`` images in one prompt are more than ``model`` takes, else ``None``.
+
+    ``refused``: the service answers 400 (the client raises ``InputError``); otherwise the request goes
+    out with an ``InputWarning`` (the documented number is a recommendation there).
+    """
+    from .._cost import gemini_family
+
+    family = gemini_family(model)
+    limit = GEMINI_IMAGE_LIMITS.get(family) if family else None
+    if limit is None or count <= limit.max_images:
+        return None
+    refused = ("vertex" if vertex else "gemini") in limit.refused_on
+    where = "Vertex AI" if vertex else "The Gemini API"
+    verb = "accepts at most" if refused else "works best with at most"
+    return (f"{count} images in one prompt; {where} {verb} {limit.max_images} for {family} (the edited image and "
+            f"the references; source: {limit.source})."), refused
+
+
+def check_image_count(model: str, count: int, *, vertex: bool) -> None:
+    """``InputError`` above a Gemini image model's hard limit, ``InputWarning`` above its recommended one."""
+    problem = image_count_problem(model, count, vertex=vertex)
+    if problem is None:
+        return
+    message, refused = problem
+    if refused:
+        raise InputError(message + " Send fewer reference images, or use gemini-3-pro-image (up to 14).")
+    warnings.warn(message + " The request was sent.", InputWarning, stacklevel=4)
 
 
 def is_animated_gif(data: bytes) -> bool:

@@ -48,8 +48,8 @@ from ._base import (
     transport_failure,
     undecodable_error,
 )
-from ._fetch import fetch_image
-from ._inputs import GEMINI, check_inputs
+from ._fetch import inline_urls, inline_urls_async
+from ._inputs import GEMINI, check_image_count, check_inputs
 
 if TYPE_CHECKING:
     from google.genai import types
@@ -219,45 +219,33 @@ class GeminiProvider(Provider[GeminiConfig]):
                     f"ImageInput(file_id={uri!r}) is not a Gemini file: use {where}, or pass the image as "
                     "ImageInput(path=...) / ImageInput(data=...)"
                 )
-        elif not (uri.startswith("gs://") or files_api):  # http(s) URLs were fetched by _fetched()
+        elif not (uri.startswith("gs://") or files_api):  # http(s) URLs were fetched (inline_urls)
             raise InputError(f"Gemini cannot use the image URL {uri[:80]!r}: use http(s), gs:// or a Files API name")
         media_type = item.media_type or _EXT_MEDIA.get(os.path.splitext(uri.split("?")[0])[1].lower())
         return types.Part(file_data=types.FileData(file_uri=uri, mime_type=media_type))
 
     @staticmethod
-    def _needs_fetch(item: str | ImageInput) -> bool:
-        return isinstance(item, ImageInput) and item.url is not None \
-            and item.url.startswith(("http://", "https://")) and not _FILES_API.match(item.url)
+    def _reads_itself(url: str) -> bool:
+        """Gemini fetches no http(s) URL itself, only Files API names (gs:// URIs are not http)."""
+        return bool(_FILES_API.match(url))
 
-    def _fetch_urls(self, inputs: Sequence[str | ImageInput]) -> list[str | ImageInput]:
-        """Gemini fetches no http(s) URL itself (only gs:// and Files API names): fetch each once here."""
-        out: list[str | ImageInput] = []
-        for item in inputs:
-            if isinstance(item, ImageInput) and item.url is not None and self._needs_fetch(item):
-                item = ImageInput(data=fetch_image(item.url).data, detail=item.detail)
-            out.append(item)
-        return out
-
-    async def _fetched(self, inputs: Sequence[str | ImageInput]) -> list[str | ImageInput]:
-        if any(self._needs_fetch(item) for item in inputs):
-            return await asyncio.to_thread(self._fetch_urls, inputs)
-        return list(inputs)
-
-    def _contents(self, turn: Turn, inputs: Sequence[str | ImageInput]) -> tuple[list[Any], Any]:
+    def _contents(self, turn: Turn) -> tuple[list[Any], Any]:
         from google.genai import types
 
         history = list(turn.history or [])
         earlier = [part.inline_data.data or b"" for content in history for part in (content.parts or [])
                    if part.inline_data is not None]
-        inputs = check_inputs(inputs, GEMINI, earlier_inline_bytes=sum((len(d) + 2) // 3 * 4 for d in earlier),
+        inputs = check_inputs(turn.inputs, GEMINI, earlier_inline_bytes=sum((len(d) + 2) // 3 * 4 for d in earlier),
                               earlier_images=len(earlier))
         parts = [self._part_for(item) for item in inputs]
         if turn.mask is not None:
-            parts = self._with_mask_guide(turn, parts)
+            parts = self._with_mask_guide(turn, inputs, parts)
+        check_image_count(self.config.model, sum(1 for p in parts if p.inline_data or p.file_data),
+                          vertex=self.vertex)
         user = types.Content(role="user", parts=parts)
         return [*history, user], user
 
-    def _with_mask_guide(self, turn: Turn, parts: list[Any]) -> list[Any]:
+    def _with_mask_guide(self, turn: Turn, inputs: Sequence[str | ImageInput], parts: list[Any]) -> list[Any]:
         """Gemini has no mask parameter: the documented fallback draws the mask on a copy of the image
         (the region to change tinted and outlined in magenta), sends it right after the image, and
         appends an instruction saying what the marking means. Results say so: ``metadata["mask"] == "guide"``.
@@ -266,18 +254,18 @@ class GeminiProvider(Provider[GeminiConfig]):
 
         from .._masks import GUIDE_INSTRUCTION, guide_image, prepare_mask
 
-        images = turn.images
-        target = images[0] if images else None
+        # ``inputs`` as checked (a GIF converted to PNG): the parts follow that list.
+        target = next((item for item in inputs if isinstance(item, ImageInput)), None)
         prepared = prepare_mask(turn.mask, target)  # type: ignore[arg-type]
         if target is None or target.data is None or prepared.input.data is None:
             raise InputError("For Gemini the mask is drawn onto the image as a guide, so both must be bytes: pass "
-                             "ImageInput(path=...) or ImageInput(data=...), not a file id or URL")
+                             "ImageInput(path=...), ImageInput(data=...) or ImageInput(url=...), not a file id")
         warnings.warn("Gemini has no mask parameter: the mask was drawn onto a copy of the image as a visible "
                       "guide, with an instruction to change only that region; the model may still change other "
                       "areas (results carry metadata['mask'] == 'guide').", InputWarning, stacklevel=2)
         guide = types.Part(inline_data=types.Blob(data=guide_image(target.data, prepared.input.data),
                                                   mime_type="image/png"))
-        at = next(i for i, item in enumerate(turn.inputs) if item is target) + 1
+        at = next(i for i, item in enumerate(inputs) if item is target) + 1
         return [*parts[:at], guide, *parts[at:], types.Part(text=GUIDE_INSTRUCTION)]
 
     # --- response ------------------------------------------------------------------------------
@@ -348,7 +336,8 @@ class GeminiProvider(Provider[GeminiConfig]):
             )
 
     async def run(self, turn: Turn) -> AsyncIterator[StreamEvent]:
-        contents, user = self._contents(turn, await self._fetched(turn.inputs))
+        turn = await inline_urls_async(turn, keep=self._reads_itself)
+        contents, user = self._contents(turn)
         config = self._config()
         if turn.instructions:
             config = config.model_copy(update={"system_instruction": turn.instructions})
@@ -497,7 +486,7 @@ class GeminiProvider(Provider[GeminiConfig]):
             raise ConfigError("Vertex AI batch prediction reads and writes Cloud Storage or BigQuery, which "
                               "nbimagine does not drive; use generate_many() (%%imagine --each), or the Gemini "
                               "Developer API (GeminiConfig) for a batch")
-        contents, _ = self._contents(turn, self._fetch_urls(turn.inputs))
+        contents, _ = self._contents(inline_urls(turn, keep=self._reads_itself))
         request: dict[str, Any] = {
             "contents": [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in contents]}
         config = self._config().model_dump(mode="json", by_alias=True, exclude_none=True)

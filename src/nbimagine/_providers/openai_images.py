@@ -24,6 +24,7 @@ from ..config import AzureOpenAIImagesConfig, OpenAIImagesConfig
 from ..errors import ConfigError, InputError, InputWarning, ProviderError, UnsupportedToolError
 from ..events import BinaryResult, ImageEvent, ImageInput, PartialImageEvent, ReplyEvent, StreamEvent
 from ._base import Provider, Turn, kept, result, undecodable_error
+from ._fetch import inline_urls, inline_urls_async
 from .openai import (
     OpenAIBatchMixin,
     _AzureClientMixin,
@@ -86,8 +87,8 @@ class OpenAIImagesProvider(OpenAIBatchMixin, _OpenAIClientMixin, Provider[OpenAI
             if turn.mask is not None:
                 mask = prepare_mask(turn.mask, images[0])
                 if mask.input.data is None:
-                    raise InputError("The Images API takes the mask as a file: pass ImageInput(data=...) or "
-                                     "ImageInput(path=...), not a file_id or URL")
+                    raise InputError("The Images API takes the mask as a file: pass ImageInput(data=...), "
+                                     "ImageInput(path=...) or ImageInput(url=...), not a file_id")
             files = [(f"image_{i}.{EXTENSIONS[im.media_type or 'image/png']}", im.data, im.media_type)
                      for i, im in enumerate(images)]
             request: dict[str, Any] = {"image": files[0] if len(files) == 1 else files}
@@ -116,8 +117,9 @@ class OpenAIImagesProvider(OpenAIBatchMixin, _OpenAIClientMixin, Provider[OpenAI
             where = "the image to edit" if k == 0 else f"reference image {k}"
             if image.data is None:
                 raise InputError(
-                    f"The Images API uploads its input images, so {where} ({image!r}) must be bytes: pass "
-                    "ImageInput(path=...) or ImageInput(data=...), or use OpenAIResponsesConfig for URLs and file ids"
+                    f"The Images API uploads its input images, so {where} ({image!r}) must be bytes or a URL: "
+                    "pass ImageInput(path=...), ImageInput(data=...) or ImageInput(url=...), or use "
+                    "OpenAIResponsesConfig for file ids"
                 )
             if image.media_type not in rules.input_media_types:
                 kinds = ", ".join(EXTENSIONS[m] for m in rules.input_media_types)
@@ -138,7 +140,7 @@ class OpenAIImagesProvider(OpenAIBatchMixin, _OpenAIClientMixin, Provider[OpenAI
     async def run(self, turn: Turn) -> AsyncIterator[StreamEvent]:
         import openai
 
-        action, request, mask = self.build_request(turn)
+        action, request, mask = self.build_request(await inline_urls_async(turn))  # it uploads images: no URLs
         stream = self.rules.streaming and (turn.stream or bool(self.config.partial_images))
         parser = _ImagesParser(self.name, self.config.model, action, mask)
         client = self.client()
@@ -167,6 +169,10 @@ class OpenAIImagesProvider(OpenAIBatchMixin, _OpenAIClientMixin, Provider[OpenAI
         undecodable = undecodable_error(parser.files, provider=self.name)
         if undecodable is not None:
             raise undecodable
+        if not parser.files:  # n is at least 1: an answer without an image and without an error is a failure
+            raise ProviderError("The Images API answered without any image and without an error (empty data); "
+                                "nothing was made. Try again, or check base_url if a gateway is in between",
+                                provider=self.name, code="no_image")
         usage = openai_usage(parser.usage, self.config.model, image_model=True)
         if usage is not None:
             usage = Usage.combine([usage], images=len(parser.files))
@@ -180,7 +186,7 @@ class OpenAIImagesProvider(OpenAIBatchMixin, _OpenAIClientMixin, Provider[OpenAI
 
     def batch_request(self, custom_id: str, turn: Turn) -> dict[str, Any]:
         """One JSONL line of ``images.generate`` parameters (Batch API guide: ``/v1/images/generations``)."""
-        action, request, _ = self.build_request(turn)
+        action, request, _ = self.build_request(inline_urls(turn))
         if action != "generate":  # the set's prompts are text; edits upload their images as multipart
             raise ConfigError("a batch of the Images API generates from text prompts; edit images with "
                               "generate_many() (%%imagine --each -e REF) instead")

@@ -172,6 +172,9 @@ _TABLE: list[tuple[str, tuple[str, ...], str | None, str]] = [
      "The response ends with status 'incomplete' and incomplete_details.reason REASON (default "
      "max_output_tokens; content_filter is a policy stop), without an image."),
     ("refusal", _RESPONSES, None, "The model refuses: a message whose content is a 'refusal' part, no image."),
+    ("empty_data", ("images",), None,
+     "An Images API answer without any image and without an error: data is [] (streamed: the completed events "
+     "carry an empty b64_json), as gateways in front of the API have answered."),
     # Gemini / Vertex
     ("finish", ("gemini",), "REASON!",
      "The candidate ends with finishReason REASON (any name, also one the SDK does not know yet) and a "

@@ -36,7 +36,7 @@ from typing import Any
 
 from .._cost import gemini_image_tokens, gemini_input_image_tokens
 from .._images import b64decode_any, image_size, sniff_media_type
-from .._providers._inputs import GEMINI
+from .._providers._inputs import GEMINI, image_count_problem
 from ..config import GEMINI_NEWEST_ONLY_RATIOS
 from . import _draw
 from ._hostile import HOSTILE_IMAGES, hostile_image
@@ -277,7 +277,7 @@ def _parse(body: Any, *, model: str, vertex: bool) -> _Turn:
         parts = content.get("parts")
         if not isinstance(parts, list) or not parts:
             raise _Invalid(400, f"* GenerateContentRequest.contents[{ci}].parts: contents.parts must not be empty.")
-        texts, images = [], []
+        texts, images, file_images = [], [], 0
         for pi, part in enumerate(parts):
             data: bytes | None = None
             sig: bytes | None = None
@@ -308,6 +308,8 @@ def _parse(body: Any, *, model: str, vertex: bool) -> _Turn:
             file_data = _get(part, "fileData")
             if file_data is not None and not _get(file_data, "fileUri"):
                 raise _Invalid(400, f"* GenerateContentRequest.{where}.file_data.file_uri: required field is not set")
+            if file_data is not None and str(_get(file_data, "mimeType") or "image/").startswith("image/"):
+                file_images += 1
             signature = _get(part, "thoughtSignature")
             if signature is not None:
                 try:
@@ -323,10 +325,14 @@ def _parse(body: Any, *, model: str, vertex: bool) -> _Turn:
         if role == "user":
             turn.prompt = " ".join(t for t in texts if t)
             last_user_images = images
-            turn.input_images = len(images)
+            turn.input_images = len(images) + file_images
         elif images:
             history_image = images[-1]
     turn.base = last_user_images[0] if last_user_images else history_image
+    problem = image_count_problem(model, turn.input_images, vertex=vertex)
+    if problem is not None and problem[1]:
+        # The status and envelope are the API's; the live wording is not documented, so the text is ours.
+        raise _Invalid(400, problem[0])
 
     config = _get(body, "generationConfig") or {}
     modalities = _get(config, "responseModalities")

@@ -88,7 +88,7 @@ def handle(req: Request, state: State) -> Answer:
     if call.stream:
         return Answer(sse=_events(call, name), break_after=1 if broken else None)
     created = int(time.time())
-    data = [{"b64_json": _final(call, k, name)} for k in range(call.n)]
+    data = [] if name == "empty_data" else [{"b64_json": _final(call, k, name)} for k in range(call.n)]
     usage = {} if name == "no_usage" else {"usage": _usage(call, call.n)}
     return Answer(json={"created": created, "data": data, **_echo(call), **usage}, break_after=1 if broken else None)
 
@@ -332,5 +332,5 @@ def _events(call: _Call, fault: str | None = None) -> Iterator[bytes]:
         usage = _usage(call, 1)
         usage.pop("output_tokens_details")  # the completed event's usage has no output details (SDK type)
         yield _frame(f"{kind}.completed", {
-            "type": f"{kind}.completed", "b64_json": _final(call, k, fault),
+            "type": f"{kind}.completed", "b64_json": "" if fault == "empty_data" else _final(call, k, fault),
             "created_at": int(time.time()), **_echo(call), **({} if fault == "no_usage" else {"usage": usage})})
