@@ -206,15 +206,15 @@ class Holds:
         return None
 
     def release_all(self) -> None:
-        """Give back every hold still open (requests that were never sent)."""
-        while self._open:
-            self._release()
+        """Give back every hold still open (requests that were never sent), in one step."""
+        self._release(everything=True)
 
-    def _release(self) -> None:
+    def _release(self, *, everything: bool = False) -> None:
+        """Give back one request's share (or all that is still open)."""
         with _LOCK:
             if not self._open:
                 return
-            self._open -= 1
+            self._open = 0 if everything else self._open - 1
             share = self.session._holds.get(self._token, 0.0) / (self._open + 1)
             if self._open:
                 self.session._holds[self._token] -= share

@@ -405,7 +405,8 @@ class Generation:
         try:
             await self._request(agent, index, inputs, extra, on_event)
         finally:
-            await _to_the_end(self._settle, index)
+            if (await _to_the_end(self._settle, index))[1]:
+                raise asyncio.CancelledError
 
     async def _request(self, agent: Agent, index: int, inputs: list[Any], extra: dict[str, Any],
                        on_event: EventCallback | None) -> None:
@@ -474,15 +475,7 @@ class Generation:
             # A paid image of unknown cost: budgets count its request's estimated high end (never shown as a cost).
             stored = [BinaryResult(f.data, {**f.metadata, "budget_charge_usd": share / len(files)}) for f in files]
         # SQLite and file writes are blocking: keep them off the event loop.
-        task = asyncio.ensure_future(asyncio.to_thread(self._record_sync, stored, text))
-        cancelled = False
-        while not task.done():
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                cancelled = True
-            except Exception:
-                break
+        task, cancelled = await _to_the_end(self._record_sync, stored, text)
         if task.cancelled():
             raise asyncio.CancelledError
         if task.exception() is not None:
@@ -518,9 +511,10 @@ class Generation:
         return entries, None
 
 
-async def _to_the_end(fn: Callable[..., Any], *args: Any) -> None:
-    """Run blocking ``fn(*args)`` in a thread and wait for its end, even when cancelled meanwhile (the
-    cancellation is re-raised afterwards): what it counts must be counted."""
+async def _to_the_end(fn: Callable[..., Any], *args: Any) -> tuple[asyncio.Future[Any], bool]:
+    """Run blocking ``fn(*args)`` in a thread and wait for its end, even when cancelled meanwhile: what it
+    records or counts must be. Returns the finished task and whether a cancellation landed (the caller
+    re-raises it once it has used the result)."""
     task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
     cancelled = False
     while not task.done():
@@ -530,8 +524,7 @@ async def _to_the_end(fn: Callable[..., Any], *args: Any) -> None:
             cancelled = True
         except Exception:
             break
-    if cancelled:
-        raise asyncio.CancelledError
+    return task, cancelled
 
 
 def _history_warning(missing: int, reason: str) -> str:
