@@ -31,8 +31,12 @@ def _mask(size: tuple[int, int], box: tuple[int, int, int, int], *, bw: bool = F
     return _png(image)
 
 
-@pytest.fixture
-def images_provider():
+@pytest.fixture(params=["openai-images", "azure-images", "registered"])
+def images_provider(request):
+    """The Images API by its built-in names, and as a registered config."""
+    if request.param != "registered":
+        yield request.param
+        return
     session = get_session()
     session.register("images", OpenAIImagesConfig(model="gpt-image-2"))
     yield "images"

@@ -540,7 +540,8 @@ def test_providers_lists_key_names_never_values(ip, monkeypatch):
     assert "OPENAI_API_KEY" in bundle["text/plain"]
     assert secret not in json.dumps(bundle) and secret not in repr(table)
     rows = {name.strip("* ").strip(): state for name, state, _ in table.rows()}
-    assert rows == {"openai": "ready", "azure": "no key", "foundry": "no key", "gemini": "no key", "vertex": "no key"}
+    assert rows == {"openai": "ready", "openai-images": "ready", "azure": "no key", "azure-images": "no key",
+                    "foundry": "no key", "gemini": "no key", "vertex": "no key"}
     assert get_session().key_status()["openai"] is True
 
 

@@ -13,12 +13,13 @@ import pytest
 from IPython.core.error import UsageError
 
 from nbimagine._magics import ImagineMagics
-from nbimagine._options import IMAGE_TOOL, OPTIONS, option, options_for
+from nbimagine._options import IMAGE_TOOL, IMAGES_API, OPTIONS, option, options_for
 from nbimagine._session import ImagineSession, get_session
 from nbimagine._widgets import CUSTOM, DEFAULT, ProviderPanel
 from nbimagine.errors import ConfigError
+from nbimagine.events import BinaryResult
 
-FAMILIES = ("openai", "azure", "foundry", "gemini", "vertex")
+FAMILIES = ("openai", "openai-images", "azure", "azure-images", "foundry", "gemini", "vertex")
 # What a Foundry cell needs besides the option under test: an agent, and a deployment for nbimagine's version.
 FOUNDRY = {"agent_name": "painter", "model": "gpt-4.1"}
 # A valid, non-default value per option, and the magic line that sets it (some need a companion option).
@@ -125,6 +126,16 @@ def test_session_and_config_traits_come_from_the_table(opt):
 # --- every option x every provider ---------------------------------------------------------------
 
 
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (40, 120, 200)).save(out, "PNG")
+    return out.getvalue()
+
+
 def option_by_flag(flag: str):
     return next(o for o in OPTIONS if flag in o.flags)
 
@@ -134,6 +145,8 @@ def _request_value(emu, name: str):
     posts = [r for r in emu.requests if r.method == "POST"]
     created = [r for r in posts if "/agents/" in r.path and r.path.endswith("/versions")]
     body = created[-1].json["definition"] if created else posts[-1].json  # Foundry: in the agent's definition
+    if "/images/" in posts[-1].path:  # the Images API: the GPT image models' parameters at the top
+        return body.get(name)
     if "tools" in body:
         return body["tools"][0].get(name)
     config = body.get("generationConfig", {})
@@ -168,6 +181,10 @@ def test_an_option_reaches_its_provider_or_is_refused_with_the_equivalent(ip, em
         assert getattr(agent.config, opt.target.split(".")[1]) == value
         return
     extra = "--agent painter -m gpt-4.1 " if family == "foundry" else ""
+    if opt.name == "input_fidelity" and family in IMAGES_API:
+        # An edit parameter, which gpt-image-2 does without (warned, not sent): an edit with a model that takes it.
+        ip.user_ns["photo"] = BinaryResult(_png())
+        extra = "-m gpt-image-1.5 -e photo "
     ip.run_cell_magic("imagine", f"-p {family} {extra}{line} --no-history -o r", "a cat")
     assert _request_value(emu, opt.name) == value
     assert ip.user_ns["r"].files

@@ -47,7 +47,8 @@ def test_panel_factory_uses_the_shared_session():
 def test_provider_dropdown_lists_every_provider_and_the_emulator(session):
     p = ProviderPanel(session)
     assert [label for label, _ in p.provider.options] == [
-        "OpenAI", "Azure OpenAI", "Microsoft Foundry agent", "Gemini", "Vertex AI"]
+        "OpenAI", "OpenAI Images API", "Azure OpenAI", "Azure OpenAI Images API", "Microsoft Foundry agent", "Gemini",
+        "Vertex AI"]
     assert p.provider.value == "openai"
     p.emulator.value = True
     assert session.emulator is True

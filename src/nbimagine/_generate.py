@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._budget import Holds, Standing, accounted
+from ._image_models import MAX_N
 from ._options import active
 from ._session import ImagineSession, get_session
 from ._sync import Job
@@ -42,11 +43,17 @@ if TYPE_CHECKING:
     from ._history import History, HistoryEntry
     from ._many import RateLimiter
 
-__all__ = ["MAX_VARIANTS", "EventCallback", "Generation", "Retrying"]
+__all__ = ["MAX_VARIANTS", "EventCallback", "Generation", "Retrying", "variant_limit"]
 
-MAX_VARIANTS = 8
+MAX_VARIANTS = 8  # requests at once for one cell; the Images API makes up to MAX_N images in one request
 # Where a notebook user raises the retry count (the Python API's advice names max_retries).
 MAGIC_RETRY_ADVICE = "add --retries 5 to the cell (or %imagine use --retries 5)"
+
+
+def variant_limit(session: ImagineSession, provider: str | None = None) -> int:
+    """How many variants one generation may ask for: up to ``MAX_N`` from the Images API's one request,
+    ``MAX_VARIANTS`` concurrent requests from the other providers."""
+    return MAX_N if session.is_images_api(provider) else MAX_VARIANTS
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,7 @@ class Generation:
         params: dict[str, Any] | None = None,
         limiter: RateLimiter | None = None,
     ) -> None:
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_VARIANTS:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ConfigError(f"the number of variants must be an integer from 1 to {MAX_VARIANTS}, not {n!r}")
         if not prompt or not prompt.strip():
             raise ConfigError("the prompt is empty: write what to draw in the cell body")
@@ -126,7 +133,12 @@ class Generation:
             self.provider, self.overrides.get("model"))
         # The Images API makes n images in one request; other providers (and a shared agent, built once
         # for many prompts) make one per request.
-        self.per_call = n if agent is None and self.session.is_images_api(self.provider) else 1
+        images_api = agent is None and self.session.is_images_api(self.provider)
+        limit = MAX_N if images_api else MAX_VARIANTS
+        if n > limit:
+            raise ConfigError(f"the number of variants must be an integer from 1 to {limit}, not {n!r}"
+                              + ("" if images_api else " (the Images API makes up to 10 in one request)"))
+        self.per_call = n if images_api else 1
         n = 1 if self.per_call > 1 else n
         self.n = n
         self.limiter = limiter

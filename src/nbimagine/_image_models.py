@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 from .tools import BACKGROUNDS, INPUT_FIDELITIES, MODERATIONS, OUTPUT_FORMATS, QUALITIES, STANDARD_SIZES
 
-__all__ = ["MASK_MAX_BYTES", "ImageModelRules", "rules_for"]
+__all__ = ["MASK_MAX_BYTES", "MAX_N", "ImageModelRules", "rules_for"]
 
 MB = 1024 * 1024
 # SDK image_edit_params.mask: "Must be a valid PNG file, less than 4MB, and have the same dimensions as image."
 MASK_MAX_BYTES = 4 * MB
+MAX_N = 10  # SDK n: "The number of images to generate. Must be between 1 and 10."
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
@@ -96,7 +97,7 @@ _GPT_IMAGE_1 = ImageModelRules(
     # SDK size: "The standard sizes 1024x1024, 1536x1024 and 1024x1536 are supported by the GPT image models".
     sizes=STANDARD_SIZES,
     free_sizes=False,
-    max_n=10,  # SDK n: "Must be between 1 and 10."
+    max_n=MAX_N,
     # SDK quality: "The GPT image models support low, medium, high" (xhigh and max: gpt-image-2.5 below)
     qualities=tuple(q for q in QUALITIES if q not in ("xhigh", "max")),
     output_formats=OUTPUT_FORMATS,  # SDK output_format (gif/svg need preview access: not offered)

@@ -24,7 +24,7 @@ from traitlets import Bool, HasTraits, TraitError, Unicode, dlink, observe, vali
 from ._cost import format_usd
 from ._options import FAMILY_LABELS, IMAGE_CONFIG, option
 from ._options import OPTIONS as TABLE
-from ._session import NO_AGENT, OPTIONS, ImagineSession, credentials_advice, get_session, option_trait
+from ._session import NO_AGENT, OPTIONS, PROVIDERS, ImagineSession, credentials_advice, get_session, option_trait
 from .errors import BudgetError, ConfigError, ImagineError, InputError
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class ImagineMagics(Magics, _ConfigTraits):
     """The ``%imagine`` magics. Its traits mirror the shared session, so ``%config`` works:
     ``%config ImagineMagics.provider = 'gemini'``."""
 
-    provider = Unicode("openai", help="Default provider: openai, azure, gemini, vertex or a registered name."
+    provider = Unicode("openai", help=f"Default provider: {', '.join(PROVIDERS)} or a registered name."
                        ).tag(config=True)
 
     def __init__(self, shell: Any = None, session: ImagineSession | None = None, **kwargs: Any) -> None:
@@ -141,7 +141,7 @@ class ImagineMagics(Magics, _ConfigTraits):
     # --- the magic -------------------------------------------------------------------------------
 
     @magic_arguments()
-    @argument("-p", "--provider", help="openai, azure, gemini, vertex, or a registered name")
+    @argument("-p", "--provider", help=f"{', '.join(PROVIDERS)}, or a registered name")
     @_table_arguments
     @argument("-e", "--edit", action="append", default=[], metavar="REF",
               help="image to edit (repeatable): last, -2, #17, a variable (BinaryResult, Reply, bytes, "
@@ -151,7 +151,9 @@ class ImagineMagics(Magics, _ConfigTraits):
     @argument("--mask", metavar="REF",
               help="mask for the first -e image: transparent (or, black-and-white, white) where it should "
                    "change; same forms as -e; paint one with %%imagine mask REF")
-    @argument("-n", type=int, default=1, metavar="N", help="number of variants, generated concurrently")
+    @argument("-n", type=int, default=1, metavar="N",
+              help="number of variants: concurrent requests (up to 8), or one request with the Images API "
+                   "(openai-images, azure-images: up to 10)")
     @argument("-o", "--out", metavar="NAME", help="store the Reply (a list of Replies with -n) in NAME")
     @argument("--each", action="store_true",
               help="an image set: one prompt per line of the cell, generated now, concurrently")
@@ -265,16 +267,17 @@ class ImagineMagics(Magics, _ConfigTraits):
         return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
     def _generate(self, prompt: str, args: Any) -> None:
-        from ._generate import MAX_VARIANTS, Generation
+        from ._generate import Generation, variant_limit
 
-        if not 1 <= args.n <= MAX_VARIANTS:
-            raise UsageError(f"-n takes 1 to {MAX_VARIANTS} variants, not {args.n}")
         if args.out and not (args.out.isidentifier() and not keyword.iskeyword(args.out)):
             raise UsageError(f"-o needs a variable name, not {args.out!r}")
         overrides = self._overrides(args)
         record = not args.no_history
         try:
             self.session.validate(**overrides)
+            limit = variant_limit(self.session, overrides.get("provider"))
+            if not 1 <= args.n <= limit:
+                raise UsageError(f"-n takes 1 to {limit} variants, not {args.n}")
             history = self._history() if (record or args.edit or args.ref or args.mask) else None
             edits, refs, mask, parents = self._inputs(args, history)
             gen = Generation(prompt, edits=edits, refs=refs, mask=mask, parents=parents, n=args.n,
@@ -1425,8 +1428,9 @@ class _Providers:
         return rows
 
     def __repr__(self) -> str:
-        lines = [f"{'provider':<12} {'status':<9} keys set (names only)"]
-        lines += [f"{n:<12} {s:<9} {k}" for n, s, k in self.rows()]
+        width = max(12, *(len(n) for n, _, _ in self.rows()))
+        lines = [f"{'provider':<{width}} {'status':<9} keys set (names only)"]
+        lines += [f"{n:<{width}} {s:<9} {k}" for n, s, k in self.rows()]
         if self.emulator:
             lines.append("The emulator is on: every provider is answered offline.")
         return "\n".join(lines)

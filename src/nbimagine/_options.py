@@ -27,8 +27,10 @@ from .tools import BACKGROUNDS, INPUT_FIDELITIES, MODERATIONS, OUTPUT_FORMATS, Q
 __all__ = [
     "EVERY_PROVIDER",
     "FAMILY_LABELS",
+    "IMAGES_API",
     "IMAGE_CONFIG",
     "IMAGE_TOOL",
+    "OPENAI_IMAGE",
     "OPTIONS",
     "Option",
     "active",
@@ -37,12 +39,16 @@ __all__ = [
     "options_for",
 ]
 
-# Provider families (``ProviderConfig.provider``) grouped by how they take image options.
+# Provider families grouped by how they take image options. A family is a config's ``provider`` ("openai",
+# "gemini"...), except for the Images API configs, whose options differ from the Responses API's.
 IMAGE_TOOL = ("openai", "azure", "foundry")  # the Responses API's image_generation tool (ImageGenerationTool)
+IMAGES_API = ("openai-images", "azure-images")  # images.generate / images.edit (OpenAIImagesConfig)
+OPENAI_IMAGE = IMAGE_TOOL + IMAGES_API  # the GPT image models' own parameters, on the tool or the Images API
 IMAGE_CONFIG = ("gemini", "vertex")  # GenerateContentConfig.response_modalities + ImageConfig
 EVERY_PROVIDER: tuple[str, ...] = ()  # an option every provider takes
 FAMILY_LABELS = {"openai": "OpenAI", "azure": "Azure OpenAI", "foundry": "Microsoft Foundry", "gemini": "Gemini",
-                 "vertex": "Vertex AI"}
+                 "vertex": "Vertex AI", "openai-images": "OpenAI Images API",
+                 "azure-images": "Azure OpenAI Images API"}
 
 Hint = Callable[[Any, str], str]  # (value, family it was given for) -> what to use there instead
 
@@ -159,11 +165,14 @@ class Option:
 
 
 def family_label(families: Sequence[str]) -> str:
-    """Who takes an option, in words: ``IMAGE_TOOL`` -> "OpenAI", ``IMAGE_CONFIG`` -> "Gemini" (each group is
-    named after its first vendor), ``("azure", "foundry")`` -> "Azure OpenAI / Microsoft Foundry"."""
+    """Who takes an option, in words: ``OPENAI_IMAGE`` -> "OpenAI", ``IMAGE_CONFIG`` -> "Gemini" (each group is
+    named after its first vendor), ``IMAGE_TOOL`` -> "OpenAI Responses API", ``("azure", "foundry")`` ->
+    "Azure OpenAI / Microsoft Foundry"."""
     if not families:
         return "any provider"
-    if tuple(families) in (IMAGE_TOOL, IMAGE_CONFIG):
+    if tuple(families) == IMAGE_TOOL:  # what the Images API lacks (background responses)
+        return "OpenAI Responses API"
+    if tuple(families) in (OPENAI_IMAGE, IMAGE_CONFIG):
         return FAMILY_LABELS[families[0]]
     return " / ".join(FAMILY_LABELS.get(f, f) for f in families)
 
@@ -252,6 +261,19 @@ def _quality_instead(value: Any, family: str) -> str:
     return f"{FAMILY_LABELS.get(family, family)} has no quality option; for more pixels use --image-size 2K or 4K"
 
 
+def _background_mode_instead(value: Any, family: str) -> str:
+    if family in IMAGES_API:
+        responses = family.removesuffix("-images")
+        return f"the Images API answers each request at once; drop it, or use -p {responses} (the Responses API)"
+    return _none_for("background-response")(value, family)
+
+
+def _image_deployment_instead(value: Any, family: str) -> str:
+    if family == "azure-images":
+        return f"the Images API's model is the image deployment: use -m {value}"
+    return _none_for("image-deployment")(value, family)
+
+
 def _modalities_instead(value: Any, family: str) -> str:
     return f"{FAMILY_LABELS.get(family, family)} always answers with text and the image tool; drop it"
 
@@ -275,32 +297,33 @@ OPTIONS: tuple[Option, ...] = (
            "use this version of the agent (default: the latest)", metavar="V", example="latest",
            source=_FOUNDRY_DOCS),
     Option("image_deployment", ("--image-deployment",), ("azure", "foundry"), "config.image_deployment",
-           "the gpt-image deployment", metavar="D", example="gpt-image-1", source=_FOUNDRY_DOCS),
-    Option("size", ("--size",), IMAGE_TOOL, "ImageGenerationTool.size", "image size",
+           "the gpt-image deployment", metavar="D", example="gpt-image-1", instead=_image_deployment_instead,
+           source=_FOUNDRY_DOCS),
+    Option("size", ("--size",), OPENAI_IMAGE, "ImageGenerationTool.size", "image size",
            choices=STANDARD_SIZES, free_form="WxH (multiples of 16, up to 3840, at most 3:1)", check=_check_size,
            instead=_size_instead, source=_TOOL_DOCS),
-    Option("quality", ("--quality",), IMAGE_TOOL, "ImageGenerationTool.quality", "rendering quality",
+    Option("quality", ("--quality",), OPENAI_IMAGE, "ImageGenerationTool.quality", "rendering quality",
            choices=QUALITIES, instead=_quality_instead, source=_TOOL_DOCS),
-    Option("background", ("--background",), IMAGE_TOOL, "ImageGenerationTool.background", "background",
+    Option("background", ("--background",), OPENAI_IMAGE, "ImageGenerationTool.background", "background",
            choices=BACKGROUNDS, instead=_none_for("background"), source=_TOOL_DOCS),
-    Option("output_format", ("--format",), IMAGE_TOOL, "ImageGenerationTool.output_format", "file format",
+    Option("output_format", ("--format",), OPENAI_IMAGE, "ImageGenerationTool.output_format", "file format",
            choices=OUTPUT_FORMATS, check=_check_format, instead=_none_for("output format"), label="Format",
            source=_TOOL_DOCS),
-    Option("output_compression", ("--compression",), IMAGE_TOOL, "ImageGenerationTool.output_compression",
+    Option("output_compression", ("--compression",), OPENAI_IMAGE, "ImageGenerationTool.output_compression",
            "jpeg/webp compression", bounds=(0, 100), kind=int, metavar="0-100", label="Compression",
            instead=_none_for("compression"), source=_TOOL_DOCS),
-    Option("partial_images", ("--partial",), IMAGE_TOOL, "ImageGenerationTool.partial_images",
+    Option("partial_images", ("--partial",), OPENAI_IMAGE, "ImageGenerationTool.partial_images",
            "stream N partial images while the image renders", bounds=(0, 3), kind=int, default=0, metavar="N",
            instead=_none_for("partial-images"), source=_TOOL_DOCS),
-    Option("moderation", ("--moderation",), IMAGE_TOOL, "ImageGenerationTool.moderation", "moderation strictness",
+    Option("moderation", ("--moderation",), OPENAI_IMAGE, "ImageGenerationTool.moderation", "moderation strictness",
            choices=MODERATIONS, instead=_none_for("moderation"), source=_TOOL_DOCS),
-    Option("input_fidelity", ("--fidelity",), IMAGE_TOOL, "ImageGenerationTool.input_fidelity",
+    Option("input_fidelity", ("--fidelity",), OPENAI_IMAGE, "ImageGenerationTool.input_fidelity",
            "how closely an edit keeps its input", choices=INPUT_FIDELITIES, instead=_none_for("input fidelity"),
            source=_TOOL_DOCS),
     Option("background_mode", ("--background-mode",), IMAGE_TOOL, "config.background",
            "run as a background response: its status is shown while queued and in progress, Ctrl-C cancels it "
            "on the server", kind=bool, default=False, metavar="on|off", label="Background response",
-           instead=_none_for("background-response"), source=_BACKGROUND_DOCS),
+           instead=_background_mode_instead, source=_BACKGROUND_DOCS),
     Option("aspect_ratio", ("--aspect",), IMAGE_CONFIG, "ImageConfig.aspect_ratio", "aspect ratio",
            choices=GEMINI_ASPECT_RATIOS, instead=_aspect_instead, source=_GEMINI_DOCS),
     Option("image_size", ("--image-size",), IMAGE_CONFIG, "ImageConfig.image_size", "resolution tier",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from traitlets import Bool, HasTraits, Int, List, TraitType, Unicode
 
-from ._options import FAMILY_LABELS, IMAGE_TOOL, Option, active, option
+from ._options import FAMILY_LABELS, IMAGE_TOOL, IMAGES_API, Option, active, option
 from ._options import OPTIONS as TABLE
 from .config import (
     AzureOpenAIImagesConfig,
@@ -40,12 +40,15 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_MODELS", "OPTIONS", "PROVIDERS", "ImagineSession", "emulator", "get_session", "set_emulator"]
 
-PROVIDERS = ("openai", "azure", "foundry", "gemini", "vertex")
+# The Images API twins follow their Responses API provider: the same account and keys, another API.
+PROVIDERS = ("openai", "openai-images", "azure", "azure-images", "foundry", "gemini", "vertex")
 # Foundry's model is the orchestrator deployment of an agent version nbimagine creates: there is no default
 # ("" = use the agent as it is, unless AZURE_AI_MODEL_DEPLOYMENT_NAME names one).
 DEFAULT_MODELS = {
     "openai": "gpt-4.1",
+    "openai-images": "gpt-image-2",
     "azure": "gpt-4.1",
+    "azure-images": "gpt-image-2",  # the image deployment's name (else AZURE_OPENAI_IMAGE_DEPLOYMENT)
     "foundry": "",
     "gemini": "gemini-3.1-flash-image",
     "vertex": "gemini-3.1-flash-image",
@@ -58,7 +61,9 @@ OPTIONS = (*(opt.name for opt in TABLE), "emulator")
 # Which environment variables count as credentials, per provider (names only; values never leave here).
 KEY_ENV = {
     "openai": (("OPENAI_API_KEY",),),
+    "openai-images": (("OPENAI_API_KEY",),),
     "azure": (("AZURE_OPENAI_API_KEY", "AZURE_OPENAI_AD_TOKEN"), ("AZURE_OPENAI_ENDPOINT",)),
+    "azure-images": (("AZURE_OPENAI_API_KEY", "AZURE_OPENAI_AD_TOKEN"), ("AZURE_OPENAI_ENDPOINT",)),
     # Foundry: the project endpoint; the credential is Microsoft Entra ID (see foundry_credential_sources).
     "foundry": (("AZURE_AI_PROJECT_ENDPOINT",),),
     "gemini": (("GEMINI_API_KEY", "GOOGLE_API_KEY"),),
@@ -100,7 +105,7 @@ class ImagineSession(_OptionTraits):
     values set earlier for another provider are kept but not sent, and shown as inactive.
     """
 
-    provider = Unicode("openai", help="openai, azure, gemini, vertex or a registered name")
+    provider = Unicode("openai", help=f"{', '.join(PROVIDERS)} or a registered name")
     emulator = Bool(False, help="route every provider to the in-process emulator")
 
     def __init__(self, **kwargs: Any) -> None:
@@ -135,10 +140,11 @@ class ImagineSession(_OptionTraits):
         return PROVIDERS + tuple(n for n in self._registered if n not in PROVIDERS)
 
     def kind(self, provider: str | None = None) -> str:
-        """The provider family ("openai", "azure", "gemini", "vertex") of a built-in or registered name."""
+        """The provider family (a built-in name: "openai", "openai-images", "gemini"...) of a built-in or
+        registered name; it says which options the provider takes."""
         name = provider or self.provider
         if name in self._registered:
-            return type(self._registered[name].config).provider
+            return family_of(self._registered[name].config)
         if name in PROVIDERS:
             return name
         raise ConfigError(
@@ -148,8 +154,7 @@ class ImagineSession(_OptionTraits):
 
     def is_images_api(self, provider: str | None = None) -> bool:
         """Whether ``provider`` (default: the current one) is an Images API config: ``n`` images per request."""
-        registered = self._registered.get(provider or self.provider)
-        return registered is not None and isinstance(registered.config, OpenAIImagesConfig)
+        return self.kind(provider) in IMAGES_API
 
     def effective_model(self, provider: str | None = None, model: str | None = None) -> str:
         name = provider or self.provider
@@ -166,6 +171,8 @@ class ImagineSession(_OptionTraits):
             return model or (f"agent {agent}" if agent else "")
         if registered is not None:
             return registered.config.model
+        if name == "azure-images":
+            return os.environ.get("AZURE_OPENAI_IMAGE_DEPLOYMENT") or DEFAULT_MODELS[name]
         return DEFAULT_MODELS[self.kind(name)]
 
     def options(self) -> dict[str, Any]:
@@ -234,6 +241,8 @@ class ImagineSession(_OptionTraits):
         model = merged["model"]
         if model is not None and (not isinstance(model, str) or not model.strip()):
             raise ConfigError("--model needs a non-empty name such as 'gpt-4.1' or 'gemini-3.1-flash-image'")
+        if family in IMAGES_API:  # the model's own rules (dall-e-3 sizes, gpt-image-1-mini fidelity...)
+            self._images_config(merged, name, self.effective_model(name, model))
 
     def use(self, provider: str | None = None, *, any_provider: bool = False, **options: Any) -> None:
         """Validate, then set the provider and options together (one round of notifications)."""
@@ -284,13 +293,8 @@ class ImagineSession(_OptionTraits):
         routed = merged["emulator"]
         registered = self._registered.get(name)
 
-        if registered is not None and isinstance(registered.config, OpenAIImagesConfig):
-            # The Images API takes the same options as the image tool, on the config itself.
-            params = self._tool(merged).params()
-            if per_call:
-                params["n"] = per_call
-            config = registered.config.replace(model=model, **params)
-            tools = []
+        if kind in IMAGES_API:
+            config, tools = self._images_config(merged, name, model, per_call), []
         elif kind == "foundry":
             config, tools = self._foundry(merged, registered)
         elif kind in IMAGE_TOOL:
@@ -323,6 +327,19 @@ class ImagineSession(_OptionTraits):
         if routed:
             config = _route_to_emulator(config)
         return Agent(f"imagine-{name}", config=config, tools=tools)
+
+    def _images_config(self, merged: dict[str, Any], name: str, model: str, n: int | None = None
+                       ) -> OpenAIImagesConfig:
+        """The Images API config of ``name`` (registered, or built in) with the session's image options, which
+        the Images API takes under the image tool's names; checked against the model's rules (ConfigError)."""
+        params = self._tool(merged).params()
+        if n:
+            params["n"] = n
+        registered = self._registered.get(name)
+        if registered is not None:
+            return registered.config.replace(model=model, **params)  # type: ignore[return-value]
+        cls = AzureOpenAIImagesConfig if name == "azure-images" else OpenAIImagesConfig
+        return cls(model=model, **params)
 
     def _foundry(self, merged: dict[str, Any], registered: _Registered | None) -> tuple[ProviderConfig, list[object]]:
         """A Foundry agent: with a model (the orchestrator deployment), a version nbimagine creates or reuses with
@@ -377,6 +394,13 @@ class ImagineSession(_OptionTraits):
         for name, reg in self._registered.items():
             out[name] = ["api_key (configured)"] if reg.config.api_key else out.get(type(reg.config).provider, [])
         return out
+
+
+def family_of(config: ProviderConfig) -> str:
+    """The option family of a config: its ``provider``, or the Images API twin of it."""
+    if isinstance(config, OpenAIImagesConfig):
+        return f"{config.provider}-images"
+    return config.provider
 
 
 def credentials_advice(session: ImagineSession, provider: str, exc: ConfigError,

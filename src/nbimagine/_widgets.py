@@ -53,7 +53,9 @@ __all__ = ["PROVIDER_LABELS", "STATIC", "ProviderPanel", "Studio", "StudioView",
 
 PROVIDER_LABELS = {
     "openai": "OpenAI",
+    "openai-images": "OpenAI Images API",
     "azure": "Azure OpenAI",
+    "azure-images": "Azure OpenAI Images API",
     "foundry": "Microsoft Foundry agent",
     "gemini": "Gemini",
     "vertex": "Vertex AI",
