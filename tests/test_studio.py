@@ -89,7 +89,8 @@ def test_es_module_and_css_ship_as_package_files():
     assert view._esm == source and view._css == css.read_text()
     # Every action the page sends is one the kernel handles.
     sent = set(re.findall(r'action: "(\w+)"', source))
-    assert sent == {"generate", "edit", "cancel", "page", "refresh", "open", "close", "compare", "save"}
+    assert sent == {"generate", "edit", "cancel", "page", "refresh", "open", "close", "compare", "save", "mask",
+                    "unmask"}
     view.close()
 
 

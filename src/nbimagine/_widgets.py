@@ -38,6 +38,7 @@ import traitlets as t
 from ._images import human_bytes, sniff_media_type
 from ._options import EVERY_PROVIDER, IMAGE_CONFIG, IMAGE_TOOL, Option, option, options_for
 from ._options import OPTIONS as TABLE
+from ._painter import MaskPainter
 from ._session import DEFAULT_MODELS, KEY_ENV, ImagineSession, foundry_credential_sources, get_session
 from .config import GEMINI_NEWEST_ONLY_RATIOS, GEMINI_NEWEST_ONLY_SIZES
 from .errors import ConfigError, ContentPolicyError, ImagineError, InputError, ProviderError, redact
@@ -684,8 +685,10 @@ class StudioView(anywidget.AnyWidget):
     """The studio's front end: ``static/studio.js`` and ``static/studio.css`` (anywidget; no build step).
 
     Every trait is state the page shows; the page sends actions back as custom messages
-    ``{"action": ...}`` (generate, edit, cancel, page, refresh, open, close, compare, save), which
-    :class:`Studio` handles. Tests send the same messages with ``_handle_custom_msg``.
+    ``{"action": ...}`` (generate, edit, cancel, page, refresh, open, close, compare, save, mask, unmask),
+    which :class:`Studio` handles. Tests send the same messages with ``_handle_custom_msg``. ``painter`` is
+    the :class:`~nbimagine._painter.MaskPainter` over the image being masked (``mask_id``), shown inside
+    the page through the widget manager.
     """
 
     _esm = STATIC / "studio.js"
@@ -709,17 +712,22 @@ class StudioView(anywidget.AnyWidget):
     save_feedback = t.Dict().tag(sync=True)  # kind (ok, error), text: shown beside Save
     detail = t.Dict().tag(sync=True)  # the open image: id, src, prompt, meta rows, lineage, parents
     compare = t.Dict().tag(sync=True)  # left, right: id, src, lines
+    painter = t.Instance(MaskPainter, allow_none=True).tag(sync=True, **w.widget_serialization)
+    mask_id = t.Int(0).tag(sync=True)  # the history id the painter is over (0: no painter)
 
 
 class Studio:
     """Prompt, Generate / Edit selected / Cancel, progress in place, the result, and the history gallery
-    (select by click or keyboard, details with lineage, side-by-side compare, Save).
+    (select by click or keyboard, details with lineage, side-by-side compare, Save). Paint mask opens the
+    mask painter over the first selected image; Edit selected then changes only the painted region (the
+    mask is recorded in the history, so the lineage shows image, mask and edit), and the new image is
+    selected.
 
     ``session`` defaults to the shared session and ``history`` to the notebook's history. The page
     is :class:`StudioView` (``view``); ``widget`` is what is displayed (the settings panel, when
     ``settings``, above the view). Every action of the page is a method here as well (``start``,
     ``stop``, ``show_page``, ``set_selection``, ``open``, ``compare``, ``close_panels``,
-    ``save_selected``), which is how scripts and tests drive it.
+    ``save_selected``, ``paint_mask``, ``close_mask``), which is how scripts and tests drive it.
 
     Displayed in a notebook, the studio leaves a static copy of its gallery (thumbnails and captions
     as HTML) after the live widget: hidden while the widget lives, it is what a saved notebook shows
@@ -783,6 +791,11 @@ class Studio:
     def last_error(self) -> str | None:
         return self.view.error or None
 
+    @property
+    def painter(self) -> MaskPainter | None:
+        """The mask painter open in the studio (:meth:`paint_mask`), or ``None``."""
+        return self.view.painter
+
     # --- display -----------------------------------------------------------------------------------
 
     def _ipython_display_(self) -> None:
@@ -830,6 +843,7 @@ class Studio:
     def close(self) -> None:
         """Cancel a running generation, stop following the session, close the widgets."""
         self.stop()
+        self.close_mask()
         self.session.unobserve(self._on_session, names=list(self.session.trait_names()))
         self._unsubscribe_budget()
         if self.settings is not None:
@@ -870,6 +884,10 @@ class Studio:
                 self.compare(first, second)
             elif action == "save":
                 self.save_selected()
+            elif action == "mask":
+                self.paint_mask()
+            elif action == "unmask":
+                self.close_mask()
         except (KeyError, TypeError, ValueError) as exc:  # a malformed message: say so, never raise in the comm
             self._set_error(f"The studio could not do {action!r}: {exc}")
 
@@ -896,9 +914,19 @@ class Studio:
             if edit and not selected:
                 self._set_error("Select one or more images in the gallery first, then Edit selected.")
                 return None
+            painter = self.view.painter if edit else None
+            mask = painter.mask if painter is not None else None
+            if painter is not None and selected[0] != self.view.mask_id:
+                self._set_error(f"The mask is painted on #{self.view.mask_id}, the image an edit changes: select it "
+                                "first, or Close mask to edit without it.")
+                return None
+            if painter is not None and mask is None:
+                self._set_error("Nothing is painted yet: paint the region to change, or Close mask to edit the "
+                                "whole image.")
+                return None
             try:
                 edits = [self.history.get(i).image for i in selected] if edit else []
-                generation = Generation(prompt, edits=edits, session=self.session, history=self.history,
+                generation = Generation(prompt, edits=edits, mask=mask, session=self.session, history=self.history,
                                         retry_advice=STUDIO_RETRY_ADVICE)
                 generation.build_agent()
             except Exception as exc:
@@ -917,6 +945,8 @@ class Studio:
             self.generation = generation
             self._idle.clear()
             what = f"Editing {', '.join(f'#{i}' for i in selected)}" if edit else "Generating"
+            if mask is not None:
+                what += " in the mask"
             self._set_error("")
             self.view.save_feedback = {}
             # The stage shows the result being made, never the previous one beside it.
@@ -991,8 +1021,10 @@ class Studio:
                 self._set_error(" ".join(notes))
             self.view.result = {k: v for k, v in result.items() if k != "problem"}
             if entries:
-                # The new image is what the next Save or Edit selected works on.
+                # The new image is what the next Save or Edit selected works on; its mask has been used.
                 self.view.selected = [e.id for e in entries]
+                if generation.mask is not None:
+                    self.close_mask()
             self.view.activity = {}
             self.view.running = False
             self._render_summary()  # the budget left
@@ -1081,6 +1113,38 @@ class Studio:
         """Back from the details or the comparison to the gallery."""
         self.view.detail = {}
         self.view.compare = {}
+
+    # --- masks -------------------------------------------------------------------------------------
+
+    def paint_mask(self, entry_id: int | None = None) -> MaskPainter | None:
+        """What Paint mask does: a :class:`~nbimagine._painter.MaskPainter` over ``entry_id`` (default: the
+        first selected image, the one Edit selected changes), shown in the studio; ``entry_id`` leads the
+        selection. Edit selected then sends what is painted as the mask. None if refused (said on the page)."""
+        selected = self.selected
+        target = entry_id if entry_id is not None else (selected[0] if selected else None)
+        if target is None:
+            self._set_error("Select the image to mask in the gallery first, then Paint mask.")
+            return None
+        try:
+            entry = self.history.get(target)
+            painter = MaskPainter(entry.image, label=entry.ref)
+        except (KeyError, OSError, ImagineError) as exc:
+            self._set_error(plain_error(exc))
+            return None
+        self.close_mask()
+        with self.view.hold_sync():
+            self.view.selected = [target, *(i for i in selected if i != target)]
+            self.view.painter, self.view.mask_id = painter, target
+        self._set_error("")
+        return painter
+
+    def close_mask(self) -> None:
+        """What Close mask does: the painter goes, and Edit selected changes the whole image again."""
+        painter = self.view.painter
+        with self.view.hold_sync():
+            self.view.painter, self.view.mask_id = None, 0
+        if painter is not None:
+            painter.close()
 
     # --- saving ------------------------------------------------------------------------------------
 

@@ -49,10 +49,21 @@ function render({ model, el }) {
   buttons.generate = h("button", { class: "nbi-button nbi-primary nbi-generate", text: "Generate", onclick: () => send({ action: "generate" }) });
   buttons.edit = h("button", { class: "nbi-button nbi-edit", onclick: () => send({ action: "edit" }),
     title: "Send the selected images as edit inputs with the prompt" });
+  buttons.mask = h("button", { class: "nbi-button nbi-paint-mask", text: "Paint mask", onclick: () => send({ action: "mask" }),
+    title: "Paint the region of the first selected image to change; Edit selected then changes only that region" });
   buttons.cancel = h("button", { class: "nbi-button nbi-cancel", text: "Cancel", onclick: () => send({ action: "cancel" }) });
   const status = h("span", { class: "nbi-status", role: "status", "aria-live": "polite" });
-  const actions = h("div", { class: "nbi-actions" }, buttons.generate, buttons.edit, buttons.cancel, status);
+  const actions = h("div", { class: "nbi-actions" }, buttons.generate, buttons.edit, buttons.mask, buttons.cancel, status);
   const error = h("div", { class: "nbi-error", role: "alert" });
+
+  // --- the mask painter (nbimagine._painter.MaskPainter, its own widget) over the image to edit ---
+  const maskTitle = h("span", { class: "nbi-mask-title" });
+  const closeMask = h("button", { class: "nbi-button nbi-close-mask", text: "Close mask", title: "Edit the whole image again",
+    onclick: () => send({ action: "unmask" }) });
+  const maskSlot = h("div", { class: "nbi-mask-slot" });
+  const maskArea = h("div", { class: "nbi-mask-area", role: "region", "aria-label": "Mask" },
+    h("div", { class: "nbi-panel-bar" }, maskTitle, closeMask), maskSlot);
+  maskArea.hidden = true;
 
   // --- the stage: the result, or the progress of the one being made, in the same place ----------
   const stage = h("div", { class: "nbi-stage" });
@@ -90,7 +101,7 @@ function render({ model, el }) {
   detail.addEventListener("keydown", onPanelKey);
   compare.addEventListener("keydown", onPanelKey);
 
-  root.append(header, budget, prompt, actions, error, stage, toolbar, grid, detail, compare, saveRow);
+  root.append(header, budget, prompt, actions, error, maskArea, stage, toolbar, grid, detail, compare, saveRow);
 
   // --- selection ------------------------------------------------------------------------------
   function selectedIds() { return model.get("selected") || []; }
@@ -156,9 +167,15 @@ function render({ model, el }) {
     const running = model.get("running");
     const count = selectedIds().length;
     buttons.generate.disabled = running;
+    const masked = model.get("mask_id");
     buttons.edit.disabled = running || !count;
-    buttons.edit.textContent = count ? `Edit selected (${count})` : "Edit selected";
+    buttons.edit.textContent = masked && selectedIds()[0] === masked ? `Edit #${masked} in the mask`
+      : count ? `Edit selected (${count})` : "Edit selected";
+    buttons.mask.disabled = running || !count;
     buttons.cancel.disabled = !running;
+    maskTitle.textContent = masked ? (selectedIds()[0] === masked
+      ? `Mask for #${masked}: paint the region to change, then Edit #${masked} in the mask`
+      : `Mask for #${masked}: select #${masked} first to edit with it`) : "";
     saveButton.disabled = !count;
   }
 
@@ -210,6 +227,22 @@ function render({ model, el }) {
         : h("div", { class: "nbi-missing nbi-no-preview", text: "no preview" });
       stage.append(h("figure", { class: "nbi-result-figure" }, img, h("figcaption", { class: "nbi-result-caption" }, caption(result.lines))));
     }
+  }
+
+  // The painter is a widget of its own: its view is made by the widget manager and placed here.
+  let painterView = null;
+  async function renderPainter() {
+    const ref = model.get("painter");
+    if (painterView) { painterView.remove(); painterView = null; }
+    maskSlot.replaceChildren();
+    maskArea.hidden = !ref;
+    renderButtons();
+    if (!ref) return;
+    const child = await model.widget_manager.get_model(ref.slice("IPY_MODEL_".length));
+    const view = await model.widget_manager.create_view(child);
+    if (model.get("painter") !== ref) { view.remove(); return; }  // replaced while it was being made
+    painterView = view;
+    maskSlot.append(view.el);
   }
 
   function renderError() {
@@ -346,6 +379,8 @@ function render({ model, el }) {
     "change:save_feedback": renderSaveFeedback,
     "change:detail": renderDetail,
     "change:compare": renderCompare,
+    "change:painter": renderPainter,
+    "change:mask_id": renderButtons,
     "change:prompt": () => { if (prompt.value !== model.get("prompt")) prompt.value = model.get("prompt"); },
     "change:save_path": () => { if (savePath.value !== model.get("save_path")) savePath.value = model.get("save_path"); },
     "change:overwrite": () => { overwrite.checked = model.get("overwrite"); },
@@ -358,9 +393,11 @@ function render({ model, el }) {
   renderSaveFeedback();
   renderDetail();
   renderCompare();
+  renderPainter();
 
   return () => {
     if (tick) clearInterval(tick);
+    if (painterView) painterView.remove();
     for (const [event, handler] of Object.entries(handlers)) model.off(event, handler);
   };
 }
