@@ -9,8 +9,8 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHMARKS = ["bench_openai", "bench_gemini", "bench_cost", "bench_history", "bench_notebook", "bench_widgets",
-              "bench_display", "bench_background", "bench_sets", "bench_emulator"]
+BENCHMARKS = ["bench_openai", "bench_images", "bench_gemini", "bench_cost", "bench_history", "bench_notebook",
+              "bench_widgets", "bench_display", "bench_background", "bench_sets", "bench_emulator"]
 
 
 def main(names: list[str]) -> int:
