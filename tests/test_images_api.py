@@ -215,7 +215,6 @@ def test_bad_inputs_fail_before_any_request(emu) -> None:
         # A URL is fetched (and uploaded): one that cannot be fetched fails here, before the API is asked.
         (lambda: agent.ask_sync("x", ImageInput("http://127.0.0.1:9/a.png")), "Cannot fetch"),
         (lambda: agent.ask_sync("x", ImageInput(file_id="file-1")), "must be bytes"),
-        (lambda: agent.ask_sync("x", _gif()), "image/gif"),
         (lambda: agent.ask_sync(png()), "needs a text prompt"),
         (lambda: agent.ask_sync("x" * 32001), "32,000"),
         (lambda: images_agent(emu, model="dall-e-2").ask_sync("x", png(64, 32)), "square"),
@@ -226,6 +225,21 @@ def test_bad_inputs_fail_before_any_request(emu) -> None:
         with pytest.raises((InputError, ConfigError), match=words):
             call()
     assert image_calls(emu) == []
+
+
+def test_a_type_the_model_does_not_take_is_sent_as_png_and_said(emu) -> None:
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), "blue").save(jpeg, "JPEG")
+    webp = io.BytesIO()
+    Image.new("RGB", (64, 64), "green").save(webp, "WEBP")
+    with pytest.warns(InputWarning, match="reference image 2 was image/gif.*sent as PNG"):
+        images_agent(emu).ask_sync("x", png(), jpeg.getvalue(), _gif(), webp.getvalue())
+    sent = image_calls(emu)[-1].json["files"]["image[]"]
+    assert [f["media_type"] for f in sent] == ["image/png", "image/jpeg", "image/png", "image/webp"]
+    with pytest.warns(InputWarning, match="the image to edit was image/jpeg, which dall-e-2 edits do not take"):
+        images_agent(emu, model="dall-e-2").ask_sync("x", jpeg.getvalue())
+    assert image_calls(emu)[-1].json["files"]["image"] == [
+        {"media_type": "image/png", "bytes": image_calls(emu)[-1].json["files"]["image"][0]["bytes"]}]
 
 
 def test_the_emulator_refuses_too_many_images_and_bad_files(emu) -> None:

@@ -82,6 +82,36 @@ def _webp_alpha() -> bytes:
     return encode(Image.open(io.BytesIO(alpha_mask())), "WEBP")
 
 
+def _drawn(mode: str, background: object, region: object, **save: object) -> bytes:
+    image = Image.new(mode, SIZE, background)  # type: ignore[arg-type]
+    ImageDraw.Draw(image).rectangle(BOX, fill=region)  # type: ignore[arg-type]
+    return encode(image, **save)
+
+
+def _palette_with_transparency() -> bytes:
+    image = Image.new("P", SIZE, 1)
+    image.putpalette([0, 0, 0] * 256)
+    ImageDraw.Draw(image).rectangle(BOX, fill=0)
+    out = io.BytesIO()
+    image.save(out, "PNG", transparency=0)  # a tRNS chunk: colour 0 is transparent
+    return out.getvalue()
+
+
+def png_bomb(width: int = 40_000, height: int = 40_000) -> bytes:
+    """A valid 1-bit PNG of ``width`` x ``height`` zeros: ~190 KB on disk, 1.6 gigapixels decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    squeeze = zlib.compressobj(9)
+    row = bytes(1 + (width + 7) // 8)
+    idat = b"".join(squeeze.compress(row) for _ in range(height)) + squeeze.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
 # (name, mask bytes, what happens: "sent" / "converted" / an InputError message fragment)
 MASKS = [
     ("alpha png", alpha_mask(), "sent"),
@@ -94,6 +124,18 @@ MASKS = [
     ("all black", encode(Image.new("RGB", SIZE, "black")), "marks no region"),
     ("wrong size", alpha_mask((128, 128), (8, 8, 40, 40)), "must be the same size"),
     ("wrong size black-and-white", bw_mask(size=(512, 512)), "must be the same size"),
+    # Every PNG mode a mask arrives in from other tools.
+    ("palette png with a transparent colour", _palette_with_transparency(), "sent"),
+    ("greyscale with alpha", _drawn("LA", (0, 255), (0, 0)), "sent"),
+    ("1-bit black-and-white", _drawn("1", 0, 1), "converted"),
+    ("16-bit greyscale", _drawn("I;16", 0, 65535), "converted"),
+    # A soft brush that never reached full transparency marks nothing OpenAI would change.
+    ("alpha without a fully transparent pixel", _drawn("RGBA", (0, 0, 0, 255), (0, 0, 0, 40)),
+     "its most transparent pixel has alpha 40"),
+    ("truncated png", alpha_mask()[:300], "cannot be read"),
+    ("not an image", b"<html>a proxy error page</html>", "Unsupported image type"),
+    # 1.6 gigapixels in 190 KB: refused from its header, before a pixel is decoded.
+    ("decompression bomb", png_bomb(), "The mask is 40000x40000 but the image to edit is 256x256"),
 ]
 
 
@@ -116,6 +158,35 @@ def test_mask_validation_table(emu, api: str, name: str, mask: bytes, outcome: s
         with pytest.raises(InputError, match=outcome):
             agent.ask_sync("Add a red door", photo(), mask=ImageInput(data=mask))
         assert emu.requests == []
+
+
+def test_a_bomb_costs_no_memory() -> None:
+    import tracemalloc
+
+    from nbimagine._masks import prepare_mask
+
+    bomb = png_bomb()
+    tracemalloc.start()
+    with pytest.raises(InputError, match="must be the same size"):
+        prepare_mask(ImageInput(data=bomb), ImageInput(data=photo()))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2 * 1024 * 1024, peak
+
+
+@pytest.mark.parametrize("api", AGENTS)
+def test_a_mask_of_4_mb_or_more_is_refused_before_the_request(emu, api: str) -> None:
+    import random
+
+    size = (1100, 1100)  # noise does not compress: about 4.8 MB as PNG
+    rng = random.Random(15)
+    noisy = Image.frombytes("RGBA", size, bytes(rng.getrandbits(8) for _ in range(size[0] * size[1] * 4)))
+    noisy.putpixel((0, 0), (0, 0, 0, 0))
+    mask = encode(noisy)
+    assert len(mask) >= 4 * 1024 * 1024
+    with pytest.raises(InputError, match=r"OpenAI takes masks under 4\.0 MB"):
+        AGENTS[api](emu).ask_sync("Add a door", photo(size), mask=mask)
+    assert emu.requests == []
 
 
 @pytest.mark.parametrize("api", AGENTS)

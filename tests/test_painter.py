@@ -47,6 +47,31 @@ def test_the_painter_shows_a_preview_and_paints_at_full_size() -> None:
     painter.tool = "eraser"
 
 
+@pytest.mark.parametrize(("size", "brush"), [((3000, 200), 188), ((200, 3000), 188), ((2, 2), 2), ((1, 1), 1),
+                                             ((4096, 4096), 256)])
+def test_any_shape_gets_a_painter_at_its_own_size(size: tuple[int, int], brush: int) -> None:
+    painter = MaskPainter(BinaryResult(_png(Image.new("RGB", size, "teal"))))
+    assert (painter.natural_width, painter.natural_height) == size and painter.brush == brush
+    painter.mask_url = _painted(size, (0, 0, 0, 0))
+    assert (painter.mask.width, painter.mask.height) == size
+
+
+def test_an_image_too_large_to_paint_is_refused_in_words() -> None:
+    from nbimagine._images import image_size
+    from nbimagine.errors import InputError
+
+    big = _png(Image.new("1", (5000, 4000)))
+    assert image_size(big) == (5000, 4000)
+    with pytest.raises(InputError, match=r"5000x4000 .* up to 16\.8 MP"):
+        MaskPainter(BinaryResult(big))
+
+
+def test_imagine_mask_on_an_image_too_large_is_one_line(ip) -> None:
+    ip.user_ns["big"] = _png(Image.new("1", (5000, 4000)))
+    with pytest.raises(UsageError, match="Resize it first"):
+        ip.run_line_magic("imagine", "mask big")
+
+
 def test_the_widget_ships_its_front_end() -> None:
     painter = MaskPainter(BinaryResult(_png(Image.new("RGB", (64, 64)))))
     assert "export default" in painter._esm and "render" in painter._esm

@@ -999,7 +999,10 @@ class ImagineMagics(Magics, _ConfigTraits):
             from .events import BinaryResult
 
             image = BinaryResult(image.data, {**image.metadata, "history_id": history_id})
-        painter = MaskPainter(image, label=f"#{history_id}" if history_id else words[0])
+        try:
+            painter = MaskPainter(image, label=f"#{history_id}" if history_id else words[0])
+        except InputError as exc:
+            raise UsageError(str(exc)) from None
         if self.shell is not None:
             self.shell.user_ns[name] = painter
         print(f"Paint the region to change, then: %%imagine -e {words[0]} --mask {name}")

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._image_models import MASK_MAX_BYTES
-from ._images import human_bytes, image_size
-from .errors import InputError, InputWarning
+from ._images import FULL_DECODE_PIXELS, describe, human_bytes, image_size, open_full
+from .errors import ImagineError, InputError, InputWarning
 from .events import ImageInput
 
 __all__ = ["GUIDE_INSTRUCTION", "PreparedMask", "as_mask_input", "guide_image", "prepare_mask"]
@@ -69,17 +69,34 @@ def prepare_mask(mask: ImageInput, target: ImageInput | None) -> PreparedMask:
         return PreparedMask(mask)  # a file_id or URL: the provider checks it
     from PIL import Image, ImageChops
 
+    # Everything the header tells is checked before a pixel is decoded: a hostile mask (a decompression
+    # bomb, a PNG of 40000x40000) costs nothing, since a mask can be no larger than its image.
+    target_size = image_size(target.data, target.media_type) if target.data is not None else None
+    header_size = image_size(mask.data, mask.media_type) if mask.media_type else None
+    if header_size is None:
+        raise InputError(f"The mask cannot be decoded ({describe(mask.data)}); save it as a PNG with an alpha "
+                         "channel") from None
+    _check_same_size(header_size, target_size)
+    if mask.media_type == "image/png" and len(mask.data) >= MASK_MAX_BYTES:
+        raise _too_big(len(mask.data))
+    if header_size[0] * header_size[1] > FULL_DECODE_PIXELS:
+        raise InputError(f"The mask is {header_size[0]}x{header_size[1]} ({header_size[0] * header_size[1] / 1e6:.0f} "
+                         f"megapixels); nbimagine reads masks up to {FULL_DECODE_PIXELS / 1e6:.0f} MP. Resize the "
+                         "image and its mask (OpenAI works at 3840x2160 at most).")
     try:
-        with Image.open(io.BytesIO(mask.data)) as opened:
-            opened.load()
-            image = opened.copy()
-    except Exception as exc:
-        raise InputError(f"The mask cannot be decoded ({exc}); save it as a PNG with an alpha channel") from None
+        image = open_full(mask.data)
+    except ImagineError as exc:
+        raise InputError(f"The mask cannot be read ({exc}). Save it as a PNG with an alpha channel") from None
 
     converted = None
     rgba = image.convert("RGBA") if _has_alpha_channel(image) else None
     alpha = rgba.getchannel("A") if rgba is not None else None
     if alpha is not None and alpha.getextrema()[0] < 255:
+        lowest = alpha.getextrema()[0]
+        if lowest > 0:
+            raise InputError(
+                f"The mask marks no region to change: OpenAI edits where the mask is fully transparent (alpha 0), "
+                f"and its most transparent pixel has alpha {lowest}. Make the region to change fully transparent.")
         if mask.media_type != "image/png":
             converted = f"{mask.media_type} with transparency to PNG"
             png = _png(rgba)
@@ -105,20 +122,27 @@ def prepare_mask(mask: ImageInput, target: ImageInput | None) -> PreparedMask:
         out.putalpha(new_alpha)
         png = _png(out)
         converted = "black-and-white to alpha (white = change)"
-    target_size = image_size(target.data, target.media_type) if target.data is not None else None
-    if target_size is not None and tuple(image.size) != tuple(target_size):
-        raise InputError(
-            f"The mask is {image.size[0]}x{image.size[1]} but the image to edit is "
-            f"{target_size[0]}x{target_size[1]}: they must be the same size (OpenAI: the mask must 'have the same "
-            "dimensions as image'). Paint the mask on the image itself (%imagine mask) or resize it."
-        )
+    _check_same_size(tuple(image.size), target_size)  # the header may have told another size (a broken file)
     if len(png) >= MASK_MAX_BYTES:
-        raise InputError(f"The mask is {human_bytes(len(png))} as PNG; OpenAI takes masks under "
-                         f"{human_bytes(MASK_MAX_BYTES)}. Use a smaller image.")
+        raise _too_big(len(png))
     if converted:
         warnings.warn(f"nbimagine converted the mask from {converted}: fully transparent pixels now mark the "
                       "region to change (the form OpenAI's APIs take).", InputWarning, stacklevel=2)
     return PreparedMask(ImageInput(data=png), converted)
+
+
+def _check_same_size(size: tuple[int, ...], target_size: tuple[int, int] | None) -> None:
+    if target_size is not None and tuple(size) != tuple(target_size):
+        raise InputError(
+            f"The mask is {size[0]}x{size[1]} but the image to edit is {target_size[0]}x{target_size[1]}: they must "
+            "be the same size (OpenAI: the mask must 'have the same dimensions as image'). Paint the mask on the "
+            "image itself (%imagine mask) or resize it."
+        )
+
+
+def _too_big(size: int) -> InputError:
+    return InputError(f"The mask is {human_bytes(size)} as PNG; OpenAI takes masks under "
+                      f"{human_bytes(MASK_MAX_BYTES)}. Use a smaller image, or a mask with fewer colours.")
 
 
 def guide_image(image: bytes, mask_png: bytes) -> bytes:

@@ -26,6 +26,9 @@ __all__ = ["MaskPainter"]
 
 _STATIC = Path(__file__).parent / "static"
 _PREFIX = "data:image/png;base64,"
+# The paint layer is a canvas of the image's full size, read back after each stroke: 4096x4096 is 64 MB in the
+# browser. OpenAI's models work at 3840x2160 at most, so a larger image is better resized before an edit anyway.
+MAX_PAINT_PIXELS = 4096 * 4096
 
 
 class MaskPainter(anywidget.AnyWidget):
@@ -57,9 +60,13 @@ class MaskPainter(anywidget.AnyWidget):
         width, height = image.width, image.height
         if not width or not height:
             raise InputError("The image's size cannot be read from its header; save it as PNG or JPEG first")
+        if width * height > MAX_PAINT_PIXELS:
+            raise InputError(f"The image is {width}x{height} ({width * height / 1e6:.0f} megapixels); the mask painter "
+                             f"paints at full size up to {MAX_PAINT_PIXELS / 1e6:.1f} MP (4096x4096). Resize it first: "
+                             "OpenAI's models work at 3840x2160 at most")
         shown, media_type = preview(image)
-        if brush is None:
-            brush = max(4, round(max(width, height) / 16))
+        if brush is None:  # a sixteenth of the long side, within what the brush takes (1 to the long side)
+            brush = min(max(width, height), max(4, round(max(width, height) / 16)))
         super().__init__(image=data_url(shown, media_type), natural_width=width, natural_height=height,
                          brush=brush, label=label, **kwargs)
         self.source = image

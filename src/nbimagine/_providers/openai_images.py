@@ -21,7 +21,7 @@ from .._image_models import ImageModelRules, rules_for
 from .._images import EXTENSIONS, human_bytes
 from .._masks import PreparedMask, prepare_mask
 from ..config import AzureOpenAIImagesConfig, OpenAIImagesConfig
-from ..errors import ConfigError, InputError, InputWarning, ProviderError, UnsupportedToolError
+from ..errors import ConfigError, ImagineError, InputError, InputWarning, ProviderError, UnsupportedToolError
 from ..events import BinaryResult, ImageEvent, ImageInput, PartialImageEvent, ReplyEvent, StreamEvent
 from ._base import Provider, Turn, kept, result, undecodable_error
 from ._fetch import inline_urls, inline_urls_async
@@ -79,7 +79,7 @@ class OpenAIImagesProvider(OpenAIBatchMixin, _OpenAIClientMixin, Provider[OpenAI
             params.pop(name, None)
         mask = None
         if action == "edit":
-            self._check_images(images, rules)
+            images = self._check_images(images, rules)
             for name in _GENERATE_ONLY:
                 if params.pop(name, None) is not None:
                     warnings.warn(f"{name} applies to generations only (the edits endpoint has no {name}); "
@@ -107,7 +107,9 @@ class OpenAIImagesProvider(OpenAIBatchMixin, _OpenAIClientMixin, Provider[OpenAI
             request["extra_body"] = dict(self.config.extra_body)
         return action, request, mask
 
-    def _check_images(self, images: Sequence[ImageInput], rules: ImageModelRules) -> None:
+    def _check_images(self, images: Sequence[ImageInput], rules: ImageModelRules) -> list[ImageInput]:
+        """The input images as the model takes them: a type it does not take (a GIF; a JPEG for dall-e-2) is
+        converted to PNG, with an ``InputWarning``; whatever cannot be sent is an ``InputError``."""
         if not rules.edits:
             raise ConfigError(f"{rules.family} cannot edit images; use a GPT image model such as gpt-image-2")
         if len(images) > rules.max_input_images:
@@ -122,9 +124,8 @@ class OpenAIImagesProvider(OpenAIBatchMixin, _OpenAIClientMixin, Provider[OpenAI
                     "OpenAIResponsesConfig for file ids"
                 )
             if image.media_type not in rules.input_media_types:
-                kinds = ", ".join(EXTENSIONS[m] for m in rules.input_media_types)
-                raise InputError(f"{where} is {image.media_type}; {rules.family} edits take {kinds} images. "
-                                 "Convert it first (e.g. BinaryResult.save('x.png'))")
+                image = _as_png(image, where, rules)
+                images = [*images[:k], image, *images[k + 1:]]
             if len(image.data) >= rules.max_input_bytes:
                 raise InputError(f"{where} is {human_bytes(len(image.data))}; {rules.family} takes images under "
                                  f"{human_bytes(rules.max_input_bytes)}")
@@ -134,6 +135,7 @@ class OpenAIImagesProvider(OpenAIBatchMixin, _OpenAIClientMixin, Provider[OpenAI
                 size = image_size(image.data, image.media_type)
                 if size and size[0] != size[1]:
                     raise InputError(f"{rules.family} edits square images only; {where} is {size[0]}x{size[1]}")
+        return list(images)
 
     # --- run ----------------------------------------------------------------------------------
 
@@ -280,6 +282,27 @@ class _ImagesParser:
             self.files.append(image)
             return [ImageEvent(image)]
         return []
+
+
+def _as_png(image: ImageInput, where: str, rules: ImageModelRules) -> ImageInput:
+    """``image`` (a type ``rules`` does not take) as a PNG of the same pixels (a GIF's first frame), said with an
+    ``InputWarning``; ``InputError`` when the model takes no PNG or the bytes cannot be decoded."""
+    import io
+
+    from .._images import open_full
+
+    kinds = ", ".join(EXTENSIONS[m] for m in rules.input_media_types)
+    if "image/png" not in rules.input_media_types or image.data is None:
+        raise InputError(f"{where} is {image.media_type}; {rules.family} edits take {kinds} images")
+    try:
+        decoded = open_full(image.data)
+    except ImagineError as exc:
+        raise InputError(f"{where} cannot be converted to PNG for {rules.family} ({exc})") from None
+    out = io.BytesIO()
+    decoded.save(out, "PNG")
+    warnings.warn(f"{where} was {image.media_type}, which {rules.family} edits do not take ({kinds}): sent as PNG",
+                  InputWarning, stacklevel=4)
+    return ImageInput(data=out.getvalue(), media_type="image/png", detail=image.detail)
 
 
 def _declared(output_format: Any) -> str | None:
