@@ -232,7 +232,8 @@ def test_unknown_fault_token_is_a_400_in_each_vendor_envelope_and_nothing_is_dra
     assert ginfo.value.code == 400 and ginfo.value.status == "INVALID_ARGUMENT" and "nope" in ginfo.value.message
 
 
-def test_magic_lists_and_arms_faults(emu: Emulator, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_magic_lists_and_arms_faults(emu: Emulator, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
     from IPython.core.interactiveshell import InteractiveShell
 
     from nbimagine._session import get_session, set_emulator
@@ -255,6 +256,11 @@ def test_magic_lists_and_arms_faults(emu: Emulator, tmp_path: Any, monkeypatch: 
             shell.run_line_magic("imagine", "emulator fault modaration")
         shell.run_line_magic("imagine", "emulator fault http --status 503 --times 2")
         assert emu.state.pending_faults() == [("http", None, 2)]
+        capsys.readouterr()
+        shell.run_line_magic("imagine", "emulator fault refusal")  # says which requests will take it
+        assert "the Responses API" in capsys.readouterr().out
+        listing = shell.run_line_magic("imagine", "emulator faults")
+        assert "Armed, waiting for a request they apply to: http x2, refusal (openai) x1" in repr(listing)
     finally:
         session.use(emulator=False)
         set_emulator(None)

@@ -869,7 +869,9 @@ class ImagineMagics(Magics, _ConfigTraits):
         word, _, arguments = rest.strip().partition(" ")
         word = word.lower()
         if word == "faults":
-            return _FaultList()
+            from ._session import emulator
+
+            return _FaultList(emulator().state.pending_faults() if self.session.emulator else [])
         if word == "fault":
             return self._inject_fault(arguments)
         if word not in ("on", "off", ""):
@@ -968,8 +970,13 @@ class ImagineMagics(Magics, _ConfigTraits):
             emulator().inject(args.name, times=args.times, status=args.status, family=args.family)
         except (UnknownFaultError, ValueError) as exc:
             raise UsageError(str(exc)) from None
+        from .emulator._faults import ROUTES, parse_fault
+
+        prefix, _, rest = args.name.partition(":")
+        kind, _ = parse_fault(rest if prefix in FAMILIES else args.name)
         runs = "the next request" if args.times == 1 else f"the next {args.times} requests"
-        print(f"Emulator fault {args.name!r} armed for {runs}.")
+        # A fault waits for a request of a route that acts on it: say which, or the user waits for nothing.
+        print(f"Emulator fault {args.name!r} armed for {runs} of {'; '.join(ROUTES[r][1] for r in kind.routes)}.")
 
     def _cmd_panel(self, rest: str) -> Any:
         _no_arguments("panel", rest, "set options with %imagine use PROVIDER --OPTION VALUE")
@@ -1198,15 +1205,22 @@ def _emulator_banner() -> None:
 class _FaultList:
     """What ``%imagine emulator faults`` shows: every fault the emulator can inject, described."""
 
-    def __init__(self) -> None:
+    def __init__(self, pending: list[tuple[str, str | None, int]]) -> None:
         from .emulator import fault_kinds
 
         self.kinds = fault_kinds()
+        self.pending = pending  # armed and not yet taken: (name, family or None, times left)
+
+    def _armed(self) -> str:
+        if not self.pending:
+            return ""
+        return "Armed, waiting for a request they apply to: " + ", ".join(
+            f"{name}{f' ({family})' if family else ''} x{left}" for name, family, left in self.pending)
 
     def __repr__(self) -> str:
         lines = ["Emulator faults (%imagine emulator fault NAME, or [fault:NAME] in a prompt):"]
         lines += [f"  {k.usage():28} {'/'.join(k.routes):30} {k.description}" for k in self.kinds]
-        return "\n".join(lines)
+        return "\n".join([*lines, *filter(None, [self._armed()])])
 
     def _repr_html_(self) -> str:
         import html
@@ -1214,7 +1228,8 @@ class _FaultList:
         rows = "".join(f"<tr><td><code>{html.escape(k.usage())}</code></td><td>{', '.join(k.routes)}</td>"
                        f"<td style='text-align:left'>{html.escape(k.description)}</td></tr>" for k in self.kinds)
         return ("<p>Emulator faults: <code>%imagine emulator fault NAME</code>, or <code>[fault:NAME]</code> in a "
-                f"prompt.</p><table><tr><th>fault</th><th>routes</th><th>what it does</th></tr>{rows}</table>")
+                f"prompt.</p><table><tr><th>fault</th><th>routes</th><th>what it does</th></tr>{rows}</table>"
+                + (f"<p>{html.escape(self._armed())}</p>" if self.pending else ""))
 
 
 class _Settings:
