@@ -494,6 +494,48 @@ def test_save_rules(routed, hist, tmp_path):
     st.close()
 
 
+@pytest.mark.parametrize(("typed", "fragment"), [
+    ("a\x00b.png", "holds a character no file name can hold"),
+    ("x" * 300 + ".png", "a name in it is too long"),
+    ("x" * 300 + "/", "a name in it is too long"),
+    ("taken.png/", "is a file, not a folder"),  # a file where the folder should be: not "tick overwrite"
+])
+def test_a_path_that_cannot_be_used_is_said_beside_save(routed, hist, tmp_path, typed, fragment):
+    seed(hist, 1)
+    (tmp_path / "taken.png").write_bytes(b"the user's file")
+    st = Studio(routed, hist, settings=False)
+    st.view.selected = [1]
+    st.view.save_path = f"{tmp_path}/{typed}"  # not a Path: it would drop the trailing /
+    act(st, "save")  # through the page's message, as the Save button sends it
+    feedback = st.view.save_feedback
+    assert feedback["kind"] == "error" and fragment in feedback["text"], feedback
+    assert "Errno" not in feedback["text"] and "\n" not in feedback["text"] and not st.view.error
+    assert (tmp_path / "taken.png").read_bytes() == b"the user's file"
+    st.close()
+
+
+def test_save_never_writes_through_a_symlink_inside_the_folder(routed, hist, tmp_path):
+    seed(hist, 1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victim = elsewhere / "victim.png"
+    victim.write_bytes(b"not yours")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "1-seed-image-0.png").symlink_to(victim)  # the export name, planted as a link
+    st = Studio(routed, hist, settings=False)
+    st.view.selected = [1]
+    st.view.save_path = str(out) + "/"
+    act(st, "save")
+    assert victim.read_bytes() == b"not yours"
+    assert "saved as 1-seed-image-0-2.png" in st.view.save_feedback["text"]
+    st.view.overwrite = True
+    act(st, "save")  # overwrite replaces the link itself, never the file it points to
+    assert victim.read_bytes() == b"not yours" and not (out / "1-seed-image-0.png").is_symlink()
+    assert (out / "1-seed-image-0.png").read_bytes() == hist.get(1).image.data
+    st.close()
+
+
 def test_save_as_jpeg_flattens_transparency_onto_white(routed, hist, tmp_path):
     image = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
     buffer = io.BytesIO()

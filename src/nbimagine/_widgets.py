@@ -655,6 +655,17 @@ def _file_problem(exc: OSError, path: str | os.PathLike[str] | None = None) -> s
     return f"Cannot write {where}: {reason[:1].lower() + reason[1:]}"
 
 
+def _path_problem(exc: OSError | ValueError, target: str) -> str:
+    """A path the user typed that cannot be used, in words (``ValueError: embedded null byte`` is not one)."""
+    if isinstance(exc, OSError) and exc.errno != errno.ENAMETOOLONG:
+        return _file_problem(exc)
+    if isinstance(exc, ValueError) and not re.search(r"null|file name", str(exc)):
+        return f"Cannot save: {plain_error(exc)}"
+    shown = repr(target) if len(target) <= 80 else repr(target[:60]) + f"… ({len(target)} characters)"
+    why = "a name in it is too long" if isinstance(exc, OSError) else "it holds a character no file name can hold"
+    return f"Cannot save to {shown}: {why}; type another folder/ or file name"
+
+
 def _data_url(data: bytes, media_type: str) -> str:
     import base64
 
@@ -1165,7 +1176,10 @@ class Studio:
             return self._save_failed("Select the image(s) to save in the gallery first")
         if not target:
             return self._save_failed("Type where to save: a folder/ (readable names) or a file such as out/fox.png")
-        folder = target.endswith(("/", os.sep)) or Path(target).expanduser().is_dir()
+        try:
+            folder = target.endswith(("/", os.sep)) or Path(target).expanduser().is_dir()
+        except (OSError, ValueError) as exc:  # a NUL, a name too long: the typed path, in words
+            return self._save_failed(_path_problem(exc, target))
         if len(ids) > 1 and not folder:
             return self._save_failed(f"{len(ids)} images are selected: give a folder (ending in /) to save them all")
         written: list[Path] = []
@@ -1176,8 +1190,8 @@ class Studio:
                 destination, note = _save_entry(entry, target, folder=folder, overwrite=overwrite)
             except KeyError as exc:
                 return self._save_failed(plain_error(exc), written)
-            except OSError as exc:
-                return self._save_failed(_file_problem(exc), written)
+            except (OSError, ValueError) as exc:
+                return self._save_failed(_path_problem(exc, target), written)
             except ImagineError as exc:
                 return self._save_failed(plain_error(exc), written)
             written.append(destination)
@@ -1259,7 +1273,12 @@ def _save_entry(entry: HistoryEntry, target: str, *, folder: bool, overwrite: bo
     image = entry.image
     if folder:
         name = f"{entry.id}-{_slug(entry.prompt)}.{entry.ext}"
-        with Folder.open(Path(target).expanduser()) as out:
+        where = Path(target).expanduser()
+        try:
+            opened = Folder.open(where)
+        except FileExistsError:  # a file where the folder should be: overwrite would not help
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(where)) from None
+        with opened as out:
             there = out.lstat(name) is not None
             if overwrite:
                 used = out.write(name, image.data, overwrite=True, durable=False)
