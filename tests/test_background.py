@@ -99,17 +99,24 @@ async def test_a_job_longer_than_the_client_timeout_survives(emu) -> None:
 
 
 async def test_transient_errors_while_polling_are_retried(emu) -> None:
-    emu.background_duration = 0.5
+    from nbimagine.emulator._background import _job
+
+    emu.background_duration = 60  # the job ends when the test says so, not by a clock
     agent = Agent("designer", config=config(emu), tools=[ImageGenerationTool(size="256x256")])
     task = asyncio.ensure_future(agent.ask("A lighthouse"))
-    while not calls(emu, "POST"):
+    # Wait for the first poll, not for the create: the emulator records a request before it picks a
+    # fault, so a fault injected when the create is seen could land on the create itself.
+    while not calls(emu, "GET"):
         await asyncio.sleep(0.01)
     emu.inject("http", status=503, times=2)
+    while emu.state._faults or len(calls(emu, "GET")) < 4:  # both failed polls, then one that worked
+        assert not task.done(), task.exception()
+        await asyncio.sleep(0.01)
+    _job(emu.state, calls(emu, "GET")[0].path.rsplit("/", 1)[1]).duration = 0  # the job completes now
 
     reply = await task
 
     assert len(reply.files) == 1
-    assert len(calls(emu, "GET")) >= 3  # two failed polls, then the ones that worked
 
 
 # --- cancelled mid-way --------------------------------------------------------------------------
@@ -188,6 +195,30 @@ def test_ctrl_c_in_ask_sync_cancels_the_job(emu, ctrl_c_when_in_flight) -> None:
     while not calls(emu, "POST", "/cancel") and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(calls(emu, "POST", "/cancel")) == 1
+
+
+def test_ctrl_c_while_polling_cancels_the_job_on_the_server(emu) -> None:
+    import _thread
+    import threading
+
+    emu.background_duration = 60
+    agent = Agent("designer", config=config(emu, poll_interval=0.05), tools=[ImageGenerationTool(size="256x256")])
+
+    def press_once_polled() -> None:  # after a status poll, not during the create
+        deadline = time.monotonic() + 30
+        while not calls(emu, "GET", "") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        _thread.interrupt_main()
+
+    threading.Thread(target=press_once_polled, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        agent.ask_sync("A lighthouse")  # ask is not streamed: the job is polled
+    assert calls(emu, "GET", "")  # it was polling when Ctrl-C came
+    deadline = time.monotonic() + 30
+    while not calls(emu, "POST", "/cancel") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    cancelled = calls(emu, "POST", "/cancel")
+    assert len(cancelled) == 1 and cancelled[0].path.startswith(calls(emu, "GET", "")[0].path)
 
 
 def test_a_script_interrupted_during_the_create_still_cancels_the_job_before_it_exits(emu, tmp_path) -> None:

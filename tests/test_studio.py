@@ -675,3 +675,17 @@ def test_a_background_response_shows_its_status(routed, hist, emu):
     generate(st, "a slow harbour", timeout=30)
     assert any(note.startswith("background response") for note in notes) and st.view.status["kind"] == "done"
     st.close()
+
+
+def test_cancel_of_a_background_response_cancels_it_on_the_server(routed, hist, emu):
+    emu.background_duration = 60
+    routed.use(background_mode=True)
+    st = Studio(routed, hist, settings=False)
+    st.view.prompt = "a slow harbour"
+    act(st, "generate")
+    wait_for(lambda: any(r.method == "POST" and r.path.endswith("/responses") for r in emu.requests), 20)
+    act(st, "cancel")
+    assert st.wait(20)
+    wait_for(lambda: any(r.path.endswith("/cancel") for r in emu.requests), 20)
+    assert st.view.status["kind"] == "cancelled" and st.view.result == {} and len(hist) == 0
+    st.close()

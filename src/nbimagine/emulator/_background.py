@@ -16,7 +16,8 @@ Faults (by name, like every emulator fault): ``background_failed`` (the job ends
 ``server_error``), ``background_cancelled`` (cancelled on the server halfway; its stream ends
 without a final event), ``background_result_missing`` (completed, but the retrieved response
 holds ``result: null`` for its image calls, as users of the real service report),
-``broken_stream`` (the connection drops after the first partial image; the job runs on).
+``broken_stream`` (the connection drops after the first partial image; the job runs on). An injected
+``http`` fault answers the next poll or stream resume with that status (a transient failure to retry).
 """
 
 from __future__ import annotations
@@ -190,6 +191,12 @@ def retrieve(req: Request, state: State, resp_id: str) -> Answer:
 
     job = _job(state, resp_id)
     streaming = req.query.get("stream", "").lower() == "true"
+    # An injected fault applies to a poll or a resumed stream as to any request (the prompt's [fault:...]
+    # token already fired on the create): an HTTP error is answered here, a broken stream below; the routes
+    # decide which faults a poll takes (HTTP only) and which a resumed stream does (HTTP, broken_stream).
+    fault = state.fault("openai", "", route="retrieve" if streaming else "poll")
+    if fault is not None and fault.name == "http":
+        return _openai._http_fault(fault)
     if job is None:
         stored = _openai._stored_response(state, resp_id)
         if stored is None:
@@ -206,8 +213,6 @@ def retrieve(req: Request, state: State, resp_id: str) -> Answer:
     except ValueError:
         return _openai._error(400, f"Invalid value for 'starting_after': {after!r}. Expected an integer.",
                               param="starting_after", code="invalid_value")
-    # Only an injected fault applies: the prompt's [fault:...] token already fired on the create.
-    fault = state.fault("openai", "", route="retrieve")
     break_after = 1 if fault and fault.name == "broken_stream" else None
     return Answer(sse=job.frames(start), break_after=break_after)
 

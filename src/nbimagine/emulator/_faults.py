@@ -33,6 +33,7 @@ ROUTES: dict[str, tuple[tuple[str, ...], str]] = {
     "responses": (("openai",), "the Responses API (OpenAI, Azure, Foundry's OpenAI routes)"),
     "background": (("openai",), "a background response (POST .../responses with background=true)"),
     "retrieve": (("openai",), "a background response's resumed stream (GET .../responses/{id}?stream=true)"),
+    "poll": (("openai",), "a background response's status poll (GET .../responses/{id})"),
     "images": (("openai",), "the Images API (images/generations, images/edits)"),
     "chat": (("openai",), "chat completions"),
     "gemini": (("gemini",), "generateContent / streamGenerateContent (Gemini, Vertex)"),
@@ -131,7 +132,7 @@ def parse_fault(spec: str, family: str | None = None, route: str | None = None) 
 # Routes acting on a fault, by kind of answer. A background response is the Responses API's answer made on
 # the emulator's clock, so what changes a Responses answer changes it too.
 _RESPONSES = ("responses", "background")
-_HTTP = ("responses", "background", "images", "chat", "gemini", "foundry")
+_HTTP = ("responses", "background", "retrieve", "poll", "images", "chat", "gemini", "foundry")
 _IMAGES = ("responses", "background", "images", "gemini")  # routes answering with image bytes
 
 # One row per fault family: name, routes, argument, description.
