@@ -246,6 +246,21 @@ def test_panel_studio_gallery_and_saved_notebook_in_jupyterlab(tmp_path: Path) -
             for label in settings.locator(".widget-label").all():
                 assert label.evaluate("n => n.scrollWidth <= n.clientWidth + 1"), label.inner_text()
             page.screenshot(path=str(ARTIFACTS / "panel.png"))
+            # Foundry at 1024 px: its own fields, labels whole, nothing pushed out; then back to OpenAI.
+            settings.locator(".nbi-provider select").select_option(label="Microsoft Foundry")
+            endpoint = settings.locator(".nbi-project-endpoint input")
+            expect(endpoint).to_be_visible()
+            expect(settings.locator(".nbi-agent-name input")).to_be_visible()
+            expect(settings.locator(".nbi-aspect-ratio select")).to_be_hidden()
+            for label in settings.locator(".widget-label").all():
+                if label.is_visible():
+                    assert label.evaluate("n => n.scrollWidth <= n.clientWidth + 1"), label.inner_text()
+            area = cells.nth(1).locator(".jp-OutputArea").bounding_box()
+            box = endpoint.bounding_box()
+            assert area and box and box["x"] + box["width"] <= area["x"] + area["width"] + 1, "endpoint field"
+            page.screenshot(path=str(ARTIFACTS / "panel-foundry.png"))
+            settings.locator(".nbi-provider select").select_option(label="OpenAI")
+            expect(settings.locator(".nbi-quality select")).to_have_value("low")
 
             # The kernel's session has the panel's settings ...
             run(2)
@@ -285,6 +300,10 @@ def test_panel_studio_gallery_and_saved_notebook_in_jupyterlab(tmp_path: Path) -
             expect(studio.locator(".nbi-status")).to_contain_text("Done in")
             expect(generate).to_be_enabled()
             expect(studio.locator(".nbi-gallery-title")).to_contain_text("(2 images)")
+            # A caption too long for its tile ends in an ellipsis, not cut mid-letter.
+            prompt = studio.locator(".nbi-tile-prompt").first
+            assert prompt.evaluate("n => getComputedStyle(n).textOverflow") == "ellipsis"
+            assert prompt.evaluate("n => getComputedStyle(n).whiteSpace") == "nowrap"
             # The new image is selected.
             tile2, tile1 = studio.locator('.nbi-tile[data-id="2"]'), studio.locator('.nbi-tile[data-id="1"]')
             expect(tile2).to_have_attribute("aria-selected", "true")

@@ -895,12 +895,18 @@ def test_foundry_options_on_another_provider_are_refused_per_cell(ip, emu):
     assert not emu.requests
 
 
-@pytest.mark.parametrize("endpoint", ["notaurl", "http://res.services.ai.azure.com/api/projects/p",
-                                      "https://res.services.ai.azure.com"])
-def test_a_wrong_project_endpoint_is_refused_by_use(ip, emu, endpoint):
-    with pytest.raises(UsageError, match="--project-endpoint: ") as info:
-        ip.run_line_magic("imagine", f"use foundry --project-endpoint {endpoint} --agent painter")
-    assert "\n" not in str(info.value) and get_session().project_endpoint is None
+@pytest.mark.parametrize(("line", "flag"), [
+    ("--project-endpoint notaurl --agent painter", "--project-endpoint"),
+    ("--project-endpoint http://res.services.ai.azure.com/api/projects/p --agent painter", "--project-endpoint"),
+    ("--project-endpoint https://res.services.ai.azure.com --agent painter", "--project-endpoint"),
+    ("--agent my_agent!", "--agent"),
+    ("--agent -painter", "--agent"),
+])
+def test_wrong_foundry_settings_are_refused_by_use(ip, emu, line, flag):
+    with pytest.raises(UsageError, match=f"{flag}: ") as info:
+        ip.run_line_magic("imagine", f"use foundry {line}")
+    assert "\n" not in str(info.value)
+    assert get_session().project_endpoint is None and get_session().agent_name is None
 
 
 def test_use_foundry_before_an_agent_says_what_is_missing(ip):

@@ -20,6 +20,15 @@ NAMES = ["01_quickstart.ipynb", "02_editing.ipynb", "03_providers.ipynb", "04_py
          "05_image_sets.ipynb"]
 
 
+def test_readme_says_how_to_open_the_tutorials_from_the_venv():
+    # The command the README gives works in the environment `make install` builds: jupyter lab is installed
+    # next to this Python, and the folder it names holds the tutorials.
+    readme = (NOTEBOOKS.parent / "README.md").read_text()
+    assert "`.venv/bin/jupyter lab notebooks/`" in readme
+    assert (Path(sys.executable).parent / "jupyter-lab").exists() or shutil.which("jupyter-lab")
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == NAMES
+
+
 def test_notebooks_are_saved_clean():
     assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == NAMES
     for name in NAMES:

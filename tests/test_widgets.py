@@ -397,3 +397,27 @@ def test_background_mode_checkbox_follows_the_session(session):
     assert session.background_mode is True
     session.use(background_mode=False)
     assert p.background_mode.value is False
+
+
+@pytest.mark.parametrize(("name", "typed", "fragment"), [
+    ("project_endpoint", "https://res.services.ai.azure.com", "ends with /api/projects/<project>"),
+    ("project_endpoint", "http://res.services.ai.azure.com/api/projects/p", "must use https"),
+    ("agent_name", "my_agent!", "letters, digits and hyphens"),
+])
+def test_free_text_being_typed_stays_and_says_it_is_not_applied_yet(session, name, typed, fragment):
+    p = ProviderPanel(session)
+    p.provider.value = "foundry"
+    p.quality.value = "low"
+    getattr(p, name).value = typed
+    # The text stays where the user is typing (never wiped), the session keeps what is in effect.
+    assert getattr(p, name).value == typed and getattr(session, name) is None
+    message = text(p.errors[name])
+    assert "is not applied yet" in message and fragment in message and "in effect: default" in message
+    assert session.quality == "low"  # the rest of the panel still applies
+    # A refusal elsewhere (a transparent JPEG) puts that control back, not the text being typed.
+    p.output_format.value = "jpeg"
+    p.background.value = "transparent"
+    assert p.background.value == DEFAULT and getattr(p, name).value == typed
+    good = {"project_endpoint": "https://res.services.ai.azure.com/api/projects/p", "agent_name": "painter"}[name]
+    getattr(p, name).value = good
+    assert getattr(session, name) == good and text(p.errors[name]) == ""

@@ -20,7 +20,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .config import GEMINI_ASPECT_RATIOS, GEMINI_IMAGE_SIZES, GEMINI_MODALITIES, check_project_endpoint
+from .config import (
+    GEMINI_ASPECT_RATIOS,
+    GEMINI_IMAGE_SIZES,
+    GEMINI_MODALITIES,
+    check_agent_name,
+    check_project_endpoint,
+)
 from .errors import ConfigError
 from .tools import BACKGROUNDS, INPUT_FIDELITIES, MODERATIONS, OUTPUT_FORMATS, QUALITIES, STANDARD_SIZES, validate_size
 
@@ -191,6 +197,11 @@ def _checked(flag: str, check: Callable[[str], str], value: str) -> str:
         raise ConfigError(f"{flag}: {exc}") from None
 
 
+def _agent_name(value: str) -> str:
+    check_agent_name(value)
+    return value
+
+
 def _check_size(value: str) -> str:
     return _checked("--size", validate_size, value)
 
@@ -292,7 +303,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("agent_name", ("--agent",), ("foundry",), "config.agent_name",
            "the agent's name (with -m DEPLOYMENT nbimagine creates or reuses a version with the image options; "
            "without -m the agent is used as it is)", metavar="NAME", label="Agent", example="agent name",
-           source=_FOUNDRY_DOCS),
+           check=lambda value: _checked("--agent", _agent_name, value), source=_FOUNDRY_DOCS),
     Option("agent_version", ("--agent-version",), ("foundry",), "config.agent_version",
            "use this version of the agent (default: the latest)", metavar="V", example="latest",
            source=_FOUNDRY_DOCS),

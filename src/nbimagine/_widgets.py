@@ -380,12 +380,23 @@ class ProviderPanel:
                 reason = (re.sub(r"^--size: size '.*?' is not allowed: ", "", str(exc)) if text
                           else "type a size such as 2048x1152")
                 found["size"] = f"{text or 'The custom size'} is not applied yet: {reason}"
+        for name in self._typed(wanted):  # free text being typed (an endpoint, an agent name...)
+            opt, text = option(name), self.controls[name].value.strip()
+            try:
+                opt.validate(text or None)
+            except ConfigError as exc:
+                reason = re.sub(rf"^{re.escape(opt.flag)}:?\s*", "", str(exc))
+                found[name] = f"{text} is not applied yet: {reason}"
         if wanted.get("background") == "transparent" and wanted.get("output_format") == "jpeg":
             found["output_format"] = "JPEG has no transparency: choose png or webp, or a background other than " \
                                      "transparent first"
         if "response_modalities" in wanted and not wanted["response_modalities"]:
             found["response_modalities"] = "Choose at least one response modality (IMAGE to get images)"
         return found
+
+    def _typed(self, names: Any) -> list[str]:
+        """Which of ``names`` are typed as free text (their text stays while it is not valid yet)."""
+        return [name for name in names if name in self.controls and isinstance(self.controls[name], w.Text)]
 
     def notes(self, wanted: dict[str, Any] | None = None) -> dict[str, str]:
         """Warnings that do not block the change (shown inline)."""
@@ -431,8 +442,8 @@ class ProviderPanel:
         """Write the wanted values to the session; True if all were applied.
 
         A value that cannot be applied is not kept in its control: the control shows the session's
-        value again and the reason is shown beside it. Only a custom size being typed stays, marked
-        "not applied yet" with the size in effect.
+        value again and the reason is shown beside it. Only text being typed (a custom size, an endpoint,
+        an agent name...) stays, marked "not applied yet" with the value in effect.
         """
         wanted = self.wanted()
         problems = self.problems(wanted)
@@ -449,15 +460,23 @@ class ProviderPanel:
             problems["apply"] = str(exc)
         finally:
             self._applying = False
-        blocked = [name for name in problems if name != "size"] + (["apply"] if "apply" in problems else [])
+        typed = ["size", *self._typed(problems)]
+        blocked = [name for name in problems if name not in typed] + (["apply"] if "apply" in problems else [])
         if blocked:
-            # Put back what the session has, so that nothing on display is out of effect.
+            # Put back what the session has, so that nothing on display is out of effect (text being typed
+            # stays, marked "not applied yet").
+            texts = {name: self.controls[name].value for name in self._typed(problems)}
             self._load(messages=False)
+            with self._hold():
+                for name, text in texts.items():
+                    self.controls[name].value = text
             if changed in ("background", "output_format") and "output_format" in problems:
                 shown = self.session.background if changed == "background" else self.session.output_format
                 problems["output_format"] += f"; {changed.replace('_', ' ')} stays {shown or 'default'}"
         if "size" in problems:
             problems["size"] += f"; the size in effect is {self.session.size or 'the default'}"
+        for name in self._typed(problems):
+            problems[name] += f"; in effect: {option(name).show(getattr(self.session, name))}"
         self._show_messages(problems, self.notes())
         self._render_state()
         return not problems

@@ -217,6 +217,14 @@ _FOUNDRY_AGENT_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+def check_agent_name(name: Any) -> str:
+    """``name`` if Foundry takes it as an agent name, else ``ConfigError`` with the rule."""
+    if not isinstance(name, str) or not _FOUNDRY_AGENT_NAME.match(name):
+        raise ConfigError("an agent's name is 1 to 63 letters, digits and hyphens, starting and ending with a "
+                          f"letter or digit, not {name!r}")
+    return name
+
+
 def check_project_endpoint(endpoint: str) -> str:
     """``endpoint`` if it is a Foundry project endpoint, else ``ConfigError`` saying what one looks like.
 
@@ -281,11 +289,10 @@ class FoundryAgentConfig(OpenAIResponsesConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.agent_name, str) or not _FOUNDRY_AGENT_NAME.match(self.agent_name):
-            raise ConfigError(
-                "FoundryAgentConfig needs agent_name=, the agent's name in the project: 1 to 63 letters, digits "
-                f"and hyphens, starting and ending with a letter or digit (not {self.agent_name!r})"
-            )
+        try:
+            check_agent_name(self.agent_name)
+        except ConfigError as exc:
+            raise ConfigError(f"FoundryAgentConfig needs agent_name=, the agent's name in the project: {exc}") from None
         if self.agent_version is not None and (not isinstance(self.agent_version, str) or not self.agent_version):
             raise ConfigError(f"agent_version must be a version string such as '3', not {self.agent_version!r}")
         if self.base_url and self.project_endpoint:
