@@ -247,7 +247,7 @@ def test_panel_studio_gallery_and_saved_notebook_in_jupyterlab(tmp_path: Path) -
                 assert label.evaluate("n => n.scrollWidth <= n.clientWidth + 1"), label.inner_text()
             page.screenshot(path=str(ARTIFACTS / "panel.png"))
             # Foundry at 1024 px: its own fields, labels whole, nothing pushed out; then back to OpenAI.
-            settings.locator(".nbi-provider select").select_option(label="Microsoft Foundry")
+            settings.locator(".nbi-provider select").select_option(label="Microsoft Foundry agent")
             endpoint = settings.locator(".nbi-project-endpoint input")
             expect(endpoint).to_be_visible()
             expect(settings.locator(".nbi-agent-name input")).to_be_visible()

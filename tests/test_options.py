@@ -301,6 +301,27 @@ def test_emulator_checks_against_the_same_constants():
     assert _openai.BACKGROUNDS is tools.BACKGROUNDS is option("background").choices
 
 
+def test_no_allowed_values_are_written_twice():
+    """Every module that checks a value reads the one tuple (the per-model rules, the cost tables, the panel
+    and the emulators); the literal lists left in the sources are the SDK-checked Foundry table only."""
+    import re
+    from pathlib import Path
+
+    from nbimagine import _cost, _image_models, config, tools
+    from nbimagine.emulator import _openai
+
+    gpt_image_1 = _image_models.rules_for("gpt-image-1")
+    assert gpt_image_1.sizes is tools.STANDARD_SIZES and gpt_image_1.output_formats is tools.OUTPUT_FORMATS
+    assert gpt_image_1.backgrounds is tools.BACKGROUNDS and gpt_image_1.moderations is tools.MODERATIONS
+    assert set(_openai.STANDARD_SIZES) == set(_cost.OPENAI_STANDARD_SIZES) == set(tools.STANDARD_SIZES) - {"auto"}
+    assert option("response_modalities").choices == tuple(m for m in config.GEMINI_MODALITIES if m != "AUDIO")
+    source = Path(tools.__file__).parent
+    literal = re.compile(r'\(\s*"(?:jpeg", "webp|1024x1024", "1024x1536|high", "low|TEXT", "IMAGE", "AUDIO)"')
+    found = [f"{path.relative_to(source)}:{n}" for path in source.rglob("*.py") if path.name != "tools.py"
+             for n, line in enumerate(path.read_text().splitlines(), 1) if literal.search(line)]
+    assert all(name.startswith("config.py:") for name in found), found  # where GEMINI_MODALITIES is defined
+
+
 def test_dir_shows_the_public_surface():
     import nbimagine
 

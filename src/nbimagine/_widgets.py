@@ -158,7 +158,7 @@ class ProviderPanel:
         self._ui = _UIThread(lambda exc: setattr(self.errors["apply"], "value", _error_html(str(exc))))
         self._applying = False  # True while the panel itself writes the session
         self._loading = False  # True while the panel loads the session into its controls
-        self._style = {"description_width": "110px"}
+        self._style = {"description_width": "125px"}  # "Image deployment" whole at 1024 px
 
         self.provider = w.Dropdown(description="Provider", options=self._provider_options(), style=self._style,
                                    layout=_wide())
@@ -521,7 +521,8 @@ class ProviderPanel:
             _show(box, kind in families)
         name = self.provider.value
         registered = self.session._registered.get(name)
-        self.model.placeholder = registered.config.model if registered else DEFAULT_MODELS.get(kind, "")
+        self.model.placeholder = (registered.config.model if registered else DEFAULT_MODELS.get(kind)
+                                  or "optional, e.g. gpt-4.1")  # Foundry: the orchestrator deployment
         custom = self.size.value == CUSTOM
         _show(self.custom_size, custom)
         self.custom_size.disabled = not custom

@@ -448,7 +448,10 @@ def images_param_problem(model: str, name: str, value: Any, params: Mapping[str,
     if name == "input_fidelity":
         if rules.input_fidelities:
             return one_of(rules.input_fidelities)
-        return None if value in ("high", "low") else f"input_fidelity must be 'high' or 'low', not {value!r}"
+        from .tools import INPUT_FIDELITIES
+
+        return None if value in INPUT_FIDELITIES else (f"input_fidelity must be one of "
+                                                       f"{', '.join(map(repr, INPUT_FIDELITIES))}, not {value!r}")
     if name == "style":
         return one_of(rules.styles)
     return None

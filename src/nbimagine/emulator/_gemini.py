@@ -37,7 +37,7 @@ from typing import Any
 from .._cost import gemini_image_tokens, gemini_input_image_tokens
 from .._images import b64decode_any, image_size, sniff_media_type
 from .._providers._inputs import GEMINI, image_count_problem
-from ..config import GEMINI_NEWEST_ONLY_RATIOS
+from ..config import GEMINI_MODALITIES, GEMINI_NEWEST_ONLY_RATIOS
 from . import _draw
 from ._hostile import HOSTILE_IMAGES, hostile_image
 from ._server import VARIANTS, Answer, Fault, Request, State
@@ -340,7 +340,7 @@ def _parse(body: Any, *, model: str, vertex: bool) -> _Turn:
         if not isinstance(modalities, list) or not modalities:
             raise _Invalid(400, "Invalid value at 'generation_config.response_modalities': expected a list")
         for value in modalities:
-            if value not in ("TEXT", "IMAGE", "AUDIO"):
+            if value not in GEMINI_MODALITIES:
                 raise _Invalid(400, f"Invalid value at 'generation_config.response_modalities[0]' "
                                     f"(type.googleapis.com/google.ai.generativelanguage.v1beta.GenerationConfig."
                                     f"Modality), \"{value}\"")

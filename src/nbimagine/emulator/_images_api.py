@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .._image_models import MASK_MAX_BYTES, ImageModelRules, rules_for
-from ..tools import COMPRESSIBLE_FORMATS
+from ..tools import COMPRESSIBLE_FORMATS, INPUT_FIDELITIES
 from ._hostile import HOSTILE_IMAGES, hostile_image
 from ._openai import (
     _clean,
@@ -198,7 +198,7 @@ def _parse(req: Request, action: str, fields: dict[str, Any], files: dict[str, l
     if action == "generate":
         _choice(fields, "moderation", rules.moderations, rules.family)
     else:
-        _choice(fields, "input_fidelity", rules.input_fidelities or ("high", "low"), rules.family)
+        _choice(fields, "input_fidelity", rules.input_fidelities or INPUT_FIDELITIES, rules.family)
     if background == "transparent" and fmt == "jpeg":
         raise _Reject(400, "Transparent background is not supported for output format 'jpeg'. Use 'png' or "
                            "'webp'.", param="background", code="invalid_value")
