@@ -229,6 +229,16 @@ def test_user_mistakes_are_one_line_usage_errors(ip, emu, line, fragment):
     assert not [r for r in emu.requests if r.method == "POST"]
 
 
+def test_a_one_line_prompt_starting_with_a_dash_says_how(ip, emu):
+    with pytest.raises(UsageError, match="goes after --: %imagine -- -PROMPT"):
+        ip.run_line_magic("imagine", "-a cat in a hat")
+    ip.run_line_magic("imagine", "--no-history -- -a cat in a hat")
+    assert "-a cat in a hat" in prompt_text(last_body(emu))
+    with pytest.raises(UsageError) as info:  # in a cell, an unknown option is a typo: no such advice
+        imagine(ip, "-a", "a cat")
+    assert "PROMPT" not in str(info.value)
+
+
 def test_quoted_values_lose_their_quotes_and_reach_the_request(ip, emu):
     imagine(ip, '-m "gpt-4.1" --size \'256x256\' -o r', "a cat")
     assert ip.user_ns["r"].model == "gpt-4.1"

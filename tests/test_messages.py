@@ -21,10 +21,25 @@ def shown_lines(capsys) -> list[str]:
     return [line for line in (printed.out + printed.err).splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("family", ["openai", "gemini"])
+# Every provider family of the notebook; Foundry asks its agent through the project's OpenAI route, whose
+# faults are the openai family's (the emulator's "foundry" faults are its management routes').
+FAMILIES = ["openai", "azure", "foundry", "gemini", "vertex"]
+
+
+def use(ip, family: str) -> str:
+    """Switch the session to ``family``; returns the emulator fault family of its requests."""
+    if family == "foundry":
+        ip.run_line_magic("imagine", "use foundry --agent painter -m gpt-4.1")
+    else:
+        ip.run_line_magic("imagine", f"use {family}")
+    return family if family in ("gemini", "vertex") else "openai"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_retried_server_error_is_visible_in_the_progress_slot(ip, emu, family):
-    emu.inject(f"{family}:http", status=503, times=1, retry_after=0.01)
-    ip.run_cell_magic("imagine", f"-p {family} --no-history -o r", "a cat")
+    faults = use(ip, family)
+    emu.inject(f"{faults}:http" if faults != "vertex" else "http", status=503, times=1, retry_after=0.01)
+    ip.run_cell_magic("imagine", "--no-history -o r", "a cat")
     assert ip.user_ns["r"].files  # the retry succeeded
     progress = [t for t in texts(ip) if "retrying" in t]
     assert progress and "retrying (1/2) after HTTP 503" in progress[0]
@@ -53,12 +68,13 @@ def test_the_error_type_appears_once(ip, emu, capsys):
     assert "try again" in lines[0]
 
 
-@pytest.mark.parametrize("family", ["openai", "gemini"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_broken_stream_is_a_dropped_connection_not_an_unreachable_api(ip, emu, family):
+    faults = use(ip, family)
     get_session().use(max_retries=0)
-    emu.inject(f"{family}:broken_stream", times=1)
+    emu.inject(f"{faults}:broken_stream" if faults != "vertex" else "broken_stream", times=1)
     with pytest.raises(ProviderError) as info:
-        ip.run_cell_magic("imagine", f"-p {family} --no-history", "a cat")
+        ip.run_cell_magic("imagine", "--no-history", "a cat")
     message = str(info.value)
     assert "dropped mid-answer" in message and "Could not reach" not in message
 
@@ -84,7 +100,9 @@ def test_an_unreachable_api_says_so(ip):
     assert Emulator  # the real one is restored by the fixture
 
 
-def test_missing_key_is_one_usage_error_with_the_advice_once(ip, emu, capsys):
+def test_missing_key_is_one_usage_error_with_the_advice_once(ip, emu, capsys, fresh_history):
+    ip.run_line_magic("imagine", "history --notebook messages")  # no "cannot tell which notebook" notice
+    capsys.readouterr()
     get_session().use(emulator=False)
     result = ip.run_cell("%%imagine\na cat")
     error = result.error_in_exec

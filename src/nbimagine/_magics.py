@@ -223,7 +223,7 @@ class ImagineMagics(Magics, _ConfigTraits):
             if first in SUBCOMMANDS:
                 shown = self._subcommand(first, rest.strip())
                 return None if silenced else shown
-        args = self._parse(line)
+        args = self._parse(line, one_line_prompt=cell is None)
         if cell is None:
             prompt = " ".join(args.words)
             if not prompt.strip():
@@ -246,11 +246,13 @@ class ImagineMagics(Magics, _ConfigTraits):
 
     # --- generation ------------------------------------------------------------------------------
 
-    def _parse(self, line: str) -> Any:
+    def _parse(self, line: str, *, one_line_prompt: bool = False) -> Any:
         try:
             args = parse_argstring(self.imagine, line)
         except UsageError as exc:
-            raise UsageError(f"{exc} (see %%imagine? for the options)") from None
+            hint = ("; a one-line prompt that starts with - goes after --: %imagine -- -PROMPT"
+                    if one_line_prompt and "unrecognized arguments" in str(exc) else "")
+            raise UsageError(f"{exc} (see %%imagine? for the options{hint})") from None
         except ValueError as exc:  # shlex: unbalanced quotes
             raise UsageError(f"Cannot parse the %%imagine line: {exc}") from None
         # IPython splits magic lines without removing quotes (non-POSIX shlex, so that Windows paths keep

@@ -165,7 +165,8 @@ class FoundryAgentProvider(OpenAIResponsesProvider):
             api_key=self.config.api_key or credential.bearer, timeout=self.config.timeout,
             max_retries=self.config.max_retries, default_headers=dict(self.config.headers or {}),
             **({"base_url": self.config.base_url} if self.config.base_url else {}),
-            **({"http_client": _http_client(transport)} if transport is not None else {}),  # a dry run's
+            # The hook that shows retries in the progress line, as on OpenAI and Azure (and a dry run's transport).
+            http_client=_http_client(transport),
         )
         return _FoundryClients(openai_client, project, credential)
 
