@@ -88,6 +88,22 @@ def test_mask_problems_are_one_line_usage_errors_before_any_request(ip, emu) -> 
         ip.run_line_magic("imagine", "use -r last")
 
 
+def test_background_mode_never_reaches_the_images_apis_background(ip, emu, images_provider) -> None:
+    # The Images API has no background responses, and its own `background` is the image's (transparent...):
+    # --background-mode was sent there as background=True.
+    with pytest.raises(UsageError, match=r"--background-mode .* the Images API answers each request at once"):
+        imagine(ip, f"-p {images_provider} --background-mode", "a cat")
+    with pytest.raises(UsageError, match="the Images API answers each request at once"):
+        ip.run_line_magic("imagine", f"use {images_provider} --background-mode")
+    ip.run_line_magic("imagine", "use openai --background-mode")  # a default kept for the Responses API...
+    shown = repr(ip.run_line_magic("imagine", f"use {images_provider} --background opaque"))
+    assert "inactive" in shown and "background_mode=on" in shown.split("inactive", 1)[1]  # ...shown as kept
+    imagine(ip, "--no-history", "a cat")
+    sent = [r for r in emu.requests if "/images/" in r.path][-1].json
+    assert sent["background"] == "opaque" and sent.get("background") is not True
+    assert not [r for r in emu.requests if r.path.endswith("/responses")]
+
+
 def test_images_api_provider_makes_n_images_in_one_request(ip, emu, images_provider) -> None:
     imagine(ip, f"-p {images_provider} -n 3 --quality low -o rs", "three moons")
     calls = [r for r in emu.requests if "/images/" in r.path]
