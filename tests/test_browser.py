@@ -73,6 +73,8 @@ CELLS = [
     "print('LINEAGE', [e.id for e in h.lineage(last.id)], 'PARENTS', list(last.parents), 'COUNT', len(h))",
     "%imagine use --quality high",
     "emulator().latency = 30",  # the next request hangs until it is cancelled
+    # Run in the reopened notebook: one image per page, so that pages can be turned from the keyboard.
+    "import nbimagine\nnbimagine.studio(per_page=1, settings=False)",
 ]
 
 
@@ -206,7 +208,11 @@ def test_panel_studio_gallery_and_saved_notebook_in_jupyterlab(tmp_path: Path) -
             settings.locator(".nbi-provider select").select_option(label="Gemini")
             expect(settings.locator(".nbi-aspect-ratio select")).to_be_visible()
             expect(settings.locator(".nbi-quality select")).to_be_hidden()
+            # As a user reads the panel before the next choice: the kernel has applied the provider (a choice
+            # made while the switch is still on its way may be overwritten by the panel's refresh).
+            expect(settings.locator(".nbi-in-effect")).to_contain_text("In effect: Gemini")
             settings.locator(".nbi-aspect-ratio select").select_option("16:9")
+            expect(settings.locator(".nbi-in-effect")).to_contain_text("aspect_ratio=16:9")
             # ... OpenAI only OpenAI controls, and the Gemini value is shown as kept, not in effect.
             settings.locator(".nbi-provider select").select_option(label="OpenAI")
             expect(settings.locator(".nbi-quality select")).to_be_visible()
@@ -413,6 +419,28 @@ def test_panel_studio_gallery_and_saved_notebook_in_jupyterlab(tmp_path: Path) -
             expect(notebook.get_by_text("model not found").locator("visible=true")).to_have_count(0)
             assert "VBox(children" not in notebook.inner_text()
             page.screenshot(path=str(ARTIFACTS / "reopened.png"), full_page=True)
+
+            # Keyboard only through a long history: PageDown / PageUp and the arrows past the edge turn the
+            # page, and the focus follows onto the new page's tiles (3 images, one per page here).
+            paged = len(CELLS) - 1
+            run(paged)
+            pager = cells.nth(paged).locator(".nbi-studio")
+            expect(pager.locator(".nbi-page-label")).to_have_text("page 1 of 3", timeout=60_000)
+            pager.locator('.nbi-tile[data-id="3"]').focus()
+            page.keyboard.press("PageDown")
+            expect(pager.locator(".nbi-page-label")).to_have_text("page 2 of 3")
+            expect(pager.locator('.nbi-tile[data-id="2"]')).to_be_focused()
+            page.keyboard.press("ArrowRight")
+            expect(pager.locator('.nbi-tile[data-id="1"]')).to_be_focused()
+            page.keyboard.press("Space")
+            expect(pager.locator(".nbi-selection-label")).to_have_text("selected: #1")
+            page.keyboard.press("PageUp")
+            expect(pager.locator(".nbi-page-label")).to_have_text("page 2 of 3")
+            expect(pager.locator('.nbi-tile[data-id="2"]')).to_be_focused()
+            page.keyboard.press("ArrowLeft")
+            expect(pager.locator('.nbi-tile[data-id="3"]')).to_be_focused()
+            page.keyboard.press("PageUp")  # the first page: nothing to turn, the focus stays
+            expect(pager.locator('.nbi-tile[data-id="3"]')).to_be_focused()
         except BaseException:
             with contextlib.suppress(Exception):
                 page.screenshot(path=str(ARTIFACTS / "failure.png"))

@@ -113,6 +113,7 @@ function render({ model, el }) {
 
   // --- rendering ------------------------------------------------------------------------------
   let focusId = null;
+  let pendingFocus = null;  // "first" / "last": the tile to focus once a page turned by keyboard arrives
 
   function renderSummary() {
     summary.textContent = model.get("summary");
@@ -123,6 +124,8 @@ function render({ model, el }) {
 
   function renderGrid() {
     const items = model.get("items") || [];
+    // A re-render (a page turned, an image made elsewhere) must not drop the keyboard focus out of the grid.
+    const hadFocus = grid.contains(document.activeElement);
     grid.replaceChildren();
     if (!items.length) grid.append(h("div", { class: "nbi-empty", text: "No images yet: write a prompt and Generate." }));
     items.forEach((item) => {
@@ -139,8 +142,11 @@ function render({ model, el }) {
       grid.append(tile);
     });
     const ids = items.map((i) => i.id);
+    if (pendingFocus && ids.length) focusId = pendingFocus === "last" ? ids[ids.length - 1] : ids[0];
     if (!ids.includes(focusId)) focusId = ids.length ? ids[0] : null;
     renderSelection();
+    if ((pendingFocus || hadFocus) && focusId !== null) grid.querySelector(`.nbi-tile[data-id="${focusId}"]`).focus();
+    pendingFocus = null;
     galleryTitle.textContent = `History (${model.get("total").toLocaleString()} image${model.get("total") === 1 ? "" : "s"})`;
     pageLabel.textContent = `page ${model.get("page") + 1} of ${model.get("pages")}`;
     prev.disabled = model.get("page") <= 0;
@@ -334,7 +340,7 @@ function render({ model, el }) {
     }
   }
 
-  // --- keyboard in the grid: arrows move, Space selects, Enter opens ----------------------------
+  // --- keyboard in the grid: arrows move, Space selects, Enter opens, PageDown/PageUp turn pages ----
   function tiles() { return [...grid.querySelectorAll(".nbi-tile")]; }
   function focusTile(id) {
     focusId = id;
@@ -348,7 +354,18 @@ function render({ model, el }) {
     if (index < 0) return;
     const columns = Math.max(1, all.filter((t) => t.offsetTop === all[0].offsetTop).length);
     const moves = { ArrowRight: 1, ArrowLeft: -1, ArrowDown: columns, ArrowUp: -columns, Home: -index, End: all.length - 1 - index };
-    if (event.key in moves) {
+    const page = model.get("page");
+    // PageDown / PageUp, or an arrow past the first or last tile, turn the page; focus follows.
+    const turn = event.key === "PageDown" || (event.key in moves && moves[event.key] > 0 && index + moves[event.key] >= all.length
+      && event.key !== "End") ? 1
+      : event.key === "PageUp" || (event.key in moves && moves[event.key] < 0 && index + moves[event.key] < 0
+      && event.key !== "Home") ? -1 : 0;
+    if (turn && page + turn >= 0 && page + turn < model.get("pages")) {
+      event.preventDefault();
+      event.stopPropagation();
+      pendingFocus = turn > 0 ? "first" : "last";
+      send({ action: "page", page: page + turn });
+    } else if (event.key in moves) {
       event.preventDefault();
       event.stopPropagation();
       const target = all[Math.min(all.length - 1, Math.max(0, index + moves[event.key]))];
