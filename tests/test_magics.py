@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -964,3 +965,21 @@ def test_providers_shows_foundry_credential_sources_by_name_only(ip, monkeypatch
     text = repr(shown) + shown._repr_mimebundle_()["text/html"]
     assert "AZURE_AI_PROJECT_ENDPOINT" in text and "AZURE_CLIENT_SECRET" in text
     assert secret not in text and "res.services.ai.azure.com" not in text
+
+
+def test_a_foundry_sign_in_that_fails_mid_request_says_what_to_do_from_the_notebook(ip, emu, monkeypatch):
+    for var in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET", "AZURE_FEDERATED_TOKEN_FILE",
+                "IDENTITY_ENDPOINT", "MSI_ENDPOINT", "AZURE_AI_PROJECT_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no az / azd: nothing to sign in with
+    monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "dev")  # developer tools only: no managed identity probe
+    ip.run_line_magic("imagine", "emulator off")
+    ip.run_line_magic("imagine", f"use foundry --project-endpoint {emu.foundry_endpoint} --agent painter")
+    shown = repr(ip.run_line_magic("imagine", "providers"))
+    assert re.search(r"\* foundry +sign in\?", shown), shown  # the endpoint alone is not "ready"
+    with pytest.raises(UsageError) as info:
+        imagine(ip, "", "a lighthouse")
+    message = str(info.value)
+    assert "az login" in message and "run %imagine emulator on to work offline" in message
+    assert "FoundryAgentConfig" not in message and "\n" not in message
+    assert not [r for r in emu.requests if r.method == "POST"]

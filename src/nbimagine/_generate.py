@@ -48,6 +48,7 @@ __all__ = ["MAX_VARIANTS", "EventCallback", "Generation", "Retrying", "variant_l
 MAX_VARIANTS = 8  # requests at once for one cell; the Images API makes up to MAX_N images in one request
 # Where a notebook user raises the retry count (the Python API's advice names max_retries).
 MAGIC_RETRY_ADVICE = "add --retries 5 to the cell (or %imagine use --retries 5)"
+MAGIC_OFFLINE = "run %imagine emulator on to work offline"
 
 
 def variant_limit(session: ImagineSession, provider: str | None = None) -> int:
@@ -102,6 +103,7 @@ class Generation:
         session: ImagineSession | None = None,
         history: History | None = None,
         retry_advice: str = MAGIC_RETRY_ADVICE,
+        offline_advice: str = MAGIC_OFFLINE,
         agent: Agent | None = None,
         params: dict[str, Any] | None = None,
         limiter: RateLimiter | None = None,
@@ -124,6 +126,7 @@ class Generation:
         self.overrides = dict(overrides or {})
         self.record = record
         self.retry_advice = retry_advice
+        self.offline_advice = offline_advice
         self.session = session or get_session()
         self._history = history
         shared = agent is not None and params is not None
@@ -405,12 +408,13 @@ class Generation:
         return self.replies
 
     async def _one(self, agent: Agent, index: int, on_event: EventCallback | None) -> None:
-        from ._providers._base import ON_RETRYABLE, RETRY_ADVICE
+        from ._providers._base import ON_RETRYABLE, RETRY_ADVICE, SIGN_IN_ADVICE
 
         inputs = self._inputs()
         extra = {"refs": self.refs, "mask": self.mask}
         # Each variant runs in its own task, so these context variables are this variant's alone.
         RETRY_ADVICE.set(self.retry_advice)
+        SIGN_IN_ADVICE.set(self.offline_advice)
         if on_event is not None:
             ON_RETRYABLE.set(_retry_reporter(on_event, index, agent.config.max_retries))
         accounted.set(True)  # this generation holds the budgets for its requests (hold_budget)

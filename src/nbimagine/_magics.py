@@ -1440,9 +1440,17 @@ class _Providers:
         self.emulator = session.emulator
 
     def rows(self) -> list[tuple[str, str, str]]:
+        from ._session import foundry_credential_sources
+
         rows = []
+        signed_in = bool(foundry_credential_sources())
         for name, ok in self.status.items():
             state = "emulator" if self.emulator else ("ready" if ok else "no key")
+            if state == "ready" and name == "foundry" and not signed_in:
+                # An endpoint alone is not enough: the token comes from an Entra ID sign-in nbimagine sees no
+                # trace of here (no az/azd, no AZURE_* identity variables); DefaultAzureCredential may still
+                # find one (VS Code, a token cache), so this is a warning, not a refusal.
+                state = "sign in?"
             rows.append((("* " if name == self.current else "  ") + name, state,
                          ", ".join(self.sources.get(name, [])) or "-"))
         return rows

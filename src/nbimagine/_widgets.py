@@ -958,7 +958,7 @@ class Studio:
             try:
                 edits = [self.history.get(i).image for i in selected] if edit else []
                 generation = Generation(prompt, edits=edits, mask=mask, session=self.session, history=self.history,
-                                        retry_advice=STUDIO_RETRY_ADVICE)
+                                        retry_advice=STUDIO_RETRY_ADVICE, offline_advice=STUDIO_OFFLINE)
                 generation.build_agent()
             except Exception as exc:
                 self._set_error(plain_error(exc))

@@ -315,6 +315,8 @@ def transport_failure(exc: BaseException, provider: str | None = None) -> str | 
 # How the user changes the retry count from where they are: the Python API's words by default; the
 # notebook layer sets its own (a cell option, a panel control) around the requests it makes.
 RETRY_ADVICE: ContextVar[str] = ContextVar("nbimagine_retry_advice", default="raise max_retries in the config")
+# The last way out when a sign-in (a Microsoft Entra ID token) fails during a request, from where the user is.
+SIGN_IN_ADVICE: ContextVar[str] = ContextVar("nbimagine_sign_in_advice", default="pass credential= to the config")
 
 
 def status_hint(status: int | None) -> str | None:

@@ -343,9 +343,11 @@ def _management_error(exc: Exception, name: str) -> Exception | None:
     from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError, ServiceRequestError
 
     if isinstance(exc, ClientAuthenticationError) and getattr(exc, "response", None) is None:
+        from ._base import SIGN_IN_ADVICE
+
         return ConfigError(f"No usable Azure credential for the Foundry project ({_first_line(exc)}). Sign in with "
-                           "`az login`, set AZURE_CLIENT_ID / AZURE_TENANT_ID / AZURE_CLIENT_SECRET, or pass "
-                           "credential= to FoundryAgentConfig")
+                           "`az login`, set AZURE_CLIENT_ID / AZURE_TENANT_ID / AZURE_CLIENT_SECRET, or "
+                           f"{SIGN_IN_ADVICE.get()}")
     if isinstance(exc, HttpResponseError):
         error = getattr(getattr(exc, "model", None), "error", None)
         message = getattr(error, "message", None) or _first_line(exc)
