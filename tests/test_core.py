@@ -239,3 +239,16 @@ def test_import_is_light() -> None:
            "print(heavy)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(("message", "request_id"), [
+    ("The background response resp_1 was cancelled on the server before it finished", None),
+    ("The connection dropped mid-answer; run it again.", None),
+    ("Image generation failed", "req_1"),
+])
+def test_the_kept_images_are_a_sentence_of_their_own(message: str, request_id: str | None) -> None:
+    from nbimagine.errors import ProviderError
+
+    error = ProviderError(message, provider="openai", request_id=request_id, files=[BinaryResult(b"x")])
+    text = str(error)
+    assert text.endswith(". 1 image(s) made before the failure are in .files.") and ".. " not in text

@@ -152,8 +152,11 @@ class ProviderError(ImagineError):
             parts.append(str(self.code))
         head = f"[{', '.join(parts)}] " if parts else ""
         tail = f" (request id {self.request_id})" if self.request_id else ""
-        kept = f" {len(self.files)} image(s) made before the failure are in .files." if self.files else ""
-        return f"{head}{self.message}{tail}{kept}"
+        text = f"{head}{self.message}{tail}"
+        if self.files:  # a sentence of its own, whatever the provider's message ended with
+            text = text.rstrip() + ("" if text.rstrip().endswith((".", "!", "?")) else ".")
+            text += f" {len(self.files)} image(s) made before the failure are in .files."
+        return text
 
 
 class BudgetError(ImagineError):
