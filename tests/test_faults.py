@@ -74,7 +74,7 @@ def _answer(emu: Emulator, route: str, family: str, prompt: str, stream: bool, a
     if route == "responses":
         arm()
         return _http("POST", base + "/responses", _responses_body(prompt, stream), _OPENAI)
-    if route in ("background", "retrieve"):
+    if route in ("background", "retrieve", "poll"):
         emu.state.background_duration = 0.05
         if route == "background":
             arm()
@@ -83,8 +83,10 @@ def _answer(emu: Emulator, route: str, family: str, prompt: str, stream: bool, a
         if (stream and route == "background") or created.startswith(("HTTP", "broken")):
             return _http_clean(created)
         resp_id = json.loads(created)["id"]
-        if route == "retrieve":
+        if route in ("retrieve", "poll"):
             arm()
+        if route == "poll":
+            return _http("GET", f"{base}/responses/{resp_id}", headers=_OPENAI)
         events = _http("GET", f"{base}/responses/{resp_id}?stream=true", headers=_OPENAI)  # waits for the end
         if route == "retrieve":
             return events
