@@ -442,3 +442,44 @@ def test_prompts_that_are_not_python_never_fail_the_cell_after_its_images(ip, em
 def test_a_trailing_semicolon_still_silences_a_subcommand(ip, emu):
     assert ip.run_line_magic("imagine", "history") is not None
     assert ip.run_line_magic("imagine", "history;") is None
+
+
+# The publish calls of one %%imagine cell with a reply text, in order: the progress slot, its updates,
+# then the final outputs. A frontend may fail at any of them.
+_PUBLISHES = ["slot", "update", "text", "image", "caption"]
+
+
+@pytest.mark.parametrize("failing", _PUBLISHES)
+def test_a_frontend_failing_at_any_output_never_hides_the_image_or_unbinds_o(ip, emu, monkeypatch, capsys, failing):
+    from nbimagine._history import history
+
+    publisher = ip.display_pub
+    original = publisher.publish
+
+    def kind(data, update):
+        if not update and (data.get("text/plain", "").startswith("Generating")):
+            return "slot"
+        if update:
+            return "update"
+        if any(k.startswith("image/") for k in data):
+            return "image"
+        return "caption" if "text/plain" not in data else "text"
+
+    def publish(data, metadata=None, source=None, *, transient=None, update=False, **kwargs):
+        if kind(data, update) == failing:
+            raise RuntimeError("the frontend went away")
+        return original(data, metadata=metadata, source=source, transient=transient, update=update, **kwargs)
+
+    monkeypatch.setattr(publisher, "publish", publish)
+    imagine(ip, "-o r", "a kite")  # no exception: the image was paid for
+    [image] = ip.user_ns["r"].files
+    [entry] = history()
+    assert image.metadata["history_id"] == entry.id
+    shown = [o for o in outputs(ip) if not o["update"] and any(k.startswith("image/") for k in o["data"])]
+    if failing == "image":
+        assert not shown and "the images are in r and in the history" in capsys.readouterr().out
+    else:
+        [output] = shown
+        assert output["metadata"]["nbimagine"]["history_id"] == entry.id
+    if failing in ("slot", "update"):
+        assert any("progress display failed" in o["data"].get("text/plain", "") for o in outputs(ip))

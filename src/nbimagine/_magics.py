@@ -7,6 +7,7 @@ the history and the generation runner load on first use.
 
 from __future__ import annotations
 
+import contextlib
 import keyword
 import os
 import queue
@@ -545,8 +546,11 @@ class ImagineMagics(Magics, _ConfigTraits):
             interrupted = False
             handle = None
             try:
-                handle = display(progress_bundle(None, label=label), raw=True, display_id=True)
-                gen.wait(on_poll=on_poll if live else None, warn=False)
+                try:
+                    handle = display(progress_bundle(None, label=label), raw=True, display_id=True)
+                except Exception as exc:  # a frontend that fails: the request goes on, the images follow
+                    problems.append(f"the progress display failed ({type(exc).__name__}: {exc})")
+                gen.wait(on_poll=on_poll if live and handle is not None else None, warn=False)
             except KeyboardInterrupt:
                 interrupted = True
                 gen.cancel()  # stops the requests and waits for them (a no-op when Job.result already did)
@@ -640,15 +644,25 @@ class ImagineMagics(Magics, _ConfigTraits):
                             "stopped and the images are all here")
         if problems:
             outputs.append((warning_output(list(dict.fromkeys(problems))), {}))
-        try:
-            if handle is not None and _applies_updates(self.shell):
+        # A frontend or publisher failure: each output is tried on its own (one that fails does not take
+        # the images with it), -o is bound already, and one line says where the images are.
+        failed: list[str] = []
+        if handle is not None and _applies_updates(self.shell):
+            try:
                 handle.update(_note(_summary(gen, len(items), interrupted)), raw=True)
-            for data, metadata in outputs:
+            except Exception as exc:
+                failed.append(f"{type(exc).__name__}: {exc}")
+        for data, metadata in outputs:
+            try:
                 display(data, metadata=metadata, raw=True)
-        except Exception as exc:  # a frontend or publisher failure: -o is bound, say where the images are
-            names = f" in {out}" if out and replies else ""
-            print(f"ImagineWarning: the images could not be displayed ({type(exc).__name__}: {exc}); "
-                  f"they are{names} and in the history.")
+            except Exception as exc:
+                failed.append(f"{type(exc).__name__}: {exc}")
+        if failed:
+            where = " and ".join(w for w in (f"in {out}" if out and replies else "",
+                                              "in the history (%imagine history)" if gen.entries else "") if w)
+            with contextlib.suppress(Exception):
+                print(f"ImagineWarning: {len(failed)} output(s) could not be displayed ({failed[0]})"
+                      + (f"; the images are {where}." if where else "."))
         return replies
 
     def _no_image_hint(self, gen: Generation) -> str:
