@@ -115,8 +115,45 @@ def test_bytes_that_are_not_an_image_reach_the_python_api_on_a_typed_error(ip, e
         kept.to_pil()
 
 
+# fault -> what the image is: valid but unusual images are previewed, thumbnailed and saved like any other;
+# one above the decoding limit is kept and named.
+_UNUSUAL = {"tiny_png": (1, 1), "animated_png": (1024, 1024), "cmyk_jpeg": (1024, 1024),
+            "gray16_png": (1024, 1024), "large_png": None}
+
+
+@pytest.mark.parametrize("provider", ["openai", "gemini", "images"])
+@pytest.mark.parametrize("fault", sorted(_UNUSUAL))
+def test_an_unusual_image_is_shown_thumbnailed_and_saved_like_any_other(ip, emu, images_api, tmp_path, provider,
+                                                                       fault):
+    from nbimagine._history import history
+
+    imagine(ip, f"-p {provider} -o r", f"a lighthouse [fault:{fault}]")  # no exception: paid for
+    [image] = ip.user_ns["r"].files
+    [entry] = history()
+    assert image.metadata["history_id"] == entry.id and entry.path.read_bytes() == image.data
+    [output] = [o for o in final_outputs(ip) if "nbimagine" in o["metadata"]]
+    if _UNUSUAL[fault] is None:  # 400 MP: named, never decoded
+        assert "no preview" in output["data"]["text/plain"]
+        [line] = warning_lines(ip)
+        assert "megapixels" in line and f"Kept as #{entry.id}" in line
+        return
+    assert (image.width, image.height) == _UNUSUAL[fault] and warning_lines(ip) == []
+    [kind] = [k for k in output["data"] if k.startswith("image/")]
+    from PIL import Image
+
+    shown = Image.open(io.BytesIO(base64.b64decode(output["data"][kind])))
+    assert shown.mode in ("RGB", "L", "RGBA", "P") and max(shown.size) <= 768
+    if fault == "gray16_png":  # 16 bits scaled to 8, not clipped to white
+        assert shown.convert("L").getextrema()[0] < 128
+    assert Image.open(io.BytesIO(entry.thumbnail(64))).size[0] <= 64
+    for suffix in (".png", ".jpg", ".webp", ".gif"):
+        saved = image.save(tmp_path / f"out{suffix}")
+        assert Image.open(saved).size == image.to_pil().size
+    ip.run_line_magic("imagine", "history")  # the gallery thumbnails it
+
+
 def test_every_hostile_image_fault_is_listed_with_a_description():
-    assert set(HOSTILE_IMAGES) == {*_HOSTILE, "huge_png"} - {"undecodable"}
+    assert set(HOSTILE_IMAGES) == {*_HOSTILE, *_UNUSUAL, "huge_png"} - {"undecodable"}
     assert all(len(text) > 20 for text in HOSTILE_IMAGES.values())
 
 

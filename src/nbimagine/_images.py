@@ -251,6 +251,7 @@ def open_reduced(data: bytes, max_side: int) -> Any:
                 if media_type != "image/jpeg" and width * height > FULL_DECODE_PIXELS:
                     raise decode_error(data, f"{width * height / 1e6:.0f} megapixels is too large to preview "
                                               f"(limit {FULL_DECODE_PIXELS / 1e6:.0f} MP for this format)")
+                image = eight_bit(image)
                 # reducing_gap: JPEG decodes at 1/2..1/8 scale (draft), others reduce() by an integer
                 # factor before the final resampling, which is then cheap.
                 image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=2.0)
@@ -388,12 +389,36 @@ def _inflater() -> tuple[Any, type[Exception]]:
     return zlib_ng.decompressobj(), zlib_ng.error
 
 
+def eight_bit(image: Any) -> Any:
+    """``image`` in a mode every step of a preview can take (reduce, resample, PNG, JPEG): 16-bit and 32-bit
+    greyscale (a 16-bit PNG opens as ``I;16``) scaled to 8-bit ``L``, CMYK converted to RGB (PNG, WebP and
+    GIF cannot hold CMYK). Other modes are returned as they are."""
+    if image.mode.startswith(("I", "F")):
+        # The top 8 of 16 bits; a plain convert("L") would clip everything above 255 to white.
+        return image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    if image.mode == "CMYK":
+        return image.convert("RGB")
+    return image
+
+
+def for_format(image: Any, fmt: str) -> Any:
+    """``image`` ready to be saved as ``fmt`` (``PNG``, ``JPEG``, ``WEBP``, ``GIF``): JPEG flattened (see
+    :func:`flattened`), other formats in a mode they can store (see :func:`eight_bit`)."""
+    if fmt == "JPEG":
+        return flattened(image)
+    image = eight_bit(image)
+    if fmt == "WEBP" and image.mode not in ("RGB", "RGBA"):
+        return image.convert("RGBA" if has_alpha(image) else "RGB")
+    return image
+
+
 def flattened(image: Any, background: tuple[int, int, int] = (255, 255, 255)) -> Any:
     """A Pillow image for a format without alpha (JPEG): transparent pixels composited onto ``background``.
 
     A plain ``convert("RGB")`` drops the alpha channel and keeps whatever colour the transparent pixels
     happen to hold, usually black.
     """
+    image = eight_bit(image)
     if not has_alpha(image):
         return image if image.mode in ("RGB", "L") else image.convert("RGB")
     from PIL import Image

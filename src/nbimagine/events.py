@@ -141,13 +141,14 @@ class BinaryResult:
         wanted = _media_type_for_suffix(target.suffix)
         data = self.data
         if wanted is not None and wanted != self.media_type:
-            image = self.to_pil()
-            if wanted == "image/jpeg":  # no alpha channel: transparency becomes white, not black
-                from ._images import flattened
+            from ._images import for_format
 
-                image = flattened(image)
+            fmt = EXTENSIONS[wanted].replace("jpg", "jpeg").upper()
+            # JPEG has no alpha channel: transparency becomes white, not black; CMYK or 16-bit images are
+            # converted to what the format can hold.
+            image = for_format(self.to_pil(), fmt)
             buffer = io.BytesIO()
-            image.save(buffer, format=EXTENSIONS[wanted].replace("jpg", "jpeg").upper())
+            image.save(buffer, format=fmt)
             data = buffer.getvalue()
         with Folder.open(target.parent) as folder:
             folder.write(target.name, data, overwrite=overwrite, durable=False)

@@ -21,6 +21,11 @@ HOSTILE_IMAGES: dict[str, str] = {
     "truncated_jpeg": "the final image is a JPEG cut after 60% of its bytes (no end-of-image marker)",
     "huge_png": "the final image is a 13000x13000 PNG of about 0.6 MB (169 megapixels once decoded)",
     "bomb_png": "the final image is a 30000x30000 PNG decompression bomb (900 megapixels, a few MB on the wire)",
+    "large_png": "the final image is a 20000x20000 PNG (400 megapixels: above the decoding limit, not a bomb)",
+    "tiny_png": "the final image is a 1x1 PNG",
+    "animated_png": "the final image is an animated PNG (APNG) of 3 frames",
+    "cmyk_jpeg": "the final image is a CMYK JPEG (as print tools write them)",
+    "gray16_png": "the final image is a 16-bit greyscale PNG",
 }
 
 # name -> what the fault does; OpenAI streams only
@@ -41,7 +46,32 @@ def hostile_image(name: str, draw: Callable[[str], bytes]) -> bytes:
         return huge_png(13000, 13000)
     if name == "bomb_png":
         return huge_png(30000, 30000, blank=True)
-    raise ValueError(f"unknown hostile image {name!r}")
+    if name == "large_png":
+        return huge_png(20000, 20000, blank=True)
+    return _converted(name, draw("png"))
+
+
+def _converted(name: str, png: bytes) -> bytes:
+    """The ordinary drawing in an unusual but valid shape (Pillow: these are rare, not malformed)."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    out = io.BytesIO()
+    if name == "tiny_png":
+        image.resize((1, 1)).save(out, "PNG")
+    elif name == "animated_png":
+        frames = [image, ImageOps.invert(image), image.rotate(90)]
+        frames[0].save(out, "PNG", save_all=True, append_images=frames[1:], duration=200, loop=0)
+    elif name == "cmyk_jpeg":
+        image.convert("CMYK").save(out, "JPEG", quality=90)
+    elif name == "gray16_png":
+        # 8-bit grey spread over 16 bits (v * 257), as a scanner or a raw converter writes it.
+        image.convert("L").convert("I").point(lambda v: v * 257).convert("I;16").save(out, "PNG")
+    else:
+        raise ValueError(f"unknown hostile image {name!r}")
+    return out.getvalue()
 
 
 @lru_cache(maxsize=4)
