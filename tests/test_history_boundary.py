@@ -123,6 +123,47 @@ def test_a_planted_link_is_never_followed(project: Path, where: str) -> None:
         assert not link.is_symlink()
 
 
+# Links in the places a batch job, a repair or a migration use.
+MORE_PLACEMENTS = {
+    "jobs": lambda b: b / "jobs", "job-file": lambda b: b / "jobs" / "0123456789ab.json",
+    "job-lines": lambda b: b / "jobs" / "0123456789ab.lines.json", "broken": lambda b: b / ".broken",
+    "repair-lock": lambda b: b / ".repair.lock", "notebook-file": lambda b: next((b / "notebooks").iterdir()),
+    "v1": lambda b: b / ".v1", "rebuild-leftover": lambda b: b / "index.sqlite.rebuild-0123abcd",
+}
+
+
+@pytest.mark.parametrize("where", list(MORE_PLACEMENTS))
+def test_a_link_planted_for_jobs_repair_or_migration_is_never_followed(project: Path, where: str) -> None:
+    h, _ = _seeded(project)
+    h.add_job("0123456789ab", provider="openai", kind="openai", model="gpt-4.1", params={}, parents=[],
+              connection={}, lines=[("line-1", "a prompt")])
+    h.close()
+    link = MORE_PLACEMENTS[where](project / ".nbimagine")
+    if link.is_dir() and not link.is_symlink():
+        import shutil
+
+        shutil.rmtree(link)
+    elif link.exists():
+        link.unlink()
+    link.symlink_to(project.parent / "outside" / ("environ" if "file" in where or "lines" in where
+                                                   or where in ("repair-lock", "rebuild-leftover") else ""))
+    outside_before = snapshot(project.parent / "outside")
+    project_before = {k: v for k, v in snapshot(project).items() if not k.startswith(".nbimagine")}
+    h = History(project, "nb")
+    for action in (lambda: h.add(make_image(50), prompt="new"), lambda: h.update_job("0123456789ab", state="done"),
+                   h.cleanup, h.repair, h.jobs):
+        try:
+            action()
+        except HistoryError as exc:  # refused, typed, and never a secret in the message
+            assert "sk-secret" not in str(exc)
+    # Nothing was lost: the images and the job are all there (after a repair, from the old index if need be).
+    assert [e.prompt for e in h] == ["image 0", "image 1", "image 2", "new"]
+    assert [j.id for j in h.jobs()] == ["0123456789ab"]
+    h.close()
+    assert snapshot(project.parent / "outside") == outside_before
+    assert {k: v for k, v in snapshot(project).items() if not k.startswith(".nbimagine")} == project_before
+
+
 def test_cleanup_with_images_linked_to_the_project_deletes_nothing(project: Path) -> None:
     # The issue's case: images/ -> ../.. made cleanup() delete the README, the notebook and the sources.
     h, entries = _seeded(project)
@@ -182,8 +223,61 @@ def test_a_row_that_does_not_name_an_image_is_refused(project: Path, sha: str, e
     with pytest.raises(HistoryError, match=r"History row #1 is malformed and was refused.*--repair"):
         h.get(1)
     with pytest.raises(HistoryError, match="malformed"):
-        h.latest(10)
+        h[0]
+    # A listing leaves the bad row out and says so: one bad row does not hide every other image.
+    with pytest.warns(RuntimeWarning, match=r"row\(s\) #1 .* malformed and were left out.*--repair"):
+        assert [e.id for e in h.latest(10)] == [3, 2]
     assert h.get(2).image.data == entries[1].image.data  # the other rows are fine
+    h.close()
+
+
+# A row edited by hand, column by column: any value of the wrong shape is refused (typed), a listing
+# goes on without it, a repair brings the image back from its record, and writing goes on.
+HAND_EDITS = {
+    "parents-path": "UPDATE entries SET parents = '[\"../../x\"]' WHERE id = 2",
+    "parents-huge": "UPDATE entries SET parents = '[99999999999999999999999]' WHERE id = 2",
+    "parents-not-json": "UPDATE entries SET parents = 'nope' WHERE id = 2",
+    "params-a-list": "UPDATE entries SET params = '[1, 2]' WHERE id = 2",
+    "metadata-nested-deep": "UPDATE entries SET metadata = '" + "[" * 100_000 + "]" * 100_000 + "' WHERE id = 2",
+    "created-garbage": "UPDATE entries SET created_at = 'yesterday' WHERE id = 2",
+    "width-text": "UPDATE entries SET width = 'wide' WHERE id = 2",
+    "size-text": "UPDATE entries SET size_bytes = 'big' WHERE id = 2",
+    "prompt-bytes": "UPDATE entries SET prompt = x'ff00fe' WHERE id = 2",
+    "sha-bytes": "UPDATE entries SET sha256 = x'00' WHERE id = 2",
+    "id-huge": "UPDATE entries SET id = 9223372036854775807 WHERE id = 2",
+    "counter-huge": "UPDATE sqlite_sequence SET seq = 9223372036854775807 WHERE name = 'entries'",
+    "counter-text": "UPDATE sqlite_sequence SET seq = 'x' WHERE name = 'entries'",
+}
+
+
+@pytest.mark.parametrize("edit", list(HAND_EDITS))
+def test_a_hand_edited_row_is_refused_typed_and_repaired(project: Path, edit: str) -> None:
+    import warnings
+
+    h, entries = _seeded(project)
+    h.close()
+    conn = sqlite3.connect(project / ".nbimagine" / "index.sqlite")
+    conn.execute("PRAGMA ignore_check_constraints = ON")
+    conn.execute(HAND_EDITS[edit])
+    conn.commit()
+    conn.close()
+    h = History(project, "nb")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        listed = [e.id for e in h.latest(10)]
+        assert {1, 3} <= set(listed) and len(listed) <= 3
+        assert [e.id for e in h.lineage(3)] == [3]
+        h.export(project.parent / "exported")
+        for action in (lambda: h.get(2), lambda: h.add(make_image(7), prompt="after the edit")):
+            try:
+                action()
+            except (HistoryError, KeyError):
+                pass  # typed: refused, or an id that is no longer there
+        report = h.repair()
+        assert report.refused_records == []
+        assert [e.id for e in h if e.id <= 3] == [1, 2, 3]
+        assert h.get(2).image.data == entries[1].image.data
+        assert h.add(make_image(8), prompt="after the repair").id < 10**18
     h.close()
 
 

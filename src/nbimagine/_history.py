@@ -88,6 +88,7 @@ _INDEX_FILES = (_INDEX, f"{_INDEX}-wal", f"{_INDEX}-shm", f"{_INDEX}-journal")
 # NBIMAGINE_HISTORY_BUSY_TIMEOUT (seconds) overrides it, read when a history is opened.
 DEFAULT_TIMEOUT = 30.0
 _BUCKET = 1000  # records per folder
+_MAX_ID = 10**18 - 1  # the largest id a record name can hold (_RECORD_NAME); SQLite's own limit is 2**63 - 1
 _MEDIA_TYPES = {ext: media for media, ext in EXTENSIONS.items()} | {"bin": "application/octet-stream"}
 _SHA = re.compile(r"[0-9a-f]{64}")
 _RECORD_NAME = re.compile(r"([1-9][0-9]{0,17})\.json")
@@ -95,6 +96,7 @@ _NOTEBOOK_UID = re.compile(r"[0-9a-f]{16}")
 _IMAGE_NAME = re.compile(r"([0-9a-f]{64})\.(png|jpg|webp|gif|bin)")
 _THUMB_NAME = re.compile(r"([0-9a-f]{64})_[1-9][0-9]{0,5}\.(jpg|png)")
 _TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
+_REBUILD_NAME = re.compile(r"index\.sqlite\.rebuild-[0-9a-f]{8}")  # left by a repair that was killed
 _LEGACY_MEMBERS = ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "index.sqlite-journal", "images",
                    "thumbs")
 _RESERVED = {"images", "thumbs", "records", "notebooks", "jobs"}
@@ -565,6 +567,24 @@ def _error(exc: BaseException, what: str, path: object, *, timeout: float = DEFA
     return HistoryError(what, path=path, cause=f"{type(exc).__name__}: {text}", fix=FIX_REPAIR)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json(text: object, kind: type) -> Any:
+    """A JSON column or field of type ``kind``; ``ValueError`` for anything else (also nesting deep
+    enough to exhaust the parser's recursion, which a hand-edited row can hold)."""
+    if not isinstance(text, str):
+        raise TypeError(f"expected JSON text, not {type(text).__name__}")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    if not isinstance(value, kind):
+        raise TypeError(f"expected a JSON {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
 def _check_sha_ext(sha: object, ext: object, entry_id: object) -> None:
     if not (isinstance(sha, str) and _SHA.fullmatch(sha) and isinstance(ext, str) and ext in _MEDIA_TYPES):
         raise HistoryError(f"History row #{entry_id} is malformed and was refused",
@@ -601,7 +621,9 @@ def _parse_record(data: bytes, entry_id: int) -> dict[str, Any] | None:
     """A record as a dict of column values, or None when it is not a well-formed record of ``entry_id``."""
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
+        return None
+    if not _is_int(entry_id) or not 0 < entry_id <= _MAX_ID:
         return None
     if not isinstance(doc, dict) or doc.get("id") != entry_id or not isinstance(doc.get("record"), int):
         return None
@@ -621,8 +643,7 @@ def _parse_record(data: bytes, entry_id: int) -> dict[str, Any] | None:
         isinstance(out["created_at"], str), isinstance(out["prompt"], str),
         isinstance(out["sha256"], str) and bool(_SHA.fullmatch(out["sha256"])), out["ext"] in _MEDIA_TYPES,
         isinstance(out["params"], dict), isinstance(out["metadata"], dict),
-        isinstance(out["parents"], list) and all(isinstance(p, int) and not isinstance(p, bool) and p > 0
-                                                  for p in out["parents"]),
+        isinstance(out["parents"], list) and all(_is_int(p) and 0 < p <= _MAX_ID for p in out["parents"]),
         isinstance(out["size_bytes"], int), isinstance(out["notebook"], str) and bool(out["notebook"]),
         all(out[k] is None or isinstance(out[k], str) for k in ("revised_prompt", "provider", "model", "text",
                                                                  "notebook_uid", "legacy_folder")),
@@ -1160,12 +1181,7 @@ class _Store:
                     doc = json.loads(folder.read(name, limit=1 << 20))
                     lines = json.loads(folder.read(f"{m.group(1)}.lines.json", limit=256 << 20))
                     pairs = [(str(custom_id), str(prompt)) for custom_id, prompt in lines]
-                    fields = ("provider", "kind", "state", "created_at", "updated_at")
-                    if (isinstance(doc, dict) and doc.get("id") == m.group(1) and isinstance(doc.get("notebook"), dict)
-                            and isinstance(doc["notebook"].get("name"), str)
-                            and all(isinstance(doc.get(k), str) for k in fields)
-                            and all(isinstance(doc.get(k), t) for k, t in (("params", dict), ("parents", list),
-                                                                           ("connection", dict)))):
+                    if _job_ok(doc, m.group(1)):
                         out.append((doc, pairs))
         return out
 
@@ -1175,7 +1191,11 @@ class _Store:
         """The id the next entry gets, after adopting records left by an add that was interrupted
         between writing its record and committing its row (they hold a complete, paid-for image)."""
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'entries'").fetchone()
-        candidate = (row[0] if row else 0) + 1
+        seq = row[0] if row else 0
+        if not _is_int(seq) or not 0 <= seq < _MAX_ID:
+            raise HistoryError("The history index is damaged", path=self.index,
+                               cause=f"its id counter holds {str(seq)[:40]!r}, not a usable id", fix=FIX_REPAIR)
+        candidate = seq + 1
         while True:
             data = self.read_record(candidate)
             if data is None:
@@ -1391,6 +1411,10 @@ class _Store:
             known = {f"{sha}.{ext}" for _, sha, ext in rows}
             known_sha = {sha for _, sha, _ in rows}
             removed["temp_files"] += self._sweep(self.dir, None)[0]
+            with contextlib.suppress(HistoryError), self._repair_lock():  # no repair runs: its leftovers are ours
+                for name in self.dir.names():
+                    if _REBUILD_NAME.fullmatch(name):
+                        removed["temp_files"] += self.dir.unlink_file(name)
             for top, orphan, key, nested in (
                 ("images", lambda n: bool(_IMAGE_NAME.fullmatch(n)) and n not in known, "orphan_images", True),
                 ("thumbs", lambda n: bool(m := _THUMB_NAME.fullmatch(n)) and m.group(1) not in known_sha,
@@ -1442,7 +1466,7 @@ class _Store:
                 # Other kernels wait while the index is rebuilt; they switch to the new one afterwards.
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.execute("BEGIN IMMEDIATE")
-            old_rows, old_seq, old_budgets = self._salvage()
+            old_rows, old_seq, old_budgets, old_jobs = self._salvage()
             records: dict[int, dict[str, Any]] = {}
             try:
                 root_records = self.dir.child("records")
@@ -1491,10 +1515,17 @@ class _Store:
             kept = {uid: doc["name"] for uid, doc in docs.items() if not doc.get("merged_into")
                     and (budgets.get(uid) is not None or _spending_rows(doc))}
             jobs = self.job_records()
+            recorded = {doc["id"] for doc, _ in jobs}
+            # Jobs whose record cannot be read (lost, or a link planted in jobs/) but the old index still has.
+            unrecorded = [job for job in old_jobs if job[0]["id"] not in recorded]
+            jobs += unrecorded
             for doc, _ in jobs:
                 doc["notebook"]["name"] = names.get(doc["notebook"].get("uid") or "", doc["notebook"]["name"])
             report.old_index = self._rebuild(records, max([old_seq, *records], default=0), report, kept, budgets,
                                              jobs)
+            for doc, lines in unrecorded:  # recorded again, so that the next repair finds them
+                with contextlib.suppress(OSError):
+                    self.write_job_record(doc, lines)
         return report
 
     @contextlib.contextmanager
@@ -1518,20 +1549,33 @@ class _Store:
         finally:
             os.close(fd)
 
-    def _salvage(self) -> tuple[dict[int, dict[str, Any]], int, dict[str, float]]:
+    def _salvage(self) -> tuple[dict[int, dict[str, Any]], int, dict[str, float],
+                                list[tuple[dict[str, Any], list[tuple[str, str]]]]]:
         """Rows of the current index that can still be read (those without a record are kept), its id
-        sequence, and the notebooks' budgets (by uid: an index written before budgets had records)."""
+        sequence, the notebooks' budgets (by uid: an index written before budgets had records), and its
+        batch jobs (for those whose record cannot be read)."""
         rows: dict[int, dict[str, Any]] = {}
         seq = 0
         budgets: dict[str, float] = {}
+        jobs: list[tuple[dict[str, Any], list[tuple[str, str]]]] = []
         try:
             conn = self._conn or sqlite3.connect(f"file:{self.index}?mode=ro", uri=True, timeout=1)
         except sqlite3.Error:
-            return rows, seq, budgets
+            return rows, seq, budgets, jobs
         try:
             with contextlib.suppress(sqlite3.Error):
+                for (job,) in conn.execute("SELECT id FROM jobs").fetchall():
+                    try:
+                        doc = History._job_doc(conn, job)
+                        lines = [(str(c), str(p)) for c, p in conn.execute(
+                            "SELECT custom_id, prompt FROM job_lines WHERE job = ? ORDER BY position", (job,))]
+                    except (TypeError, ValueError, RecursionError, sqlite3.Error):
+                        continue
+                    if _job_ok(doc, job):
+                        jobs.append((doc, lines))
+            with contextlib.suppress(sqlite3.Error):
                 found = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'entries'").fetchone()
-                seq = found[0] if found else 0
+                seq = found[0] if found and _is_int(found[0]) and 0 <= found[0] < _MAX_ID else 0
             with contextlib.suppress(sqlite3.Error):
                 budgets = {uid: usd for uid, usd in conn.execute(
                     "SELECT uid, budget_usd FROM notebooks WHERE budget_usd IS NOT NULL")
@@ -1546,19 +1590,19 @@ class _Store:
                     try:
                         record = {"id": entry_id, "notebook_uid": uid, "notebook": name, "created_at": created,
                                   "prompt": prompt, "revised_prompt": revised, "provider": provider, "model": model,
-                                  "params": json.loads(params), "parents": json.loads(parents), "sha256": sha,
+                                  "params": _json(params, dict), "parents": _json(parents, list), "sha256": sha,
                                   "ext": ext, "width": width, "height": height, "size_bytes": size,
-                                  "metadata": json.loads(metadata), "text": text, "legacy_folder": legacy_folder,
+                                  "metadata": _json(metadata, dict), "text": text, "legacy_folder": legacy_folder,
                                   "legacy_id": legacy_id}
-                    except (TypeError, ValueError):
+                        doc = _dumps({"record": 1, **record, "notebook": {"uid": uid, "name": name}}).encode()
+                    except (TypeError, ValueError, OverflowError):  # a value no record could hold (bytes...)
                         continue
-                    if _parse_record(_dumps({"record": 1, **record, "notebook": {"uid": uid, "name": name}}).encode(),
-                                     entry_id) is not None:
+                    if _parse_record(doc, entry_id) is not None:
                         rows[entry_id] = record
         finally:
             if conn is not self._conn:
                 conn.close()
-        return rows, seq, budgets
+        return rows, seq, budgets, jobs
 
     def _notebook_names(self) -> dict[str, str]:
         """uid -> current name, from the notebook records (following merges)."""
@@ -1651,12 +1695,18 @@ class _Store:
         report.missing_images.sort()
         report.entries, report.notebooks = len(records), len(uids)
         # Swap: the old index (and its WAL, which must never be replayed onto the new file) goes to .broken/.
+        try:
+            broken = self.dir.child(".broken", create=True)
+        except OSError as exc:  # a file or a planted link there: nothing is moved anywhere
+            with contextlib.suppress(OSError):
+                self.dir.unlink_file(tmp)
+            raise _error(exc, "Cannot repair the image history", self.path / ".broken") from exc
         if self._conn is not None:
             self._conn.close()
             self._conn = None
         kept = None
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + f"-{secrets.token_hex(2)}"
-        with self.dir.child(".broken", create=True) as broken:
+        with broken:
             for name in _INDEX_FILES:
                 st = self.dir.lstat(name)
                 if st is None:
@@ -1733,6 +1783,15 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OSError, OverflowError):
         return True  # someone else's process, or no way to tell: keep its hold
     return True
+
+
+def _job_ok(doc: Any, job: str) -> bool:
+    """Whether ``doc`` is a well-formed job record (or row) of job ``job``."""
+    fields = ("provider", "kind", "state", "created_at", "updated_at")
+    return (isinstance(doc, dict) and doc.get("id") == job and isinstance(doc.get("notebook"), dict)
+            and isinstance(doc["notebook"].get("name"), str)
+            and all(isinstance(doc.get(k), str) for k in fields)
+            and all(isinstance(doc.get(k), t) for k, t in (("params", dict), ("parents", list), ("connection", dict))))
 
 
 def _record_from(record: Mapping[str, Any], notebook_uid: str) -> bytes:
@@ -2023,17 +2082,41 @@ class History:
          notebook) = row
         _check_sha_ext(sha, ext, id_)
         try:
+            params, parents, metadata = _json(params, dict), _json(parents, list), _json(metadata, dict)
+            if not (isinstance(prompt, str) and isinstance(created, str) and _is_int(size)
+                    and all(v is None or isinstance(v, str) for v in (provider, model, text, notebook))
+                    and all(v is None or _is_int(v) for v in (width, height))
+                    and all(_is_int(p) and 0 < p <= _MAX_ID for p in parents)):
+                raise TypeError("a column holds a value of the wrong type")
             entry = HistoryEntry(
-                id=id_, prompt=prompt, provider=provider, model=model, params=FrozenDict(json.loads(params)),
-                parents=tuple(int(p) for p in json.loads(parents)), created_at=datetime.fromisoformat(created),
+                id=id_, prompt=prompt, provider=provider, model=model, params=FrozenDict(params),
+                parents=tuple(parents), created_at=datetime.fromisoformat(created),
                 sha256=sha, media_type=_MEDIA_TYPES[ext], width=width, height=height, size_bytes=size,
-                path=self._store.image_path(sha, ext), metadata=FrozenDict(json.loads(metadata)), text=text,
+                path=self._store.image_path(sha, ext), metadata=FrozenDict(metadata), text=text,
                 notebook=notebook, _store=self._store,
             )
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise HistoryError(f"History row #{id_} is malformed and was refused", path=self._store.index,
-                               cause=str(exc), fix=FIX_REPAIR) from exc
+                               cause=str(exc)[:200], fix=FIX_REPAIR) from exc
         return entry
+
+    def _entries(self, rows: Sequence[tuple[Any, ...]], *, strict: bool) -> list[HistoryEntry]:
+        """Rows as entries. ``strict`` (one image asked for by id or position): a malformed row raises
+        ``HistoryError``. Otherwise (listings) it is left out with one warning, so one bad row does not
+        hide every other image."""
+        if strict:
+            return [self._entry(r) for r in rows]
+        entries, refused = [], []
+        for row in rows:
+            try:
+                entries.append(self._entry(row))
+            except HistoryError:
+                refused.append(row[0])
+        if refused:
+            ids = ", ".join(f"#{i}" for i in refused[:10]) + ("…" if len(refused) > 10 else "")
+            warnings.warn(f"History row(s) {ids} of {self._store.index} are malformed and were left out; "
+                          f"{FIX_REPAIR}", RuntimeWarning, stacklevel=3)
+        return entries
 
     def _where(self, where: str = "", args: Sequence[Any] = ()) -> tuple[str, tuple[Any, ...]]:
         clauses, values = [], []
@@ -2045,14 +2128,18 @@ class History:
             values.extend(args)
         return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), tuple(values)
 
-    def _select(self, where: str = "", args: Sequence[Any] = (), order: str = "e.id DESC",
-                limit: int = -1, offset: int = 0, *, everywhere: bool = False) -> list[HistoryEntry]:
+    def _rows(self, where: str = "", args: Sequence[Any] = (), order: str = "e.id DESC",
+              limit: int = -1, offset: int = 0, *, everywhere: bool = False) -> list[tuple[Any, ...]]:
         clause, values = (f"WHERE {where}", tuple(args)) if everywhere else self._where(where, args)
         sql = f"SELECT {_COLUMNS} {_FROM} {clause} ORDER BY {order} LIMIT ? OFFSET ?"
         # SQLite integers are 64-bit: a user's #99999999999999999999 or `history 1e30` is "no such image" /
         # "all of them", not an OverflowError. No id or position reaches the clamped values.
-        bound = tuple(_int64(v) for v in (*values, limit, offset))
-        return [self._entry(r) for r in self._store.query(sql, bound)]
+        return self._store.query(sql, tuple(_int64(v) for v in (*values, limit, offset)))
+
+    def _select(self, where: str = "", args: Sequence[Any] = (), order: str = "e.id DESC",
+                limit: int = -1, offset: int = 0, *, everywhere: bool = False, strict: bool = False
+                ) -> list[HistoryEntry]:
+        return self._entries(self._rows(where, args, order, limit, offset, everywhere=everywhere), strict=strict)
 
     def __len__(self) -> int:
         clause, values = self._where()
@@ -2078,8 +2165,8 @@ class History:
             raise TypeError(f"history indices must be ints or slices, not {type(index).__name__} "
                             f"(use .get({index!r}) to look up by id)")
         # Negative positions count from the newest, without a COUNT(*) first.
-        rows = (self._select(order="e.id DESC", limit=1, offset=-index - 1) if index < 0
-                else self._select(order="e.id ASC", limit=1, offset=index))
+        rows = (self._select(order="e.id DESC", limit=1, offset=-index - 1, strict=True) if index < 0
+                else self._select(order="e.id ASC", limit=1, offset=index, strict=True))
         if not rows:
             raise IndexError(f"history position {index} out of range ({len(self)} images in {self._name()})")
         return rows[0]
@@ -2088,11 +2175,11 @@ class History:
         """Oldest first, read in chunks (entries added while iterating are included)."""
         last = 0
         while True:
-            chunk = self._select("e.id > ?", (last,), order="e.id ASC", limit=500)
-            yield from chunk
+            chunk = self._rows("e.id > ?", (last,), order="e.id ASC", limit=500)
+            yield from self._entries(chunk, strict=False)
             if len(chunk) < 500:
                 return
-            last = chunk[-1].id
+            last = chunk[-1][0]
 
     def __contains__(self, item: object) -> bool:
         """Whether an image with this id exists in the folder's history (ids are unique there)."""
@@ -2108,7 +2195,7 @@ class History:
         ``KeyError`` if there is none.
         """
         ref = _parse_ref(id)
-        rows = self._select("e.id = ?", (ref,), everywhere=True)
+        rows = self._select("e.id = ?", (ref,), everywhere=True, strict=True)
         if not rows:
             raise KeyError(f"no image #{ref} in the image history of {self.path} ({self._known_ids()})")
         return rows[0]
@@ -2132,11 +2219,11 @@ class History:
         if isinstance(ref, int) and not isinstance(ref, bool) and ref < 0:
             return self[ref]  # type: ignore[return-value]
         wanted = _parse_ref(ref)
-        rows = self._select("e.id = ?", (wanted,), everywhere=True)
+        rows = self._select("e.id = ?", (wanted,), everywhere=True, strict=True)
         if rows and (self.notebook is None or rows[0].notebook == self.notebook):
             return rows[0]
         if self.notebook is not None:
-            alias = self._select("e.legacy_id = ?", (wanted,), order="e.id ASC", limit=1)
+            alias = self._select("e.legacy_id = ?", (wanted,), order="e.id ASC", limit=1, strict=True)
             if alias:
                 return alias[0]
         if rows:
@@ -2324,7 +2411,7 @@ class History:
                 SELECT {_COLUMNS} {_FROM} WHERE e.id IN (SELECT id FROM anc) ORDER BY e.id ASC""",
             (ref,),
         )
-        return [self._entry(r) for r in rows]
+        return self._entries(rows, strict=False)
 
     def children(self, id: int | str | HistoryEntry) -> list[HistoryEntry]:
         """The entries made directly from entry ``id``, oldest first."""
