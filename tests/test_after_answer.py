@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import sqlite3
@@ -520,3 +521,62 @@ def test_a_frontend_failing_at_any_output_never_hides_the_image_or_unbinds_o(ip,
         assert output["metadata"]["nbimagine"]["history_id"] == entry.id
     if failing in ("slot", "update"):
         assert any("progress display failed" in o["data"].get("text/plain", "") for o in outputs(ip))
+
+
+@pytest.mark.parametrize("how", ["full-disk", "read-only-images"])
+def test_a_full_disk_or_a_read_only_image_folder_is_a_warning_beside_the_image(tmp_path, how):
+    # The issue's cases, on real file systems: a tmpfs filled to the last byte, and images/ bind-mounted
+    # read-only (root ignores chmod), in a private mount namespace. The cell shows and binds the image.
+    from test_history_recovery import _in_private_mount, _private_mounts_work
+
+    if not _private_mounts_work(tmp_path):
+        pytest.skip("unshare (user and mount namespaces) is not available here")
+    small = tmp_path / "small"
+    small.mkdir()
+    result = _in_private_mount(tmp_path, f"mount -t tmpfs -o size=400k tmpfs {small}", f"""
+        import json, os, subprocess
+        from IPython.core.displaypub import CapturingDisplayPublisher
+        from IPython.core.interactiveshell import InteractiveShell
+        from histories import make_image
+        from nbimagine._history import history, set_notebook
+        from nbimagine._session import get_session, set_emulator
+        from nbimagine.emulator import Emulator
+
+        os.chdir({str(small)!r})
+        set_notebook("nb")
+        history().add(make_image(1), prompt="made before")
+        if {how!r} == "full-disk":
+            for chunk in (65536, 1):
+                try:
+                    with open("filler-%d" % chunk, "wb") as f:
+                        while True:
+                            f.write(b"x" * chunk)
+                            f.flush()
+                except OSError:
+                    pass
+        else:
+            images = os.path.join({str(small)!r}, ".nbimagine", "images")
+            subprocess.run(["mount", "--bind", images, images], check=True)
+            subprocess.run(["mount", "-o", "remount,bind,ro", images], check=True)
+        with Emulator() as emu:
+            shell = InteractiveShell.instance()
+            shell.run_line_magic("load_ext", "nbimagine")
+            set_emulator(emu)
+            get_session().use(emulator=True)
+            shell.display_pub = publisher = CapturingDisplayPublisher()
+            ran = shell.run_cell("%%imagine -o r\\na kite")
+            print(json.dumps({{
+                "error": repr(ran.error_in_exec) if ran.error_in_exec else None,
+                "files": len(shell.user_ns["r"].files) if "r" in shell.user_ns else None,
+                "images": sum(any(k.startswith("image/") for k in o["data"]) for o in publisher.outputs),
+                "warnings": [line for o in publisher.outputs for line in o["data"].get("text/plain", "").splitlines()
+                             if line.startswith("ImagineWarning: ")],
+            }}))
+    """)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.splitlines()[-1])
+    assert seen["error"] is None and seen["files"] == 1 and seen["images"] == 1, seen
+    [line] = seen["warnings"]
+    cause = "No space left on device" if how == "full-disk" else "Read-only file system"
+    assert "could not be recorded in the history" in line and cause in line, line
+    assert "Traceback" not in result.stdout + result.stderr

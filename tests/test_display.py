@@ -6,6 +6,7 @@ import base64
 import functools
 import io
 
+import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from nbimagine._agent import Reply
@@ -145,3 +146,9 @@ def test_a_partial_reduced_once_redraws_the_same_slot_without_pillow():
     assert progress_bundle(1.0, partials=[reduced]) == progress_bundle(1.0, partials=[partial])
 
 
+
+
+@pytest.mark.parametrize("usd", [float("nan"), float("inf"), 10**400])
+def test_a_caption_never_fails_on_a_cost_that_is_not_a_price(usd):
+    image = BinaryResult(photo_like(64), {"cost_usd": usd})
+    assert "$" not in caption_for(image) and "image/png" in image_bundle(image)

@@ -506,3 +506,25 @@ def test_folder_helper_refuses_paths_as_names(tmp_path: Path) -> None:
             folder.child("up")
         assert not folder.unlink_file("up") and (tmp_path / "f" / "up").is_symlink()
         assert hashlib.sha256(folder.read("ok.bin")).hexdigest() == hashlib.sha256(b"x").hexdigest()
+
+
+def _export_targets(tmp: Path) -> dict[str, str | Path]:
+    (tmp / "a-file").write_text("x")
+    for name, blocker in (("json-is-a-folder", "history.json"), ("image-is-a-folder", "1-image-0.png")):
+        (tmp / name / blocker).mkdir(parents=True)
+    return {"a file": tmp / "a-file", "under a file": tmp / "a-file" / "sub", "a NUL": str(tmp / "a\x00b"),
+            "name too long": tmp / ("x" * 300), "json-is-a-folder": tmp / "json-is-a-folder",
+            "image-is-a-folder": tmp / "image-is-a-folder"}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_export_target_in_the_way_is_a_typed_error_about_the_target(project: Path, overwrite: bool) -> None:
+    h, _ = _seeded(project)
+    for what, target in _export_targets(project.parent).items():
+        try:
+            h.export(target, overwrite=overwrite)
+        except HistoryError as exc:  # the history is fine: the fix is about the target, never a repair
+            assert "Export to another folder" in str(exc) and "--repair" not in str(exc), what
+        else:  # without overwrite, what is in the way is kept and a free name is used
+            assert not overwrite and what in ("json-is-a-folder", "image-is-a-folder"), what
+    h.close()

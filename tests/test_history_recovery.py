@@ -581,3 +581,39 @@ def test_a_history_folder_deleted_while_open_is_made_again(tmp_path: Path, monke
     entry = again.add(make_image(2), prompt="after")
     assert entry.path.is_file() and (tmp_path / ".nbimagine" / "records").is_dir()
     assert [e.prompt for e in History(tmp_path, "nb")] == ["after"]
+
+
+def test_a_repair_on_a_full_disk_is_typed_and_loses_nothing(tmp_path: Path) -> None:
+    if not _private_mounts_work(tmp_path):
+        pytest.skip("unshare (user and mount namespaces) is not available here")
+    small = tmp_path / "small"
+    small.mkdir()
+    result = _in_private_mount(tmp_path, f"mount -t tmpfs -o size=8m tmpfs {small}", f"""
+        import os
+        from histories import make_image
+        from nbimagine._history import History, repair_history
+        from nbimagine.errors import HistoryError
+        root = {str(small)!r}
+        with History(root, "nb") as h, h.batch():
+            for i in range(300):
+                h.add(make_image(i), prompt=f"image {{i}} " + "x" * 500)
+        os.unlink(root + "/.nbimagine/index.sqlite")
+        for chunk in (65536, 1):
+            try:
+                with open(root + f"/filler-{{chunk}}", "wb") as f:
+                    while True:
+                        f.write(b"x" * chunk)
+                        f.flush()
+            except OSError:
+                pass
+        try:
+            repair_history(root)
+        except HistoryError as exc:
+            print("REPAIR:", exc)
+        os.unlink(root + "/filler-65536")
+        print("AGAIN:", repair_history(root).entries)
+    """)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split(":", 1)[0]: line for line in result.stdout.splitlines() if ":" in line}
+    assert "disk is full" in lines["REPAIR"] and "Free some disk space" in lines["REPAIR"], result.stdout
+    assert lines["AGAIN"] == "AGAIN: 300"

@@ -229,3 +229,39 @@ def test_the_history_follows_its_notebook_through_renames_and_restarts(server: S
     everything = kernel.run("%imagine history --all")["outputs"][-1]["data"]["text/plain"]
     assert "4 of 4 image(s)" in everything and "[final]" in everything
     kernel.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_notebook_moved_to_another_folder_is_told_where_its_history_is(server: Server) -> None:
+    # A notebook moved while its kernel runs: the kernel stays in the old folder, and so does the history
+    # (a kernel started in the new folder would find an empty one). The cell says so, once, with the fix.
+    root: Path = server.root  # type: ignore[attr-defined]
+    for folder in ("a", "b"):
+        (root / folder).mkdir()
+    made = server.api("POST", "/api/contents/a", {"type": "notebook"})
+    server.api("PATCH", f"/api/contents/{made['path']}", {"path": "a/x.ipynb"})
+    session = server.api("POST", "/api/sessions", {"path": "a/x.ipynb", "name": "x.ipynb", "type": "notebook",
+                                                   "kernel": {"name": "python3"}})
+    kernel = _wait_ready(server, session)
+    kernel.run("%load_ext nbimagine")
+    first = kernel.run("%%imagine\nA lighthouse")
+    assert first["error"] is None and "is now in" not in first["stdout"]
+    session = server.rename(session, "b/moved.ipynb")  # File > Move (JupyterLab renames file and session)
+    moved = kernel.run("%%imagine -e #1\nThe lighthouse at night")
+    assert moved["error"] is None, moved
+    assert f"is now in {root / 'b'}, but its images are kept in {root / 'a' / '.nbimagine'}" in moved["stdout"]
+    assert f"%imagine history --root {root / 'a'}" in moved["stdout"]
+    assert "is now in" not in kernel.run("%%imagine\nA third one")["stdout"]  # said once
+    kernel.close()
+
+    # Reopened from its new folder (a new session, its kernel in b/): the advice finds the history again.
+    server.api("DELETE", f"/api/sessions/{session['id']}")
+    session = server.api("POST", "/api/sessions", {"path": "b/moved.ipynb", "name": "moved.ipynb",
+                                                   "type": "notebook", "kernel": {"name": "python3"}})
+    kernel = _wait_ready(server, session)
+    kernel.run("%load_ext nbimagine")
+    kernel.run(f"%imagine history --root {root / 'a'}")
+    listed = kernel.run("%imagine history")["outputs"][-1]["data"]["text/plain"]
+    assert listed.startswith("History of 'moved': 3 of 3 image(s)"), listed
+    assert kernel.run("%%imagine -e #2\nAt dawn")["error"] is None
+    kernel.close()

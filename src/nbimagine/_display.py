@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -189,6 +190,12 @@ def cost_label(meta: Any) -> str | None:
 
     usd = meta.get("cost_usd")
     if not isinstance(usd, (int, float)) or isinstance(usd, bool):
+        return None
+    try:
+        usd = float(usd)
+    except OverflowError:  # an int beyond any float (from absurd usage figures): not a price to show
+        return None
+    if not math.isfinite(usd):
         return None
     label = ("~" if meta.get("cost_estimated") else "") + format_usd(usd)
     return f"{label} simulated" if meta.get("cost_simulated") else label

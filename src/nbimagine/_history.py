@@ -109,6 +109,9 @@ FIX_REPAIR = ("Run %imagine history --repair (nbimagine.repair_history()) to reb
 FIX_ELSEWHERE = ("Generate with --no-history, or keep the history in a writable folder "
                  "(%imagine history --root DIR, or nbimagine.history(root=...))")
 
+_FIX_EXPORT = ("Export to another folder, or move away what stands in the way there (a file or folder of the "
+               "same name); the history itself is fine")
+
 ParentRef = Union[int, str, "HistoryEntry"]
 
 # --------------------------------------------------------------------------------------------
@@ -530,16 +533,24 @@ def _read_only_reason(folder: Path) -> str | None:
 
 
 def _error(exc: BaseException, what: str, path: object, *, timeout: float = DEFAULT_TIMEOUT,
-           folder: Path | None = None) -> HistoryError:
-    """``exc`` (sqlite3 or OS) as a ``HistoryError`` that names the file, the real cause and the fix."""
+           folder: Path | None = None, fix: str | None = None) -> HistoryError:
+    """``exc`` (sqlite3 or OS) as a ``HistoryError`` that names the file, the real cause and the fix.
+
+    ``fix``: for a file outside the history (an export's folder): the history is fine, so the fixes that
+    repair it do not apply; the OS's own cause is given with this fix instead.
+    """
     if isinstance(exc, HistoryError):
         return exc
     text = str(exc) or type(exc).__name__
     low = text.lower()
+    if fix is not None:
+        cause = (f"{os.strerror(exc.errno)} [{errno.errorcode.get(exc.errno, exc.errno)}]"
+                 if isinstance(exc, OSError) and exc.errno is not None else text)
+        return HistoryError(what, path=path, cause=cause, fix=fix)
     if isinstance(exc, OSError) and exc.errno is not None:
         cause = f"{os.strerror(exc.errno)} [{errno.errorcode.get(exc.errno, exc.errno)}]"
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return HistoryError(what, path=path, cause=cause, fix="Free some disk space, then run the cell again; "
+            return HistoryError(what, path=path, cause=cause, fix="Free some disk space, then try again; "
                                 "or generate with --no-history")
         if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             return HistoryError(what, path=path, cause=cause, fix=FIX_ELSEWHERE)
@@ -556,7 +567,7 @@ def _error(exc: BaseException, what: str, path: object, *, timeout: float = DEFA
                             fix="Close or wait for the other program, or generate with --no-history")
     if "full" in low:
         return HistoryError(what, path=path, cause=f"the disk is full ({text})",
-                            fix="Free some disk space, then run the cell again; or generate with --no-history")
+                            fix="Free some disk space, then try again; or generate with --no-history")
     if "readonly" in low or "read-only" in low or "unable to open" in low:
         reason = _read_only_reason(folder) if folder is not None else None
         cause = f"{reason} ({text})" if reason else text
@@ -1457,6 +1468,13 @@ class _Store:
 
     def repair(self) -> RepairReport:
         """Rebuild the index from the records (and from the old index where it is readable)."""
+        try:
+            return self._repair()
+        except (sqlite3.Error, OSError) as exc:  # a full disk, a read-only folder...: typed, with the cause
+            raise _error(exc, "Cannot repair the image history", self.index, timeout=self.timeout,
+                         folder=self.path) from exc
+
+    def _repair(self) -> RepairReport:
         with self._lock, self._repair_lock():
             if self._depth:
                 raise HistoryError("Cannot repair the history inside a batch() or transaction", path=self.index,
@@ -2439,8 +2457,8 @@ class History:
         chosen = list(self) if entries is None else list(entries)
         try:
             target = Folder.open(directory, create=True)
-        except OSError as exc:
-            raise _error(exc, "Cannot export the images", directory) from exc
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+            raise _error(exc, "Cannot export the images", directory, fix=_FIX_EXPORT) from exc
         written: list[Path] = []
         manifest = []
         with target:
@@ -2464,7 +2482,7 @@ class History:
                 name = (target.write("history.json", data, overwrite=True) if overwrite
                         else target.write_unique("history.json", data))
             except OSError as exc:
-                raise _error(exc, "Cannot export the images", target.path) from exc
+                raise _error(exc, "Cannot export the images", target.path, fix=_FIX_EXPORT) from exc
             written.append(target.path / name)
         return written
 

@@ -586,6 +586,7 @@ class ImagineMagics(Magics, _ConfigTraits):
 
         from ._agent import Reply
         from ._display import MAX_SIDE, caption_for, caption_output, image_output, text_output, warning_output
+        from ._images import human_bytes
 
         replies: list[Any] = []
         items: list[BinaryResult] = []
@@ -617,9 +618,13 @@ class ImagineMagics(Magics, _ConfigTraits):
         if texts:
             outputs.append((text_output("\n\n".join(texts), where="the reply's .body"), {}))
         def one(image: BinaryResult) -> tuple[dict[str, Any], dict[str, Any], Any]:
-            caption = caption_for(image, elapsed=gen.elapsed, provider=gen.provider, model=gen.model,
-                                  parents=gen.parents)
-            return image_output(image, caption, full=full, max_side=side, width=width)
+            try:
+                caption = caption_for(image, elapsed=gen.elapsed, provider=gen.provider, model=gen.model,
+                                      parents=gen.parents)
+                return image_output(image, caption, full=full, max_side=side, width=width)
+            except Exception as exc:  # anything else about one image (its metadata...): named, not raised
+                return {"text/plain": f"{_ref(image)} ({human_bytes(len(image.data))})"}, {}, \
+                    f"{type(exc).__name__}: {exc}"
 
         if len(items) > 1:  # Pillow releases the GIL while decoding and encoding: previews in parallel
             from concurrent.futures import ThreadPoolExecutor
@@ -699,6 +704,10 @@ class ImagineMagics(Magics, _ConfigTraits):
             h = history()
         except HistoryError as exc:
             raise UsageError(str(exc)) from None
+        moved = _moved_away(h)
+        if moved and moved not in _NOTED:
+            _NOTED.add(moved)
+            print(moved)
         if h.identity is not None and not h.identity.known and h.notebook not in _NOTED:
             # Said once per kernel: the cell must tell where its images go when the notebook is unknown.
             _NOTED.add(h.notebook)
@@ -1040,7 +1049,27 @@ class ImagineMagics(Magics, _ConfigTraits):
 
 # --- helpers ---------------------------------------------------------------------------------------
 
-_NOTED: set[str | None] = set()  # unknown-notebook histories already named in a cell
+_NOTED: set[str | None] = set()  # unknown-notebook histories (and moves) already named in a cell
+
+
+def _moved_away(history: History) -> str | None:
+    """What to say when the server puts this notebook in another folder than its history's (it was moved
+    while its kernel ran): the history stays where the kernel started, and a kernel started in the new
+    folder would not find it. None when they agree, or when the history's folder was chosen (--root)."""
+    from . import _history
+
+    identity = history.identity
+    if (identity is None or identity.directory is None or identity.source != "server"
+            or _history._root is not None):
+        return None
+    try:
+        if identity.directory.resolve() == history.root:
+            return None
+    except OSError:
+        return None
+    return (f"This notebook is now in {identity.directory}, but its images are kept in {history.path} (the "
+            "folder its kernel started in; a moved notebook's history stays there). After reopening it from its "
+            f"new folder, run %imagine history --root {history.root} to use this history again.")
 
 
 def _elsewhere(history: History) -> str:

@@ -55,13 +55,16 @@ class NotebookIdentity:
 
     ``source`` is one of ``explicit``, ``server``, ``session-env``, ``vscode``, ``script``, ``unknown``;
     ``path`` is the path the source gave (relative to the server's root for ``server``);
-    ``kernel_id`` is the Jupyter kernel id when the kernel has one.
+    ``kernel_id`` is the Jupyter kernel id when the kernel has one; ``directory`` the folder the notebook
+    is in now, when the server says where its root is (it differs from the kernel's working directory
+    once the notebook was moved to another folder while its kernel ran).
     """
 
     name: str
     source: str
     path: str | None = None
     kernel_id: str | None = None
+    directory: Path | None = None
 
     @property
     def known(self) -> bool:
@@ -237,6 +240,16 @@ class _ServerLookup:
             # gives the kernel a new id anyway).
             return self.path
 
+    def directory(self, path: str) -> Path | None:
+        """The folder of ``path`` (a session path) on this machine, from the server's ``root_dir``."""
+        root = (self.server or {}).get("root_dir")
+        if not isinstance(root, str) or not root:
+            return None
+        parts = [p for p in re.split(r"[\\/]", path)[:-1] if p]
+        if any(p in (".", "..") for p in parts):
+            return None
+        return Path(root).expanduser().joinpath(*parts)
+
     def _remember(self, server: dict[str, Any], path: str) -> str:
         self.server, self.path, self.asked_at, self.asked_in = server, path, time.monotonic(), _cell()
         return path
@@ -308,7 +321,7 @@ def current() -> NotebookIdentity:
         if path:
             name = _stem(path)
             if name:
-                return NotebookIdentity(name, "server", path, kernel_id)
+                return NotebookIdentity(name, "server", path, kernel_id, _server.directory(path))
     session = os.environ.get("JPY_SESSION_NAME", "").strip()
     if session and _stem(session):
         return NotebookIdentity(_stem(session), "session-env", session, kernel_id)
