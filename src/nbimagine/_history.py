@@ -1069,14 +1069,17 @@ class _Store:
     def write_image(self, sha: str, ext: str, data: bytes, *, sync_folder: bool = True) -> bool:
         """Store ``data`` (whose sha256 is ``sha``) unless the same bytes are stored already; True if written."""
         name = f"{sha}.{ext}"
-        with self.dir.descend("images", sha[:2], create=True) as folder:
-            st = folder.lstat(name)
-            if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == len(data):
-                with contextlib.suppress(OSError):
-                    if folder.read(name) == data:  # the bytes hash to the name: no second sha256
-                        return False
-            # A damaged file, or a link planted under this name: replaced by a rename, never written through.
-            folder.write(name, data, overwrite=True, durable=self.durable, sync_folder=sync_folder)
+        try:
+            with self.dir.descend("images", sha[:2], create=True) as folder:
+                st = folder.lstat(name)
+                if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == len(data):
+                    with contextlib.suppress(OSError):
+                        if folder.read(name) == data:  # the bytes hash to the name: no second sha256
+                            return False
+                # A damaged file, or a link planted under this name: replaced by a rename, never written through.
+                folder.write(name, data, overwrite=True, durable=self.durable, sync_folder=sync_folder)
+        except OSError as exc:  # named by the file that failed (images/ read-only...), not by the index
+            raise _error(exc, "Cannot store the image file", self.image_path(sha, ext), folder=self.path) from exc
         return True
 
     def image_intact(self, sha: str, ext: str, size: int) -> bool:
@@ -1134,11 +1137,17 @@ class _Store:
     def write_record(self, entry_id: int, data: bytes, *, sync_folder: bool = True) -> None:
         # Written in place (not via a temp file): it is complete before its row commits, and a record
         # torn by a crash belongs to an add that never returned; next_id() and repair refuse it.
-        with self.dir.descend("records", _bucket(entry_id), create=True) as folder:
-            try:
-                folder.write(f"{entry_id}.json", data, atomic=False, durable=self.durable, sync_folder=sync_folder)
-            except FileExistsError:  # a leftover of a rolled-back add: replaced
-                folder.write(f"{entry_id}.json", data, overwrite=True, durable=self.durable, sync_folder=sync_folder)
+        try:
+            with self.dir.descend("records", _bucket(entry_id), create=True) as folder:
+                try:
+                    folder.write(f"{entry_id}.json", data, atomic=False, durable=self.durable,
+                                 sync_folder=sync_folder)
+                except FileExistsError:  # a leftover of a rolled-back add: replaced
+                    folder.write(f"{entry_id}.json", data, overwrite=True, durable=self.durable,
+                                 sync_folder=sync_folder)
+        except OSError as exc:
+            raise _error(exc, "Cannot write the image's record", self.path / "records" / _bucket(entry_id) /
+                         f"{entry_id}.json", folder=self.path) from exc
         if self._depth:
             self._written.append(entry_id)
 
