@@ -64,11 +64,14 @@ def ctrl_c_when_in_flight(emu):
     import time
 
     pressed: list[float] = []
+    ended = threading.Event()
 
     def press() -> None:
         deadline = time.time() + 10
-        while not emu.requests and time.time() < deadline:
+        while not emu.requests and time.time() < deadline and not ended.is_set():
             time.sleep(0.01)
+        if ended.is_set():  # the test is over: a late press would land in another test
+            return
         pressed.append(time.perf_counter())
         _thread.interrupt_main()  # what the kernel's SIGINT handler does
 
@@ -76,7 +79,8 @@ def ctrl_c_when_in_flight(emu):
         threading.Thread(target=press, daemon=True).start()
         return pressed
 
-    return start
+    yield start
+    ended.set()
 
 
 def _reset(session) -> None:

@@ -407,12 +407,15 @@ def test_a_second_ctrl_c_does_not_cut_short_the_recording_of_what_had_arrived():
     recorded: list[bool] = []
     presses = 0
 
+    quiet = threading.Event()
+
     def on_sigint(signum, frame):
         nonlocal presses
         presses += 1
         if presses == 2:
             second.set()
-        raise KeyboardInterrupt
+        if not quiet.is_set():
+            raise KeyboardInterrupt
 
     async def request():
         try:
@@ -430,14 +433,19 @@ def test_a_second_ctrl_c_does_not_cut_short_the_recording_of_what_had_arrived():
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
+    presser = threading.Thread(target=press_twice, daemon=True)
     try:
-        threading.Thread(target=press_twice, daemon=True).start()
+        presser.start()
         job = Job(request())
         with pytest.raises(KeyboardInterrupt):
             job.result(on_poll=waiting.set)
+        done_on_return = job.done()
     finally:
+        # A press that comes late (a loaded machine) is counted here, never raised into a later test.
+        quiet.set()
+        presser.join(40)
         signal.signal(signal.SIGINT, previous)
-    assert presses == 2 and recorded == [True] and job.done()
+    assert presses == 2 and recorded == [True] and done_on_return
 
 
 # --- inputs refused before the request and its progress slot -------------------------------------------
