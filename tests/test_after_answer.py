@@ -588,5 +588,5 @@ def test_a_full_disk_or_a_read_only_image_folder_is_a_warning_beside_the_image(t
     cause = "No space left on device" if how == "full-disk" else "Read-only file system"
     assert "could not be recorded in the history" in line and cause in line, line
     if how == "read-only-images":  # named by the file that failed, not by the index
-        assert "Cannot store the image file" in line and "/.nbimagine/images/" in line, line
+        assert "Cannot store the image files" in line and "/.nbimagine/images)" in line, line
     assert "Traceback" not in result.stdout + result.stderr

@@ -1078,8 +1078,8 @@ class _Store:
                             return False
                 # A damaged file, or a link planted under this name: replaced by a rename, never written through.
                 folder.write(name, data, overwrite=True, durable=self.durable, sync_folder=sync_folder)
-        except OSError as exc:  # named by the file that failed (images/ read-only...), not by the index
-            raise _error(exc, "Cannot store the image file", self.image_path(sha, ext), folder=self.path) from exc
+        except OSError as exc:  # named by the folder that failed (images/ read-only...), not by the index
+            raise _error(exc, "Cannot store the image files", self.path / "images", folder=self.path) from exc
         return True
 
     def image_intact(self, sha: str, ext: str, size: int) -> bool:
@@ -1146,8 +1146,7 @@ class _Store:
                     folder.write(f"{entry_id}.json", data, overwrite=True, durable=self.durable,
                                  sync_folder=sync_folder)
         except OSError as exc:
-            raise _error(exc, "Cannot write the image's record", self.path / "records" / _bucket(entry_id) /
-                         f"{entry_id}.json", folder=self.path) from exc
+            raise _error(exc, "Cannot write the image records", self.path / "records", folder=self.path) from exc
         if self._depth:
             self._written.append(entry_id)
 
