@@ -318,14 +318,20 @@ def test_generate_many_with_a_config_and_variants(session, emu, tmp_path):
         nbimagine.generate_many(["x"], config=config, size="1024x1024")
 
 
-def test_generate_many_under_a_rate_limit_never_gets_a_request_rejected_twice(session, emu):
-    # The limit is unknown at first: the first wave may be rejected, once, and teaches the limiter the limit.
+@pytest.mark.parametrize("provider", ["openai", "gemini"])
+def test_generate_many_under_a_rate_limit_never_gets_a_request_rejected_twice(session, emu, provider):
+    # The limit is unknown at first. OpenAI states it on every answer: the first request goes alone and its
+    # headers pace the rest, so nothing is rejected. Gemini says it only in a 429: the first wave may be
+    # rejected, once, and teaches the limiter the limit.
     emu.rate_limit = 120
-    result = nbimagine.generate_many([f"cat {i}" for i in range(5)], size="256x256", concurrency=4, progress=False)
+    options = {"size": "256x256"} if provider == "openai" else {"provider": "gemini", "image_size": "512"}
+    result = nbimagine.generate_many([f"cat {i}" for i in range(5)], concurrency=4, progress=False, **options)
     assert all(r.ok for r in result) and len(result.files) == 5
     stats = emu.rate_stats
     assert stats["accepted"] == 5 and stats["rejected_again"] == 0
-    assert result.rejected == stats["rejected"] >= 1
+    assert result.rejected == stats["rejected"]
+    assert stats["rejected"] == 0 if provider == "openai" else stats["rejected"] >= 1
+    assert result.rate_limit == 120 and "paced at 120 requests/min" in result.summary
 
 
 def test_generate_many_with_a_known_rate_limit_paces_from_the_first_request(session, emu):
@@ -411,6 +417,106 @@ def test_a_429_stating_the_limit_spaces_every_later_start():
     assert RateLimiter(concurrency=2, key=("test", "limit", "other")).interval == 0
 
 
+@pytest.mark.parametrize(("family", "stated"), [
+    ("openai", {"x-ratelimit-limit-requests": "120", "x-ratelimit-remaining-requests": ("0", "1")}),
+    ("azure", {"x-ratelimit-remaining-requests": ("0", "1")}),
+    ("gemini", {}),
+])
+def test_every_answer_under_a_rate_limit_carries_the_headers_the_vendor_sends(emu, family, stated):
+    """Real SDKs read the raw headers of successful answers: OpenAI all three, Azure the remaining count only,
+    Gemini none (its limit comes with a 429)."""
+    emu.rate_limit = 120
+    if family == "gemini":
+        import httpx  # google-genai keeps the headers of a successful answer to itself
+
+        raw = httpx.post(f"{emu.gemini_base_url}/v1beta/models/gemini-3.1-flash-image:generateContent",
+                         headers={"x-goog-api-key": "k"}, json={"contents": [{"parts": [{"text": "a cat"}]}]})
+        headers = raw.headers
+    else:
+        from openai import AzureOpenAI
+
+        client = openai_client(emu) if family == "openai" else AzureOpenAI(
+            azure_endpoint=emu.azure_endpoint, api_key="k", api_version="2025-04-01-preview", max_retries=0)
+        raw = client.images.with_raw_response.generate(model="gpt-image-1", prompt="a cat", size="1024x1024")
+        headers = raw.headers
+        assert raw.parse().data[0].b64_json
+    assert raw.status_code == 200
+    names = {"x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"}
+    for name in names:
+        if name not in stated and not (family == "openai" and name == "x-ratelimit-reset-requests"):
+            assert name not in headers
+    for name, value in stated.items():
+        assert headers[name] in (value if isinstance(value, tuple) else (value,))
+    if family == "openai":
+        assert headers["x-ratelimit-reset-requests"].endswith("ms")
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ({"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59",
+      "x-ratelimit-reset-requests": "1s"}, (60.0, 59, 1.0)),
+    ({"x-ratelimit-limit-requests": "10000", "x-ratelimit-remaining-requests": "0",
+      "x-ratelimit-reset-requests": "6m0s"}, (10000.0, 0, 360.0)),
+    ({"x-ratelimit-reset-requests": "120ms"}, (None, None, 0.12)),
+    ({"x-ratelimit-reset-requests": "1h2m3.5s"}, (None, None, 3723.5)),
+    ({"x-ratelimit-remaining-requests": "3"}, (None, 3, None)),  # Azure
+    ({"x-ratelimit-limit-requests": "abc", "x-ratelimit-reset-requests": "soon"}, None),
+    ({}, None),
+])
+def test_rate_headers_are_read_as_openai_writes_them(headers, expected):
+    from nbimagine._providers._base import rate_headers
+
+    found = rate_headers(headers)
+    assert (None if found is None else (found.limit, found.remaining, found.reset)) == expected
+
+
+def test_answers_headers_pace_a_set_before_any_429():
+    """The first request goes alone; its answer's headers (limit 600/min, none remaining for 0.05 s) set
+    the schedule of the others."""
+    from nbimagine._many import RateLimiter
+    from nbimagine._providers._base import ON_RATE_HEADERS, RateHeaders
+
+    limiter = RateLimiter(concurrency=4, key=("test", "headers", "model"), probe=True)
+    starts = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        async def request():
+            starts.append(loop.time())
+            await asyncio.sleep(0.02)
+            ON_RATE_HEADERS.get()(RateHeaders(limit=600, remaining=0, reset=0.05))  # as the SDK's hook does
+            return "ok"
+
+        return await asyncio.gather(*(limiter.call(request) for _ in range(5)))
+
+    assert asyncio.run(main()) == ["ok"] * 5 and limiter.interval == pytest.approx(0.1)
+    assert starts[1] - starts[0] >= 0.1  # nobody went with the first one
+    assert all(later - earlier >= 0.1 for earlier, later in itertools.pairwise(starts))
+    assert RateLimiter(concurrency=2, key=("test", "headers", "model")).interval == pytest.approx(0.1)
+
+
+def test_a_slow_first_answer_does_not_hold_the_set_back(monkeypatch):
+    """The others wait for the first answer's headers a short while only (an image without streaming takes
+    far longer): then they go, and the limit is learnt from whatever comes first."""
+    from nbimagine import _many
+
+    monkeypatch.setattr(_many, "_PROBE_WAIT", 0.05)
+    limiter = _many.RateLimiter(concurrency=3, probe=True)
+    events = []
+
+    async def main():
+        async def request(i):
+            events.append(("start", i))
+            await asyncio.sleep(0.3 if i == 0 else 0)  # both timers on one loop: the 0.05 s one fires first
+            events.append(("end", i))
+            return i
+
+        return await asyncio.gather(*(limiter.call(lambda i=i: request(i)) for i in range(3)))
+
+    assert asyncio.run(main()) == [0, 1, 2]
+    assert events[0] == ("start", 0) and events.index(("start", 1)) < events.index(("end", 0))
+
+
 @pytest.mark.parametrize(("error", "retried"), [
     (ProviderError("overloaded", status=503, retry_after=0.01), True),
     (ProviderError("timeout", status=408, retry_after=0.01), True),
@@ -445,7 +551,8 @@ def test_the_limiter_keeps_to_its_concurrency():
 
 
 @pytest.mark.parametrize(("concurrency", "rate_limit"), [(0, None), (65, None), (True, None), (2.5, None),
-                                                          (4, 0), (4, -1), (4, float("inf")), (4, "60")])
+                                                          (4, 0), (4, -1), (4, float("inf")), (4, "60"),
+                                                          (4, 100_001)])
 def test_limiter_arguments_are_checked(concurrency, rate_limit):
     from nbimagine._many import RateLimiter
 

@@ -7,13 +7,14 @@ Cells run through a real shell against the real emulator over HTTP.
 
 from __future__ import annotations
 
+import json
 import typing
 
 import pytest
 from IPython.core.error import UsageError
 
 from nbimagine._magics import ImagineMagics
-from nbimagine._options import IMAGE_TOOL, IMAGES_API, OPTIONS, option, options_for
+from nbimagine._options import IMAGE_TOOL, IMAGES_API, OPTIONS, SETTINGS, option, options_for
 from nbimagine._session import ImagineSession, get_session
 from nbimagine._widgets import CUSTOM, DEFAULT, ProviderPanel
 from nbimagine.errors import ConfigError
@@ -43,7 +44,12 @@ SAMPLES = {
     "image_size": ("2K", "--image-size 2K"),
     "response_modalities": (["IMAGE"], "--modalities IMAGE"),
     "max_retries": (1, "--retries 1"),
+    "each": (True, "--each"),
+    "batch": (True, "--batch"),
+    "concurrency": (8, "--each --concurrency 8"),
+    "rate_limit": (600, "--each --rate-limit 600"),
 }
+PROVIDER_ROWS = [o for o in OPTIONS if o.scope == "provider"]
 # Values the SDK's Literal types allow that nbimagine deliberately does not offer, with the reason.
 NOT_OFFERED = {
     # The Responses image tool documents png, jpeg and webp; gif and svg belong to newer image models
@@ -93,7 +99,7 @@ def test_parser_and_help_read_the_table(opt):
     assert opt.flag in doc
     for value in opt.choices:  # e.g. xhigh and max: help lists exactly what validation accepts
         assert value in doc
-    assert opt.help_text() == action.help
+    assert opt.help_text() == action.help.replace("%%", "%")
 
 
 @pytest.mark.parametrize("line", ["--help", "-h", "use -h", "use --help", "-p gemini --help"])
@@ -114,7 +120,7 @@ def test_cell_magic_help_flag(ip, capsys, emu):
 # --- session and %config ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("opt", OPTIONS, ids=lambda o: o.name)
+@pytest.mark.parametrize("opt", SETTINGS, ids=lambda o: o.name)
 def test_session_and_config_traits_come_from_the_table(opt):
     session_trait = ImagineSession.class_traits()[opt.name]
     config_trait = ImagineMagics.class_traits()[opt.name]
@@ -157,7 +163,7 @@ def _request_value(emu, name: str):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("opt", OPTIONS, ids=lambda o: o.name)
+@pytest.mark.parametrize("opt", PROVIDER_ROWS, ids=lambda o: o.name)
 def test_an_option_reaches_its_provider_or_is_refused_with_the_equivalent(ip, emu, opt, family):
     value, line = SAMPLES[opt.name]
     if not opt.applies(family):
@@ -244,7 +250,7 @@ def test_panel_controls_follow_the_table(family):
     session = ImagineSession()
     panel = ProviderPanel(session)
     panel.provider.value = family
-    for opt in OPTIONS:
+    for opt in SETTINGS:
         control = panel.controls[opt.name]
         box = next((b for fams, b in panel.family_boxes.items() if fams == opt.families), None)
         visible = box is None or box.layout.display != "none"
@@ -259,11 +265,11 @@ def test_panel_controls_follow_the_table(family):
     panel.close()
 
 
-@pytest.mark.parametrize("opt", [o for o in OPTIONS if o.families], ids=lambda o: o.name)
+@pytest.mark.parametrize("opt", [o for o in SETTINGS if o.families or o.scope == "set"], ids=lambda o: o.name)
 def test_a_panel_value_reaches_the_session_for_its_provider(opt):
     session = ImagineSession()
     panel = ProviderPanel(session)
-    panel.provider.value = opt.families[0]
+    panel.provider.value = (opt.families or ("openai",))[0]
     value = SAMPLES[opt.name][0]
     if opt.name == "output_compression":
         panel.output_format.value = "jpeg"
@@ -338,3 +344,68 @@ def test_tool_families_are_what_the_session_builds_a_tool_for():
     for family in FAMILIES:
         agent = session.build_agent(provider=family, **(FOUNDRY if family == "foundry" else {}))
         assert bool(agent.tools) == (family in IMAGE_TOOL), family
+
+
+# --- image sets: their options are rows of the same table ----------------------------------------------
+
+
+def test_cell_modes_are_flags_of_the_line_not_session_options(ip):
+    modes = [o for o in OPTIONS if o.scope == "cell"]
+    assert {o.name for o in modes} == {"each", "batch"}
+    for opt in modes:
+        assert opt.name not in ImagineSession.class_traits() and opt.name not in ImagineMagics.class_traits()
+        assert _parser_actions()[opt.name].nargs == 0  # --each alone: never swallows the next word
+        with pytest.raises(UsageError, match=f"{opt.flag} applies to one generation"):
+            ip.run_line_magic("imagine", f"use {opt.flag}")
+        with pytest.raises(ConfigError, match=f"Unknown option {opt.name}"):
+            get_session().use(**{opt.name: True})
+
+
+# What the refusals name for magic-line options that are not rows (argparse dests).
+_LINE_ONLY = {"edit": "-e last", "ref": "-r last", "mask": "-e last --mask last", "no_history": "--no-history"}
+
+
+@pytest.mark.parametrize("opt", [o for o in OPTIONS if o.needs or o.excludes], ids=lambda o: o.name)
+def test_what_a_row_needs_or_excludes_is_refused_before_any_request(ip, emu, opt):
+    line = SAMPLES[opt.name][1]
+    if opt.needs:
+        alone = " ".join(word for word in line.split() if word not in {option(n).flag for n in opt.needs})
+        with pytest.raises(UsageError, match=f"^{opt.flag} applies to an image set: add --each"):
+            ip.run_cell_magic("imagine", alone, "a cat\na dog")
+    for name in opt.excludes:
+        other = SAMPLES[name][1] if name in SAMPLES else _LINE_ONLY[name]
+        with pytest.raises(UsageError, match=f"cannot go with {opt.flag}: ") as info:
+            ip.run_cell_magic("imagine", f"{line} {other}", "a cat\na dog")
+        assert "\n" not in str(info.value)
+    assert not [r for r in emu.requests if r.method == "POST"]
+
+
+def test_set_options_reach_the_run_from_the_line_the_session_and_config(ip, emu):
+    ip.run_line_magic("config", "ImagineMagics.concurrency = 2")
+    assert get_session().concurrency == 2
+    ip.run_cell_magic("imagine", "--each --rate-limit 6000 --size 256x256 --no-history -o s", "a cat\na dog")
+    shown = ip.user_ns["s"]
+    assert (shown.concurrency, shown.rate_limit, len(shown.ok)) == (2, 6000, 2)
+    listing = repr(ip.run_line_magic("imagine", "use --concurrency 3 --rate-limit 3000"))
+    assert "concurrency=3" in listing and "rate_limit=3000" in listing
+    ip.run_cell_magic("imagine", "--each --size 256x256 --no-history -o s", "a cat\na dog")
+    assert (ip.user_ns["s"].concurrency, ip.user_ns["s"].rate_limit) == (3, 3000)
+    import nbimagine
+
+    made = nbimagine.generate_many(["a cat"], size="256x256", record=False, progress=False, concurrency=1)
+    assert (made.concurrency, made.rate_limit) == (1, 3000)  # its own argument wins, the session fills the rest
+    with pytest.raises(ConfigError, match=r"^concurrency= takes a whole number from 1 to 64, not 0"):
+        nbimagine.generate_many(["a cat"], record=False, progress=False, concurrency=0)
+    # Not sent: the provider saw no such parameter, and the history records none.
+    body = [r for r in emu.requests if r.method == "POST"][-1].json
+    assert "concurrency" not in json.dumps(body) and "rate_limit" not in json.dumps(body)
+
+
+def test_a_typed_rate_limit_in_the_panel_is_a_number_or_a_reason():
+    session = ImagineSession()
+    panel = ProviderPanel(session)
+    panel.rate_limit.value = "90"
+    assert session.rate_limit == 90
+    panel.rate_limit.value = "fast"
+    assert session.rate_limit == 90 and "--rate-limit takes a whole number" in panel.errors["apply"].value
+    panel.close()

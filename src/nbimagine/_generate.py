@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._budget import Holds, Standing, accounted
 from ._image_models import MAX_N
-from ._options import active
+from ._options import sent
 from ._session import ImagineSession, get_session
 from ._sync import Job
 from .errors import ConfigError, ImagineWarning, ProviderError
@@ -187,8 +187,8 @@ class Generation:
 
     def _session_params(self) -> dict[str, Any]:
         options = {**self.session.options(), **self.overrides}
-        sent = active(options, self.session.kind(self.provider))
-        params = {k: v for k, v in sent.items() if k not in ("model", "response_modalities") and v not in (None, 0)}
+        params = {k: v for k, v in sent(options, self.session.kind(self.provider)).items()
+                  if k not in ("model", "response_modalities") and v not in (None, 0)}
         if self.n * self.per_call > 1:
             params["n"] = self.n * self.per_call
         return params

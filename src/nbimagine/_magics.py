@@ -23,7 +23,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Bool, HasTraits, TraitError, Unicode, dlink, observe, validate
 
 from ._cost import format_usd
-from ._options import FAMILY_LABELS, IMAGE_CONFIG, option
+from ._options import FAMILY_LABELS, IMAGE_CONFIG, SETTINGS, option
 from ._options import OPTIONS as TABLE
 from ._session import NO_AGENT, OPTIONS, PROVIDERS, ImagineSession, credentials_advice, get_session, option_trait
 from .errors import BudgetError, ConfigError, ImagineError, InputError
@@ -82,9 +82,12 @@ def _short_traceback(exc: BaseException) -> BaseException:
 def _table_arguments(func: Any) -> Any:
     """``@argument`` for every row of the option table, in table order (one source for parser and help)."""
     for opt in reversed(TABLE):
-        kwargs: dict[str, Any] = {"dest": opt.name, "help": opt.help_text(), "metavar": opt.metavar}
+        text = opt.help_text().replace("%", "%%")  # argparse formats help with %
+        kwargs: dict[str, Any] = {"dest": opt.name, "help": text, "metavar": opt.metavar}
         if opt.kind is int:
             kwargs["type"] = int
+        elif opt.scope == "cell":  # a mode of this cell (--each): no session default to turn off
+            kwargs = {"dest": opt.name, "help": text, "action": "store_true"}
         elif opt.kind is bool:  # --background-mode alone means on; "off" turns a session default off
             kwargs.update(nargs="?", const="on", choices=("on", "off"))
         func = argument(*opt.flags, **kwargs)(func)
@@ -93,7 +96,7 @@ def _table_arguments(func: Any) -> Any:
 
 # %config ImagineMagics.<option>: one configurable trait per table row, made from the same table.
 _ConfigTraits = type("_ConfigTraits", (HasTraits,), {
-    **{opt.name: option_trait(opt).tag(config=True) for opt in TABLE},
+    **{opt.name: option_trait(opt).tag(config=True) for opt in SETTINGS},
     "emulator": Bool(False, help="Route every provider to the in-process emulator.").tag(config=True),
 })
 
@@ -156,13 +159,6 @@ class ImagineMagics(Magics, _ConfigTraits):
               help="number of variants: concurrent requests (up to 8), or one request with the Images API "
                    "(openai-images, azure-images: up to 10)")
     @argument("-o", "--out", metavar="NAME", help="store the Reply (a list of Replies with -n) in NAME")
-    @argument("--each", action="store_true",
-              help="an image set: one prompt per line of the cell, generated now, concurrently")
-    @argument("--batch", action="store_true",
-              help="send the cell's prompts (one per line) to the provider's batch engine: about half price, "
-                   "results within 24 h; %%imagine jobs follows the job, even after a restart")
-    @argument("--concurrency", type=int, metavar="N",
-              help="with --each: requests in flight at once (default 4); 429s are waited out for all")
     @argument("--full", action="store_true", help="embed the full-resolution image instead of a preview")
     @argument("--no-history", action="store_true", help="do not record the images in the notebook history")
     @argument("--dry-run", action="store_true",
@@ -237,10 +233,12 @@ class ImagineMagics(Magics, _ConfigTraits):
             # IPython has already expanded {name} on the magic line, never in the body: only the body
             # is interpolated here (a second pass over the line would undo IPython's {{ escape).
             prompt = interpolate(cell, _user_variables(self.shell))
+        for opt in TABLE:  # what the table says about options that need or exclude others on the line
+            refusal = opt.refusal(vars(args)) if getattr(args, opt.name) not in (None, False) else None
+            if refusal:
+                raise UsageError(refusal)
         if args.each or args.batch:
             self._generate_set(prompt, args)
-        elif args.concurrency is not None:
-            raise UsageError("--concurrency applies to an image set: add --each (one prompt per line)")
         else:
             self._generate(prompt.strip(), args)
         return None
@@ -266,7 +264,7 @@ class ImagineMagics(Magics, _ConfigTraits):
 
     @staticmethod
     def _overrides(args: Any) -> dict[str, Any]:
-        names = ("provider", *(opt.name for opt in TABLE))
+        names = ("provider", *(opt.name for opt in SETTINGS))
         return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
     def _generate(self, prompt: str, args: Any) -> None:
@@ -350,7 +348,7 @@ class ImagineMagics(Magics, _ConfigTraits):
     def _generate_set(self, text: str, args: Any) -> None:
         """``--each`` / ``--batch``: one prompt per non-blank line."""
         from ._generate import MAX_VARIANTS
-        from ._many import DEFAULT_CONCURRENCY, ManyRun, prepare_agent, run_with_progress
+        from ._many import ManyRun, prepare_agent, run_with_progress
 
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
@@ -359,12 +357,6 @@ class ImagineMagics(Magics, _ConfigTraits):
             raise UsageError(f"-n takes 1 to {MAX_VARIANTS} variants, not {args.n}")
         if args.out and not (args.out.isidentifier() and not keyword.iskeyword(args.out)):
             raise UsageError(f"-o needs a variable name, not {args.out!r}")
-        if args.batch and (args.edit or args.ref or args.mask or args.concurrency is not None or args.no_history):
-            given = [f for f, on in (("-e", args.edit), ("-r", args.ref), ("--mask", args.mask),
-                                     ("--concurrency", args.concurrency is not None),
-                                     ("--no-history", args.no_history)) if on]
-            raise UsageError(f"{', '.join(given)} cannot go with --batch: a batch sends text prompts and its "
-                             "results are collected into the history")
         overrides = self._overrides(args)
         record = not args.no_history
         try:
@@ -398,9 +390,11 @@ class ImagineMagics(Magics, _ConfigTraits):
                 return
             history = self._history() if (record or args.edit or args.ref or args.mask) else None
             edits, refs, mask, parents = self._inputs(args, history)
-            concurrency = DEFAULT_CONCURRENCY if args.concurrency is None else args.concurrency
+            # The line's values, else the session's (%imagine use --concurrency 8, the panel, %config).
+            concurrency = overrides.get("concurrency", self.session.concurrency)
+            rate_limit = overrides.get("rate_limit", self.session.rate_limit)
             run = ManyRun(prompts, agent=agent, params=params, n=args.n, overrides=overrides, record=record,
-                          history=history, concurrency=concurrency, rate_limit=None,
+                          history=history, concurrency=concurrency, rate_limit=rate_limit,
                           edits=edits, refs=refs, mask=mask, parents=parents,
                           retries=overrides.get("max_retries", self.session.options().get("max_retries")))
             run.hold_budget()  # refused here, before the progress bar and any request
@@ -782,8 +776,9 @@ class ImagineMagics(Magics, _ConfigTraits):
         extras = [flag for flag, given in (("-e", args.edit), ("-r", args.ref), ("--mask", args.mask),
                                             ("-n", args.n != 1), ("-o", args.out),
                                             ("--full", args.full), ("--no-history", args.no_history),
-                                            ("--dry-run", args.dry_run), ("--each", args.each), ("--batch", args.batch),
-                                            ("--concurrency", args.concurrency is not None)) if given]
+                                            ("--dry-run", args.dry_run),
+                                            *((opt.flag, getattr(args, opt.name)) for opt in TABLE
+                                              if opt.scope == "cell")) if given]
         if extras:
             raise UsageError(f"{', '.join(extras)} {'apply' if len(extras) > 1 else 'applies'} to one generation, "
                              "not to %imagine use")

@@ -21,24 +21,28 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._options import option
 from .errors import ConfigError, ContentPolicyError, ProviderError
 
 if TYPE_CHECKING:
     from ._agent import Agent, Reply
     from ._budget import Holds
     from ._history import History, HistoryEntry
+    from ._providers._base import RateHeaders
     from .config import ProviderConfig
     from .events import BinaryResult
 
-__all__ = ["DEFAULT_CONCURRENCY", "ImageSet", "PromptResult", "RateLimiter", "as_prompts", "generate_many"]
+__all__ = ["ImageSet", "PromptResult", "RateLimiter", "as_prompts", "generate_many"]
 
-DEFAULT_CONCURRENCY = 4
-MAX_CONCURRENCY = 64
+# --concurrency and --rate-limit are rows of the option table: their defaults and bounds live there.
+DEFAULT_CONCURRENCY: int = option("concurrency").default
 # A 429 costs nothing, so it is retried more patiently than a server error (which the SDKs retry twice).
 _RATE_LIMIT_RETRIES = 10
 _SERVER_RETRIES = 2
 # A request rejected once keeps this fraction of the interval more from the request before it.
 _RETRY_GUARD = 0.1
+# How long the other requests of a set wait for the first answer's rate-limit headers (seconds).
+_PROBE_WAIT = 2.0
 
 
 # --- prompts ----------------------------------------------------------------------------------------
@@ -88,6 +92,14 @@ class RateLimiter:
     GCRA on the client side: a schedule of start times, one slot per interval, which a limit with
     no burst allowance (the strictest form, what the emulator enforces) accepts.
 
+    A provider that states its limit on every answer (``probe``: OpenAI's ``x-ratelimit-*``
+    headers) teaches it before any 429: while the limit is unknown the first request goes alone,
+    and the others wait for its answer's headers (they come before the body; any outcome of that
+    request releases them too), for ``_PROBE_WAIT`` seconds at most: an answer slower than that
+    (a whole image without streaming) is not worth the wait, and the limit is then learnt from the
+    first headers or 429s that come. Every answer's headers keep the schedule honest: with no
+    request remaining, nobody starts before the provider's reset (at most one interval).
+
     Slots are counted from when a request really goes: a task woken late by a busy event loop
     moves the next slots later, so the provider never sees two requests closer than the spacing.
 
@@ -103,12 +115,9 @@ class RateLimiter:
     """
 
     def __init__(self, concurrency: int = DEFAULT_CONCURRENCY, rate_limit: float | None = None, *,
-                 key: tuple[str, ...] | None = None, retries: int | None = None) -> None:
-        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or not 1 <= concurrency <= MAX_CONCURRENCY:
-            raise ConfigError(f"concurrency must be an integer from 1 to {MAX_CONCURRENCY}, not {concurrency!r}")
-        if rate_limit is not None and (isinstance(rate_limit, bool) or not isinstance(rate_limit, (int, float))
-                                       or not 0 < rate_limit < float("inf")):
-            raise ConfigError(f"rate_limit is in requests per minute and must be positive, not {rate_limit!r}")
+                 key: tuple[str, ...] | None = None, retries: int | None = None, probe: bool = False) -> None:
+        option("concurrency").validate(concurrency, label="concurrency=")
+        option("rate_limit").validate(rate_limit, label="rate_limit= (requests per minute)")
         self.concurrency = concurrency
         self.key = key
         # Server errors are retried as often as the SDK would have (its max_retries, default 2).
@@ -125,6 +134,10 @@ class RateLimiter:
         self._waiting: collections.deque[tuple[asyncio.Future[float], bool]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
         self._semaphore: asyncio.Semaphore | None = None
+        # The first request's ticket while it goes alone to learn the limit; "due" before it is granted.
+        self._probe: asyncio.Future[float] | str | None = "due" if probe and not self.interval else None
+        self._probe_timer: asyncio.TimerHandle | None = None
+        self.stated: RateHeaders | None = None  # the last request-limit headers an answer carried
 
     # --- admission (all on the loop's thread: no lock needed) ------------------------------------
 
@@ -132,8 +145,9 @@ class RateLimiter:
         # 2% over the interval from the start: a request sent on schedule may arrive a little early.
         return self.interval * 1.02 + self.margin if self.interval else 0.0
 
-    async def _admit(self, retry: bool) -> float:
-        """Wait for a start slot (a ``retry`` goes ahead of every other waiter); return its loop time."""
+    async def _admit(self, retry: bool) -> tuple[float, bool]:
+        """Wait for a start slot (a ``retry`` goes ahead of every other waiter); return its loop time, and
+        whether this request is the one that goes alone to learn the limit."""
         loop = asyncio.get_running_loop()
         ticket: asyncio.Future[float] = loop.create_future()
         if retry:
@@ -151,7 +165,7 @@ class RateLimiter:
             # Woken late (a busy loop): the provider will see this request late, so the next one waits too.
             self._last_start = resumed
             self._reschedule(resumed + self._spacing())
-        return resumed
+        return resumed, ticket is self._probe
 
     def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -163,6 +177,8 @@ class RateLimiter:
             if ticket.done():  # cancelled meanwhile
                 self._waiting.popleft()
                 continue
+            if isinstance(self._probe, asyncio.Future):  # the first request is out alone: wait for its answer
+                return
             due = self._next_start + (self.interval * _RETRY_GUARD if retry else 0.0)
             now = loop.time()
             if now < due:
@@ -173,6 +189,40 @@ class RateLimiter:
             self.starts.append((now, retry))
             self._last_start = now
             self._next_start = now + self._spacing()
+            if self._probe == "due" and not self.interval:
+                self._probe = ticket
+                self._probe_timer = loop.call_later(_PROBE_WAIT, self._end_probe)
+                return
+
+    def _end_probe(self) -> None:
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+            self._probe_timer = None
+        if self._probe is not None:
+            self._probe = None
+            self._dispatch()
+
+    def observe(self, stated: RateHeaders) -> None:
+        """An answer's request-limit headers (called from the SDK's response hook, on the loop's thread)."""
+        self.stated = stated
+        now = asyncio.get_running_loop().time()
+        if stated.limit:
+            interval = 60.0 / stated.limit
+            if interval > self.interval:
+                self.interval = interval
+                if self.key is not None:
+                    _LEARNT[self.key] = max(_LEARNT.get(self.key, 0.0), interval)
+                if self._last_start is not None:  # the slots already given were unspaced: space from the last
+                    self._next_start = max(self._next_start, self._last_start + self._spacing())
+        if stated.remaining == 0 and stated.reset is not None:
+            # Nothing left now: the next request is allowed after the reset, or one interval at most (a bucket
+            # larger than one request refills by one per interval).
+            wait = min(stated.reset, self.interval) if self.interval else stated.reset
+            self._next_start = max(self._next_start, now + wait)
+        if self._probe is not None:
+            self._end_probe()
+        else:
+            self._dispatch()
 
     def _reschedule(self, earliest: float, *, dispatch: bool = True) -> None:
         self._next_start = earliest
@@ -212,12 +262,15 @@ class RateLimiter:
         """Run ``await request()`` under the limits, retrying what the provider asks to retry."""
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.concurrency)
+        from ._providers._base import ON_RATE_HEADERS
+
         attempt = 0
         limited = False  # the previous attempt met a 429
+        ON_RATE_HEADERS.set(self.observe)  # this task's requests tell their answers' limit headers
         async with self._semaphore:
             while True:
                 interval_then = self.interval
-                started = await self._admit(retry=attempt > 0)
+                started, probe = await self._admit(retry=attempt > 0)
                 self.running += 1
                 try:
                     return await request()
@@ -236,6 +289,8 @@ class RateLimiter:
                     self._backoff(exc, attempt, started, interval_then)
                 finally:
                     self.running -= 1
+                    if probe and self._probe is not None:  # answered without limit headers, or failed
+                        self._end_probe()
 
 
 # Intervals (s) learnt from 429s in this process, per (provider, base URL, model): the next run with the
@@ -294,16 +349,22 @@ class ImageSet(Sequence[PromptResult]):
 
     Nothing is raised for per-prompt failures: they are listed in ``failures`` (and shown), and
     every success is kept. ``files`` are all images in prompt order; ``entries`` their history rows.
-    ``job_id`` names the batch job for results of :func:`nbimagine.submit_batch`.
+    ``job_id`` names the batch job for results of :func:`nbimagine.submit_batch`. A set generated
+    now says how it ran: ``concurrency`` (requests in flight at most), ``rate_limit`` (the requests
+    per minute it was paced at, given or learnt; None when no limit was known) and ``rejected``
+    (requests that met a 429 and were sent again).
     """
 
     def __init__(self, results: Sequence[PromptResult], *, elapsed: float | None = None, job_id: str | None = None,
-                 state: str | None = None, rejected: int = 0) -> None:
+                 state: str | None = None, rejected: int = 0, concurrency: int | None = None,
+                 rate_limit: float | None = None) -> None:
         self.results = list(results)
         self.elapsed = elapsed
         self.job_id = job_id
         self.state = state
         self.rejected = rejected
+        self.concurrency = concurrency
+        self.rate_limit = rate_limit
 
     def __len__(self) -> int:
         return len(self.results)
@@ -338,6 +399,8 @@ class ImageSet(Sequence[PromptResult]):
             head += f" from batch {self.job_id}" + (f" ({self.state})" if self.state else "")
         if self.elapsed is not None:
             head += f" in {self.elapsed:.1f} s"
+        if self.rate_limit:
+            head += f", paced at {self.rate_limit:g} requests/min"
         if self.rejected:
             head += f"; {self.rejected} request(s) waited out a rate limit"
         if self.failures:
@@ -423,7 +486,8 @@ class ManyRun:
                  mask: BinaryResult | None = None, parents: Sequence[int] = (), retries: int | None = None) -> None:
         from ._generate import Generation
 
-        self.limiter = RateLimiter(concurrency, rate_limit, key=limiter_key(agent.config), retries=retries)
+        self.limiter = RateLimiter(concurrency, rate_limit, key=limiter_key(agent.config), retries=retries,
+                                   probe=agent._provider.states_rate_limit and len(prompts) * n > 1)
         first = Generation(prompts[0], edits=edits, refs=refs, mask=mask, parents=parents, n=n, overrides=overrides,
                            record=record, history=history, agent=agent, params=params, limiter=self.limiter)
         if record and history is not None:
@@ -499,7 +563,9 @@ class ManyRun:
                 error = _NotRun("cancelled before it finished")
             out.append(PromptResult(index, gen.prompt, [r for r in gen.replies if r is not None], gen.entries,
                                     error))
-        return ImageSet(out, elapsed=self.elapsed, rejected=self.limiter.rejected)
+        limiter = self.limiter
+        return ImageSet(out, elapsed=self.elapsed, rejected=limiter.rejected, concurrency=limiter.concurrency,
+                        rate_limit=round(60.0 / limiter.interval, 3) if limiter.interval else None)
 
 
 class _NotRun(ProviderError):
@@ -552,21 +618,24 @@ def generate_many(
     config: ProviderConfig | None = None,
     tools: Sequence[object] = (),
     n: int = 1,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    rate_limit: float | None = None,
+    concurrency: int | None = None,
+    rate_limit: int | None = None,
     record: bool = True,
     progress: bool = True,
     history: History | None = None,
     **options: Any,
 ) -> ImageSet:
     """Generate one image set: every prompt of ``prompts`` (a list, or a pandas / polars column) now,
-    ``concurrency`` requests at a time, ``n`` variants each.
+    ``concurrency`` requests at a time (default: the session's, 4; ``%imagine use --concurrency N``),
+    ``n`` variants each.
 
     Without ``config`` the session's provider and options apply (as in ``%%imagine``), overridden by
     ``options`` (``provider="gemini"``, ``aspect_ratio="16:9"``, ``size="1024x1024"``...); with
     ``config`` (and ``tools``) that provider configuration is used as given, as for ``Agent``.
-    ``rate_limit`` (requests per minute) spaces requests from the start when you know your limit;
-    otherwise it is learnt from the provider's first 429. Each image is recorded in the notebook's
+    ``rate_limit`` (requests per minute; default the session's ``--rate-limit``) spaces requests from
+    the start when you know your limit; otherwise it is learnt from the provider's answers: OpenAI's
+    ``x-ratelimit-*`` headers (the first request goes alone until its answer's headers arrive), a
+    429's ``x-ratelimit-limit-requests`` or Google's ``quotaValue``. Each image is recorded in the notebook's
     history (unless ``record=False``); ``progress`` shows a tqdm bar (done / failed / running).
 
     Returns an :class:`ImageSet`; prompts that failed are in ``.failures`` with their error, and do
@@ -589,7 +658,9 @@ def generate_many(
     retries = config.max_retries if config is not None else options.get(
         "max_retries", session.options().get("max_retries"))
     run = ManyRun(items, agent=agent, params=params, n=n, overrides=options if config is None else {},
-                  record=record, history=history, concurrency=concurrency, rate_limit=rate_limit, retries=retries)
+                  record=record, history=history, retries=retries,
+                  concurrency=session.concurrency if concurrency is None else concurrency,
+                  rate_limit=session.rate_limit if rate_limit is None else rate_limit)
     return run_with_progress(run, progress=progress)
 
 

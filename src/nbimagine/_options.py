@@ -10,6 +10,10 @@ against, and which a test compares with the SDKs' own ``Literal`` types), its de
 Adding an option (e.g. ``--background`` for background responses) is one row here; the parser,
 help, session trait, ``%config`` trait and ``%imagine use`` listing follow.
 
+A row's ``scope`` says what it is: ``"provider"`` rows are sent to the provider; ``"set"`` rows say how
+an image set runs (``--concurrency``, ``--rate-limit``: session options, never sent); ``"cell"`` rows
+are modes of one ``%%imagine`` cell (``--each``, ``--batch``: the magic line only, no session value).
+
 Importing this module stays cheap: no SDK, no IPython, no widgets.
 """
 
@@ -38,11 +42,13 @@ __all__ = [
     "IMAGE_TOOL",
     "OPENAI_IMAGE",
     "OPTIONS",
+    "SETTINGS",
     "Option",
     "active",
     "family_label",
     "option",
     "options_for",
+    "sent",
 ]
 
 # Provider families grouped by how they take image options. A family is a config's ``provider`` ("openai",
@@ -80,6 +86,10 @@ class Option:
     unset: str = "default"  # how an unset value (None) is shown
     label: str = ""  # the panel's label (default: the name in words)
     example: str = ""  # a placeholder for free text
+    scope: str = "provider"  # "provider" (sent), "set" (how an image set runs), "cell" (a mode of one cell)
+    needs: tuple[str, ...] = ()  # cell modes (row names) one of which must be on the line with it
+    excludes: tuple[str, ...] = ()  # magic-line options (argparse dests) that cannot go with it
+    why: str = ""  # the reason for ``excludes``, said in the refusal
 
     @property
     def flag(self) -> str:
@@ -103,6 +113,8 @@ class Option:
 
     def values_text(self) -> str:
         """The allowed values in words: ``low, medium, high, xhigh, max, auto``."""
+        if self.scope == "cell":  # a flag of the line: there or not
+            return ""
         parts = ["on", "off"] if self.kind is bool else list(self.choices)
         if self.free_form:
             parts.append(self.free_form)
@@ -116,21 +128,23 @@ class Option:
         values = self.values_text()
         return f"{owner}{self.help}" + (f" ({values})" if values else "")
 
-    def validate(self, value: Any) -> Any:
-        """``value`` normalised, or ``ConfigError`` saying what is allowed. ``None`` is always allowed."""
+    def validate(self, value: Any, *, label: str | None = None) -> Any:
+        """``value`` normalised, or ``ConfigError`` saying what is allowed. ``None`` is always allowed.
+        ``label`` names the value in the message (default: the flag; the Python API says ``name=``)."""
         if value is None:
             return None
+        flag = label or self.flag
         if self.kind is bool:
             if isinstance(value, bool):
                 return value
             if isinstance(value, str) and value.lower() in ("on", "off"):
                 return value.lower() == "on"
-            raise ConfigError(f"{self.flag} is on or off, not {value!r}")
+            raise ConfigError(f"{flag} is on or off, not {value!r}")
         if self.kind is int:
             if not isinstance(value, int) or isinstance(value, bool) or (
                     self.bounds and not self.bounds[0] <= value <= self.bounds[1]):
                 low, high = self.bounds or (0, 0)
-                raise ConfigError(f"{self.flag} takes a whole number from {low} to {high}, not {value!r}")
+                raise ConfigError(f"{flag} takes a whole number from {low} to {high}, not {value!r}")
             return value
         if self.kind is list:
             items = value.split(",") if isinstance(value, str) else value
@@ -161,6 +175,19 @@ class Option:
         if isinstance(value, bool):
             return "on" if value else "off"
         return str(value)
+
+    def refusal(self, given: dict[str, Any]) -> str | None:
+        """Why this option, given on a magic line with ``given`` (argparse dest -> value, falsy = absent),
+        cannot run as asked, or None: a cell mode it needs is missing, or an option it excludes is there."""
+        if self.needs and not any(given.get(name) for name in self.needs):
+            modes = " or ".join(option(name).flag for name in self.needs)
+            return f"{self.flag} applies to an image set: add {modes} (one prompt per line)"
+        clash = [name for name in self.excludes if given.get(name) not in (None, False, [], "")]
+        if clash:
+            flags = ", ".join(_BY_NAME[name].flag if name in _BY_NAME else "--" + name.replace("_", "-")
+                              for name in clash)
+            return f"{flags} cannot go with {self.flag}: {self.why}"
+        return None
 
     def misplaced(self, value: Any, family: str, provider: str) -> str:
         """The one-line message for this option given to a provider that does not take it."""
@@ -347,9 +374,30 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_retries", ("--retries",), EVERY_PROVIDER, "config.max_retries",
            "how often the SDK retries a rate limit (429) or server error (5xx) before giving up (default 2)",
            bounds=(0, 10), kind=int, metavar="N", unset="default (2)"),
+    # Image sets (nbimagine.generate_many / submit_batch): how a set runs, never sent to the provider.
+    Option("each", ("--each",), EVERY_PROVIDER, "set.each",
+           "an image set: one prompt per line of the cell, generated now, concurrently", kind=bool, default=False,
+           scope="cell"),
+    Option("batch", ("--batch",), EVERY_PROVIDER, "set.batch",
+           "send the cell's prompts (one per line) to the provider's batch engine: about half price, results "
+           "within 24 h; %imagine jobs follows the job, even after a restart", kind=bool, default=False,
+           scope="cell", excludes=("each", "edit", "ref", "mask", "no_history", "concurrency", "rate_limit"),
+           why="the provider's batch engine runs text prompts, one per line, at its own pace, and their results "
+               "are collected into the history (--each runs the set now)",
+           source="https://platform.openai.com/docs/guides/batch"),
+    Option("concurrency", ("--concurrency",), EVERY_PROVIDER, "set.concurrency",
+           "with --each: requests in flight at once; a 429 is waited out by all", bounds=(1, 64), kind=int,
+           default=4, metavar="N", scope="set", needs=("each",)),
+    Option("rate_limit", ("--rate-limit",), EVERY_PROVIDER, "set.rate_limit",
+           "with --each: your requests-per-minute limit, so that the set is paced from its first request "
+           "(default: learnt from the provider's answers)", bounds=(1, 100_000), kind=int, metavar="RPM",
+           scope="set", needs=("each",), unset="learnt", label="Rate limit (/min)", example="e.g. 60",
+           source="https://platform.openai.com/docs/guides/rate-limits"),
 )
 
 _BY_NAME = {opt.name: opt for opt in OPTIONS}
+# The rows that are session options (traits, %config, %imagine use, the panel): all but the cell modes.
+SETTINGS: tuple[Option, ...] = tuple(opt for opt in OPTIONS if opt.scope != "cell")
 
 
 def option(name: str) -> Option:
@@ -358,10 +406,15 @@ def option(name: str) -> Option:
 
 
 def options_for(family: str) -> tuple[Option, ...]:
-    """The options a provider of this family takes, in table order."""
-    return tuple(opt for opt in OPTIONS if opt.applies(family))
+    """The session options that apply with a provider of this family, in table order."""
+    return tuple(opt for opt in SETTINGS if opt.applies(family))
 
 
 def active(values: dict[str, Any], family: str) -> dict[str, Any]:
-    """The subset of ``values`` (option name -> value) that a provider of ``family`` takes."""
+    """The subset of ``values`` (option name -> value) that applies with a provider of ``family``."""
     return {name: value for name, value in values.items() if name in _BY_NAME and _BY_NAME[name].applies(family)}
+
+
+def sent(values: dict[str, Any], family: str) -> dict[str, Any]:
+    """The subset of ``values`` that a provider of ``family`` is sent (not how a set runs)."""
+    return {name: value for name, value in active(values, family).items() if _BY_NAME[name].scope == "provider"}

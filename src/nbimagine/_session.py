@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from traitlets import Bool, HasTraits, Int, List, TraitType, Unicode
 
 from ._options import FAMILY_LABELS, IMAGE_TOOL, IMAGES_API, Option, active, option
-from ._options import OPTIONS as TABLE
+from ._options import SETTINGS as TABLE
 from .config import (
     AzureOpenAIImagesConfig,
     AzureOpenAIResponsesConfig,
@@ -55,7 +55,7 @@ DEFAULT_MODELS = {
 }
 # What stands for the model of a Foundry session that names no agent yet.
 NO_AGENT = "no agent yet (--agent NAME)"
-# Every session option: the image options of the table, then the session's own switch.
+# Every session option: the table's (all but the cell modes), then the session's own switch.
 OPTIONS = (*(opt.name for opt in TABLE), "emulator")
 
 # Which environment variables count as credentials, per provider (names only; values never leave here).
@@ -98,8 +98,9 @@ _OptionTraits = type("_OptionTraits", (HasTraits,), {opt.name: option_trait(opt)
 class ImagineSession(_OptionTraits):
     """Defaults for ``%%imagine`` and the panels; observable (``traitlets``).
 
-    Besides ``provider`` and ``emulator``, every row of :data:`nbimagine._options.OPTIONS` is a trait
-    (``model``, ``size``, ``quality``, ``aspect_ratio``, ``max_retries``...). ``model=None`` means
+    Besides ``provider`` and ``emulator``, every row of :data:`nbimagine._options.SETTINGS` (the
+    table but its cell modes) is a trait (``model``, ``size``, ``quality``, ``aspect_ratio``,
+    ``max_retries``, ``concurrency``...). ``model=None`` means
     ``DEFAULT_MODELS[provider]``. An option given explicitly must apply to the provider it is used
     with (``use("gemini", quality="high")`` is a ``ConfigError`` that says what Gemini takes instead);
     values set earlier for another provider are kept but not sent, and shown as inactive.

@@ -37,7 +37,7 @@ import traitlets as t
 
 from ._images import human_bytes, sniff_media_type
 from ._options import EVERY_PROVIDER, IMAGE_CONFIG, IMAGE_TOOL, Option, option, options_for
-from ._options import OPTIONS as TABLE
+from ._options import SETTINGS as TABLE
 from ._painter import MaskPainter
 from ._session import DEFAULT_MODELS, KEY_ENV, ImagineSession, foundry_credential_sources, get_session
 from .config import GEMINI_NEWEST_ONLY_RATIOS, GEMINI_NEWEST_ONLY_SIZES
@@ -140,7 +140,7 @@ class _UIThread:
 class ProviderPanel:
     """Provider, model and image options of the session, with per-provider controls.
 
-    The controls are made from the option table (:data:`nbimagine._options.OPTIONS`): one per row,
+    The controls are made from the option table (:data:`nbimagine._options.SETTINGS`): one per row,
     with the row's allowed values and its help as tooltip. ``controls[name]`` is the control of option
     ``name``, also an attribute (``quality``, ``size``, ``aspect_ratio``...); besides them:
     ``provider``, ``emulator``, ``custom_size`` (the size's WxH field), ``compression_on``, ``compression``
@@ -237,6 +237,8 @@ class ProviderPanel:
             low, high = opt.bounds or (0, 100)
             common["layout"] = w.Layout(width="360px")
             return w.IntSlider(min=low, max=high, value=80, continuous_update=False, **common)
+        if opt.kind is int and opt.bounds and opt.bounds[1] - opt.bounds[0] > 100:  # typed: too many to list
+            return w.Text(continuous_update=False, placeholder=opt.example or opt.unset, **common)
         if opt.kind is int:
             low, high = opt.bounds or (0, 0)
             return w.Dropdown(options=[(opt.unset, DEFAULT), *((str(i), i) for i in range(low, high + 1))], **common)
@@ -328,7 +330,9 @@ class ProviderPanel:
         if name == "response_modalities":
             return [m for m, box in self.modalities.items() if box.value]
         if isinstance(control, w.Text):
-            return control.value.strip() or None
+            text = control.value.strip() or None
+            # A typed number (--rate-limit) is an int for validation; anything else is refused there, in words.
+            return int(text) if text and option(name).kind is int and text.isdigit() else text
         if isinstance(control, (w.IntSlider, w.Checkbox)):
             return control.value
         return None if control.value == DEFAULT else control.value
@@ -352,7 +356,7 @@ class ProviderPanel:
             for modality, box in self.modalities.items():
                 box.value = modality in chosen
         elif isinstance(control, w.Text):
-            control.value = value or ""
+            control.value = "" if value is None else str(value)
         elif isinstance(control, w.Checkbox):
             control.value = bool(value)
         elif isinstance(control, w.IntSlider):

@@ -8,6 +8,7 @@ parsing, error mapping, and the opaque ``history`` that lets a reply continue it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import re
 import weakref
@@ -105,6 +106,9 @@ class BatchLine:
 
 class Provider(ABC, Generic[ConfigT]):
     name: ClassVar[str]
+    # Whether every answer states the request limit (x-ratelimit-limit-requests): then a set whose limit is
+    # not known yet sends its first request alone and paces the others from that answer's headers.
+    states_rate_limit: ClassVar[bool] = False
 
     def __init__(self, config: ConfigT, tools: Sequence[object]) -> None:
         self.config = config
@@ -346,9 +350,68 @@ async def _report_retryable(response: Any) -> None:
         callback(response.status_code)
 
 
+@dataclass(frozen=True)
+class RateHeaders:
+    """Where a provider's request limit stood when it answered: ``limit`` (requests per minute),
+    ``remaining`` (requests allowed now) and ``reset`` (seconds until the limit is back to its initial
+    state); ``None`` for what the answer did not say."""
+
+    limit: float | None = None
+    remaining: int | None = None
+    reset: float | None = None
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def _duration(text: str) -> float | None:
+    """OpenAI's reset durations in seconds: ``1s``, ``6m0s``, ``120ms``, ``1h2m3.5s``."""
+    text = text.strip()
+    parts = _DURATION.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        return None
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(number) * scale[unit] for number, unit in parts)
+
+
+def rate_headers(headers: Any) -> RateHeaders | None:
+    """The request-limit headers of an answer (success or 429), or None when it has none.
+
+    OpenAI sends ``x-ratelimit-limit-requests``, ``x-ratelimit-remaining-requests`` and
+    ``x-ratelimit-reset-requests`` on every answer (rate-limits guide, "Rate limits in headers",
+    https://platform.openai.com/docs/guides/rate-limits); Azure OpenAI the remaining count only;
+    Gemini none (its limit comes with a 429's QuotaFailure).
+    """
+    if headers is None:
+        return None
+    found: dict[str, Any] = {}
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        found["limit"] = float(headers["x-ratelimit-limit-requests"]) or None
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        found["remaining"] = int(headers["x-ratelimit-remaining-requests"])
+    with contextlib.suppress(KeyError, TypeError, AttributeError):
+        found["reset"] = _duration(headers["x-ratelimit-reset-requests"])
+    return RateHeaders(**found) if any(v is not None for v in found.values()) else None
+
+
+# Told the request-limit headers of every answer (see :func:`rate_headers`); set by a set's shared rate
+# limiter around its requests, so that it paces them from the first answer on, not from the first 429.
+ON_RATE_HEADERS: ContextVar[Callable[[RateHeaders], None] | None] = ContextVar("nbimagine_on_rate_headers",
+                                                                              default=None)
+
+
+async def _report_rate_headers(response: Any) -> None:
+    callback = ON_RATE_HEADERS.get()
+    if callback is not None:
+        found = rate_headers(response.headers)
+        if found is not None:
+            callback(found)
+
+
 def http_event_hooks() -> dict[str, list[Any]]:
-    """httpx ``event_hooks`` for an SDK's async client (see :data:`ON_RETRYABLE`)."""
-    return {"response": [_report_retryable]}
+    """httpx ``event_hooks`` for an SDK's async client (see :data:`ON_RETRYABLE`, :data:`ON_RATE_HEADERS`).
+    A response hook runs once the headers are in, before the body is read."""
+    return {"response": [_report_retryable, _report_rate_headers]}
 
 
 def masked_request(method: str, url: str, headers: dict[str, str], body: Any) -> dict[str, Any]:

@@ -73,6 +73,7 @@ _TOKEN_MARGIN = 300.0  # seconds before expiry when a cached token is renewed
 class FoundryAgentProvider(OpenAIResponsesProvider):
     name = "foundry"
     config: FoundryAgentConfig
+    states_rate_limit = False  # an Azure service: the remaining count at most, not the limit
 
     def __init__(self, config: FoundryAgentConfig, tools: Any) -> None:
         super().__init__(config, tools)

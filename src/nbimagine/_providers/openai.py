@@ -48,6 +48,7 @@ from ._base import (
     Turn,
     http_event_hooks,
     kept,
+    rate_headers,
     result,
     status_hint,
     transport_failure,
@@ -82,6 +83,7 @@ class _OpenAIClientMixin:
     config: Any
     name: str
     key_env = "OPENAI_API_KEY"
+    states_rate_limit = True  # x-ratelimit-limit-requests on every answer (rate-limits guide)
 
     def _api_key(self) -> str | None:
         return self.config.api_key or os.environ.get(self.key_env) or None
@@ -406,6 +408,8 @@ def _batch_status(batch: Any) -> BatchStatus:
 
 class _AzureClientMixin(_OpenAIClientMixin):
     """Azure credentials, endpoint and client, shared by the Responses and the Images API providers."""
+
+    states_rate_limit = False  # Azure sends the remaining count, not the limit
 
     def batch_request(self, custom_id: str, turn: Turn) -> dict[str, Any]:
         # Azure runs batches on a Global-Batch deployment of its own (Microsoft Learn, "Azure OpenAI
@@ -889,8 +893,9 @@ def _rate_headers(response: Any) -> dict[str, float]:
             break
         except (KeyError, TypeError, ValueError):
             continue
-    with contextlib.suppress(KeyError, TypeError, ValueError):
-        out["rate_limit"] = float(headers["x-ratelimit-limit-requests"])
+    stated = rate_headers(headers)
+    if stated is not None and stated.limit:
+        out["rate_limit"] = stated.limit
     return out
 
 

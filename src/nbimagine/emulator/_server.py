@@ -192,6 +192,23 @@ class State:
             self._rejected_keys.discard(digest)
             return 0.0
 
+    def rate_headers(self, *, azure: bool = False) -> dict[str, str]:
+        """The request-limit headers OpenAI sends on every answer, success or 429, as they stand now (its
+        rate-limits guide, "Rate limits in headers": ``x-ratelimit-limit-requests``, ``-remaining-requests``,
+        ``-reset-requests``, the time until the limit is back to its initial state). Under this limit (no
+        burst) one request is allowed at a time, so remaining is 1 or 0 and the reset is the time to the next
+        slot. Azure OpenAI sends the remaining count only (its quota guide); Gemini sends none."""
+        with self.lock:
+            limit = self.rate_limit
+            if not limit:
+                return {}
+            wait = max(0.0, self._tat - time.monotonic())
+        remaining = {"x-ratelimit-remaining-requests": "0" if wait > 1e-6 else "1"}
+        if azure:
+            return remaining
+        return {"x-ratelimit-limit-requests": f"{limit:g}", **remaining,
+                "x-ratelimit-reset-requests": f"{round(wait * 1000)}ms"}
+
     def fault(self, family: str, prompt: str, *, route: str) -> Fault | None:
         """Consume an injected fault for ``family`` that ``route`` acts on (a key of ``ROUTES``), else read
         ``[fault:NAME]`` / ``[error:NNN]`` tokens in ``prompt``.
@@ -513,6 +530,9 @@ class _Handler(BaseHTTPRequestHandler):
             answer = Answer(500, headers={"x-should-retry": "false"}, json={"error": {
                 "message": f"nbimagine emulator internal error: {exc!r}", "type": "server_error",
                 "param": None, "code": "emulator_bug", "traceback": traceback.format_exc()}})
+        if state.rate_limit and _generation_route(parts.path) and not _GEMINI_PATH.match(parts.path.rstrip("/")):
+            # As OpenAI does, every answer says where the limit stands (taken now, as the answer leaves).
+            answer.headers = {**state.rate_headers(azure=parts.path.startswith("/openai/")), **answer.headers}
         self._write(answer, request.request_id)
 
     def _client_gone(self) -> bool:
