@@ -129,3 +129,27 @@ def fresh_history(monkeypatch: pytest.MonkeyPatch):
     yield
     _history.set_notebook(None)
     _history._forget_all()
+
+
+@pytest.fixture
+def no_learnt_limits(monkeypatch):
+    """Rate limits learnt in one test (image sets) must not pace the next one."""
+    from nbimagine import _many
+
+    monkeypatch.setattr(_many, "_LEARNT", {})
+
+
+@pytest.fixture
+def session(emu, tmp_path, monkeypatch):
+    """The session routed to the test emulator (OpenAI), the history in tmp_path, batch jobs quick."""
+    from nbimagine._session import get_session, set_emulator
+
+    monkeypatch.chdir(tmp_path)
+    emu.batch_time = 0.2
+    s = get_session()
+    before = s.options()
+    set_emulator(emu)
+    s.use("openai", emulator=True)
+    yield s
+    s.use(**before)
+    set_emulator(None)

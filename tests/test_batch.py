@@ -19,7 +19,7 @@ import pytest
 
 import nbimagine
 from nbimagine._history import History
-from nbimagine._session import get_session, set_emulator
+from nbimagine._session import get_session
 from nbimagine.config import (
     AzureOpenAIImagesConfig,
     AzureOpenAIResponsesConfig,
@@ -34,26 +34,8 @@ from nbimagine.tools import ImageGenerationTool
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 
-@pytest.fixture(autouse=True)
-def no_learnt_limits(monkeypatch):
-    """Rate limits learnt in one test must not pace the next one."""
-    from nbimagine import _many
-
-    monkeypatch.setattr(_many, "_LEARNT", {})
-
-
-@pytest.fixture
-def session(emu, tmp_path, monkeypatch):
-    """The session routed to the test emulator, the history in tmp_path, batches quick."""
-    monkeypatch.chdir(tmp_path)
-    emu.batch_time = 0.2
-    s = get_session()
-    before = s.options()
-    set_emulator(emu)
-    s.use("openai", emulator=True)
-    yield s
-    s.use(**before)
-    set_emulator(None)
+# Rate limits learnt in one test must not pace the next one (conftest also gives the `session` fixture).
+pytestmark = pytest.mark.usefixtures("no_learnt_limits")
 
 
 def openai_client(emu):

@@ -11,13 +11,14 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import httpx2
 import openai
 import pytest
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 from IPython.core.error import UsageError
-from openai import OpenAI
+from openai import APIConnectionError, OpenAI
 
 from nbimagine.emulator import Emulator, UnknownFaultError, fault_kinds
 from nbimagine.emulator._faults import ROUTES
@@ -117,14 +118,20 @@ def _answer(emu: Emulator, route: str, family: str, prompt: str, stream: bool, a
         client = OpenAI(base_url=base, api_key="k", max_retries=0)
         line = {"custom_id": "0", "method": "POST", "url": "/v1/responses", "body": _responses_body(prompt, False)}
         file = client.files.create(file=("in.jsonl", json.dumps(line).encode()), purpose="batch")
-        batch = client.batches.create(input_file_id=file.id, endpoint="/v1/responses", completion_window="24h")
+        try:
+            batch = client.batches.create(input_file_id=file.id, endpoint="/v1/responses", completion_window="24h")
+        except APIConnectionError:  # batch_create_lost: made, but its answer dropped
+            return "creation answer lost"
         status, counts = _until_done(lambda: (lambda b: (b.status, b.request_counts))(
             client.batches.retrieve(batch.id)))
         return f"{status} {counts}"
     gclient = genai.Client(api_key="k", http_options=types.HttpOptions(base_url=emu.gemini_base_url,
                                                                        api_version="v1beta"))
-    job = gclient.batches.create(model="gemini-2.5-flash-image",
-                                 src=[{"contents": [{"role": "user", "parts": [{"text": prompt}]}]}])
+    try:
+        job = gclient.batches.create(model="gemini-2.5-flash-image",
+                                     src=[{"contents": [{"role": "user", "parts": [{"text": prompt}]}]}])
+    except httpx2.HTTPError:  # batch_create_lost (google-genai lets the transport's error through)
+        return "creation answer lost"
     state, stats = _until_done(lambda: (lambda j: (str(getattr(j.state, "value", j.state)), j.completion_stats))(
         gclient.batches.get(name=job.name)))
     return f"{state} {stats}"

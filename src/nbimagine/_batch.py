@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._many import ImageSet, PromptResult, as_prompts, prepare_agent
-from ._providers._base import BatchStatus, Turn
+from ._providers._base import BatchStatus, Turn, jsonl_line
 from .errors import BatchError, ConfigError, ImagineError, ProviderError
 
 if TYPE_CHECKING:
@@ -53,10 +53,14 @@ def submit_batch(
     Provider and parameters as :func:`nbimagine.generate_many`: the session's (with ``options``), or
     ``config`` + ``tools``. ``n`` variants per prompt become ``n`` lines. Every request line is built
     (and checked) before anything is uploaded; the job and its prompts are in the history before the
-    provider is called. Raises ``ConfigError`` for bad input or a provider without a batch API
-    (Vertex AI, Azure), ``BudgetError`` when the set could take spending past a budget (at the batch
-    price, half; held until its lines are collected), ``ProviderError`` when the upload or creation
-    fails (the job is then marked ``submit_failed`` in the history).
+    provider is called. Raises ``ConfigError`` for bad input, a provider without a batch API
+    (Vertex AI, Azure) or a set larger than one batch may be (OpenAI: 50,000 requests, a 200 MB
+    input file; Gemini: a 2 GB file), ``BudgetError`` when the set could take spending past a budget
+    (at the batch price, half; held until its lines are collected), ``ProviderError`` when the
+    provider refuses the upload or creation (the job is then marked ``submit_failed``). When the
+    answer to the creation is lost (a dropped connection, a timeout, Ctrl-C, a killed kernel), the
+    job may exist: it is looked up by its name at once, and again by ``status()`` / ``%imagine jobs
+    wait`` if that fails too, so a job that runs (and is paid for) is never lost.
     """
     from ._generate import MAX_VARIANTS, Generation
     from ._session import get_session
@@ -75,7 +79,12 @@ def submit_batch(
     try:
         job = _submit(items, n, label, agent, local_id, options if config is None else None)
     except BaseException:
-        holds.release_all()  # nothing was sent, or the provider refused the job: nothing to hold
+        try:
+            unknown = label.history.job(local_id).state == "submitting"  # it may exist: keep holding
+        except KeyError:
+            unknown = False
+        if not unknown:
+            holds.release_all()  # nothing was sent, or the provider refused the job: nothing to hold
         raise
     return job
 
@@ -89,23 +98,54 @@ def _submit(items: list[str], n: int, label: Any, agent: Agent, local_id: str,
     if n > 1:
         params["n"] = n
     provider = agent._provider
+    max_requests, max_bytes = provider.batch_limits
+    where = f"{type(agent.config).__name__}'s batch API"
+    if max_requests is not None and len(items) * n > max_requests:
+        raise ConfigError(f"A batch holds at most {max_requests:,} requests on {where}; this one would hold "
+                          f"{len(items) * n:,} ({len(items):,} prompts x {n}): split the prompts, e.g. "
+                          f"submit_batch(prompts[:{max_requests // n}]) and "
+                          f"submit_batch(prompts[{max_requests // n}:])")
     lines: list[tuple[str, str]] = []
-    requests = []
+    data = bytearray()
     for index, prompt in enumerate(items):
         for variant in range(n):
             custom_id = str(index) if n == 1 else f"{index}.{variant}"
             turn = Turn(inputs=normalize_inputs([prompt]), history=None, instructions=None, stream=False)
-            requests.append(provider.batch_request(custom_id, turn))
+            data += jsonl_line(provider.batch_request(custom_id, turn))
             lines.append((custom_id, prompt))
+            if max_bytes is not None and len(data) > max_bytes:  # said before the whole file is built
+                raise ConfigError(f"The batch input file would pass the {max_bytes / 1e6:,.0f} MB {where} takes "
+                                  f"(at prompt {index} of {len(items):,}, {len(data) / 1e6:,.0f} MB so far): split "
+                                  "the prompts into smaller batches, or shorten them")
     history = label.history
     connection = _connection(agent.config, options, label.session.emulator)
     history.add_job(local_id, provider=label.provider, kind=type(agent.config).provider, model=label.model,
                     params=params, parents=(), connection=connection, lines=lines)
+    name = job_name(local_id)
+    started = time.time()
     try:
-        status = _call(provider.batch_submit(requests, name=f"nbimagine-{local_id}"))
-    except BaseException:
-        history.update_job(local_id, state="submit_failed")
+        file_id = _call(provider.batch_upload(bytes(data), name=name))
+    except ProviderError:
+        history.update_job(local_id, state="submit_failed")  # no job without its input file
         raise
+    # Ctrl-C (or a killed kernel) while creating leaves the job "submitting": status() looks it up by name.
+    try:
+        status = _call(provider.batch_create(file_id, name=name))
+    except ProviderError as exc:
+        if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (408, 409, 429):
+            history.update_job(local_id, state="submit_failed")  # refused: no job was made
+            raise
+        # The answer was lost (dropped, timed out, a server error): the job may exist all the same.
+        try:
+            found = _call(provider.batch_find(name, started))
+        except ProviderError:
+            raise ProviderError(f"{exc}; the batch job may have been created all the same: nbimagine.jobs() "
+                                f"(%imagine jobs wait {local_id}) looks for it again", provider=exc.provider,
+                                status=exc.status, code=exc.code, request_id=exc.request_id) from None
+        if found is None:
+            history.update_job(local_id, state="submit_failed")
+            raise
+        status = found
     history.update_job(local_id, state=status.state, job_id=status.job_id)
     return BatchJob(history.job(local_id), history=history, agent=agent, last=status)
 
@@ -120,6 +160,11 @@ def _call(coroutine: Any) -> Any:
     except ImagineError as exc:
         exc.detach()
         raise
+
+
+def job_name(local_id: str) -> str:
+    """The name a job is created under at the provider (OpenAI metadata, Gemini display name)."""
+    return f"nbimagine-{local_id}"
 
 
 def jobs(history: History | None = None) -> list[BatchJob]:
@@ -191,10 +236,34 @@ class BatchJob:
         return self._agent._provider
 
     def _require_id(self) -> str:
+        if self.record.job_id is None and self.record.state == "submitting":
+            self._look_up()
         if self.record.job_id is None:
             raise ConfigError(f"batch job {self.record.id} was never created on the provider "
                               f"(state {self.record.state}); submit the prompts again")
         return self.record.job_id
+
+    def _look_up(self) -> None:
+        """A job whose creation was never answered (a lost connection, a kernel killed while submitting):
+        ask the provider for the job of that name. Found: it is followed as any other. Not there: it was
+        never made. The provider cannot be asked: still unknown, said so."""
+        from ._budget import job_collected
+        from ._session import get_session
+
+        since = self.record.created_at.timestamp()
+        try:
+            found = _call(self._provider().batch_find(job_name(self.record.id), since))
+        except ProviderError as exc:
+            raise ProviderError(f"batch job {self.record.id} was being submitted when its kernel stopped, and the "
+                                f"provider cannot be asked whether it was created ({exc}); try again later",
+                                provider=self.record.provider) from None
+        if found is None:
+            self.history.update_job(self.record.id, state="submit_failed")  # the notebook's hold ends with it
+            job_collected(get_session(), self.record.id, 0.0)
+        else:
+            self.history.update_job(self.record.id, state=found.state, job_id=found.job_id)
+            self.last = found
+        self.record = self.history.job(self.record.id)
 
     def status(self) -> BatchStatus:
         """The job's state as the provider reports it now (also stored in the history)."""
@@ -256,14 +325,16 @@ class BatchJob:
         collected: dict[str, PromptResult] = {}
         _call(self._collect(status, lines, collected))
         unreported = status.state if status.state != "completed" else "missing from the results"
-        for custom_id, line in lines.items():
-            if custom_id in collected:
-                continue
-            error = ProviderError(f"not executed: the job ended {status.state}" if status.state != "completed"
-                                  else "the provider returned no result for this request",
-                                  provider=self.record.provider, code=f"batch_{unreported}".replace(" ", "_"))
-            entries = self._record(custom_id, [], None, str(error))
-            collected[custom_id] = PromptResult(0, line.prompt, [], entries, error, custom_id)
+        missing = [custom_id for custom_id in lines if custom_id not in collected]
+        for at in range(0, len(missing), _CHUNK):  # one transaction per chunk, as for the results
+            with self.history.batch():
+                for custom_id in missing[at:at + _CHUNK]:
+                    error = ProviderError(f"not executed: the job ended {status.state}" if status.state != "completed"
+                                          else "the provider returned no result for this request",
+                                          provider=self.record.provider,
+                                          code=f"batch_{unreported}".replace(" ", "_"))
+                    entries = self._record(custom_id, [], None, str(error))
+                    collected[custom_id] = PromptResult(0, lines[custom_id].prompt, [], entries, error, custom_id)
         results = self._by_prompt(lines, collected)
         images = ImageSet(results, elapsed=time.perf_counter() - started, job_id=self.id, state=status.state)
         self.history.update_job(self.record.id, state="collected" if status.state == "completed" else status.state)

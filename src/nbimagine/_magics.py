@@ -26,7 +26,7 @@ from ._cost import format_usd
 from ._options import FAMILY_LABELS, IMAGE_CONFIG, SETTINGS, option
 from ._options import OPTIONS as TABLE
 from ._session import NO_AGENT, OPTIONS, PROVIDERS, ImagineSession, credentials_advice, get_session, option_trait
-from .errors import BudgetError, ConfigError, ImagineError, InputError
+from .errors import BudgetError, ConfigError, ImagineError, InputError, SetInterrupted
 
 if TYPE_CHECKING:
     from ._generate import Generation
@@ -348,11 +348,15 @@ class ImagineMagics(Magics, _ConfigTraits):
     def _generate_set(self, text: str, args: Any) -> None:
         """``--each`` / ``--batch``: one prompt per non-blank line."""
         from ._generate import MAX_VARIANTS
-        from ._many import ManyRun, prepare_agent, run_with_progress
+        from ._many import ManyRun, as_prompts, prepare_agent, run_with_progress
 
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-        if not prompts:
+        lines = [line for line in text.splitlines() if line.strip().lstrip("\ufeff").strip()]
+        if not lines:
             raise UsageError("Write the prompts in the cell body, one per line")
+        try:
+            prompts = as_prompts(lines)  # the same checks as generate_many's (a lone surrogate...)
+        except (ConfigError, InputError) as exc:
+            raise UsageError(str(exc)) from None
         if not 1 <= args.n <= MAX_VARIANTS:
             raise UsageError(f"-n takes 1 to {MAX_VARIANTS} variants, not {args.n}")
         if args.out and not (args.out.isidentifier() and not keyword.iskeyword(args.out)):
@@ -406,12 +410,11 @@ class ImagineMagics(Magics, _ConfigTraits):
 
         try:
             images = run_with_progress(run, progress=True)
-        except KeyboardInterrupt:
-            images = run.results()
-            display(images)
-            print(f"Cancelled (Ctrl-C) after {run.elapsed:.1f} s: {len(images.ok)} of {len(images)} prompt(s) were "
-                  "done and are in the history.")
-            raise
+        except SetInterrupted as stopped:
+            if args.out:
+                self.shell.user_ns[args.out] = stopped.results
+            display(stopped.results)
+            raise _short_traceback(stopped) from None
         if args.out:
             self.shell.user_ns[args.out] = images
         display(images)

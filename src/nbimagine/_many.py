@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._options import option
-from .errors import ConfigError, ContentPolicyError, ProviderError
+from .errors import ConfigError, ContentPolicyError, InputError, ProviderError, SetInterrupted
 
 if TYPE_CHECKING:
     from ._agent import Agent, Reply
@@ -49,14 +49,24 @@ _PROBE_WAIT = 2.0
 
 
 def as_prompts(prompts: Any) -> list[str]:
-    """``prompts`` as a list of non-empty strings: a list/tuple/iterable of ``str``, or a pandas or
-    polars Series (a DataFrame column). Neither pandas nor polars is imported here.
+    """``prompts`` as a list of non-empty strings: a list/tuple/iterable of ``str``, a pandas or
+    polars Series (a DataFrame column), or a text file (a ``pathlib.Path`` or an open text file):
+    UTF-8, one prompt per line, blank lines skipped, as in ``%%imagine --each``. Neither pandas nor
+    polars is imported here. Each prompt is stripped (a byte-order mark too); nothing else changes.
 
-    Raises ``ConfigError`` naming the first bad item (a missing value, a number, an empty string).
+    Raises ``ConfigError`` naming the first bad item (a missing value, a number, an empty string) and
+    ``InputError`` for text that cannot be sent (a lone surrogate), before any request.
     """
+    import os
+
+    from .events import check_text
+
     if isinstance(prompts, (str, bytes)):
-        raise ConfigError("generate_many() takes a list of prompts (or a DataFrame column), not one string; "
-                          "for a single prompt use %%imagine or Agent.ask()")
+        raise ConfigError("generate_many() takes a list of prompts (or a DataFrame column, or a pathlib.Path of "
+                          "a text file with one prompt per line), not one string; for a single prompt use "
+                          "%%imagine or Agent.ask()")
+    if isinstance(prompts, os.PathLike) or hasattr(prompts, "readline"):
+        return _prompts_file(prompts)
     if hasattr(prompts, "columns") and not hasattr(prompts, "dtype"):
         raise ConfigError("pass one column of the DataFrame, e.g. df['prompt'], not the whole DataFrame")
     try:
@@ -71,12 +81,35 @@ def as_prompts(prompts: Any) -> list[str]:
                               "e.g. df['prompt'].dropna()")
         if not isinstance(item, str):
             raise ConfigError(f"prompt {position} is a {type(item).__name__} ({item!r}), not a string")
-        if not item.strip():
+        item = item.strip().lstrip("\ufeff").strip()
+        if not item:
             raise ConfigError(f"prompt {position} is empty")
-        out.append(item.strip())
+        out.append(check_text(item, f"Prompt {position}"))
     if not out:
         raise ConfigError("there are no prompts: give at least one")
     return out
+
+
+def _prompts_file(source: Any) -> list[str]:
+    """The prompts of a text file: UTF-8 (a byte-order mark is dropped), one per line, blank lines skipped."""
+    if hasattr(source, "readline"):
+        text = source.read()
+        where = getattr(source, "name", "the file")
+    else:
+        where = str(source)
+        try:
+            with open(source, encoding="utf-8-sig", newline=None) as handle:
+                text = handle.read()
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{where} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+        except OSError as exc:
+            raise InputError(f"Cannot read the prompts file {where}: {exc.strerror or exc}") from None
+    if isinstance(text, bytes):
+        raise ConfigError(f"open {where} in text mode (open(path, encoding='utf-8')), not binary")
+    lines = [line for line in text.splitlines() if line.strip().lstrip("\ufeff").strip()]
+    if not lines:
+        raise ConfigError(f"there are no prompts in {where}: write one per line")
+    return as_prompts(lines)
 
 
 # --- the shared limiter -----------------------------------------------------------------------------
@@ -137,7 +170,6 @@ class RateLimiter:
         # The first request's ticket while it goes alone to learn the limit; "due" before it is granted.
         self._probe: asyncio.Future[float] | str | None = "due" if probe and not self.interval else None
         self._probe_timer: asyncio.TimerHandle | None = None
-        self.stated: RateHeaders | None = None  # the last request-limit headers an answer carried
 
     # --- admission (all on the loop's thread: no lock needed) ------------------------------------
 
@@ -204,7 +236,6 @@ class RateLimiter:
 
     def observe(self, stated: RateHeaders) -> None:
         """An answer's request-limit headers (called from the SDK's response hook, on the loop's thread)."""
-        self.stated = stated
         now = asyncio.get_running_loop().time()
         if stated.limit:
             interval = 60.0 / stated.limit
@@ -407,18 +438,26 @@ class ImageSet(Sequence[PromptResult]):
             head += f"; {len(self.failures)} failed"
         return head
 
-    def failure_lines(self) -> list[str]:
-        return [f"[{r.index}] {_clip(r.prompt, 50)!r}: {type(r.error).__name__}: {_clip(str(r.error), 160)}"
-                for r in self.failures]
+    def failure_lines(self, limit: int | None = None) -> list[str]:
+        """One line per failed prompt (its index, prompt and error); with ``limit``, the first ``limit`` and
+        a last line counting the others (a set of 10,000 prompts must not print 10,000 lines)."""
+        failures = self.failures
+        shown = failures if limit is None else failures[:limit]
+        lines = [f"[{r.index}] {_clip(r.prompt, 50)!r}: {type(r.error).__name__}: {_clip(str(r.error), 160)}"
+                 for r in shown]
+        if len(failures) > len(shown):
+            lines.append(f"... and {len(failures) - len(shown)} more (all of them: .failures)")
+        return lines
 
     def __repr__(self) -> str:
-        return "\n".join([self.summary, *("  " + line for line in self.failure_lines())])
+        return "\n".join([self.summary, *("  " + line for line in self.failure_lines(_FAILURES_SHOWN))])
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         return {"text/plain": repr(self), "text/html": set_html(self)}
 
 
 _GALLERY_LIMIT = 48  # thumbnails shown inline; the rest are one %imagine history away
+_FAILURES_SHOWN = 20  # failure lines shown; .failures has them all
 
 
 def set_html(images: ImageSet) -> str:
@@ -449,7 +488,8 @@ def set_html(images: ImageSet) -> str:
                          f"{ref}[{r.index}] {html.escape(_clip(r.prompt, 60))}</figcaption></figure>")
     more = sum(r.count for r in images.results) - shown
     tail = f"<div>… and {more} more image(s): %imagine history lists them.</div>" if more > 0 else ""
-    failures = "".join(f"<li><code>{html.escape(line)}</code></li>" for line in images.failure_lines())
+    failures = "".join(f"<li><code>{html.escape(line)}</code></li>"
+                       for line in images.failure_lines(_FAILURES_SHOWN))
     failed = f"<div><b>Failed:</b><ul>{failures}</ul></div>" if failures else ""
     return (f"<div><b>{html.escape(images.summary)}</b></div>"
             f'<div style="display:flex;flex-wrap:wrap;gap:8px">{"".join(cells)}</div>{tail}{failed}')
@@ -641,7 +681,9 @@ def generate_many(
     Returns an :class:`ImageSet`; prompts that failed are in ``.failures`` with their error, and do
     not stop the others. Bad prompts, options or a missing key raise ``ConfigError``, and a set that
     could take spending past a budget (``%imagine budget``) ``BudgetError``, before any request.
-    Ctrl-C cancels the requests in flight; what was made is already in the history.
+    Ctrl-C cancels the requests in flight and raises :class:`~nbimagine.errors.SetInterrupted` (a
+    ``KeyboardInterrupt``) whose ``results`` hold what was made (already in the history) and say
+    which prompts were cancelled.
     """
     from ._generate import MAX_VARIANTS
     from ._session import get_session
@@ -677,6 +719,16 @@ def run_with_progress(run: ManyRun, *, progress: bool) -> ImageSet:
         bar = ProgressBar(len(run.generations), enabled=progress)
         try:
             job.result(poll=0.1, on_poll=lambda: bar.update(run))
+        except KeyboardInterrupt:
+            # The requests in flight are cancelled and whatever had arrived is recorded (Job.cancel waits):
+            # the caller gets every prompt's outcome, and the count in words.
+            images = run.results()
+            cancelled = sum(1 for r in images.failures if isinstance(r.error, _NotRun))
+            failed = len(images.failures) - cancelled
+            raise SetInterrupted(
+                f"Cancelled (Ctrl-C) after {run.elapsed:.1f} s: {len(images.ok)} of {len(images)} prompt(s) done "
+                f"({sum(r.count for r in images.results)} image(s), in the history and on .results)"
+                + (f", {failed} failed" if failed else "") + f", {cancelled} cancelled", results=images) from None
         finally:
             bar.close(run)
     finally:

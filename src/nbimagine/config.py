@@ -402,6 +402,14 @@ class AzureOpenAIImagesConfig(OpenAIImagesConfig):
             raise ConfigError("Pass either base_url= or azure_endpoint=, not both")
 
 
+# What one batch may hold, read by submit_batch before anything is uploaded and by the emulator. OpenAI: "The
+# file can contain up to 50,000 requests, and can be up to 200 MB in size" (Batch API reference, batches.create
+# input_file_id; MB taken as 10**6 bytes, the stricter reading). Gemini: no request count is documented; a
+# batch's JSONL input file is a Files API file, "up to 2 GB" each (Files API guide).
+OPENAI_BATCH_MAX_REQUESTS = 50_000
+OPENAI_BATCH_MAX_BYTES = 200_000_000
+GEMINI_BATCH_MAX_BYTES = 2 * 1024**3
+
 # The Images API parameters a config can set, in the order they are checked.
 IMAGES_PARAMS = ("n", "size", "quality", "background", "output_format", "output_compression", "moderation",
                  "input_fidelity", "partial_images", "style")

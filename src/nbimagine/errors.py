@@ -25,6 +25,7 @@ __all__ = [
     "InputError",
     "InputWarning",
     "ProviderError",
+    "SetInterrupted",
     "UnsupportedToolError",
 ]
 
@@ -239,3 +240,16 @@ def redact(text: str) -> str:
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub(lambda m: m.group(1) + "***", text)
     return text
+
+
+class SetInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or a ``KeyboardInterrupt``) stopped an image set (``generate_many``, ``%%imagine --each``).
+
+    Still a ``KeyboardInterrupt``, so a loop or a script stops as it should. ``results`` (an
+    :class:`~nbimagine.ImageSet`) holds every prompt in order: those done, with their images (already
+    in the history), and the cancelled ones, whose error says so. The message counts them.
+    """
+
+    def __init__(self, message: str, *, results: Any) -> None:
+        super().__init__(message)
+        self.results = results

@@ -218,15 +218,28 @@ class Provider(ABC, Generic[ConfigT]):
         return price(reply.usage, self.name, simulated=is_emulated(self.endpoint()))
 
     # --- batch engine (optional) ----------------------------------------------------------------
-    # A provider with a batch API overrides all five. ``batch_request`` is synchronous and does no I/O,
-    # so a whole set is checked before anything is uploaded.
+    # A provider with a batch API overrides all seven. ``batch_request`` is synchronous and does no I/O,
+    # so a whole set is checked (against ``batch_limits`` too) before anything is uploaded.
+
+    # (requests, bytes of the JSONL input file) one batch may hold; None = no documented limit.
+    batch_limits: ClassVar[tuple[int | None, int | None]] = (None, None)
 
     def batch_request(self, custom_id: str, turn: Turn) -> dict[str, Any]:
         """One request of a batch (the JSONL line / inline request) for ``turn``."""
         raise ConfigError(f"{type(self.config).__name__} has no batch API in nbimagine; use generate_many() "
                           "(%%imagine --each) to run the set now")
 
-    async def batch_submit(self, requests: Sequence[dict[str, Any]], *, name: str) -> BatchStatus:
+    async def batch_upload(self, data: bytes, *, name: str) -> str:
+        """Upload ``data`` (lines of :func:`jsonl_line`) as the input of job ``name``; the file's id."""
+        raise NotImplementedError
+
+    async def batch_create(self, file_id: str, *, name: str) -> BatchStatus:
+        """Create job ``name`` from an uploaded input file (its answer may be lost: :meth:`batch_find`)."""
+        raise NotImplementedError
+
+    async def batch_find(self, name: str, since: float) -> BatchStatus | None:
+        """The job created under ``name`` (at ``since``, a Unix time, or later), or None when the provider
+        has none: what a create whose answer was lost (a dropped connection, a killed kernel) made."""
         raise NotImplementedError
 
     async def batch_status(self, job_id: str) -> BatchStatus:
@@ -238,6 +251,27 @@ class Provider(ABC, Generic[ConfigT]):
     def batch_results(self, status: BatchStatus) -> AsyncIterator[BatchLine]:
         """Every line the finished job reports (successes and per-line failures), in any order."""
         raise NotImplementedError
+
+
+def jsonl_line(request: dict[str, Any]) -> bytes:
+    """One request of a batch as one line of its JSONL input file (UTF-8, newline-terminated)."""
+    import json
+
+    return json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def json_line(raw: str | bytes) -> dict[str, Any] | None:
+    """One line of a batch's output file as a JSON object, or None (blank, truncated or not an object:
+    such a line names no request, which then shows as missing from the results, never hides the others)."""
+    import json
+
+    if not raw.strip():
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 async def _close_at_loop_shutdown(client: Any) -> AsyncIterator[None]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._cost import Usage, gemini_usage
 from .._images import sniff_media_type
-from ..config import GeminiConfig, VertexAIConfig, image_config_fields
+from ..config import GEMINI_BATCH_MAX_BYTES, GeminiConfig, VertexAIConfig, image_config_fields
 from ..errors import (
     ConfigError,
     ContentPolicyError,
@@ -42,6 +42,7 @@ from ._base import (
     Provider,
     Turn,
     http_event_hooks,
+    json_line,
     kept,
     result,
     status_hint,
@@ -503,19 +504,40 @@ class GeminiProvider(Provider[GeminiConfig]):
             request["generationConfig"] = config
         return {"key": custom_id, "request": request}
 
-    async def batch_submit(self, requests: Sequence[dict[str, Any]], *, name: str) -> BatchStatus:
-        holder = self.client()
-        data = b"".join(json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" for r in requests)
+    batch_limits = (None, GEMINI_BATCH_MAX_BYTES)
+
+    async def batch_upload(self, data: bytes, *, name: str) -> str:
         try:
-            uploaded = await holder.aio.files.upload(
+            uploaded = await self.client().aio.files.upload(
                 file=io.BytesIO(data), config={"mime_type": "application/jsonl", "display_name": name})
-            job = await holder.aio.batches.create(model=self.config.model, src=uploaded.name,
-                                                  config={"display_name": name})
+        except ImagineError:
+            raise
+        except Exception as exc:
+            raise self._map_error(exc, _Collected(self.config.model)) from exc
+        return str(uploaded.name)
+
+    async def batch_create(self, file_id: str, *, name: str) -> BatchStatus:
+        try:
+            job = await self.client().aio.batches.create(model=self.config.model, src=file_id,
+                                                         config={"display_name": name})
         except ImagineError:
             raise
         except Exception as exc:
             raise self._map_error(exc, _Collected(self.config.model)) from exc
         return _batch_status(job)
+
+    async def batch_find(self, name: str, since: float) -> BatchStatus | None:
+        # The display name set at creation names the job (the list is newest first).
+        try:
+            async for job in await self.client().aio.batches.list(config={"page_size": 100}):
+                if job.display_name == name:
+                    return _batch_status(job)
+                created = job.create_time.timestamp() if job.create_time else None
+                if created is not None and created < since - 300:  # five minutes of clock skew allowed
+                    return None
+        except Exception as exc:
+            raise self._map_error(exc, _Collected(self.config.model)) from exc
+        return None
 
     async def batch_status(self, job_id: str) -> BatchStatus:
         try:
@@ -542,8 +564,8 @@ class GeminiProvider(Provider[GeminiConfig]):
             except Exception as exc:
                 raise self._map_error(exc, _Collected(self.config.model)) from exc
             for raw in data.splitlines():
-                if raw.strip():
-                    record = json.loads(raw)
+                record = json_line(raw)
+                if record is not None:
                     yield self._batch_line(str(record.get("key")), record.get("response"), record.get("error"),
                                            types)
         for index, inlined in enumerate(dest.inlined_responses or []):

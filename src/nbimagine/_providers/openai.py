@@ -9,7 +9,6 @@ import base64
 import binascii
 import contextlib
 import dataclasses
-import json
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
@@ -20,7 +19,13 @@ from .._agent import Reply
 from .._cost import Usage, openai_usage
 from .._images import b64decode_any, data_url, sniff_media_type
 from .._masks import prepare_mask
-from ..config import AzureOpenAIResponsesConfig, OpenAIConfig, OpenAIResponsesConfig
+from ..config import (
+    OPENAI_BATCH_MAX_BYTES,
+    OPENAI_BATCH_MAX_REQUESTS,
+    AzureOpenAIResponsesConfig,
+    OpenAIConfig,
+    OpenAIResponsesConfig,
+)
 from ..errors import (
     ConfigError,
     ContentPolicyError,
@@ -47,6 +52,7 @@ from ._base import (
     Provider,
     Turn,
     http_event_hooks,
+    json_line,
     kept,
     rate_headers,
     result,
@@ -127,17 +133,32 @@ class OpenAIBatchMixin:
     config: Any
     batch_endpoint: str
 
+    batch_limits = (OPENAI_BATCH_MAX_REQUESTS, OPENAI_BATCH_MAX_BYTES)
+
     def batch_reply(self, body: dict[str, Any]) -> Reply:
         raise NotImplementedError
 
-    async def batch_submit(self, requests: Sequence[dict[str, Any]], *, name: str) -> BatchStatus:
-        client = self.client()
-        data = b"".join(json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" for r in requests)
+    async def batch_upload(self, data: bytes, *, name: str) -> str:
         async with self._mapped_errors():
-            uploaded = await client.files.create(file=(f"{name}.jsonl", data, "application/jsonl"), purpose="batch")
-            batch = await client.batches.create(input_file_id=uploaded.id, endpoint=self.batch_endpoint,
-                                                completion_window="24h", metadata={"nbimagine": name})
+            uploaded = await self.client().files.create(file=(f"{name}.jsonl", data, "application/jsonl"),
+                                                        purpose="batch")
+        return uploaded.id
+
+    async def batch_create(self, file_id: str, *, name: str) -> BatchStatus:
+        async with self._mapped_errors():
+            batch = await self.client().batches.create(input_file_id=file_id, endpoint=self.batch_endpoint,
+                                                       completion_window="24h", metadata={"nbimagine": name})
         return _batch_status(batch)
+
+    async def batch_find(self, name: str, since: float) -> BatchStatus | None:
+        # The metadata set at creation names the job; the list is newest first, so it stops at older jobs.
+        async with self._mapped_errors():
+            async for batch in self.client().batches.list(limit=100):
+                if (batch.metadata or {}).get("nbimagine") == name:
+                    return _batch_status(batch)
+                if batch.created_at < since - 300:  # five minutes of clock skew allowed
+                    return None
+        return None
 
     async def batch_status(self, job_id: str) -> BatchStatus:
         async with self._mapped_errors():
@@ -152,8 +173,9 @@ class OpenAIBatchMixin:
         for file_id in status.output or ():
             async with self._mapped_errors(), client.files.with_streaming_response.content(file_id) as stream:
                 async for raw in stream.iter_lines():
-                    if raw.strip():
-                        yield self._batch_line(json.loads(raw))
+                    record = json_line(raw)
+                    if record is not None:  # a line that cannot be read names no request: it shows as missing
+                        yield self._batch_line(record)
 
     def _batch_line(self, record: dict[str, Any]) -> BatchLine:
         custom_id = str(record.get("custom_id"))

@@ -13,7 +13,9 @@ Time is compressed: a job moves through its states over ``State.batch_time`` sec
 (OpenAI: validating -> in_progress -> finalizing -> completed; Gemini: PENDING -> RUNNING ->
 SUCCEEDED), and expires after ``State.batch_expiry`` seconds (the real 24 h window) with the
 lines done so far in the output and the rest reported as expired. Job faults
-(``emu.inject("batch_expired")``, ``"batch_failed"``) apply to the next batch created.
+(``emu.inject("batch_expired")``, ``"batch_failed"``, ``"batch_create_lost"``) apply to the next batch
+created. The limits of one batch are the client's (``nbimagine.config``): OpenAI refuses an input file over
+200 MB at upload and fails a batch of more than 50,000 requests at validation; Gemini takes files up to 2 GB.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from ..config import GEMINI_BATCH_MAX_BYTES, OPENAI_BATCH_MAX_BYTES, OPENAI_BATCH_MAX_REQUESTS
 from ._server import Answer, Request, State
 
 __all__ = ["BATCH_FAULTS", "route"]
@@ -42,6 +45,8 @@ BATCH_FAULTS = {
                      "fail with batch_expired (OpenAI) / the job ends BATCH_STATE_EXPIRED (Gemini)",
     "batch_failed": "the next batch fails validation: status failed (OpenAI, with errors.data) / "
                     "BATCH_STATE_FAILED (Gemini)",
+    "batch_create_lost": "the next batch is created, but the connection drops before its answer is sent (the "
+                         "client must find the job by its name, or it runs and is paid for unseen)",
 }
 # OpenAI: every endpoint a batch accepts (openai.types.batch_create_params.BatchCreateParams.endpoint).
 OPENAI_ENDPOINTS = ("/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions",
@@ -116,7 +121,7 @@ def _files(state: State) -> dict[str, dict[str, Any]]:
 
 
 def _start(state: State, job: _Job) -> None:
-    fault = state.fault(job.vendor, "", route="batch")
+    fault = state.fault(job.vendor, "", route="batch")  # one per creation: how the job ends, or its answer lost
     job.fault = fault.name if fault is not None else None
     with state.lock:
         _jobs(state)[job.id] = job
@@ -220,6 +225,11 @@ def _execute_route(state: State, method: str, path: str, headers: dict[str, str]
     return answer.status, answer.json, request.request_id
 
 
+def _created(job: _Job, answer: Any) -> Answer:
+    """The answer to a batch creation (dropped mid-body under the batch_create_lost fault: the job exists)."""
+    return Answer(json=answer, break_after=0 if job.fault == "batch_create_lost" else None)
+
+
 def _auth_headers(request: Request) -> dict[str, str]:
     return {k: v for k, v in request.headers.items() if k in ("authorization", "api-key", "x-goog-api-key")}
 
@@ -307,6 +317,10 @@ def _openai_files(request: Request, state: State, match: re.Match[str]) -> Answe
             return _oa_error(400, "Missing required parameter: 'purpose'.", param="purpose",
                              code="missing_required_parameter")
         purpose = fields["purpose"][0].decode(errors="replace")
+        if purpose == "batch" and len(fields["file"][0]) > OPENAI_BATCH_MAX_BYTES:
+            return _oa_error(400, f"File is too large ({len(fields['file'][0]):,} bytes): a batch input file can be "
+                             f"up to {OPENAI_BATCH_MAX_BYTES // 1_000_000} MB.", param="file",
+                             code="file_too_large")
         if purpose not in OPENAI_PURPOSES:
             return _oa_error(400, f"Invalid value: '{purpose}'. Supported values are: "
                              + ", ".join(f"'{p}'" for p in OPENAI_PURPOSES) + ".", param="purpose",
@@ -448,6 +462,9 @@ def _openai_create(request: Request, state: State) -> Answer:
     if not lines and not errors:
         errors.append({"code": "empty_file", "message": "The input file has no requests.", "param": None,
                        "line": None})
+    if len(lines) > OPENAI_BATCH_MAX_REQUESTS:
+        errors.append({"code": "too_many_requests", "message": f"The input file has {len(lines):,} requests; a "
+                       f"batch can contain up to {OPENAI_BATCH_MAX_REQUESTS:,}.", "param": None, "line": None})
     headers = _auth_headers(request)
     prefix = "/openai" if request.path.startswith("/openai/") else ""
 
@@ -465,7 +482,7 @@ def _openai_create(request: Request, state: State) -> Answer:
     else:
         _start(state, job)
     with state.lock:
-        return Answer(json=_openai_batch_object(job))
+        return _created(job, _openai_batch_object(job))
 
 
 def _openai_output(state: State, job: _Job, outcome: str) -> None:
@@ -611,7 +628,7 @@ def _gemini_create(request: Request, state: State, match: re.Match[str]) -> Answ
     job.enter("validating")
     _start(state, job)
     with state.lock:
-        return Answer(json=_gemini_operation(job))
+        return _created(job, _gemini_operation(job))
 
 
 def _gemini_batches(request: Request, state: State, match: re.Match[str]) -> Answer:
@@ -730,6 +747,10 @@ def _gemini_upload(request: Request, state: State, match: re.Match[str]) -> Answ
     if offset != len(upload["data"]):
         return _g_error(400, f"Upload offset {offset} does not match the {len(upload['data'])} bytes received.")
     upload["data"] += request.body
+    if len(upload["data"]) > GEMINI_BATCH_MAX_BYTES:  # Files API: up to 2 GB per file
+        with state.lock:
+            state.store.pop(f"batch:upload:{upload_id}", None)
+        return _g_error(400, f"File size exceeds the limit of {GEMINI_BATCH_MAX_BYTES:,} bytes.")
     if "finalize" not in command.split(","):
         return Answer(headers={"x-goog-upload-status": "active"}, json={})
     with state.lock:
