@@ -407,5 +407,8 @@ def test_a_typed_rate_limit_in_the_panel_is_a_number_or_a_reason():
     panel.rate_limit.value = "90"
     assert session.rate_limit == 90
     panel.rate_limit.value = "fast"
-    assert session.rate_limit == 90 and "--rate-limit takes a whole number" in panel.errors["apply"].value
+    # Text being typed stays, beside the reason and the value in effect (the panel's rule for free text).
+    error = panel.errors["rate_limit"].value
+    assert session.rate_limit == 90 and panel.rate_limit.value == "fast"
+    assert "fast is not applied yet: takes a whole number" in error and "in effect: 90" in error
     panel.close()

@@ -387,7 +387,7 @@ class ProviderPanel:
         for name in self._typed(wanted):  # free text being typed (an endpoint, an agent name...)
             opt, text = option(name), self.controls[name].value.strip()
             try:
-                opt.validate(text or None)
+                opt.validate(wanted[name])  # as _read gives it: a typed number is an int
             except ConfigError as exc:
                 reason = re.sub(rf"^{re.escape(opt.flag)}:?\s*", "", str(exc))
                 found[name] = f"{text} is not applied yet: {reason}"
