@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 import pytest
+
+# A suite started as a background job of a non-interactive shell inherits SIGINT ignored (POSIX), and then every
+# Ctrl-C test fails: the process, and the kernels and scripts it starts, get Python's own handler back.
+if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # httpx2 honours proxy variables; loopback must bypass them.
 for _var in ("NO_PROXY", "no_proxy"):
