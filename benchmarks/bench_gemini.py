@@ -13,9 +13,9 @@ out of the parts; ``agent.ask`` adds request building, media-type sniffing, meta
 from __future__ import annotations
 
 import asyncio
-import statistics
-import time
 from typing import Any
+
+from _timing import medians_ms
 
 from nbimagine import Agent
 from nbimagine.config import GeminiConfig
@@ -49,18 +49,12 @@ async def _overhead(emu: Emulator) -> dict[str, float]:
     async def ours_retries() -> bytes:
         return (await agent_retries.ask(PROMPT)).files[0].data
 
-    calls = (("raw", raw), ("agent", ours), ("agent_retries", ours_retries))
+    calls = {"raw": raw, "agent": ours, "agent_retries": ours_retries}
     for _ in range(WARMUP):  # connections, the emulator's render cache, lazy imports
-        for _, call in calls:
+        for call in calls.values():
             await call()
-    timings: dict[str, list[float]] = {name: [] for name, _ in calls}
-    for _ in range(ROUNDS):
-        for name, call in calls:
-            start = time.perf_counter()
-            await call()
-            timings[name].append(time.perf_counter() - start)
+    median = await medians_ms(calls, ROUNDS)
     await raw_client.aio.aclose()
-    median = {name: statistics.median(values) * 1000 for name, values in timings.items()}
     return {
         "raw_ms": median["raw"],
         "agent_ms": median["agent"],

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import statistics
-import time
 from typing import Any
+
+from _timing import medians_ms
 
 from nbimagine import Agent
 from nbimagine.config import OpenAIImagesConfig
@@ -45,16 +45,10 @@ async def _overhead(emu: Emulator, n: int) -> dict[str, float]:
         assert len(reply.files) == n and reply.usage is not None and reply.cost is not None
         return [f.data for f in reply.files]
 
-    timings: dict[str, list[float]] = {"raw": [], "raw_decoded": [], "agent": []}
     for _ in range(3):  # warm-up: connections, emulator render cache, lazy imports, prices
         await raw(), await ours()
-    for _ in range(ROUNDS):
-        for name, call in (("raw", raw), ("agent", ours), ("raw_decoded", raw_decoded)):
-            start = time.perf_counter()
-            await call()
-            timings[name].append(time.perf_counter() - start)
+    median = await medians_ms({"raw": raw, "agent": ours, "raw_decoded": raw_decoded}, ROUNDS)
     await raw_client.close()
-    median = {name: statistics.median(values) * 1000 for name, values in timings.items()}
     return {
         "raw_ms": median["raw"],
         "raw_decoded_ms": median["raw_decoded"],

@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+from _timing import medians_ms
+
 from nbimagine import Agent
 from nbimagine.config import OpenAIResponsesConfig
 from nbimagine.emulator import Emulator
@@ -47,16 +49,10 @@ async def _overhead(emu: Emulator) -> dict[str, float]:
     async def ours() -> bytes:
         return (await agent.ask(PROMPT)).files[0].data
 
-    timings: dict[str, list[float]] = {"raw": [], "raw_decoded": [], "agent": []}
     for _ in range(VARIANTS + 2):  # warm-up: connections, every variant in the render cache, lazy imports
         await raw(), await ours()
-    for _ in range(ROUNDS):
-        for name, call in (("raw", raw), ("agent", ours), ("raw_decoded", raw_decoded)):
-            start = time.perf_counter()
-            await call()
-            timings[name].append(time.perf_counter() - start)
+    median = await medians_ms({"raw": raw, "agent": ours, "raw_decoded": raw_decoded}, ROUNDS)
     await raw_client.close()
-    median = {name: statistics.median(values) * 1000 for name, values in timings.items()}
     return {
         "raw_ms": median["raw"],
         "raw_decoded_ms": median["raw_decoded"],
