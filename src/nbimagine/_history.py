@@ -812,10 +812,13 @@ class _Store:
         raise first
 
     def _check_schema(self, conn: sqlite3.Connection) -> None:
-        app = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        tables.discard("sqlite_sequence")
+        # One statement, so one snapshot: read one by one, another kernel creating the same history could
+        # commit in between, and its new tables without the application_id read before looked foreign.
+        app, version, names = conn.execute(
+            "SELECT (SELECT application_id FROM pragma_application_id), (SELECT user_version FROM "
+            "pragma_user_version), (SELECT json_group_array(name) FROM sqlite_master WHERE type = 'table')"
+        ).fetchone()
+        tables = set(json.loads(names)) - {"sqlite_sequence"}
         if app != APPLICATION_ID:
             if tables or version:
                 raise HistoryError("This is not an nbimagine history index", path=self.index,
